@@ -1,0 +1,247 @@
+//! Harness for the end-to-end tests: find the stack the project's scripts started, make
+//! isolated topics and Redis prefixes per test, run the real service binaries as child
+//! processes, and read back what they wrote.
+//!
+//! The stack comes from `scripts/stack up`; `scripts/test` exports its addresses
+//! (`CTR_KAFKA_BROKERS`, `CTR_REDIS_URL`). The binaries come from the same target directory as
+//! the test (`scripts/test` builds them first).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+
+pub fn brokers() -> String {
+    std::env::var("CTR_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("CTR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379/".into())
+}
+
+/// A name no other test run uses: topics, groups and Redis prefixes are per test.
+pub fn unique(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "t{}-{}-{tag}",
+        std::process::id(),
+        nanos % 1_000_000_000_000
+    )
+}
+
+/// Creates topics on the broker, failing the test with a hint when no broker answers.
+pub fn create_topics(topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results =
+        futures::executor::block_on(admin.create_topics(&new, &opts)).unwrap_or_else(|e| {
+            panic!(
+                "cannot reach the broker at {} ({e}); run `scripts/stack up`",
+                brokers()
+            )
+        });
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+pub fn redis() -> redis::Connection {
+    redis::Client::open(redis_url())
+        .and_then(|c| c.get_connection())
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot reach Redis at {} ({e}); run `scripts/stack up`",
+                redis_url()
+            )
+        })
+}
+
+/// Path of a workspace binary, built into the same target directory as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A service process that is killed when dropped, with its output kept for failure reports.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service {
+    pub fn start(name: &str, bin_name: &str, args: &[String]) -> Self {
+        let mut child = Command::new(bin(bin_name))
+            .args(args)
+            .env("RUST_LOG", "info,rdkafka=warn")
+            .env_remove("CTR_KAFKA_BROKERS")
+            .env_remove("CTR_REDIS_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin_name}: {e}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = Arc::clone(&log);
+            let tag = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("CTR_E2E_VERBOSE").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// Waits for the process to exit by itself and asserts it succeeded.
+    pub fn wait_success(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    self.output()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not finish in {timeout:?}:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Output so far (last 60 lines), for assertion messages.
+    pub fn output(&self) -> String {
+        let log = self.log.lock().unwrap();
+        log[log.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what` and `context()`.
+pub fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Per-ad (impressions, clicks) as the scorer published them under `prefix`.
+pub fn published_ad_counts(
+    con: &mut redis::Connection,
+    prefix: &str,
+) -> BTreeMap<String, (u64, u64)> {
+    let pattern = format!("{prefix}ad:*");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(con).unwrap();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let (imps, clicks): (u64, u64) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("imps")
+            .arg("clicks")
+            .query(con)
+            .unwrap();
+        out.insert(key[prefix.len() + 3..].to_string(), (imps, clicks));
+    }
+    out
+}
+
+/// GET `url` and return the body, or `None` on any failure.
+pub fn http_get(url: &str) -> Option<String> {
+    ureq::get(url).call().ok()?.body_mut().read_to_string().ok()
+}
+
+/// The value of an unlabeled Prometheus counter or gauge in a `/metrics` page.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,3 @@
+//! End-to-end tests through the real broker and Redis. One binary; one module per subject.
+
+mod pipeline;

@@ -1,0 +1,302 @@
+//! Rust types for the Avro records, and the value rules Avro cannot express.
+//!
+//! Field names and types mirror `schemas/avro/*.avsc` exactly (serde maps them by name). Decoding
+//! proves only that bytes have the right shape; [`Serve::validate`] and friends check the values
+//! (non-empty IDs, positive positions, finite bids) so a consumer can dead-letter a record that
+//! decodes but makes no sense, instead of learning from it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where and how a page was shown. `extra` holds further free-form fields (schema v2+).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct Context {
+    pub query_category: String,
+    pub geo: String,
+    pub device: String,
+    /// Absent in serve v1 data; decodes as empty.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Context {
+    /// Canonical text form used as a key (Redis, model state): `field=value` pairs sorted by
+    /// field name, joined with `|`. The fixed fields always appear; `extra` fields follow in
+    /// name order. Values are used as given; producers are expected not to put `|` or `=` in
+    /// them, and [`Context::validate`] rejects those.
+    pub fn key(&self) -> String {
+        let mut parts: Vec<(&str, &str)> = vec![
+            ("device", &self.device),
+            ("geo", &self.geo),
+            ("query_category", &self.query_category),
+        ];
+        parts.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        parts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut out = String::with_capacity(64);
+        for (i, (k, v)) in parts.iter().enumerate() {
+            if i > 0 {
+                out.push('|');
+            }
+            out.push_str(k);
+            out.push('=');
+            out.push_str(v);
+        }
+        out
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_token("context.query_category", &self.query_category)?;
+        check_token("context.geo", &self.geo)?;
+        check_token("context.device", &self.device)?;
+        for (k, v) in &self.extra {
+            check_token("context.extra key", k)?;
+            if matches!(k.as_str(), "device" | "geo" | "query_category") {
+                return Err(ValidationError::new(
+                    "context.extra",
+                    "repeats a fixed context field",
+                ));
+            }
+            check_token("context.extra value", v)?;
+        }
+        Ok(())
+    }
+}
+
+/// One ad on a result page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdShown {
+    pub ad_id: String,
+    pub campaign_id: String,
+    /// 1 = top slot.
+    pub position: i32,
+    /// Bid per click, in the account currency.
+    pub bid: f64,
+}
+
+/// A result page with its ads. Kafka key: `serve_id` (decimal text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Serve {
+    pub serve_id: i64,
+    pub ts_ms: i64,
+    pub context: Context,
+    pub ads: Vec<AdShown>,
+}
+
+/// A click on one ad of a serve. Kafka key: `serve_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Click {
+    pub click_id: i64,
+    pub serve_id: i64,
+    pub ad_id: String,
+    pub ts_ms: i64,
+}
+
+/// One ad shown, labeled clicked or not by the joiner. Kafka key: `ad_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabeledImpression {
+    pub label_id: String,
+    pub serve_id: i64,
+    pub ad_id: String,
+    pub campaign_id: String,
+    pub position: i32,
+    pub context: Context,
+    pub clicked: bool,
+    pub ts_ms: i64,
+    pub click_ts_ms: Option<i64>,
+}
+
+/// Most ads a serve may carry; a page with more is not a search result page.
+pub const MAX_ADS_PER_SERVE: usize = 64;
+/// Longest ID or context value accepted, in bytes.
+pub const MAX_TOKEN_LEN: usize = 128;
+
+/// A record that decoded but whose values are unusable. Names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid field `{field}`: {problem}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub problem: &'static str,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, problem: &'static str) -> Self {
+        Self { field, problem }
+    }
+}
+
+fn check_token(field: &'static str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if value.len() > MAX_TOKEN_LEN {
+        return Err(ValidationError::new(field, "longer than 128 bytes"));
+    }
+    if value.contains(['|', '=', ':']) || value.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            field,
+            "must not contain '|', '=', ':' or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_id(field: &'static str, id: i64) -> Result<(), ValidationError> {
+    if id <= 0 {
+        return Err(ValidationError::new(field, "must be a positive 64-bit ID"));
+    }
+    Ok(())
+}
+
+fn check_ts(field: &'static str, ts_ms: i64) -> Result<(), ValidationError> {
+    if ts_ms <= 0 {
+        return Err(ValidationError::new(
+            field,
+            "must be milliseconds since the Unix epoch",
+        ));
+    }
+    Ok(())
+}
+
+impl Serve {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_id("serve_id", self.serve_id)?;
+        check_ts("ts_ms", self.ts_ms)?;
+        self.context.validate()?;
+        if self.ads.is_empty() {
+            return Err(ValidationError::new("ads", "must list at least one ad"));
+        }
+        if self.ads.len() > MAX_ADS_PER_SERVE {
+            return Err(ValidationError::new("ads", "more than 64 ads"));
+        }
+        for (i, ad) in self.ads.iter().enumerate() {
+            check_token("ads.ad_id", &ad.ad_id)?;
+            check_token("ads.campaign_id", &ad.campaign_id)?;
+            if ad.position < 1 {
+                return Err(ValidationError::new("ads.position", "must be 1 or more"));
+            }
+            if !ad.bid.is_finite() || ad.bid < 0.0 {
+                return Err(ValidationError::new(
+                    "ads.bid",
+                    "must be a finite number >= 0",
+                ));
+            }
+            if self.ads[..i].iter().any(|a| a.ad_id == ad.ad_id) {
+                return Err(ValidationError::new(
+                    "ads.ad_id",
+                    "appears twice in one serve",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Click {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_id("click_id", self.click_id)?;
+        check_id("serve_id", self.serve_id)?;
+        check_token("ad_id", &self.ad_id)?;
+        check_ts("ts_ms", self.ts_ms)
+    }
+}
+
+impl LabeledImpression {
+    /// The deterministic label ID: one ad on one serve has exactly one label, whoever emits it
+    /// and however often, so downstream can drop re-emitted duplicates by this ID.
+    pub fn label_id_for(serve_id: i64, ad_id: &str) -> String {
+        format!("{serve_id}:{ad_id}")
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_id("serve_id", self.serve_id)?;
+        check_token("ad_id", &self.ad_id)?;
+        check_token("campaign_id", &self.campaign_id)?;
+        if self.position < 1 {
+            return Err(ValidationError::new("position", "must be 1 or more"));
+        }
+        check_ts("ts_ms", self.ts_ms)?;
+        self.context.validate()?;
+        if self.clicked != self.click_ts_ms.is_some() {
+            return Err(ValidationError::new(
+                "click_ts_ms",
+                "must be set exactly when clicked is true",
+            ));
+        }
+        if self.label_id != Self::label_id_for(self.serve_id, &self.ad_id) {
+            return Err(ValidationError::new("label_id", "must be serve_id:ad_id"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            query_category: "travel".into(),
+            geo: "US".into(),
+            device: "mobile".into(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn context_key_is_sorted_and_includes_extra() {
+        let mut c = ctx();
+        assert_eq!(c.key(), "device=mobile|geo=US|query_category=travel");
+        c.extra.insert("hour".into(), "13".into());
+        assert_eq!(
+            c.key(),
+            "device=mobile|geo=US|hour=13|query_category=travel"
+        );
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut s = Serve {
+            serve_id: 1,
+            ts_ms: 1_700_000_000_000,
+            context: ctx(),
+            ads: vec![AdShown {
+                ad_id: "a".into(),
+                campaign_id: "c".into(),
+                position: 1,
+                bid: 1.0,
+            }],
+        };
+        assert!(s.validate().is_ok());
+        s.ads[0].bid = f64::NAN;
+        assert_eq!(s.validate().unwrap_err().field, "ads.bid");
+        s.ads[0].bid = 1.0;
+        s.context.geo = "U|S".into();
+        assert_eq!(s.validate().unwrap_err().field, "context.geo");
+        s.context.geo = "US".into();
+        s.ads.push(s.ads[0].clone());
+        assert_eq!(s.validate().unwrap_err().field, "ads.ad_id");
+        s.ads.clear();
+        assert_eq!(s.validate().unwrap_err().field, "ads");
+    }
+
+    #[test]
+    fn labeled_requires_consistent_click_fields() {
+        let mut l = LabeledImpression {
+            label_id: LabeledImpression::label_id_for(7, "ad1"),
+            serve_id: 7,
+            ad_id: "ad1".into(),
+            campaign_id: "c1".into(),
+            position: 2,
+            context: ctx(),
+            clicked: true,
+            ts_ms: 1_700_000_000_000,
+            click_ts_ms: None,
+        };
+        assert_eq!(l.validate().unwrap_err().field, "click_ts_ms");
+        l.click_ts_ms = Some(1_700_000_000_500);
+        assert!(l.validate().is_ok());
+        l.label_id = "x".into();
+        assert_eq!(l.validate().unwrap_err().field, "label_id");
+    }
+}

@@ -1,0 +1,14 @@
+//! The event contract of the CTR pipeline.
+//!
+//! The Avro files in `schemas/avro/` are the source of truth; this crate holds the matching Rust
+//! types ([`events`]), the Confluent wire framing with an in-code schema registry ([`wire`]), and
+//! the 64-bit ID generator every producer uses ([`id`]). It depends on nothing else in the
+//! workspace and does no I/O, so any service, test or backtest can use it.
+
+pub mod events;
+pub mod id;
+pub mod wire;
+
+pub use events::{AdShown, Click, Context, LabeledImpression, Serve, ValidationError};
+pub use id::{IdGenerator, IdParts};
+pub use wire::{DecodeError, EncodeError, Encoder, EventKind, WireEvent, decode};
