@@ -6,7 +6,7 @@
 //! there is a lot. α + β is the prior's weight in pseudo-impressions.
 
 /// A Beta(α, β) prior over a click-through rate.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BetaPrior {
     alpha: f64,
     beta: f64,

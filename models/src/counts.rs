@@ -1,0 +1,408 @@
+//! Smoothed, decayed counts per (ad, context) with hierarchical Bayesian back-off and position
+//! normalization.
+//!
+//! Levels, coarse to fine: global → campaign → ad → ad × one context field → ad × full context.
+//! Each level's estimate is a Beta posterior mean whose prior is centred on its parent's
+//! estimate: `p = (clicks + s·p_parent) / (imps + s)`, with a configured strength `s` per level
+//! (pseudo-impressions). A new ad or a rare context therefore starts at its parent's rate and
+//! moves to its own as evidence accumulates. The full context's parent is the mean of the
+//! ad × field estimates (each of which already backs off to the ad).
+//!
+//! Position. Clicks depend on where an ad was shown. The position bias b(k) = CTR(k) / CTR(1)
+//! is estimated from global per-position counts, and impressions are counted in *examination
+//! units*: an impression at position k adds b(k), not 1 (clicks over expected clicks, COEC). So
+//! every level estimates the position-normalized CTR (the CTR the ad would have at the top), and
+//! the CTR at position k is that times b(k). The global per-position estimate is confounded by
+//! which ads get shown where; that is the usual caveat of COEC and is accepted here.
+//!
+//! Memory: each key is a `u64` hash mapped to a [`Counter`] (two `f64`): 24 bytes of payload
+//! per slot of an identity-hashed `HashMap`, plus one control byte; with the table between half
+//! and seven-eighths full that is 28–50 bytes per key (`bytes_per_key` reports the live figure;
+//! docs/BENCHMARKS.md has measured values). An impression touches 4 + (number of context fields)
+//! keys.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+use nohash_hasher::NoHashHasher;
+use serde::{Deserialize, Serialize};
+
+use crate::decay::{Counter, DecayClock};
+use crate::error::{Result, check_weight, config};
+use crate::example::{Impression, ad_key, campaign_key, combine, context_key, field_key};
+use crate::smoothing::BetaPrior;
+
+type KeyMap = HashMap<u64, Counter, BuildHasherDefault<NoHashHasher<u64>>>;
+
+/// Most positions tracked separately; lower slots share the last one.
+pub const MAX_POSITIONS: usize = 16;
+
+/// Settings of the count model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CountsConfig {
+    /// Half-life of the decay in event-time ms; `None` = counts never decay.
+    pub half_life_ms: Option<f64>,
+    /// Prior of the global rate.
+    pub global_prior_mean: f64,
+    pub global_prior_strength: f64,
+    /// Prior strengths (pseudo-impressions) of each level towards its parent.
+    pub campaign_strength: f64,
+    pub ad_strength: f64,
+    pub field_strength: f64,
+    pub context_strength: f64,
+    /// Prior strength of each position's CTR towards the global CTR.
+    pub position_strength: f64,
+}
+
+impl Default for CountsConfig {
+    fn default() -> Self {
+        Self {
+            half_life_ms: Some(6.0 * 3_600_000.0),
+            global_prior_mean: 0.02,
+            global_prior_strength: 100.0,
+            campaign_strength: 200.0,
+            ad_strength: 100.0,
+            field_strength: 100.0,
+            context_strength: 50.0,
+            position_strength: 1_000.0,
+        }
+    }
+}
+
+/// Where an estimate's evidence came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Level {
+    /// The ad has been seen in exactly this context.
+    Exact,
+    /// The ad is known, but not in this full context.
+    BackedOff,
+    /// Nothing is known about the ad: campaign or global rate.
+    Prior,
+}
+
+/// A click probability and how it was obtained.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Probability of a click at the impression's position.
+    pub p: f64,
+    /// Position-normalized CTR (the estimate at position 1).
+    pub normalized: f64,
+    pub level: Level,
+    /// Decayed examination-weighted impressions behind the finest level used.
+    pub evidence: f64,
+}
+
+/// The count model's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CountModel {
+    cfg: CountsConfig,
+    clock: DecayClock,
+    global_prior: BetaPrior,
+    global: Counter,
+    positions: [Counter; MAX_POSITIONS],
+    campaigns: KeyMap,
+    ads: KeyMap,
+    fields: KeyMap,
+    contexts: KeyMap,
+}
+
+fn smooth(c: Counter, clock: &DecayClock, parent: f64, strength: f64) -> (f64, f64) {
+    let (n, k) = c.read(clock);
+    let n = n.max(0.0);
+    ((k.clamp(0.0, n) + strength * parent) / (n + strength), n)
+}
+
+impl CountModel {
+    pub fn new(cfg: CountsConfig) -> Result<Self> {
+        for (name, s) in [
+            ("campaign_strength", cfg.campaign_strength),
+            ("ad_strength", cfg.ad_strength),
+            ("field_strength", cfg.field_strength),
+            ("context_strength", cfg.context_strength),
+            ("position_strength", cfg.position_strength),
+        ] {
+            config(
+                name,
+                s.is_finite() && s > 0.0,
+                "must be a finite number > 0",
+            )?;
+        }
+        let global_prior = BetaPrior::from_mean(cfg.global_prior_mean, cfg.global_prior_strength)
+            .map_err(|_| crate::ModelError::Config {
+            name: "global_prior",
+            problem: "mean must be in (0, 1) and strength > 0",
+        })?;
+        Ok(Self {
+            cfg,
+            clock: DecayClock::new(cfg.half_life_ms)?,
+            global_prior,
+            global: Counter::default(),
+            positions: [Counter::default(); MAX_POSITIONS],
+            campaigns: KeyMap::default(),
+            ads: KeyMap::default(),
+            fields: KeyMap::default(),
+            contexts: KeyMap::default(),
+        })
+    }
+
+    pub fn config(&self) -> &CountsConfig {
+        &self.cfg
+    }
+
+    fn global_rate(&self) -> f64 {
+        let (n, k) = self.global.read(&self.clock);
+        self.global_prior.posterior_mean(k, n)
+    }
+
+    /// Position bias b(k) = CTR(k) / CTR(1), each smoothed towards the global CTR.
+    pub fn position_bias(&self, position: u32) -> f64 {
+        let idx = (position.clamp(1, MAX_POSITIONS as u32) - 1) as usize;
+        if idx == 0 {
+            return 1.0;
+        }
+        let g = self.global_rate();
+        let s = self.cfg.position_strength;
+        let (top, _) = smooth(self.positions[0], &self.clock, g, s);
+        let (here, _) = smooth(self.positions[idx], &self.clock, g, s);
+        (here / top).clamp(0.01, 1.0e3)
+    }
+
+    /// The estimate for `x`, without learning from it.
+    pub fn predict(&self, x: &Impression<'_>) -> Estimate {
+        let clock = &self.clock;
+        let get = |m: &KeyMap, k: u64| m.get(&k).copied().unwrap_or_default();
+        let ad = ad_key(x.ad);
+        let (p_campaign, _) = smooth(
+            get(&self.campaigns, campaign_key(x.campaign)),
+            clock,
+            self.global_rate(),
+            self.cfg.campaign_strength,
+        );
+        let ad_counter = self.ads.get(&ad).copied();
+        let (p_ad, n_ad) = smooth(
+            ad_counter.unwrap_or_default(),
+            clock,
+            p_campaign,
+            self.cfg.ad_strength,
+        );
+        let parent = if x.context.is_empty() {
+            p_ad
+        } else {
+            let sum: f64 = x
+                .context
+                .iter()
+                .map(|(n, v)| {
+                    smooth(
+                        get(&self.fields, combine(ad, field_key(n, v))),
+                        clock,
+                        p_ad,
+                        self.cfg.field_strength,
+                    )
+                    .0
+                })
+                .sum();
+            sum / x.context.len() as f64
+        };
+        let ctx_counter = self
+            .contexts
+            .get(&combine(ad, context_key(x.context)))
+            .copied();
+        let (p_ctx, n_ctx) = smooth(
+            ctx_counter.unwrap_or_default(),
+            clock,
+            parent,
+            self.cfg.context_strength,
+        );
+        let (level, evidence) = match (ctx_counter, ad_counter) {
+            (Some(_), _) => (Level::Exact, n_ctx),
+            (None, Some(_)) => (Level::BackedOff, n_ad),
+            (None, None) => (Level::Prior, 0.0),
+        };
+        let p = (p_ctx * self.position_bias(x.position)).clamp(1e-9, 1.0 - 1e-9);
+        Estimate {
+            p,
+            normalized: p_ctx,
+            level,
+            evidence,
+        }
+    }
+
+    /// Learns from one labeled impression with importance weight `weight` (1 normally; 1/r for
+    /// an event kept with probability r when sampling).
+    pub fn update(&mut self, x: &Impression<'_>, clicked: bool, weight: f64) -> Result<()> {
+        check_weight(weight)?;
+        x.validate()?;
+        if let Some(f) = self.clock.observe(x.ts_ms) {
+            self.rescale(f);
+        }
+        let g = self.clock.weight(x.ts_ms) * weight;
+        let y = f64::from(u8::from(clicked));
+        let idx = (x.position.clamp(1, MAX_POSITIONS as u32) - 1) as usize;
+        // Position counts use raw impressions: they define the bias.
+        self.positions[idx].add(g, 1.0, y);
+        // Every other level counts examination units (see module docs).
+        let e = self.position_bias(x.position);
+        self.global.add(g, e, y);
+        let ad = ad_key(x.ad);
+        self.campaigns
+            .entry(campaign_key(x.campaign))
+            .or_default()
+            .add(g, e, y);
+        self.ads.entry(ad).or_default().add(g, e, y);
+        for (n, v) in x.context {
+            self.fields
+                .entry(combine(ad, field_key(n, v)))
+                .or_default()
+                .add(g, e, y);
+        }
+        self.contexts
+            .entry(combine(ad, context_key(x.context)))
+            .or_default()
+            .add(g, e, y);
+        Ok(())
+    }
+
+    fn rescale(&mut self, f: f64) {
+        self.global.scale(f);
+        self.positions.iter_mut().for_each(|c| c.scale(f));
+        for m in [
+            &mut self.campaigns,
+            &mut self.ads,
+            &mut self.fields,
+            &mut self.contexts,
+        ] {
+            m.values_mut().for_each(|c| c.scale(f));
+        }
+    }
+
+    /// Number of keys stored.
+    pub fn keys(&self) -> usize {
+        self.campaigns.len() + self.ads.len() + self.fields.len() + self.contexts.len()
+    }
+
+    /// Heap bytes of the key tables per stored key (slots × (key + value + control byte)).
+    pub fn bytes_per_key(&self) -> f64 {
+        let slot = std::mem::size_of::<(u64, Counter)>() + 1;
+        let slots: usize = [&self.campaigns, &self.ads, &self.fields, &self.contexts]
+            .iter()
+            .map(|m| m.capacity())
+            .sum();
+        (slots * slot) as f64 / self.keys().max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn imp<'a>(ad: &'a str, pos: u32, ctx: &'a [(&'a str, &'a str)], ts: i64) -> Impression<'a> {
+        Impression {
+            ad,
+            campaign: "c",
+            position: pos,
+            context: ctx,
+            ts_ms: ts,
+        }
+    }
+
+    fn no_decay() -> CountsConfig {
+        CountsConfig {
+            half_life_ms: None,
+            ..CountsConfig::default()
+        }
+    }
+
+    #[test]
+    fn unknown_ad_gets_the_prior_then_learns() {
+        let mut m = CountModel::new(no_decay()).unwrap();
+        let ctx = [("geo", "US")];
+        let e = m.predict(&imp("new", 1, &ctx, 0));
+        assert_eq!(e.level, Level::Prior);
+        assert!((e.p - 0.02).abs() < 1e-12);
+        for i in 0..10_000 {
+            m.update(&imp("a", 1, &ctx, i), i % 10 == 0, 1.0).unwrap();
+        }
+        let e = m.predict(&imp("a", 1, &ctx, 10_000));
+        assert_eq!(e.level, Level::Exact);
+        assert!((e.p - 0.1).abs() < 0.003, "{}", e.p);
+        let other = [("geo", "DE")];
+        let e = m.predict(&imp("a", 1, &other, 10_000));
+        assert_eq!(e.level, Level::BackedOff);
+        assert!((e.p - 0.1).abs() < 0.01, "backs off to the ad: {}", e.p);
+    }
+
+    #[test]
+    fn position_bias_is_learned_and_normalized_ctr_is_position_free() {
+        let mut m = CountModel::new(no_decay()).unwrap();
+        let ctx = [("geo", "US")];
+        // True CTR 10% at the top, 5% at position 2.
+        for i in 0..200_000i64 {
+            let pos = 1 + (i % 2) as u32;
+            let clicked = if pos == 1 { i % 20 == 0 } else { i % 40 == 1 };
+            m.update(&imp("a", pos, &ctx, i), clicked, 1.0).unwrap();
+        }
+        assert!(
+            (m.position_bias(2) - 0.5).abs() < 0.03,
+            "{}",
+            m.position_bias(2)
+        );
+        let top = m.predict(&imp("a", 1, &ctx, 0));
+        let second = m.predict(&imp("a", 2, &ctx, 0));
+        assert!((top.normalized - 0.1).abs() < 0.005, "{}", top.normalized);
+        assert!((second.p - 0.05).abs() < 0.004, "{}", second.p);
+    }
+
+    #[test]
+    fn bad_weights_are_rejected_and_change_nothing() {
+        let mut m = CountModel::new(no_decay()).unwrap();
+        let before = m.clone();
+        for w in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(m.update(&imp("a", 1, &[], 0), true, w).is_err());
+        }
+        assert!(
+            m.update(&imp("a", 0, &[], 0), true, 1.0).is_err(),
+            "position 0"
+        );
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn estimates_lie_between_child_rate_and_parent() {
+        let mut m = CountModel::new(no_decay()).unwrap();
+        let ctx = [("geo", "US"), ("device", "mobile")];
+        for i in 0..500 {
+            m.update(&imp("a", 1, &ctx, i), i % 4 == 0, 1.0).unwrap();
+        }
+        for i in 0..30 {
+            m.update(
+                &imp("a", 1, &[("geo", "FR"), ("device", "tablet")], i),
+                i % 2 == 0,
+                1.0,
+            )
+            .unwrap();
+        }
+        let e = m.predict(&imp("a", 1, &[("geo", "FR"), ("device", "tablet")], 0));
+        let ad_rate = m.predict(&imp("a", 1, &[], 0)).normalized;
+        // Child raw rate 0.5, parent (ad-level) well below: the estimate lies between.
+        assert!(
+            e.normalized < 0.5 && e.normalized > ad_rate,
+            "{} vs ad {ad_rate}",
+            e.normalized
+        );
+    }
+
+    #[test]
+    fn weighted_updates_equal_repeated_ones() {
+        let mut a = CountModel::new(no_decay()).unwrap();
+        let mut b = CountModel::new(no_decay()).unwrap();
+        a.update(&imp("x", 1, &[], 5), false, 4.0).unwrap();
+        for _ in 0..4 {
+            b.update(&imp("x", 1, &[], 5), false, 1.0).unwrap();
+        }
+        let (pa, pb) = (
+            a.predict(&imp("x", 1, &[], 5)).p,
+            b.predict(&imp("x", 1, &[], 5)).p,
+        );
+        assert!((pa - pb).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,431 @@
+//! Evaluation for progressive validation: every example is scored before the model learns
+//! from it, and the score is recorded here.
+//!
+//! [`Metrics`] is a set of weighted sums, so it merges by addition: that is how slices
+//! ([`SlicedMetrics`]) and sliding windows ([`WindowedMetrics`]) are built.
+//!
+//! - Log loss: mean of −[y ln p + (1 − y) ln(1 − p)], p clamped to [1e−15, 1 − 1e−15].
+//! - Normalized entropy (He et al., ADKDD 2014): log loss divided by the entropy of the
+//!   observed CTR, i.e. of always predicting the background rate. Below 1 is better than that.
+//! - Calibration: Σp / Σy (1 = calibrated).
+//! - AUC: streaming, from histograms of positives and negatives over `auc_bins` equal-width
+//!   bins of logit(p) in [−12, 12]. Pairs in different bins are ranked exactly; pairs within one
+//!   bin count as ties (½). The error is therefore at most half the share of
+//!   positive–negative pairs that fall in the same bin, which [`Metrics::auc_error_bound`]
+//!   reports; with the default 4,096 bins (width 0.006 in logit) it is typically below 10⁻³.
+//! - Reliability: 20 bins over log10(p) in [−4, 0]: Σp, Σy and weight per bin, for a
+//!   calibration plot.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+const LOGIT_RANGE: f64 = 12.0;
+pub const DEFAULT_AUC_BINS: usize = 4096;
+pub const RELIABILITY_BINS: usize = 20;
+
+/// Weighted progressive-validation sums.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    weight: f64,
+    loss: f64,
+    sum_p: f64,
+    sum_y: f64,
+    pos: Vec<f64>,
+    neg: Vec<f64>,
+    /// Per reliability bin: (Σ weight, Σ p·w, Σ y·w).
+    reliability: Vec<(f64, f64, f64)>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::with_auc_bins(DEFAULT_AUC_BINS)
+    }
+}
+
+/// One reliability bin for a calibration plot.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ReliabilityBin {
+    /// Lower and upper predicted probability of the bin.
+    pub p_low: f64,
+    pub p_high: f64,
+    pub weight: f64,
+    pub mean_predicted: f64,
+    pub observed: f64,
+}
+
+fn logit(p: f64) -> f64 {
+    (p / (1.0 - p)).ln()
+}
+
+impl Metrics {
+    /// Metrics with a given AUC resolution (slices use fewer bins to save memory).
+    pub fn with_auc_bins(bins: usize) -> Self {
+        let bins = bins.max(2);
+        Self {
+            weight: 0.0,
+            loss: 0.0,
+            sum_p: 0.0,
+            sum_y: 0.0,
+            pos: vec![0.0; bins],
+            neg: vec![0.0; bins],
+            reliability: vec![(0.0, 0.0, 0.0); RELIABILITY_BINS],
+        }
+    }
+
+    /// Records prediction `p` for label `clicked` with weight `w`. Non-finite or non-positive
+    /// weights and non-finite predictions are ignored (and leave no trace): metrics must never
+    /// turn into NaN.
+    pub fn record(&mut self, p: f64, clicked: bool, w: f64) {
+        if !(w.is_finite() && w > 0.0 && p.is_finite()) {
+            return;
+        }
+        let p = p.clamp(1e-15, 1.0 - 1e-15);
+        let y = f64::from(u8::from(clicked));
+        self.weight += w;
+        self.loss -= w * if clicked { p.ln() } else { (1.0 - p).ln() };
+        self.sum_p += w * p;
+        self.sum_y += w * y;
+        let bins = self.pos.len();
+        let x = (logit(p) + LOGIT_RANGE) / (2.0 * LOGIT_RANGE);
+        let b = ((x * bins as f64) as usize).min(bins - 1);
+        if clicked {
+            self.pos[b] += w;
+        } else {
+            self.neg[b] += w;
+        }
+        let r = ((p.log10() + 4.0) / 4.0 * RELIABILITY_BINS as f64)
+            .clamp(0.0, RELIABILITY_BINS as f64 - 1.0) as usize;
+        let bin = &mut self.reliability[r];
+        bin.0 += w;
+        bin.1 += w * p;
+        bin.2 += w * y;
+    }
+
+    /// Adds another set of sums (same AUC resolution; a mismatched one is re-binned coarsely).
+    pub fn merge(&mut self, o: &Metrics) {
+        self.weight += o.weight;
+        self.loss += o.loss;
+        self.sum_p += o.sum_p;
+        self.sum_y += o.sum_y;
+        let (n, m) = (self.pos.len(), o.pos.len());
+        for i in 0..m {
+            let j = i * n / m;
+            self.pos[j] += o.pos[i];
+            self.neg[j] += o.neg[i];
+        }
+        for (a, b) in self.reliability.iter_mut().zip(&o.reliability) {
+            a.0 += b.0;
+            a.1 += b.1;
+            a.2 += b.2;
+        }
+    }
+
+    pub fn weight(&self) -> f64 {
+        self.weight
+    }
+
+    pub fn log_loss(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.loss / self.weight)
+    }
+
+    /// Log loss over the entropy of the observed CTR; `None` until both labels were seen.
+    pub fn normalized_entropy(&self) -> Option<f64> {
+        let ctr = self.sum_y / self.weight;
+        if !(self.weight > 0.0 && ctr > 0.0 && ctr < 1.0) {
+            return None;
+        }
+        let h = -(ctr * ctr.ln() + (1.0 - ctr) * (1.0 - ctr).ln());
+        self.log_loss().map(|l| l / h)
+    }
+
+    /// Σp / Σy; `None` until a click was seen.
+    pub fn calibration(&self) -> Option<f64> {
+        (self.sum_y > 0.0).then(|| self.sum_p / self.sum_y)
+    }
+
+    pub fn observed_ctr(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.sum_y / self.weight)
+    }
+
+    pub fn mean_prediction(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.sum_p / self.weight)
+    }
+
+    fn pair_sums(&self) -> (f64, f64, f64) {
+        let (mut below, mut ranked, mut tied) = (0.0, 0.0, 0.0);
+        for (p, n) in self.pos.iter().zip(&self.neg) {
+            ranked += p * below;
+            tied += p * n;
+            below += n;
+        }
+        (ranked, tied, self.pos.iter().sum::<f64>() * below)
+    }
+
+    /// Area under the ROC curve; `None` until both labels were seen.
+    pub fn auc(&self) -> Option<f64> {
+        let (ranked, tied, pairs) = self.pair_sums();
+        (pairs > 0.0).then(|| (ranked + 0.5 * tied) / pairs)
+    }
+
+    /// Largest possible difference between [`Metrics::auc`] and the exact AUC.
+    pub fn auc_error_bound(&self) -> Option<f64> {
+        let (_, tied, pairs) = self.pair_sums();
+        (pairs > 0.0).then(|| 0.5 * tied / pairs)
+    }
+
+    /// Non-empty reliability bins, lowest predicted probability first.
+    pub fn reliability(&self) -> Vec<ReliabilityBin> {
+        self.reliability
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.0 > 0.0)
+            .map(|(i, b)| {
+                let edge = |k: usize| 10f64.powf(-4.0 + 4.0 * k as f64 / RELIABILITY_BINS as f64);
+                ReliabilityBin {
+                    p_low: edge(i),
+                    p_high: edge(i + 1),
+                    weight: b.0,
+                    mean_predicted: b.1 / b.0,
+                    observed: b.2 / b.0,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Metrics over a sliding window of event time, in buckets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowedMetrics {
+    bucket_ms: i64,
+    buckets: usize,
+    auc_bins: usize,
+    ring: VecDeque<(i64, Metrics)>,
+}
+
+impl WindowedMetrics {
+    /// A window of `buckets` × `bucket_ms` of event time.
+    pub fn new(bucket_ms: i64, buckets: usize, auc_bins: usize) -> Self {
+        Self {
+            bucket_ms: bucket_ms.max(1),
+            buckets: buckets.max(1),
+            auc_bins,
+            ring: VecDeque::new(),
+        }
+    }
+
+    pub fn record(&mut self, ts_ms: i64, p: f64, clicked: bool, w: f64) {
+        let start = ts_ms.div_euclid(self.bucket_ms) * self.bucket_ms;
+        match self.ring.iter_mut().find(|(s, _)| *s == start) {
+            Some((_, m)) => m.record(p, clicked, w),
+            None => {
+                let newest = self.ring.back().map_or(i64::MIN, |(s, _)| *s);
+                let oldest_kept = newest.max(start) - (self.buckets as i64 - 1) * self.bucket_ms;
+                if start < oldest_kept {
+                    return; // older than the window: not part of it
+                }
+                let mut m = Metrics::with_auc_bins(self.auc_bins);
+                m.record(p, clicked, w);
+                let at = self.ring.partition_point(|(s, _)| *s < start);
+                self.ring.insert(at, (start, m));
+                while self.ring.front().is_some_and(|(s, _)| *s < oldest_kept) {
+                    self.ring.pop_front();
+                }
+            }
+        }
+    }
+
+    /// The window's merged metrics.
+    pub fn window(&self) -> Metrics {
+        let mut out = Metrics::with_auc_bins(self.auc_bins);
+        for (_, m) in &self.ring {
+            out.merge(m);
+        }
+        out
+    }
+
+    /// Per-bucket metrics, oldest first: a metric over time.
+    pub fn series(&self) -> impl Iterator<Item = (i64, &Metrics)> {
+        self.ring.iter().map(|(s, m)| (*s, m))
+    }
+}
+
+/// Metrics sliced by ad and by context field value, bounded in the number of slices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlicedMetrics {
+    max_slices: usize,
+    auc_bins: usize,
+    by_ad: HashMap<String, Metrics>,
+    by_field: BTreeMap<(String, String), Metrics>,
+    /// Records whose slice did not fit under `max_slices`.
+    overflow: Metrics,
+}
+
+impl SlicedMetrics {
+    pub fn new(max_slices: usize, auc_bins: usize) -> Self {
+        Self {
+            max_slices,
+            auc_bins,
+            by_ad: HashMap::new(),
+            by_field: BTreeMap::new(),
+            overflow: Metrics::with_auc_bins(auc_bins),
+        }
+    }
+
+    fn slices(&self) -> usize {
+        self.by_ad.len() + self.by_field.len()
+    }
+
+    pub fn record(&mut self, ad: &str, context: &[(&str, &str)], p: f64, clicked: bool, w: f64) {
+        let bins = self.auc_bins;
+        if let Some(m) = self.by_ad.get_mut(ad) {
+            m.record(p, clicked, w);
+        } else if self.slices() < self.max_slices {
+            self.by_ad
+                .entry(ad.to_string())
+                .or_insert_with(|| Metrics::with_auc_bins(bins))
+                .record(p, clicked, w);
+        } else {
+            self.overflow.record(p, clicked, w);
+        }
+        for (n, v) in context {
+            let key = ((*n).to_string(), (*v).to_string());
+            if let Some(m) = self.by_field.get_mut(&key) {
+                m.record(p, clicked, w);
+            } else if self.slices() < self.max_slices {
+                self.by_field
+                    .entry(key)
+                    .or_insert_with(|| Metrics::with_auc_bins(bins))
+                    .record(p, clicked, w);
+            }
+        }
+    }
+
+    pub fn ad(&self, ad: &str) -> Option<&Metrics> {
+        self.by_ad.get(ad)
+    }
+
+    pub fn field(&self, name: &str, value: &str) -> Option<&Metrics> {
+        self.by_field.get(&(name.to_string(), value.to_string()))
+    }
+
+    /// Ads by total weight, largest first.
+    pub fn busiest_ads(&self, n: usize) -> Vec<(&str, &Metrics)> {
+        let mut v: Vec<(&str, &Metrics)> =
+            self.by_ad.iter().map(|(k, m)| (k.as_str(), m)).collect();
+        v.sort_by(|a, b| b.1.weight().total_cmp(&a.1.weight()).then(a.0.cmp(b.0)));
+        v.truncate(n);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_loss_ne_and_calibration_of_a_constant_predictor() {
+        let mut m = Metrics::default();
+        for i in 0..1000 {
+            m.record(0.1, i % 10 == 0, 1.0);
+        }
+        let h = -(0.1f64 * 0.1f64.ln() + 0.9 * 0.9f64.ln());
+        assert!((m.log_loss().unwrap() - h).abs() < 1e-12);
+        assert!(
+            (m.normalized_entropy().unwrap() - 1.0).abs() < 1e-12,
+            "background rate: NE = 1"
+        );
+        assert!((m.calibration().unwrap() - 1.0).abs() < 1e-12);
+        assert!((m.auc().unwrap() - 0.5).abs() < 1e-12, "all tied");
+    }
+
+    #[test]
+    fn auc_matches_exact_computation() {
+        // Scores spread over many bins: the histogram AUC equals the exact pairwise AUC
+        // within the reported bound.
+        let mut m = Metrics::default();
+        let mut scored = vec![];
+        for i in 0..2000u32 {
+            let p = 0.001 + 0.998 * ((i * 7919) % 2000) as f64 / 2000.0;
+            let clicked = (i * 104_729) % 1000 < (p * 1000.0) as u32;
+            m.record(p, clicked, 1.0);
+            scored.push((p, clicked));
+        }
+        let (mut num, mut pairs) = (0.0, 0.0);
+        for &(pp, yp) in &scored {
+            for &(pn, yn) in &scored {
+                if yp && !yn {
+                    pairs += 1.0;
+                    num += if pp > pn {
+                        1.0
+                    } else if pp == pn {
+                        0.5
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+        let exact = num / pairs;
+        let auc = m.auc().unwrap();
+        assert!(
+            (auc - exact).abs() <= m.auc_error_bound().unwrap() + 1e-12,
+            "{auc} vs {exact}"
+        );
+        assert!(m.auc_error_bound().unwrap() < 1e-3);
+    }
+
+    #[test]
+    fn bad_records_leave_no_trace() {
+        let mut m = Metrics::default();
+        m.record(f64::NAN, true, 1.0);
+        m.record(0.5, true, f64::NAN);
+        m.record(0.5, true, -1.0);
+        assert_eq!(m, Metrics::default());
+        m.record(0.0, true, 1.0); // clamped, finite
+        assert!(m.log_loss().unwrap().is_finite());
+    }
+
+    #[test]
+    fn windows_drop_old_buckets() {
+        let mut w = WindowedMetrics::new(1000, 3, 64);
+        for t in 0..10 {
+            w.record(t * 1000, 0.5, true, 1.0);
+        }
+        assert_eq!(w.window().weight(), 3.0);
+        w.record(0, 0.5, true, 1.0); // far too old: ignored
+        assert_eq!(w.window().weight(), 3.0);
+        assert_eq!(w.series().count(), 3);
+    }
+
+    #[test]
+    fn slices_are_bounded() {
+        let mut s = SlicedMetrics::new(3, 64);
+        for ad in ["a", "b", "c", "d"] {
+            s.record(ad, &[("geo", "US")], 0.1, false, 1.0);
+        }
+        assert!(s.ad("a").is_some() && s.ad("b").is_some());
+        assert!(s.field("geo", "US").is_some());
+        assert!(s.ad("d").is_none());
+        assert_eq!(s.busiest_ads(10).len(), 2);
+    }
+
+    #[test]
+    fn merge_is_addition() {
+        let mut a = Metrics::default();
+        let mut b = Metrics::default();
+        let mut both = Metrics::default();
+        for i in 0..100 {
+            let p = 0.01 * f64::from(i % 50 + 1);
+            if i % 2 == 0 {
+                a.record(p, i % 3 == 0, 1.0)
+            } else {
+                b.record(p, i % 3 == 0, 1.0)
+            }
+            both.record(p, i % 3 == 0, 1.0);
+        }
+        a.merge(&b);
+        assert!((a.log_loss().unwrap() - both.log_loss().unwrap()).abs() < 1e-12);
+        assert_eq!(a.auc(), both.auc());
+    }
+}

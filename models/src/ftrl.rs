@@ -1,0 +1,418 @@
+//! FTRL-Proximal logistic regression on hashed sparse features (McMahan et al., "Ad Click
+//! Prediction: a View from the Trenches", KDD 2013, Algorithm 1).
+//!
+//! Per coordinate i the learner keeps z_i and n_i (the sum of squared gradients); the weight is
+//! derived lazily:
+//!
+//! ```text
+//! w_i = 0                                              if |z_i| ≤ λ1
+//! w_i = −(z_i − sgn(z_i)·λ1) / ((β + √n_i)/α + λ2)      otherwise
+//! ```
+//!
+//! and an update with gradient g_i = (p − y)·x_i·(importance weight) does
+//! σ = (√(n_i + g²) − √n_i)/α; z_i += g − σ·w_i; n_i += g².
+//!
+//! State is sparse: a hash map from feature hash to coordinate, never an array sized by the
+//! hash space. Memory stays bounded two ways (paper §5.2–5.3):
+//! - **Admission**: a new feature gets a coordinate only after it has been seen
+//!   `admit_after` times, counted in a fixed-size count-min sketch (two rows of saturating
+//!   8-bit counters). Until then it contributes weight 0 and is not stored.
+//! - **Eviction**: [`Ftrl::evict_idle`] drops coordinates not updated since a cut-off time, and
+//!   [`Ftrl::enforce_cap`] drops the least recently updated ones beyond `max_coordinates`.
+//!
+//! Memory: a coordinate is a 32-byte slot (8-byte key; `z`, `n` as `f64`; last-update time as
+//! `i64`) plus one control byte in an identity-hashed `HashMap`, so 33 bytes at a full table and
+//! up to twice that just after the table grew; `bytes_per_coordinate` reports the live figure.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+use nohash_hasher::NoHashHasher;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result, check_weight, config};
+use crate::example::Feature;
+
+/// Settings of the FTRL learner.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FtrlConfig {
+    pub alpha: f64,
+    pub beta: f64,
+    pub l1: f64,
+    pub l2: f64,
+    /// Occurrences before a feature is admitted; 0 or 1 admits every feature at once.
+    pub admit_after: u8,
+    /// log2 of the counters per admission-filter row.
+    pub filter_bits: u8,
+    /// Most coordinates kept; [`Ftrl::enforce_cap`] trims beyond it.
+    pub max_coordinates: usize,
+}
+
+impl Default for FtrlConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 0.05,
+            beta: 1.0,
+            l1: 0.5,
+            l2: 1.0,
+            admit_after: 2,
+            filter_bits: 20,
+            max_coordinates: 4_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Coord {
+    z: f64,
+    n: f64,
+    last_ms: i64,
+}
+
+type CoordMap = HashMap<u64, Coord, BuildHasherDefault<NoHashHasher<u64>>>;
+
+/// The learner's full state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ftrl {
+    cfg: FtrlConfig,
+    coords: CoordMap,
+    /// Two rows of the admission count-min sketch, concatenated.
+    filter: Vec<u8>,
+}
+
+/// Largest |logit| used; beyond it the sigmoid is 0 or 1 in f64 anyway.
+const MAX_LOGIT: f64 = 35.0;
+
+pub fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x.clamp(-MAX_LOGIT, MAX_LOGIT)).exp())
+}
+
+/// Features on one example, at most; more is a caller bug and is rejected.
+pub const MAX_FEATURES: usize = 256;
+
+impl Ftrl {
+    pub fn new(cfg: FtrlConfig) -> Result<Self> {
+        config(
+            "alpha",
+            cfg.alpha.is_finite() && cfg.alpha > 0.0,
+            "must be > 0",
+        )?;
+        config(
+            "beta",
+            cfg.beta.is_finite() && cfg.beta >= 0.0,
+            "must be >= 0",
+        )?;
+        config("l1", cfg.l1.is_finite() && cfg.l1 >= 0.0, "must be >= 0")?;
+        config("l2", cfg.l2.is_finite() && cfg.l2 >= 0.0, "must be >= 0")?;
+        config(
+            "filter_bits",
+            (8..=28).contains(&cfg.filter_bits),
+            "must be 8..=28",
+        )?;
+        config("max_coordinates", cfg.max_coordinates > 0, "must be > 0")?;
+        let filter = if cfg.admit_after > 1 {
+            vec![0; 2 << cfg.filter_bits]
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            cfg,
+            coords: CoordMap::default(),
+            filter,
+        })
+    }
+
+    pub fn config(&self) -> &FtrlConfig {
+        &self.cfg
+    }
+
+    fn weight(&self, c: &Coord) -> f64 {
+        let FtrlConfig {
+            alpha,
+            beta,
+            l1,
+            l2,
+            ..
+        } = self.cfg;
+        if c.z.abs() <= l1 {
+            0.0
+        } else {
+            -(c.z - c.z.signum() * l1) / ((beta + c.n.sqrt()) / alpha + l2)
+        }
+    }
+
+    /// Probability of a click for these features.
+    pub fn predict(&self, features: &[Feature]) -> f64 {
+        let logit: f64 = features
+            .iter()
+            .map(|f| {
+                self.coords
+                    .get(&f.key)
+                    .map_or(0.0, |c| self.weight(c) * f.value)
+            })
+            .sum();
+        sigmoid(logit)
+    }
+
+    fn check(features: &[Feature]) -> Result<()> {
+        if features.is_empty() {
+            return Err(ModelError::NoFeatures);
+        }
+        if features.len() > MAX_FEATURES {
+            return Err(ModelError::Config {
+                name: "features",
+                problem: "more than 256 on one example",
+            });
+        }
+        if let Some(f) = features.iter().find(|f| !f.value.is_finite()) {
+            return Err(ModelError::FeatureValue(f.value));
+        }
+        Ok(())
+    }
+
+    /// Progressive validation step: returns the prediction made *before* learning from the
+    /// label, then updates with importance weight `weight`.
+    pub fn learn(
+        &mut self,
+        features: &[Feature],
+        clicked: bool,
+        weight: f64,
+        ts_ms: i64,
+    ) -> Result<f64> {
+        check_weight(weight)?;
+        Self::check(features)?;
+        let mut w = [0.0f64; MAX_FEATURES];
+        let mut logit = 0.0;
+        for (i, f) in features.iter().enumerate() {
+            if let Some(c) = self.coords.get(&f.key) {
+                w[i] = self.weight(c);
+                logit += w[i] * f.value;
+            }
+        }
+        let p = sigmoid(logit);
+        let g0 = (p - f64::from(u8::from(clicked))) * weight;
+        let alpha = self.cfg.alpha;
+        for (i, f) in features.iter().enumerate() {
+            let g = g0 * f.value;
+            let c = match self.coords.get_mut(&f.key) {
+                Some(c) => c,
+                None => {
+                    if !admit(
+                        &mut self.filter,
+                        self.cfg.filter_bits,
+                        self.cfg.admit_after,
+                        f.key,
+                    ) {
+                        continue;
+                    }
+                    self.coords.entry(f.key).or_insert(Coord {
+                        z: 0.0,
+                        n: 0.0,
+                        last_ms: ts_ms,
+                    })
+                }
+            };
+            let sigma = ((c.n + g * g).sqrt() - c.n.sqrt()) / alpha;
+            c.z += g - sigma * w[i];
+            c.n += g * g;
+            c.last_ms = c.last_ms.max(ts_ms);
+        }
+        Ok(p)
+    }
+
+    /// Drops coordinates last updated before `cutoff_ms`; returns how many.
+    pub fn evict_idle(&mut self, cutoff_ms: i64) -> usize {
+        let before = self.coords.len();
+        self.coords.retain(|_, c| c.last_ms >= cutoff_ms);
+        before - self.coords.len()
+    }
+
+    /// If more than `max_coordinates` are stored, drops the least recently updated (all
+    /// coordinates older than the cut-off that brings the count to at most 90% of the cap, so
+    /// trimming is rare). Deterministic: the result depends only on the state.
+    pub fn enforce_cap(&mut self) -> usize {
+        if self.coords.len() <= self.cfg.max_coordinates {
+            return 0;
+        }
+        let keep = self.cfg.max_coordinates * 9 / 10;
+        let mut times: Vec<i64> = self.coords.values().map(|c| c.last_ms).collect();
+        let drop = times.len() - keep;
+        let (_, cutoff, _) = times.select_nth_unstable(drop);
+        let cutoff = *cutoff;
+        let mut dropped = self.evict_idle(cutoff);
+        if self.coords.len() > self.cfg.max_coordinates {
+            // Many coordinates share the cut-off time: drop those too.
+            dropped += self.evict_idle(cutoff.saturating_add(1));
+        }
+        dropped
+    }
+
+    pub fn coordinates(&self) -> usize {
+        self.coords.len()
+    }
+
+    /// Heap bytes of the coordinate table per stored coordinate (the admission filter, a fixed
+    /// 2^(filter_bits+1) bytes, is not included).
+    pub fn bytes_per_coordinate(&self) -> f64 {
+        let slot = std::mem::size_of::<(u64, Coord)>() + 1;
+        (self.coords.capacity() * slot) as f64 / self.coords.len().max(1) as f64
+    }
+
+    pub fn filter_bytes(&self) -> usize {
+        self.filter.len()
+    }
+}
+
+/// Counts one more sighting of `key` in the sketch; true once it has `admit_after` sightings.
+fn admit(filter: &mut [u8], bits: u8, admit_after: u8, key: u64) -> bool {
+    if admit_after <= 1 {
+        return true;
+    }
+    let mask = (1usize << bits) - 1;
+    let a = (key as usize) & mask;
+    let b = (1usize << bits) + ((key >> 32) as usize & mask);
+    filter[a] = filter[a].saturating_add(1);
+    filter[b] = filter[b].saturating_add(1);
+    filter[a].min(filter[b]) >= admit_after
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(key: u64) -> Feature {
+        Feature { key, value: 1.0 }
+    }
+
+    fn cfg() -> FtrlConfig {
+        FtrlConfig {
+            admit_after: 1,
+            l1: 0.0,
+            ..FtrlConfig::default()
+        }
+    }
+
+    #[test]
+    fn learns_a_rate() {
+        let mut m = Ftrl::new(FtrlConfig {
+            alpha: 0.1,
+            ..cfg()
+        })
+        .unwrap();
+        for i in 0..20_000 {
+            m.learn(&[f(1)], i % 5 == 0, 1.0, i).unwrap();
+        }
+        let p = m.predict(&[f(1)]);
+        assert!((p - 0.2).abs() < 0.02, "{p}");
+    }
+
+    #[test]
+    fn progressive_prediction_precedes_the_update() {
+        let mut m = Ftrl::new(cfg()).unwrap();
+        let p0 = m.learn(&[f(1)], true, 1.0, 0).unwrap();
+        assert_eq!(p0, 0.5, "nothing learned yet");
+        assert!(m.predict(&[f(1)]) > 0.5);
+    }
+
+    #[test]
+    fn l1_keeps_rare_noise_at_zero_weight() {
+        let mut m = Ftrl::new(FtrlConfig { l1: 5.0, ..cfg() }).unwrap();
+        m.learn(&[f(7)], true, 1.0, 0).unwrap();
+        assert_eq!(m.predict(&[f(7)]), 0.5);
+    }
+
+    #[test]
+    fn admission_waits_for_repeated_features() {
+        let mut m = Ftrl::new(FtrlConfig {
+            admit_after: 3,
+            ..cfg()
+        })
+        .unwrap();
+        m.learn(&[f(42)], true, 1.0, 0).unwrap();
+        m.learn(&[f(42)], true, 1.0, 0).unwrap();
+        assert_eq!(m.coordinates(), 0);
+        m.learn(&[f(42)], true, 1.0, 0).unwrap();
+        assert_eq!(m.coordinates(), 1);
+    }
+
+    #[test]
+    fn importance_weight_scales_the_gradient() {
+        let mut a = Ftrl::new(cfg()).unwrap();
+        let mut b = Ftrl::new(cfg()).unwrap();
+        a.learn(&[f(1)], false, 3.0, 0).unwrap();
+        b.learn(&[f(1)], false, 1.0, 0).unwrap();
+        assert!(a.predict(&[f(1)]) < b.predict(&[f(1)]));
+    }
+
+    #[test]
+    fn eviction_bounds_memory() {
+        let mut m = Ftrl::new(FtrlConfig {
+            max_coordinates: 1000,
+            ..cfg()
+        })
+        .unwrap();
+        for i in 0..5_000u64 {
+            m.learn(&[f(i)], false, 1.0, i as i64).unwrap();
+        }
+        assert_eq!(m.evict_idle(4_000), 4_000);
+        assert_eq!(m.coordinates(), 1_000);
+        for i in 5_000..6_000u64 {
+            m.learn(&[f(i)], false, 1.0, i as i64).unwrap();
+        }
+        let dropped = m.enforce_cap();
+        assert!(
+            m.coordinates() <= 1_000 && dropped > 0,
+            "{} left",
+            m.coordinates()
+        );
+        assert!(
+            m.predict(&[f(5_999)]) < 0.5,
+            "the newest coordinates survive"
+        );
+    }
+
+    #[test]
+    fn bad_input_is_rejected_without_change() {
+        let mut m = Ftrl::new(cfg()).unwrap();
+        m.learn(&[f(1)], true, 1.0, 0).unwrap();
+        let before = m.clone();
+        assert_eq!(m.learn(&[], true, 1.0, 0), Err(ModelError::NoFeatures));
+        assert!(matches!(
+            m.learn(&[f(1)], true, f64::NAN, 0),
+            Err(ModelError::Weight(_))
+        ));
+        assert!(matches!(
+            m.learn(&[f(1)], true, -2.0, 0),
+            Err(ModelError::Weight(_))
+        ));
+        let nan = Feature {
+            key: 1,
+            value: f64::NAN,
+        };
+        assert!(matches!(
+            m.learn(&[nan], true, 1.0, 0),
+            Err(ModelError::FeatureValue(_))
+        ));
+        assert_eq!(m, before);
+        assert!(m.predict(&[f(1)]).is_finite());
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(
+            Ftrl::new(FtrlConfig {
+                alpha: 0.0,
+                ..cfg()
+            })
+            .is_err()
+        );
+        assert!(Ftrl::new(FtrlConfig { l1: -1.0, ..cfg() }).is_err());
+        assert!(
+            Ftrl::new(FtrlConfig {
+                filter_bits: 40,
+                ..cfg()
+            })
+            .is_err()
+        );
+    }
+}

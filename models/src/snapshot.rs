@@ -1,0 +1,85 @@
+//! The versioned binary snapshot format.
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "CTRM"
+//! 4       2     format version, little-endian u16 (this build writes 1 and reads 1)
+//! 6       8     body length in bytes, little-endian u64
+//! 14      8     XXH3-64 of the body, little-endian u64
+//! 22      n     body: the state in postcard encoding (serde data model; f64 as its 8 IEEE
+//!               bytes, so a restore is bit-exact)
+//! ```
+//!
+//! A snapshot of another format version is refused with [`SnapshotError::UnsupportedVersion`]
+//! naming both versions; when the format changes, the reader of the old version stays and
+//! converts (the version field exists for that). Truncation and bit rot are caught by the length
+//! and the checksum before anything is decoded.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const MAGIC: [u8; 4] = *b"CTRM";
+pub const FORMAT_VERSION: u16 = 1;
+const HEADER: usize = 22;
+
+/// Why bytes are not a usable snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is {0} bytes, shorter than its 22-byte header")]
+    TooShort(usize),
+    #[error("not a model snapshot (magic bytes {0:02x?}, expected \"CTRM\")")]
+    BadMagic([u8; 4]),
+    #[error(
+        "snapshot format version {found} is not supported by this build (it reads version {supported})"
+    )]
+    UnsupportedVersion { found: u16, supported: u16 },
+    #[error("snapshot body is {found} bytes, header says {expected}: truncated or padded")]
+    Length { expected: u64, found: u64 },
+    #[error("snapshot checksum mismatch: the body is corrupt")]
+    Checksum,
+    #[error("snapshot body does not decode: {0}")]
+    Body(String),
+}
+
+/// Encodes `state` into a snapshot.
+pub fn encode<T: Serialize>(state: &T) -> Vec<u8> {
+    let body = postcard::to_allocvec(state).expect("model state always serializes");
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&xxh3_64(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a snapshot written by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
+    if bytes.len() < HEADER {
+        return Err(SnapshotError::TooShort(bytes.len()));
+    }
+    let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(SnapshotError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let expected = u64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes"));
+    let body = &bytes[HEADER..];
+    if body.len() as u64 != expected {
+        return Err(SnapshotError::Length {
+            expected,
+            found: body.len() as u64,
+        });
+    }
+    if xxh3_64(body) != u64::from_le_bytes(bytes[14..22].try_into().expect("8 bytes")) {
+        return Err(SnapshotError::Checksum);
+    }
+    postcard::from_bytes(body).map_err(|e| SnapshotError::Body(e.to_string()))
+}
