@@ -106,8 +106,10 @@ pub struct CountModel {
     contexts: KeyMap,
 }
 
-fn smooth(c: Counter, clock: &DecayClock, parent: f64, strength: f64) -> (f64, f64) {
-    let (n, k) = c.read(clock);
+/// Smoothed rate and evidence of counter `c`, read with decay factor `scale`
+/// ([`DecayClock::read_scale`], computed once per call site: it costs an `exp2`).
+fn smooth(c: Counter, scale: f64, parent: f64, strength: f64) -> (f64, f64) {
+    let (n, k) = (c.imps * scale, c.clicks * scale);
     let n = n.max(0.0);
     ((k.clamp(0.0, n) + strength * parent) / (n + strength), n)
 }
@@ -149,39 +151,44 @@ impl CountModel {
         &self.cfg
     }
 
-    fn global_rate(&self) -> f64 {
-        let (n, k) = self.global.read(&self.clock);
-        self.global_prior.posterior_mean(k, n)
+    fn global_rate(&self, scale: f64) -> f64 {
+        self.global_prior
+            .posterior_mean(self.global.clicks * scale, self.global.imps * scale)
     }
 
     /// Position bias b(k) = CTR(k) / CTR(1), each smoothed towards the global CTR.
     pub fn position_bias(&self, position: u32) -> f64 {
+        let scale = self.clock.read_scale();
+        self.position_bias_at(position, scale, self.global_rate(scale))
+    }
+
+    fn position_bias_at(&self, position: u32, scale: f64, global: f64) -> f64 {
         let idx = (position.clamp(1, MAX_POSITIONS as u32) - 1) as usize;
         if idx == 0 {
             return 1.0;
         }
-        let g = self.global_rate();
         let s = self.cfg.position_strength;
-        let (top, _) = smooth(self.positions[0], &self.clock, g, s);
-        let (here, _) = smooth(self.positions[idx], &self.clock, g, s);
+        let (top, _) = smooth(self.positions[0], scale, global, s);
+        let (here, _) = smooth(self.positions[idx], scale, global, s);
         (here / top).clamp(0.01, 1.0e3)
     }
 
     /// The estimate for `x`, without learning from it.
     pub fn predict(&self, x: &Impression<'_>) -> Estimate {
-        let clock = &self.clock;
+        let scale = self.clock.read_scale();
+        let global = self.global_rate(scale);
         let get = |m: &KeyMap, k: u64| m.get(&k).copied().unwrap_or_default();
         let ad = ad_key(x.ad);
         let (p_campaign, _) = smooth(
             get(&self.campaigns, campaign_key(x.campaign)),
-            clock,
-            self.global_rate(),
+            scale,
+            global,
             self.cfg.campaign_strength,
         );
         let ad_counter = self.ads.get(&ad).copied();
         let (p_ad, n_ad) = smooth(
             ad_counter.unwrap_or_default(),
-            clock,
+            scale,
             p_campaign,
             self.cfg.ad_strength,
         );
@@ -194,7 +201,7 @@ impl CountModel {
                 .map(|(n, v)| {
                     smooth(
                         get(&self.fields, combine(ad, field_key(n, v))),
-                        clock,
+                        scale,
                         p_ad,
                         self.cfg.field_strength,
                     )
@@ -209,7 +216,7 @@ impl CountModel {
             .copied();
         let (p_ctx, n_ctx) = smooth(
             ctx_counter.unwrap_or_default(),
-            clock,
+            scale,
             parent,
             self.cfg.context_strength,
         );
@@ -218,7 +225,7 @@ impl CountModel {
             (None, Some(_)) => (Level::BackedOff, n_ad),
             (None, None) => (Level::Prior, 0.0),
         };
-        let p = (p_ctx * self.position_bias(x.position)).clamp(1e-9, 1.0 - 1e-9);
+        let p = (p_ctx * self.position_bias_at(x.position, scale, global)).clamp(1e-9, 1.0 - 1e-9);
         Estimate {
             p,
             normalized: p_ctx,
@@ -241,7 +248,8 @@ impl CountModel {
         // Position counts use raw impressions: they define the bias.
         self.positions[idx].add(g, 1.0, y);
         // Every other level counts examination units (see module docs).
-        let e = self.position_bias(x.position);
+        let scale = self.clock.read_scale();
+        let e = self.position_bias_at(x.position, scale, self.global_rate(scale));
         self.global.add(g, e, y);
         let ad = ad_key(x.ad);
         self.campaigns

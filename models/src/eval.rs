@@ -16,9 +16,11 @@
 //! - Reliability: 20 bins over log10(p) in [−4, 0]: Σp, Σy and weight per bin, for a
 //!   calibration plot.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+use crate::example::field_key;
 
 const LOGIT_RANGE: f64 = 12.0;
 pub const DEFAULT_AUC_BINS: usize = 4096;
@@ -256,7 +258,9 @@ pub struct SlicedMetrics {
     max_slices: usize,
     auc_bins: usize,
     by_ad: HashMap<String, Metrics>,
-    by_field: BTreeMap<(String, String), Metrics>,
+    /// Keyed by the field's hash ([`crate::example::field_key`]) so recording allocates nothing;
+    /// the names are kept for reports.
+    by_field: HashMap<u64, (String, String, Metrics)>,
     /// Records whose slice did not fit under `max_slices`.
     overflow: Metrics,
 }
@@ -267,7 +271,7 @@ impl SlicedMetrics {
             max_slices,
             auc_bins,
             by_ad: HashMap::new(),
-            by_field: BTreeMap::new(),
+            by_field: HashMap::new(),
             overflow: Metrics::with_auc_bins(auc_bins),
         }
     }
@@ -289,14 +293,14 @@ impl SlicedMetrics {
             self.overflow.record(p, clicked, w);
         }
         for (n, v) in context {
-            let key = ((*n).to_string(), (*v).to_string());
-            if let Some(m) = self.by_field.get_mut(&key) {
+            let key = field_key(n, v);
+            if let Some((_, _, m)) = self.by_field.get_mut(&key) {
                 m.record(p, clicked, w);
             } else if self.slices() < self.max_slices {
+                let mut m = Metrics::with_auc_bins(bins);
+                m.record(p, clicked, w);
                 self.by_field
-                    .entry(key)
-                    .or_insert_with(|| Metrics::with_auc_bins(bins))
-                    .record(p, clicked, w);
+                    .insert(key, ((*n).to_string(), (*v).to_string(), m));
             }
         }
     }
@@ -306,7 +310,20 @@ impl SlicedMetrics {
     }
 
     pub fn field(&self, name: &str, value: &str) -> Option<&Metrics> {
-        self.by_field.get(&(name.to_string(), value.to_string()))
+        self.by_field
+            .get(&field_key(name, value))
+            .map(|(_, _, m)| m)
+    }
+
+    /// Every context-field slice as (name, value, metrics), in name and value order.
+    pub fn fields(&self) -> Vec<(&str, &str, &Metrics)> {
+        let mut v: Vec<(&str, &str, &Metrics)> = self
+            .by_field
+            .values()
+            .map(|(n, val, m)| (n.as_str(), val.as_str(), m))
+            .collect();
+        v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        v
     }
 
     /// Ads by total weight, largest first.
