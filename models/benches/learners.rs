@@ -126,7 +126,7 @@ fn ftrl_case(c: &mut Criterion, name: &str, examples: &[Vec<Feature>]) {
             i = (i + 1) & 65_535;
             black_box(
                 model
-                    .learn(&examples[i], i % 50 == 0, 1.0, 2_000_000)
+                    .learn(&examples[i], i.is_multiple_of(50), 1.0, 2_000_000)
                     .unwrap(),
             )
         })
