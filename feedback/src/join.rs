@@ -3,60 +3,135 @@
 //! Serves and clicks are both keyed by serve ID, so partition `p` of the serves topic and
 //! partition `p` of the clicks topic hold everything one join needs; a [`PartitionJoin`] owns
 //! that pair. It does no I/O and reads no clock: wall-clock time comes in as an argument, so the
-//! live service and a backtest feed it the same events and get the same labels.
+//! live service and a backtest feed it the same events and get the same labels. It is
+//! serializable: the service checkpoints it together with the input offsets.
 //!
-//! Rules (Facebook's online joiner, simplified for the walking skeleton):
-//! - A click on an ad of a pending serve, no later than `window_ms` after the serve, emits a
-//!   positive label at once (fresh learning); further clicks on that ad are duplicates.
-//! - A serve's window closes when the watermark passes `serve.ts_ms + window_ms`; every ad
-//!   still unclicked then gets its negative label. A negative is never emitted earlier.
-//! - The watermark is the minimum over the two streams of the largest event time seen, minus
-//!   `max_out_of_order_ms`: neither stream may close a window the other has not reached. An
-//!   event *at* the watermark may still arrive; only times strictly below it are complete.
-//! - Idleness: when a stream has had no events for `idle_ms` of wall-clock time, its event
-//!   time is taken to advance with the wall clock from then on, so an idle partition (or the
-//!   end of a finite stream) still closes windows. This is the only place wall-clock time
-//!   enters; replays that do not pause produce exactly the labels of the live run.
-//! - A click whose serve has not arrived waits until the watermark passes the click's own time
-//!   (its serve, being earlier, would have arrived by then); then it is unmatched. A click after
-//!   its serve's window is also unmatched. (Late-click corrections and orphan dead-lettering
-//!   come with the full joiner.)
+//! Rules (after Facebook's online joiner, ADKDD 2014):
+//! - **Positive**: a click on an ad of a pending serve, no later than `window_ms` after the
+//!   serve, emits a positive label at once (fresh learning).
+//! - **Negative**: a serve stays pending until the watermark passes `ts + window_ms +
+//!   grace_ms`; then every ad still unclicked gets its negative label. Never earlier.
+//! - **Watermark**: the minimum over the two streams of the largest event time seen, minus
+//!   `max_out_of_order_ms`. Only times strictly below it are complete.
+//! - **Idle streams**: when a stream has had no events for `idle_ms` of wall-clock time, its
+//!   event time is taken to advance with the wall clock from then on, so an idle partition (or
+//!   the end of a finite stream) still closes windows. This is the only place wall-clock time
+//!   enters; a replay that does not pause produces exactly the labels of the live run. After a
+//!   restore from a checkpoint the idle timers restart ([`PartitionJoin::resume`]).
+//! - **Duplicates**: a second click on an ad already labeled positive (same click ID or not)
+//!   counts once; a serve delivered twice is joined once.
+//! - **Late clicks**: a click on a known serve that can no longer make a positive (the serve
+//!   has closed, or the click is more than `window_ms` after the serve) is *late*: counted, and
+//!   emitted once per (serve, ad) as a `LATE_CLICK` correction (label ID `serve:ad:late`) that
+//!   the scorer may apply or ignore. Closed serves are remembered for `late_horizon_ms` of
+//!   event time for this.
+//! - **Orphans**: a click whose serve is unknown (never arrived, or closed longer ago than the
+//!   late horizon) is an orphan, returned for the dead-letter topic. A click that arrives before
+//!   its serve waits until the watermark passes its own time; its serve, being earlier, would
+//!   have arrived by then.
+//! - **Bounded memory**: at most `max_pending` serves wait; beyond that the serve with the
+//!   earliest close time is closed early (its negatives emitted now, counted as `evicted`); a
+//!   click for it then becomes a late correction. Nothing is dropped.
+//!
+//! Memory per pending serve: the decoded [`Serve`] (about 450 bytes with 2–3 ads and their
+//! strings) plus a map slot and a heap entry (about 40 bytes); see docs/BENCHMARKS.md.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
-use ctr_schemas::{Click, LabeledImpression, Serve};
+use ctr_schemas::{Click, LabelKind, LabeledImpression, Serve};
+use serde::{Deserialize, Serialize};
 
-/// Join settings, all in milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Join settings, all times in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinConfig {
     /// Attribution window: a click counts if it comes no later than this after its serve.
     pub window_ms: i64,
+    /// Extra event time a serve stays open after its window, for clicks still in flight.
+    pub grace_ms: i64,
     /// Bounded out-of-orderness of event times within and across the two streams.
     pub max_out_of_order_ms: i64,
     /// Wall-clock silence after which a stream counts as idle (see module docs).
     pub idle_ms: i64,
+    /// How long a closed serve is remembered, for late-click corrections.
+    pub late_horizon_ms: i64,
+    /// Most pending serves before the earliest is closed early.
+    pub max_pending: usize,
+}
+
+impl Default for JoinConfig {
+    fn default() -> Self {
+        Self {
+            window_ms: 30_000,
+            grace_ms: 5_000,
+            max_out_of_order_ms: 2_000,
+            idle_ms: 5_000,
+            late_horizon_ms: 300_000,
+            max_pending: 2_000_000,
+        }
+    }
+}
+
+/// What the join produces.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Emit {
+    /// A positive or negative label (kind `LABEL`).
+    Label(LabeledImpression),
+    /// A late-click correction (kind `LATE_CLICK`).
+    Correction(LabeledImpression),
+    /// A click whose serve is unknown, for the dead-letter topic.
+    Orphan(Click),
 }
 
 /// Counters for one partition's join.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinStats {
     pub serves: u64,
+    pub duplicate_serves: u64,
     pub clicks: u64,
     pub positives: u64,
     pub negatives: u64,
     pub duplicate_clicks: u64,
-    pub unmatched_clicks: u64,
+    pub late_clicks: u64,
+    pub orphan_clicks: u64,
+    /// Clicks on an ad the serve did not show.
+    pub invalid_clicks: u64,
+    /// Pending serves closed early because `max_pending` was reached.
+    pub evicted: u64,
 }
 
-#[derive(Debug)]
-struct PendingServe {
+impl JoinStats {
+    pub fn add(&mut self, o: &JoinStats) {
+        self.serves += o.serves;
+        self.duplicate_serves += o.duplicate_serves;
+        self.clicks += o.clicks;
+        self.positives += o.positives;
+        self.negatives += o.negatives;
+        self.duplicate_clicks += o.duplicate_clicks;
+        self.late_clicks += o.late_clicks;
+        self.orphan_clicks += o.orphan_clicks;
+        self.invalid_clicks += o.invalid_clicks;
+        self.evicted += o.evicted;
+    }
+
+    /// Share of clicks that matched a serve in time (positives), of all clicks that were not
+    /// duplicates. `None` before any click.
+    pub fn click_coverage(&self) -> Option<f64> {
+        let judged = self.positives + self.late_clicks + self.orphan_clicks + self.invalid_clicks;
+        (judged > 0).then(|| self.positives as f64 / judged as f64)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Tracked {
     serve: Serve,
-    /// Bit i set = ads[i] has its label (positive) already. Serves hold at most 64 ads.
+    /// Bit i: ads[i] has a positive label.
     clicked: u64,
+    /// Bit i: ads[i] has a late-click correction.
+    late: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct StreamClock {
     max_ts: Option<i64>,
     last_arrival_wall: i64,
@@ -76,13 +151,16 @@ impl StreamClock {
 }
 
 /// The join state of one serves/clicks partition pair.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartitionJoin {
     cfg: JoinConfig,
-    pending: HashMap<i64, PendingServe>,
-    /// (close time, serve ID): which window closes next. Ties break by ID, deterministically.
+    pending: HashMap<i64, Tracked>,
+    /// (close time, serve ID) of pending serves: which closes next. Ties break by ID.
     closing: BinaryHeap<Reverse<(i64, i64)>>,
-    /// Clicks that arrived before their serve, by serve ID.
+    /// Recently closed serves, for late corrections; forgotten in close order.
+    closed: HashMap<i64, Tracked>,
+    forgetting: VecDeque<(i64, i64)>,
+    /// Clicks that arrived before their serve, by serve ID, and when each expires.
     early: HashMap<i64, Vec<Click>>,
     early_expiry: BinaryHeap<Reverse<(i64, i64)>>,
     serves_clock: StreamClock,
@@ -97,6 +175,8 @@ impl PartitionJoin {
             cfg,
             pending: HashMap::new(),
             closing: BinaryHeap::new(),
+            closed: HashMap::new(),
+            forgetting: VecDeque::new(),
             early: HashMap::new(),
             early_expiry: BinaryHeap::new(),
             serves_clock: StreamClock {
@@ -112,6 +192,14 @@ impl PartitionJoin {
         }
     }
 
+    /// Call after restoring from a checkpoint: the time the process was down is not idleness
+    /// of the streams (their events are still in Kafka), so the idle timers restart now.
+    pub fn resume(&mut self, now_wall_ms: i64) {
+        self.serves_clock.last_arrival_wall = now_wall_ms;
+        self.clicks_clock.last_arrival_wall = now_wall_ms;
+        self.created_wall = now_wall_ms;
+    }
+
     pub fn stats(&self) -> JoinStats {
         self.stats
     }
@@ -119,6 +207,11 @@ impl PartitionJoin {
     /// Serves waiting for their window to close.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Closed serves remembered for late corrections.
+    pub fn remembered(&self) -> usize {
+        self.closed.len()
     }
 
     /// The current watermark, if both streams (or an idle one) allow one yet.
@@ -137,38 +230,55 @@ impl PartitionJoin {
         Some(min - self.cfg.max_out_of_order_ms)
     }
 
-    /// Accepts a validated serve. Labels for its ads come from later calls.
-    pub fn on_serve(&mut self, serve: Serve, now_wall_ms: i64, out: &mut Vec<LabeledImpression>) {
+    /// Accepts a validated serve.
+    pub fn on_serve(&mut self, serve: Serve, now_wall_ms: i64, out: &mut Vec<Emit>) {
         self.stats.serves += 1;
         self.serves_clock.observe(serve.ts_ms, now_wall_ms);
         let id = serve.serve_id;
-        if self.pending.contains_key(&id) {
-            // A re-delivered serve (producer retry, replay overlap): its labels are already
-            // owed once; keep the first.
+        if self.pending.contains_key(&id) || self.closed.contains_key(&id) {
+            // Re-delivered (producer retry, replay overlap): its labels are owed once.
+            self.stats.duplicate_serves += 1;
             return;
         }
-        let close_at = serve.ts_ms.saturating_add(self.cfg.window_ms);
-        self.pending.insert(id, PendingServe { serve, clicked: 0 });
+        let close_at = serve
+            .ts_ms
+            .saturating_add(self.cfg.window_ms + self.cfg.grace_ms);
+        self.pending.insert(
+            id,
+            Tracked {
+                serve,
+                clicked: 0,
+                late: 0,
+            },
+        );
         self.closing.push(Reverse((close_at, id)));
         if let Some(clicks) = self.early.remove(&id) {
             for click in clicks {
                 self.match_click(&click, out);
             }
         }
+        while self.pending.len() > self.cfg.max_pending {
+            let Some(Reverse((_, victim))) = self.closing.pop() else {
+                break;
+            };
+            self.stats.evicted += 1;
+            self.close(victim, out);
+        }
         self.advance(now_wall_ms, out);
     }
 
     /// Accepts a validated click.
-    pub fn on_click(&mut self, click: Click, now_wall_ms: i64, out: &mut Vec<LabeledImpression>) {
+    pub fn on_click(&mut self, click: Click, now_wall_ms: i64, out: &mut Vec<Emit>) {
         self.stats.clicks += 1;
         self.clicks_clock.observe(click.ts_ms, now_wall_ms);
-        if self.pending.contains_key(&click.serve_id) {
+        if self.pending.contains_key(&click.serve_id) || self.closed.contains_key(&click.serve_id) {
             self.match_click(&click, out);
         } else if self
             .watermark(now_wall_ms)
             .is_some_and(|wm| click.ts_ms < wm)
         {
-            self.stats.unmatched_clicks += 1;
+            self.stats.orphan_clicks += 1;
+            out.push(Emit::Orphan(click));
         } else {
             self.early_expiry
                 .push(Reverse((click.ts_ms, click.serve_id)));
@@ -177,31 +287,79 @@ impl PartitionJoin {
         self.advance(now_wall_ms, out);
     }
 
-    fn match_click(&mut self, click: &Click, out: &mut Vec<LabeledImpression>) {
-        let p = self
-            .pending
-            .get_mut(&click.serve_id)
-            .expect("caller checked");
-        let Some(i) = p.serve.ads.iter().position(|a| a.ad_id == click.ad_id) else {
-            self.stats.unmatched_clicks += 1;
+    /// Joins a click to its serve, pending or recently closed.
+    fn match_click(&mut self, click: &Click, out: &mut Vec<Emit>) {
+        let window = self.cfg.window_ms;
+        let (t, is_pending) = match self.pending.get_mut(&click.serve_id) {
+            Some(t) => (t, true),
+            None => (
+                self.closed
+                    .get_mut(&click.serve_id)
+                    .expect("caller checked"),
+                false,
+            ),
+        };
+        let Some(i) = t.serve.ads.iter().position(|a| a.ad_id == click.ad_id) else {
+            self.stats.invalid_clicks += 1;
             return;
         };
-        if click.ts_ms - p.serve.ts_ms > self.cfg.window_ms {
-            self.stats.unmatched_clicks += 1;
-            return;
-        }
-        if p.clicked & (1 << i) != 0 {
+        let bit = 1u64 << i;
+        if t.clicked & bit != 0 || t.late & bit != 0 {
             self.stats.duplicate_clicks += 1;
             return;
         }
-        p.clicked |= 1 << i;
-        self.stats.positives += 1;
-        out.push(label(&p.serve, i, Some(click.ts_ms)));
+        if is_pending && click.ts_ms - t.serve.ts_ms <= window {
+            t.clicked |= bit;
+            self.stats.positives += 1;
+            out.push(Emit::Label(label(
+                &t.serve,
+                i,
+                Some(click.ts_ms),
+                LabelKind::Label,
+            )));
+        } else {
+            t.late |= bit;
+            self.stats.late_clicks += 1;
+            out.push(Emit::Correction(label(
+                &t.serve,
+                i,
+                Some(click.ts_ms),
+                LabelKind::LateClick,
+            )));
+        }
     }
 
-    /// Closes every window the watermark has passed and expires early clicks; call on a timer
-    /// too, so idle partitions make progress.
-    pub fn advance(&mut self, now_wall_ms: i64, out: &mut Vec<LabeledImpression>) {
+    /// Emits the negatives of a pending serve and moves it to the closed memory.
+    fn close(&mut self, id: i64, out: &mut Vec<Emit>) {
+        let Some(t) = self.pending.remove(&id) else {
+            return;
+        };
+        for i in 0..t.serve.ads.len() {
+            if t.clicked & (1 << i) == 0 {
+                self.stats.negatives += 1;
+                out.push(Emit::Label(label(&t.serve, i, None, LabelKind::Label)));
+            }
+        }
+        let forget_at = t
+            .serve
+            .ts_ms
+            .saturating_add(self.cfg.window_ms + self.cfg.grace_ms + self.cfg.late_horizon_ms);
+        self.forgetting.push_back((forget_at, id));
+        self.closed.insert(id, t);
+        // The closed memory is bounded like the pending set.
+        while self.closed.len() > self.cfg.max_pending {
+            match self.forgetting.pop_front() {
+                Some((_, old)) => {
+                    self.closed.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Closes every window the watermark has passed, expires early clicks and forgets old
+    /// closed serves. Call on a timer too, so idle partitions make progress.
+    pub fn advance(&mut self, now_wall_ms: i64, out: &mut Vec<Emit>) {
         let Some(wm) = self.watermark(now_wall_ms) else {
             return;
         };
@@ -210,14 +368,7 @@ impl PartitionJoin {
                 break;
             }
             self.closing.pop();
-            if let Some(p) = self.pending.remove(&id) {
-                for i in 0..p.serve.ads.len() {
-                    if p.clicked & (1 << i) == 0 {
-                        self.stats.negatives += 1;
-                        out.push(label(&p.serve, i, None));
-                    }
-                }
-            }
+            self.close(id, out);
         }
         while let Some(&Reverse((ts, serve_id))) = self.early_expiry.peek() {
             if ts >= wm {
@@ -225,16 +376,28 @@ impl PartitionJoin {
             }
             self.early_expiry.pop();
             if let Some(clicks) = self.early.remove(&serve_id) {
-                self.stats.unmatched_clicks += clicks.len() as u64;
+                self.stats.orphan_clicks += clicks.len() as u64;
+                out.extend(clicks.into_iter().map(Emit::Orphan));
             }
+        }
+        while let Some(&(forget_at, id)) = self.forgetting.front() {
+            if forget_at >= wm {
+                break;
+            }
+            self.forgetting.pop_front();
+            self.closed.remove(&id);
         }
     }
 }
 
-fn label(serve: &Serve, i: usize, click_ts_ms: Option<i64>) -> LabeledImpression {
+fn label(serve: &Serve, i: usize, click_ts_ms: Option<i64>, kind: LabelKind) -> LabeledImpression {
     let ad = &serve.ads[i];
+    let label_id = match kind {
+        LabelKind::Label => LabeledImpression::label_id_for(serve.serve_id, &ad.ad_id),
+        LabelKind::LateClick => LabeledImpression::late_click_id_for(serve.serve_id, &ad.ad_id),
+    };
     LabeledImpression {
-        label_id: LabeledImpression::label_id_for(serve.serve_id, &ad.ad_id),
+        label_id,
         serve_id: serve.serve_id,
         ad_id: ad.ad_id.clone(),
         campaign_id: ad.campaign_id.clone(),
@@ -243,6 +406,7 @@ fn label(serve: &Serve, i: usize, click_ts_ms: Option<i64>) -> LabeledImpression
         clicked: click_ts_ms.is_some(),
         ts_ms: serve.ts_ms,
         click_ts_ms,
+        kind,
     }
 }
 
@@ -253,8 +417,11 @@ mod tests {
 
     const CFG: JoinConfig = JoinConfig {
         window_ms: 1_000,
+        grace_ms: 0,
         max_out_of_order_ms: 100,
         idle_ms: 5_000,
+        late_horizon_ms: 10_000,
+        max_pending: 1_000,
     };
 
     fn serve(id: i64, ts: i64, ads: &[&str]) -> Serve {
@@ -289,10 +456,24 @@ mod tests {
         }
     }
 
-    fn labels(out: &[LabeledImpression]) -> Vec<(i64, &str, bool)> {
+    /// (serve, ad, clicked, kind) of labels and corrections; "orphan" rows for orphans.
+    fn rows(out: &[Emit]) -> Vec<(i64, String, bool, &'static str)> {
         out.iter()
-            .map(|l| (l.serve_id, l.ad_id.as_str(), l.clicked))
+            .map(|e| match e {
+                Emit::Label(l) => (l.serve_id, l.ad_id.clone(), l.clicked, "label"),
+                Emit::Correction(l) => (l.serve_id, l.ad_id.clone(), l.clicked, "late"),
+                Emit::Orphan(c) => (c.serve_id, c.ad_id.clone(), true, "orphan"),
+            })
             .collect()
+    }
+
+    fn row(
+        s: i64,
+        ad: &str,
+        clicked: bool,
+        kind: &'static str,
+    ) -> (i64, String, bool, &'static str) {
+        (s, ad.to_string(), clicked, kind)
     }
 
     #[test]
@@ -301,22 +482,21 @@ mod tests {
         let mut out = vec![];
         j.on_serve(serve(1, 10_000, &["a", "b"]), 0, &mut out);
         j.on_click(click(9, 1, "b", 10_500), 0, &mut out);
-        assert_eq!(labels(&out), vec![(1, "b", true)]);
-        // Both streams at 11_050: watermark 10_950 < close at 11_000: no negative yet.
-        j.on_serve(serve(2, 11_050, &["c"]), 0, &mut out);
-        j.on_click(click(10, 2, "c", 11_050), 0, &mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(rows(&out), vec![row(1, "b", true, "label")]);
         // Watermark exactly at the close time: an event at 11_000 could still come. Not yet.
         j.on_serve(serve(3, 11_100, &["c"]), 0, &mut out);
         j.on_click(click(11, 3, "zz", 11_100), 0, &mut out);
-        assert_eq!(out.len(), 2);
-        j.on_serve(serve(4, 11_101, &["c"]), 0, &mut out);
-        j.on_click(click(12, 4, "c", 11_101), 0, &mut out);
-        assert_eq!(labels(&out)[2..], [(4, "c", true), (1, "a", false)]);
+        assert_eq!(out.len(), 1);
         assert_eq!(
-            j.stats().unmatched_clicks,
+            j.stats().invalid_clicks,
             1,
             "click on an ad the serve did not show"
+        );
+        j.on_serve(serve(4, 11_101, &["c"]), 0, &mut out);
+        j.on_click(click(12, 4, "c", 11_101), 0, &mut out);
+        assert_eq!(
+            rows(&out)[1..],
+            [row(4, "c", true, "label"), row(1, "a", false, "label")]
         );
     }
 
@@ -339,17 +519,60 @@ mod tests {
         j.on_serve(serve(1, 10_000, &["a"]), 0, &mut out);
         j.on_click(click(1, 2, "b", 10_300), 0, &mut out);
         j.on_serve(serve(2, 10_200, &["b"]), 0, &mut out);
-        assert_eq!(labels(&out), vec![(2, "b", true)]);
+        assert_eq!(rows(&out), vec![row(2, "b", true, "label")]);
     }
 
     #[test]
-    fn click_after_window_is_unmatched_and_serve_is_negative() {
+    fn late_clicks_become_one_correction_each() {
+        let mut j = PartitionJoin::new(CFG, 0);
+        let mut out = vec![];
+        j.on_serve(serve(1, 10_000, &["a", "b"]), 0, &mut out);
+        // Beyond the window while still pending: late at once.
+        j.on_click(click(1, 1, "a", 11_050), 0, &mut out);
+        assert_eq!(rows(&out), vec![row(1, "a", true, "late")]);
+        // Close the serve: both negatives, then a click on b after close is a correction.
+        j.on_serve(serve(2, 12_000, &["x"]), 0, &mut out);
+        j.on_click(click(2, 2, "x", 12_000), 0, &mut out);
+        assert_eq!(
+            rows(&out)[1..],
+            [
+                row(2, "x", true, "label"),
+                row(1, "a", false, "label"),
+                row(1, "b", false, "label")
+            ]
+        );
+        j.on_click(click(3, 1, "b", 10_900), 0, &mut out);
+        j.on_click(click(4, 1, "b", 10_950), 0, &mut out);
+        assert_eq!(rows(&out)[4..], [row(1, "b", true, "late")]);
+        let s = j.stats();
+        assert_eq!((s.late_clicks, s.duplicate_clicks), (2, 1));
+        let Emit::Correction(c) = &out[4] else {
+            panic!()
+        };
+        assert_eq!(c.label_id, "1:b:late");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_serves_make_orphans() {
         let mut j = PartitionJoin::new(CFG, 0);
         let mut out = vec![];
         j.on_serve(serve(1, 10_000, &["a"]), 0, &mut out);
-        j.on_click(click(1, 1, "a", 11_001), 0, &mut out);
-        assert!(out.is_empty());
-        assert_eq!(j.stats().unmatched_clicks, 1);
+        j.on_click(click(1, 1, "a", 10_000), 0, &mut out);
+        // A click for serve 99 that never comes: waits, then is an orphan when the watermark
+        // passes its time.
+        j.on_click(click(2, 99, "a", 10_100), 0, &mut out);
+        assert_eq!(out.len(), 1);
+        j.on_serve(serve(3, 10_300, &["a"]), 0, &mut out);
+        j.on_click(click(3, 3, "a", 10_300), 0, &mut out);
+        assert!(rows(&out).contains(&row(99, "a", true, "orphan")));
+        // Known long ago, forgotten after the late horizon: like any click without a serve, it
+        // waits for the watermark to pass its time, then is an orphan.
+        j.advance(100_000, &mut out);
+        assert_eq!(j.remembered(), 0);
+        j.on_click(click(5, 1, "a", 10_500), 100_000, &mut out);
+        j.advance(200_000, &mut out);
+        assert_eq!(j.stats().orphan_clicks, 2);
     }
 
     #[test]
@@ -366,8 +589,20 @@ mod tests {
         j.advance(5_000 + 1_100, &mut out);
         assert!(out.is_empty());
         j.advance(5_000 + 1_101, &mut out);
-        assert_eq!(labels(&out), vec![(1, "a", false)]);
+        assert_eq!(rows(&out), vec![row(1, "a", false, "label")]);
         assert_eq!(j.pending(), 0);
+    }
+
+    #[test]
+    fn resume_restarts_idle_timers() {
+        let mut j = PartitionJoin::new(CFG, 0);
+        let mut out = vec![];
+        j.on_serve(serve(1, 10_000, &["a"]), 0, &mut out);
+        j.on_click(click(1, 1, "a", 10_000), 0, &mut out);
+        // Down for an hour: without resume the hour would count as idle time.
+        j.resume(3_600_000);
+        j.advance(3_600_000 + 1_000, &mut out);
+        assert_eq!(j.pending(), 1, "downtime is not idleness");
     }
 
     #[test]
@@ -376,7 +611,35 @@ mod tests {
         let mut out = vec![];
         j.on_serve(serve(1, 10_000, &["a"]), 0, &mut out);
         j.on_serve(serve(1, 10_000, &["a"]), 0, &mut out);
-        j.advance(100_000, &mut out);
+        // Closed (watermark 19_900 > 11_000) but still remembered (until 21_000).
+        j.advance(15_000, &mut out);
+        assert_eq!(j.remembered(), 1);
+        j.on_serve(serve(1, 10_000, &["a"]), 15_000, &mut out);
         assert_eq!(out.len(), 1);
+        assert_eq!(j.stats().duplicate_serves, 2);
+    }
+
+    #[test]
+    fn cap_closes_the_oldest_early_and_loses_nothing() {
+        let mut j = PartitionJoin::new(
+            JoinConfig {
+                max_pending: 2,
+                ..CFG
+            },
+            0,
+        );
+        let mut out = vec![];
+        for i in 0..4 {
+            j.on_serve(serve(i + 1, 10_000 + i, &["a"]), 0, &mut out);
+        }
+        assert_eq!(j.pending(), 2);
+        assert_eq!(j.stats().evicted, 2);
+        assert_eq!(
+            rows(&out),
+            vec![row(1, "a", false, "label"), row(2, "a", false, "label")]
+        );
+        // A click for an evicted serve is not lost: it becomes a correction.
+        j.on_click(click(9, 1, "a", 10_050), 0, &mut out);
+        assert_eq!(rows(&out)[2], row(1, "a", true, "late"));
     }
 }

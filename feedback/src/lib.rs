@@ -1,8 +1,61 @@
 //! `ctr-feedback`: the impression–click joiner.
 //!
-//! [`join`] is the pure state machine (no I/O; a backtest may use it directly); [`service`]
-//! runs it against Kafka: it consumes the serves and clicks topics, keeps one join per
-//! partition pair, and produces labeled impressions keyed by ad.
+//! - [`join`]: the pure state machine of one partition pair (no I/O; a backtest may use it).
+//! - [`config`]: settings. [`checkpoint`]: durable join state with input offsets.
+//! - [`signals`]: click coverage and the stall detector the scorer acts on.
+//! - [`service`]: Kafka around it all. [`run`] adds the HTTP endpoint for metrics.
 
+pub mod checkpoint;
+pub mod config;
 pub mod join;
 pub mod service;
+pub mod signals;
+
+use std::future::Future;
+
+use axum::Router;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+pub use config::{FeedbackArgs, FeedbackConfig};
+pub use service::FeedbackError;
+
+/// Runs the joiner and its `/metrics` + `/healthz` endpoint until `shutdown` resolves.
+pub async fn run(
+    cfg: FeedbackConfig,
+    listener: TcpListener,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), FeedbackError> {
+    let redis = redis::Client::open(cfg.redis_url.as_str())?
+        .get_connection_manager()
+        .await?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let page = metrics
+                    .as_ref()
+                    .map(PrometheusHandle::render)
+                    .unwrap_or_default();
+                async move { page }
+            }),
+        );
+    let mut http_stop = stop_rx.clone();
+    let http = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    });
+    let joiner = service::run_joiner(cfg, redis, async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    });
+    let (h, j) = tokio::join!(http, joiner);
+    h?;
+    j
+}

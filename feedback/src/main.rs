@@ -1,7 +1,9 @@
-//! `ctr-feedback` entry point: parse settings, set up logs, run the joiner until SIGINT/SIGTERM.
+//! `ctr-feedback` entry point: parse settings, set up logs and metrics, run the joiner until
+//! SIGINT/SIGTERM.
 
+use anyhow::Context as _;
 use clap::Parser;
-use ctr_feedback::service::{self, FeedbackArgs};
+use ctr_feedback::{FeedbackArgs, FeedbackConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,14 +23,25 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info,rdkafka=warn".into()),
         )
         .init();
-    let cli = Cli::parse();
-    match service::run(cli.args, shutdown_signal()).await {
+    match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "ctr-feedback failed");
+            tracing::error!(error = format!("{e:#}"), "ctr-feedback failed");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = FeedbackConfig::try_from(cli.args).context("checking settings")?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP endpoint to {}", config.http_addr))?;
+    ctr_feedback::run(config, listener, Some(metrics), shutdown_signal()).await?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

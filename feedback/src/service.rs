@@ -1,68 +1,70 @@
 //! The joiner as a Kafka service.
 //!
 //! One consumer subscribes to both input topics with the range assignor, which hands a member
-//! partition `p` of *both* topics together (they have equal partition counts), so each
-//! [`PartitionJoin`] sees all serves and clicks of its serve IDs. Labels go out through an
-//! idempotent producer keyed by ad ID. Undecodable or invalid input goes to the dead-letter
-//! topic with the reason in a header, and is counted.
+//! partition `p` of *both* topics together (their partition counts must be equal, checked at
+//! start), so each [`PartitionJoin`] sees all serves and clicks of its serve IDs. Labels and
+//! corrections go out through an idempotent producer keyed by ad ID; orphan clicks and poison
+//! input go to the dead-letter topic with the reason in the `ctr.reason` header.
 //!
-//! Offsets: the walking skeleton commits no input offsets, so a restarted joiner re-reads the
-//! retained topics from the beginning; exact restarts come with checkpointed join state
-//! (issue #4).
+//! Exactly-once in effect (see [`crate::checkpoint`]): every few seconds all outstanding
+//! deliveries are awaited, then each partition's state is checkpointed with the next offsets
+//! of both inputs, then those offsets are committed to Kafka (for lag monitoring and as a
+//! resume hint). On a partition's first message the checkpoint is loaded, and input below its
+//! offsets is skipped. A delivery failure stops the process (non-zero exit): restarting from
+//! the last checkpoint re-derives everything after it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ctr_schemas::{Click, DecodeError, Encoder, LabeledImpression, Serve, ValidationError, decode};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use ctr_schemas::{
+    Click, DecodeError, Encoder, LabelKind, LabeledImpression, Serve, ValidationError, decode,
+};
+use futures::FutureExt;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use redis::aio::ConnectionManager;
 use tracing::{info, warn};
 
-use crate::join::{JoinConfig, JoinStats, PartitionJoin};
-
-/// Settings of the joiner service.
-#[derive(Debug, Clone, clap::Args)]
-pub struct FeedbackArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
-    #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
-    pub serves_topic: String,
-    #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
-    pub clicks_topic: String,
-    #[arg(long, env = "CTR_LABELED_TOPIC", default_value = "ctr.labeled")]
-    pub labeled_topic: String,
-    #[arg(long, env = "CTR_DEADLETTER_TOPIC", default_value = "ctr.deadletter")]
-    pub deadletter_topic: String,
-    /// Consumer group of the joiner processes.
-    #[arg(long, env = "CTR_FEEDBACK_GROUP", default_value = "ctr-feedback")]
-    pub group: String,
-    /// Attribution window, ms: a click counts if no later than this after its serve.
-    #[arg(long, env = "CTR_JOIN_WINDOW_MS", default_value_t = 30_000)]
-    pub window_ms: i64,
-    /// Bounded out-of-orderness of event times, ms.
-    #[arg(long, env = "CTR_JOIN_MAX_OUT_OF_ORDER_MS", default_value_t = 2_000)]
-    pub max_out_of_order_ms: i64,
-    /// Wall-clock silence after which a stream counts as idle, ms.
-    #[arg(long, env = "CTR_JOIN_IDLE_MS", default_value_t = 5_000)]
-    pub idle_ms: i64,
-}
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
+use crate::config::FeedbackConfig;
+use crate::join::{Emit, JoinStats, PartitionJoin};
+use crate::signals::StallDetector;
 
 /// Why the joiner stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedbackError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("invalid setting: {0}")]
-    Config(&'static str),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("producing to {topic} failed: {source}")]
     Produce { topic: String, source: KafkaError },
+    #[error("the producer dropped a delivery report")]
+    DeliveryCanceled,
+    #[error(
+        "topics {serves} ({serves_parts} partitions) and {clicks} ({clicks_parts}) must have equal partition counts: serves and their clicks meet by partition number"
+    )]
+    Partitions {
+        serves: String,
+        serves_parts: usize,
+        clicks: String,
+        clicks_parts: usize,
+    },
     #[error(transparent)]
     Encode(#[from] ctr_schemas::EncodeError),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
 }
 
 fn now_ms() -> i64 {
@@ -82,114 +84,293 @@ enum Poison {
     Empty,
 }
 
-fn consumer_config(args: &FeedbackArgs) -> ClientConfig {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &args.brokers)
-        .set("group.id", &args.group)
+impl Poison {
+    fn label(&self) -> &'static str {
+        match self {
+            Poison::Decode(_) | Poison::Empty => "undecodable",
+            Poison::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// A change of partition ownership, for the main loop.
+#[derive(Debug)]
+enum Membership {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Queues ownership changes for the main loop: the callbacks run inside `recv`, which cannot do
+/// async work (loading or writing a checkpoint).
+struct Rebalances(Arc<Mutex<Vec<Membership>>>);
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            info!(parts = ?partitions(tpl), "partitions revoked");
+            self.0
+                .lock()
+                .expect("membership queue")
+                .push(Membership::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = partitions(tpl);
+                metrics::gauge!("ctr_feedback_assigned_partitions").set(parts.len() as f64);
+                info!(?parts, "partitions assigned");
+                self.0
+                    .lock()
+                    .expect("membership queue")
+                    .push(Membership::Assigned(parts));
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+fn consumer_config(cfg: &FeedbackConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // The range assignor co-partitions the two topics (see module docs).
         .set("partition.assignment.strategy", "range")
-        // Tansu needs short group timeouts: with librdkafka's 300 s default a second member's
-        // JoinGroup waits minutes (measured; see docs/STACK.md).
+        // Tansu needs short group timeouts (docs/STACK.md).
         .set("session.timeout.ms", "6000")
         .set("max.poll.interval.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
-    cfg
+    c
 }
 
 fn producer_config(brokers: &str) -> ClientConfig {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", brokers)
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000");
-    cfg
+    c
+}
+
+struct PartitionState {
+    join: PartitionJoin,
+    serves_next: Option<i64>,
+    clicks_next: Option<i64>,
+    /// Stats already added to the process totals (the join's stats include history from before
+    /// a restore, which this process must not count again).
+    reported: JoinStats,
 }
 
 struct Joiner {
-    args: FeedbackArgs,
-    cfg: JoinConfig,
+    cfg: FeedbackConfig,
     producer: FutureProducer,
-    joins: HashMap<i32, PartitionJoin>,
+    store: CheckpointStore,
+    parts: HashMap<i32, PartitionState>,
     labels: Encoder<LabeledImpression>,
-    out: Vec<LabeledImpression>,
+    clicks: Encoder<Click>,
+    out: Vec<Emit>,
     buf: Vec<u8>,
-    deadlettered: u64,
+    in_flight: VecDeque<(&'static str, DeliveryFuture)>,
+    totals: JoinStats,
+    membership: Arc<Mutex<Vec<Membership>>>,
+    emitted: u64,
 }
 
 impl Joiner {
-    fn join_for(&mut self, partition: i32, now: i64) -> &mut PartitionJoin {
-        let cfg = self.cfg;
-        self.joins
-            .entry(partition)
-            .or_insert_with(|| PartitionJoin::new(cfg, now))
+    /// Applies queued ownership changes: a revoked partition is checkpointed and let go (commit
+    /// on revoke); an assigned one has its checkpoint restored *now*, not on its first message,
+    /// because a partition with nothing left to read may still hold pending serves whose
+    /// windows must close.
+    async fn apply_membership<C: ConsumerContext>(
+        &mut self,
+        consumer: &StreamConsumer<C>,
+    ) -> Result<(), FeedbackError> {
+        let changes = std::mem::take(&mut *self.membership.lock().expect("membership queue"));
+        for change in changes {
+            match change {
+                Membership::Revoked(parts) => {
+                    let held: Vec<i32> = parts
+                        .into_iter()
+                        .filter(|p| self.parts.contains_key(p))
+                        .collect();
+                    if held.is_empty() {
+                        continue;
+                    }
+                    self.checkpoint(consumer, Some(&held)).await?;
+                    self.account();
+                    for p in held {
+                        self.parts.remove(&p);
+                    }
+                }
+                Membership::Assigned(parts) => {
+                    for p in parts {
+                        self.state(p, 0).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn handle(
+    /// The state of partition `p`, restoring its checkpoint when it is not held yet.
+    async fn state(
         &mut self,
-        topic: &str,
-        partition: i32,
-        payload: Option<&[u8]>,
-    ) -> Result<(), Poison> {
-        let bytes = payload.ok_or(Poison::Empty)?;
-        let now = now_ms();
-        let mut out = std::mem::take(&mut self.out);
-        if topic == self.args.serves_topic {
-            let serve: Serve = decode(bytes)?;
-            serve.validate()?;
-            self.join_for(partition, now).on_serve(serve, now, &mut out);
-        } else {
-            let click: Click = decode(bytes)?;
-            click.validate()?;
-            self.join_for(partition, now).on_click(click, now, &mut out);
+        p: i32,
+        first_offset: i64,
+    ) -> Result<&mut PartitionState, FeedbackError> {
+        if !self.parts.contains_key(&p) {
+            let now = now_ms();
+            let st = match self.store.load(p).await? {
+                Some(ck) => {
+                    let mut join = ck.join;
+                    join.resume(now);
+                    info!(partition = p, serves_next = ?ck.serves_next, clicks_next = ?ck.clicks_next,
+                          pending = join.pending(), "restored join state from checkpoint");
+                    let reported = join.stats();
+                    PartitionState {
+                        join,
+                        serves_next: ck.serves_next,
+                        clicks_next: ck.clicks_next,
+                        reported,
+                    }
+                }
+                None => {
+                    if first_offset > 0 {
+                        // Only reachable for a message of a partition whose assignment was not
+                        // seen (the assignment path passes 0).
+                        warn!(
+                            partition = p,
+                            first_offset,
+                            "no checkpoint, but consumption starts mid-topic: serves before this offset get no labels"
+                        );
+                    }
+                    PartitionState {
+                        join: PartitionJoin::new(self.cfg.join, now),
+                        serves_next: None,
+                        clicks_next: None,
+                        reported: JoinStats::default(),
+                    }
+                }
+            };
+            self.parts.insert(p, st);
         }
+        Ok(self.parts.get_mut(&p).expect("inserted above"))
+    }
+
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FeedbackError> {
+        let (p, offset) = (msg.partition(), msg.offset());
+        let is_serve = msg.topic() == self.cfg.serves_topic;
+        let mut out = std::mem::take(&mut self.out);
+        let st = self.state(p, offset).await?;
+        let next = if is_serve {
+            &mut st.serves_next
+        } else {
+            &mut st.clicks_next
+        };
+        if next.is_some_and(|n| offset < n) {
+            self.out = out;
+            return Ok(()); // already reflected in the restored state
+        }
+        *next = Some(offset + 1);
+        let now = now_ms();
+        let result = match msg.payload() {
+            None => Err(Poison::Empty),
+            Some(bytes) if is_serve => decode::<Serve>(bytes)
+                .map_err(Poison::from)
+                .and_then(|s| s.validate().map(|()| s).map_err(Poison::from))
+                .map(|s| st.join.on_serve(s, now, &mut out)),
+            Some(bytes) => decode::<Click>(bytes)
+                .map_err(Poison::from)
+                .and_then(|c| c.validate().map(|()| c).map_err(Poison::from))
+                .map(|c| st.join.on_click(c, now, &mut out)),
+        };
         self.out = out;
+        if let Err(reason) = result {
+            let topic = msg.topic().to_string();
+            warn!(%topic, partition = p, offset, %reason, "dead-lettering a poison message");
+            metrics::counter!("ctr_feedback_deadletter_total", "reason" => reason.label())
+                .increment(1);
+            let reason = reason.to_string();
+            self.dead_letter(
+                &topic,
+                msg.key().unwrap_or_default(),
+                msg.payload().unwrap_or_default(),
+                &reason,
+            )
+            .await?;
+        }
         Ok(())
     }
 
     fn tick(&mut self) {
         let now = now_ms();
-        for join in self.joins.values_mut() {
-            join.advance(now, &mut self.out);
+        for st in self.parts.values_mut() {
+            st.join.advance(now, &mut self.out);
         }
     }
 
-    /// Enqueues all labels produced so far. Enqueue is synchronous and ordered; librdkafka's
-    /// queue is large, and a full queue is waited out rather than dropped.
-    async fn emit(&mut self) -> Result<(), FeedbackError> {
-        let labels = std::mem::take(&mut self.out);
-        for l in &labels {
-            self.buf.clear();
-            self.labels.encode_into(l, &mut self.buf)?;
-            send(
-                &self.producer,
-                &self.args.labeled_topic,
-                l.ad_id.as_bytes(),
-                &self.buf,
-                None,
-            )
-            .await?;
+    /// Enqueues `self.buf` in call order. When librdkafka's queue is full, waits for the
+    /// oldest delivery instead of dropping or buffering without bound.
+    async fn enqueue(
+        &mut self,
+        topic: &'static str,
+        key: &[u8],
+        headers: Option<OwnedHeaders>,
+    ) -> Result<(), FeedbackError> {
+        loop {
+            let dest = if topic == "labeled" {
+                &self.cfg.labeled_topic
+            } else {
+                &self.cfg.deadletter_topic
+            };
+            let mut record = FutureRecord::to(dest).key(key).payload(&self.buf);
+            if let Some(h) = headers.clone() {
+                record = record.headers(h);
+            }
+            match self.producer.send_result(record) {
+                Ok(f) => {
+                    self.in_flight.push_back((topic, f));
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    match self.in_flight.pop_front() {
+                        Some((t, f)) => Self::check_delivery(t, f.await)?,
+                        None => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+                Err((source, _)) => {
+                    return Err(FeedbackError::Produce {
+                        topic: dest.clone(),
+                        source,
+                    });
+                }
+            }
         }
-        metrics::counter!("ctr_feedback_labels_total").increment(labels.len() as u64);
-        self.out = labels;
-        self.out.clear();
-        Ok(())
     }
 
     async fn dead_letter(
         &mut self,
         source_topic: &str,
-        key: Option<&[u8]>,
+        key: &[u8],
         payload: &[u8],
-        reason: &Poison,
+        reason: &str,
     ) -> Result<(), FeedbackError> {
-        self.deadlettered += 1;
-        metrics::counter!("ctr_feedback_deadletter_total").increment(1);
-        warn!(topic = source_topic, %reason, "dead-lettering a poison message");
-        let reason = reason.to_string();
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "ctr.source_topic",
@@ -197,141 +378,325 @@ impl Joiner {
             })
             .insert(Header {
                 key: "ctr.reason",
-                value: Some(&reason),
+                value: Some(reason),
             });
-        let topic = self.args.deadletter_topic.clone();
-        send(
-            &self.producer,
-            &topic,
-            key.unwrap_or_default(),
-            payload,
-            Some(headers),
-        )
-        .await
+        self.buf.clear();
+        self.buf.extend_from_slice(payload);
+        self.enqueue("deadletter", key, Some(headers)).await
     }
 
-    fn stats(&self) -> JoinStats {
-        self.joins
-            .values()
-            .fold(JoinStats::default(), |mut acc, j| {
-                let s = j.stats();
-                acc.serves += s.serves;
-                acc.clicks += s.clicks;
-                acc.positives += s.positives;
-                acc.negatives += s.negatives;
-                acc.duplicate_clicks += s.duplicate_clicks;
-                acc.unmatched_clicks += s.unmatched_clicks;
-                acc
-            })
-    }
-}
-
-async fn send(
-    producer: &FutureProducer,
-    topic: &str,
-    key: &[u8],
-    payload: &[u8],
-    headers: Option<OwnedHeaders>,
-) -> Result<(), FeedbackError> {
-    let mut record = FutureRecord::to(topic).key(key).payload(payload);
-    if let Some(h) = headers {
-        record = record.headers(h);
-    }
-    loop {
-        match producer.send_result(record) {
-            // Delivery is checked at flush; librdkafka retries internally and an idempotent
-            // producer keeps order.
-            Ok(_delivery) => return Ok(()),
-            Err((
-                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                r,
-            )) => {
-                record = r;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((source, _)) => {
-                return Err(FeedbackError::Produce {
-                    topic: topic.into(),
-                    source,
-                });
+    /// Enqueues everything the joins produced.
+    async fn emit(&mut self) -> Result<(), FeedbackError> {
+        let out = std::mem::take(&mut self.out);
+        let now = now_ms();
+        let (mut pos, mut neg, mut late, mut orphans) = (0u64, 0u64, 0u64, 0u64);
+        for e in &out {
+            match e {
+                Emit::Label(l) | Emit::Correction(l) => {
+                    match (l.kind, l.clicked) {
+                        (LabelKind::LateClick, _) => late += 1,
+                        (_, true) => pos += 1,
+                        (_, false) => neg += 1,
+                    }
+                    // One sample in 64 keeps the hot path cheap and the histogram honest.
+                    if self.emitted.is_multiple_of(64) {
+                        metrics::histogram!("ctr_feedback_label_delay_seconds")
+                            .record((now - l.ts_ms) as f64 / 1e3);
+                    }
+                    self.emitted += 1;
+                    self.buf.clear();
+                    self.labels.encode_into(l, &mut self.buf)?;
+                    self.enqueue("labeled", l.ad_id.as_bytes(), None).await?;
+                }
+                Emit::Orphan(c) => {
+                    orphans += 1;
+                    let mut bytes = Vec::with_capacity(64);
+                    self.clicks.encode_into(c, &mut bytes)?;
+                    let reason =
+                        format!("orphan click: serve {} unknown to the joiner", c.serve_id);
+                    let topic = self.cfg.clicks_topic.clone();
+                    self.dead_letter(&topic, c.serve_id.to_string().as_bytes(), &bytes, &reason)
+                        .await?;
+                }
             }
         }
+        metrics::counter!("ctr_feedback_labels_total", "kind" => "positive").increment(pos);
+        metrics::counter!("ctr_feedback_labels_total", "kind" => "negative").increment(neg);
+        metrics::counter!("ctr_feedback_labels_total", "kind" => "late_click").increment(late);
+        metrics::counter!("ctr_feedback_deadletter_total", "reason" => "orphan").increment(orphans);
+        self.out = out;
+        self.out.clear();
+        Ok(())
+    }
+
+    fn check_delivery(
+        topic: &str,
+        r: Result<
+            rdkafka::producer::future_producer::OwnedDeliveryResult,
+            futures::channel::oneshot::Canceled,
+        >,
+    ) -> Result<(), FeedbackError> {
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((source, _))) => Err(FeedbackError::Produce {
+                topic: topic.to_string(),
+                source,
+            }),
+            Err(_) => Err(FeedbackError::DeliveryCanceled),
+        }
+    }
+
+    /// Settles deliveries that have completed, without waiting.
+    fn reap(&mut self) -> Result<(), FeedbackError> {
+        while let Some((_, f)) = self.in_flight.front_mut() {
+            let Some(r) = f.now_or_never() else { break };
+            let (topic, _) = self.in_flight.pop_front().expect("front exists");
+            Self::check_delivery(topic, r)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding delivery.
+    async fn settle(&mut self) -> Result<(), FeedbackError> {
+        while let Some((topic, f)) = self.in_flight.pop_front() {
+            Self::check_delivery(topic, f.await)?;
+        }
+        Ok(())
+    }
+
+    /// Adds each partition's new stats to the process totals (monotonic counters).
+    fn account(&mut self) {
+        for st in self.parts.values_mut() {
+            let s = st.join.stats();
+            let r = &st.reported;
+            self.totals.add(&JoinStats {
+                serves: s.serves - r.serves,
+                duplicate_serves: s.duplicate_serves - r.duplicate_serves,
+                clicks: s.clicks - r.clicks,
+                positives: s.positives - r.positives,
+                negatives: s.negatives - r.negatives,
+                duplicate_clicks: s.duplicate_clicks - r.duplicate_clicks,
+                late_clicks: s.late_clicks - r.late_clicks,
+                orphan_clicks: s.orphan_clicks - r.orphan_clicks,
+                invalid_clicks: s.invalid_clicks - r.invalid_clicks,
+                evicted: s.evicted - r.evicted,
+            });
+            st.reported = s;
+        }
+    }
+
+    /// Checkpoints `partitions` (all when `None`): settle deliveries, save, commit offsets.
+    async fn checkpoint<C: ConsumerContext>(
+        &mut self,
+        consumer: &StreamConsumer<C>,
+        only: Option<&[i32]>,
+    ) -> Result<(), FeedbackError> {
+        let started = Instant::now();
+        self.emit().await?;
+        self.settle().await?;
+        let mut offsets = TopicPartitionList::new();
+        let mut ids: Vec<i32> = self
+            .parts
+            .keys()
+            .copied()
+            .filter(|p| only.is_none_or(|o| o.contains(p)))
+            .collect();
+        ids.sort_unstable();
+        for p in ids {
+            let st = &self.parts[&p];
+            let ck = Checkpoint {
+                serves_next: st.serves_next,
+                clicks_next: st.clicks_next,
+                join: &st.join,
+            };
+            if !self.store.save(p, &ck).await? {
+                warn!(
+                    partition = p,
+                    "a newer checkpoint exists (partition moved to another joiner); not overwriting it"
+                );
+                continue;
+            }
+            if let Some(n) = st.serves_next {
+                offsets.add_partition_offset(&self.cfg.serves_topic, p, Offset::Offset(n))?;
+            }
+            if let Some(n) = st.clicks_next {
+                offsets.add_partition_offset(&self.cfg.clicks_topic, p, Offset::Offset(n))?;
+            }
+        }
+        if offsets.count() > 0
+            && let Err(e) = consumer.commit(&offsets, CommitMode::Async)
+        {
+            // Harmless: the checkpoint, not Kafka, decides where a restart resumes.
+            warn!(error = %e, "offset commit failed");
+        }
+        metrics::histogram!("ctr_feedback_checkpoint_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn report(&mut self, detector: &mut StallDetector) -> crate::signals::Signal {
+        self.account();
+        let pending: usize = self.parts.values().map(|s| s.join.pending()).sum();
+        let remembered: usize = self.parts.values().map(|s| s.join.remembered()).sum();
+        metrics::gauge!("ctr_feedback_pending_serves").set(pending as f64);
+        metrics::gauge!("ctr_feedback_closed_serves_remembered").set(remembered as f64);
+        let t = self.totals;
+        for (name, v) in [
+            ("serves", t.serves),
+            ("clicks", t.clicks),
+            ("duplicate_serves", t.duplicate_serves),
+            ("duplicate_clicks", t.duplicate_clicks),
+            ("late_clicks", t.late_clicks),
+            ("orphan_clicks", t.orphan_clicks),
+            ("invalid_clicks", t.invalid_clicks),
+            ("evicted_serves", t.evicted),
+        ] {
+            metrics::gauge!("ctr_feedback_events", "kind" => name).set(v as f64);
+        }
+        let signal = detector.observe(Instant::now(), now_ms(), &t);
+        metrics::gauge!("ctr_feedback_click_stream_stalled")
+            .set(f64::from(u8::from(signal.stalled)));
+        if let Some(c) = signal.click_coverage {
+            metrics::gauge!("ctr_feedback_click_coverage").set(c);
+        }
+        signal
     }
 }
 
-/// Runs the joiner until `shutdown` resolves.
-pub async fn run(
-    args: FeedbackArgs,
+fn check_partitions<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    cfg: &FeedbackConfig,
+) -> Result<(), FeedbackError> {
+    let count = |topic: &str| -> Result<usize, FeedbackError> {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+    };
+    let (s, c) = (count(&cfg.serves_topic)?, count(&cfg.clicks_topic)?);
+    if s != c || s == 0 {
+        return Err(FeedbackError::Partitions {
+            serves: cfg.serves_topic.clone(),
+            serves_parts: s,
+            clicks: cfg.clicks_topic.clone(),
+            clicks_parts: c,
+        });
+    }
+    Ok(())
+}
+
+/// Runs the joiner until `shutdown` resolves; checkpoints everything on the way out.
+pub async fn run_joiner(
+    cfg: FeedbackConfig,
+    redis: ConnectionManager,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), FeedbackError> {
-    if args.window_ms <= 0 || args.max_out_of_order_ms < 0 || args.idle_ms <= 0 {
-        return Err(FeedbackError::Config(
-            "window_ms and idle_ms must be > 0, max_out_of_order_ms >= 0",
-        ));
-    }
-    let cfg = JoinConfig {
-        window_ms: args.window_ms,
-        max_out_of_order_ms: args.max_out_of_order_ms,
-        idle_ms: args.idle_ms,
-    };
-    let consumer: StreamConsumer = consumer_config(&args).create()?;
-    consumer.subscribe(&[&args.serves_topic, &args.clicks_topic])?;
-    let producer: FutureProducer = producer_config(&args.brokers).create()?;
+    let membership = Arc::new(Mutex::new(Vec::new()));
+    let consumer: StreamConsumer<Rebalances> =
+        consumer_config(&cfg).create_with_context(Rebalances(Arc::clone(&membership)))?;
+    check_partitions(&consumer, &cfg)?;
+    consumer.subscribe(&[&cfg.serves_topic, &cfg.clicks_topic])?;
+    let producer: FutureProducer = producer_config(&cfg.brokers).create()?;
+    let store = CheckpointStore::new(
+        redis.clone(),
+        &cfg.redis_prefix,
+        &cfg.group,
+        &cfg.serves_topic,
+    );
+    let signal_key = format!("{}signal:joiner", cfg.redis_prefix);
+    let instance = format!("{}-{}", cfg.group, std::process::id());
+    let mut detector = StallDetector::new(cfg.stall);
+    let checkpoint_every = cfg.checkpoint_every;
     let mut joiner = Joiner {
-        args,
         cfg,
         producer,
-        joins: HashMap::new(),
+        store,
+        parts: HashMap::new(),
         labels: Encoder::new(),
+        clicks: Encoder::new(),
         out: Vec::new(),
         buf: Vec::with_capacity(256),
-        deadlettered: 0,
+        in_flight: VecDeque::new(),
+        totals: JoinStats::default(),
+        membership,
+        emitted: 0,
     };
-    info!(group = %joiner.args.group, "joiner started");
+    info!(group = %joiner.cfg.group, "joiner started");
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
-    let mut last_report = std::time::Instant::now();
+    let mut last_checkpoint = Instant::now();
+    let mut last_report = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut redis = redis;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             msg = consumer.recv() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        // Broker hiccups are transient: librdkafka reconnects; keep polling.
-                        warn!(error = %e, "consumer error");
-                        continue;
-                    }
-                };
-                let topic = msg.topic().to_string();
-                if let Err(reason) = joiner.handle(&topic, msg.partition(), msg.payload()) {
-                    joiner.dead_letter(&topic, msg.key(), msg.payload().unwrap_or_default(), &reason).await?;
+                joiner.apply_membership(&consumer).await?;
+                match msg {
+                    Ok(m) => joiner.handle(&m).await?,
+                    // Broker hiccups are transient: librdkafka reconnects; keep polling.
+                    Err(e) => warn!(error = %e, "consumer error"),
                 }
             }
-            _ = ticker.tick() => joiner.tick(),
+            _ = ticker.tick() => {
+                joiner.apply_membership(&consumer).await?;
+                joiner.tick();
+            }
         }
         if !joiner.out.is_empty() {
             joiner.emit().await?;
         }
-        if last_report.elapsed() >= Duration::from_secs(5) {
-            last_report = std::time::Instant::now();
-            let s = joiner.stats();
-            let pending: usize = joiner.joins.values().map(PartitionJoin::pending).sum();
-            metrics::gauge!("ctr_feedback_pending_serves").set(pending as f64);
-            info!(
-                serves = s.serves,
-                clicks = s.clicks,
-                positives = s.positives,
-                negatives = s.negatives,
-                duplicates = s.duplicate_clicks,
-                unmatched = s.unmatched_clicks,
-                deadlettered = joiner.deadlettered,
-                pending,
-                "join progress"
-            );
+        joiner.reap()?;
+        if last_checkpoint.elapsed() >= checkpoint_every {
+            joiner.checkpoint(&consumer, None).await?;
+            last_checkpoint = Instant::now();
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            let signal = joiner.report(&mut detector);
+            let json = serde_json::to_string(&signal).expect("signal serializes");
+            let r: redis::RedisResult<()> = redis::pipe()
+                .hset(&signal_key, &instance, json)
+                .expire(&signal_key, 120)
+                .query_async(&mut redis)
+                .await;
+            if let Err(e) = r {
+                warn!(error = %e, "publishing the joiner signal failed");
+            }
+            if signal.stalled {
+                warn!(
+                    reason = signal.reason.as_deref().unwrap_or(""),
+                    "click stream stalled"
+                );
+            }
+            if last_progress.elapsed() >= Duration::from_secs(5) {
+                last_progress = Instant::now();
+                let t = joiner.totals;
+                let pending: usize = joiner.parts.values().map(|s| s.join.pending()).sum();
+                info!(
+                    serves = t.serves,
+                    clicks = t.clicks,
+                    positives = t.positives,
+                    negatives = t.negatives,
+                    late = t.late_clicks,
+                    orphans = t.orphan_clicks,
+                    duplicates = t.duplicate_clicks,
+                    pending,
+                    "join progress"
+                );
+            }
         }
     }
-    joiner.producer.flush(Duration::from_secs(30))?;
-    info!("joiner stopped; labels flushed");
+    joiner.tick();
+    joiner.checkpoint(&consumer, None).await?;
+    let t = joiner.totals;
+    info!(
+        serves = t.serves,
+        clicks = t.clicks,
+        positives = t.positives,
+        negatives = t.negatives,
+        late = t.late_clicks,
+        orphans = t.orphan_clicks,
+        "joiner stopped; labels delivered and checkpointed"
+    );
     Ok(())
 }

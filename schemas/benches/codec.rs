@@ -9,7 +9,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ctr_schemas::wire::schema_by_id;
 use ctr_schemas::{
-    AdShown, Context, Encoder, IdGenerator, LabeledImpression, Serve, WireEvent, decode,
+    AdShown, Context, Encoder, IdGenerator, LabelKind, LabeledImpression, Serve, WireEvent, decode,
 };
 
 fn context() -> Context {
@@ -48,6 +48,7 @@ fn labeled() -> LabeledImpression {
         clicked: false,
         ts_ms: 1_760_000_000_000,
         click_ts_ms: None,
+        kind: LabelKind::Label,
     }
 }
 

@@ -92,6 +92,18 @@ pub struct Click {
     pub ts_ms: i64,
 }
 
+/// What a labeled impression record means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum LabelKind {
+    /// The one label of this ad on this serve.
+    #[default]
+    #[serde(rename = "LABEL")]
+    Label,
+    /// A click that arrived after the serve's window closed and its negative label was emitted.
+    #[serde(rename = "LATE_CLICK")]
+    LateClick,
+}
+
 /// One ad shown, labeled clicked or not by the joiner. Kafka key: `ad_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabeledImpression {
@@ -104,6 +116,9 @@ pub struct LabeledImpression {
     pub clicked: bool,
     pub ts_ms: i64,
     pub click_ts_ms: Option<i64>,
+    /// Absent in v1 data; decodes as [`LabelKind::Label`].
+    #[serde(default)]
+    pub kind: LabelKind,
 }
 
 /// Most ads a serve may carry; a page with more is not a search result page.
@@ -208,6 +223,18 @@ impl LabeledImpression {
         format!("{serve_id}:{ad_id}")
     }
 
+    /// The deterministic ID of a late-click correction (at most one per ad and serve).
+    pub fn late_click_id_for(serve_id: i64, ad_id: &str) -> String {
+        format!("{serve_id}:{ad_id}:late")
+    }
+
+    fn expected_id(&self) -> String {
+        match self.kind {
+            LabelKind::Label => Self::label_id_for(self.serve_id, &self.ad_id),
+            LabelKind::LateClick => Self::late_click_id_for(self.serve_id, &self.ad_id),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_id("serve_id", self.serve_id)?;
         check_token("ad_id", &self.ad_id)?;
@@ -223,8 +250,17 @@ impl LabeledImpression {
                 "must be set exactly when clicked is true",
             ));
         }
-        if self.label_id != Self::label_id_for(self.serve_id, &self.ad_id) {
-            return Err(ValidationError::new("label_id", "must be serve_id:ad_id"));
+        if self.kind == LabelKind::LateClick && !self.clicked {
+            return Err(ValidationError::new(
+                "kind",
+                "a LATE_CLICK correction must be clicked",
+            ));
+        }
+        if self.label_id != self.expected_id() {
+            return Err(ValidationError::new(
+                "label_id",
+                "must be serve_id:ad_id (serve_id:ad_id:late for a LATE_CLICK)",
+            ));
         }
         Ok(())
     }
@@ -292,11 +328,15 @@ mod tests {
             clicked: true,
             ts_ms: 1_700_000_000_000,
             click_ts_ms: None,
+            kind: LabelKind::Label,
         };
         assert_eq!(l.validate().unwrap_err().field, "click_ts_ms");
         l.click_ts_ms = Some(1_700_000_000_500);
         assert!(l.validate().is_ok());
         l.label_id = "x".into();
         assert_eq!(l.validate().unwrap_err().field, "label_id");
+        l.kind = LabelKind::LateClick;
+        l.label_id = LabeledImpression::late_click_id_for(7, "ad1");
+        assert!(l.validate().is_ok());
     }
 }

@@ -9,6 +9,6 @@ pub mod events;
 pub mod id;
 pub mod wire;
 
-pub use events::{AdShown, Click, Context, LabeledImpression, Serve, ValidationError};
+pub use events::{AdShown, Click, Context, LabelKind, LabeledImpression, Serve, ValidationError};
 pub use id::{IdGenerator, IdParts};
 pub use wire::{DecodeError, EncodeError, Encoder, EventKind, WireEvent, decode};

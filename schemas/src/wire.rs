@@ -11,6 +11,7 @@
 //! | 2  | `ctr.events.Click`  | `avro/click.v1.avsc`      |
 //! | 3  | `ctr.events.LabeledImpression` | `avro/labeled.v1.avsc` |
 //! | 4  | `ctr.events.Serve`  | `avro/serve.v2.avsc` (adds `context.extra`) |
+//! | 5  | `ctr.events.LabeledImpression` | `avro/labeled.v2.avsc` (adds `kind`) |
 //!
 //! Encoders always write the newest version of a record. Decoders accept every registered
 //! version of the record they expect and decode with the *writer's* schema; fields a version
@@ -68,6 +69,11 @@ pub const REGISTRY: &[RegisteredSchema] = &[
         kind: EventKind::Serve,
         avsc: include_str!("../avro/serve.v2.avsc"),
     },
+    RegisteredSchema {
+        id: 5,
+        kind: EventKind::Labeled,
+        avsc: include_str!("../avro/labeled.v2.avsc"),
+    },
 ];
 
 /// Parsed schemas, index-aligned with [`REGISTRY`]. The files are part of the binary, so a
@@ -106,7 +112,7 @@ impl WireEvent for Click {
 }
 impl WireEvent for LabeledImpression {
     const KIND: EventKind = EventKind::Labeled;
-    const WRITE_ID: u32 = 3;
+    const WRITE_ID: u32 = 5;
 }
 
 const MAGIC: u8 = 0;

@@ -7,8 +7,8 @@ use apache_avro::Schema as RefSchema;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use ctr_schemas::wire::{REGISTRY, schema_by_id};
 use ctr_schemas::{
-    AdShown, Click, Context, DecodeError, Encoder, EventKind, LabeledImpression, Serve, WireEvent,
-    decode,
+    AdShown, Click, Context, DecodeError, Encoder, EventKind, LabelKind, LabeledImpression, Serve,
+    WireEvent, decode,
 };
 use proptest::prelude::*;
 
@@ -50,6 +50,7 @@ fn labeled() -> LabeledImpression {
         clicked: true,
         ts_ms: 1_760_000_000_000,
         click_ts_ms: Some(1_760_000_004_000),
+        kind: LabelKind::Label,
     }
 }
 
@@ -143,6 +144,34 @@ fn reference_implementation_reads_what_we_write() {
 }
 
 #[test]
+fn labeled_v1_still_decodes_as_a_plain_label() {
+    // A v1 labeled impression (no `kind`), written by the reference library with schema id 3.
+    let v1 = reference_schema(3);
+    let l = labeled();
+    let mut value = apache_avro::to_value(&l).unwrap();
+    if let apache_avro::types::Value::Record(fields) = &mut value {
+        fields.retain(|(n, _)| n != "kind");
+    }
+    let datum = apache_avro::to_avro_datum(&v1, value).unwrap();
+    let decoded: LabeledImpression = decode(&frame(3, &datum)).unwrap();
+    assert_eq!(decoded, l);
+    assert_eq!(decoded.kind, LabelKind::Label);
+    SchemaCompatibility::can_read(&reference_schema(3), &reference_schema(5)).unwrap();
+}
+
+#[test]
+fn late_click_kind_round_trips() {
+    let mut l = labeled();
+    l.kind = LabelKind::LateClick;
+    l.label_id = LabeledImpression::late_click_id_for(l.serve_id, &l.ad_id);
+    l.validate().unwrap();
+    assert_eq!(
+        decode::<LabeledImpression>(&Encoder::new().encode(&l).unwrap()).unwrap(),
+        l
+    );
+}
+
+#[test]
 fn typed_errors_for_bad_frames() {
     let good = Encoder::new().encode(&serve()).unwrap();
     assert_eq!(decode::<Serve>(&[]), Err(DecodeError::TooShort(0)));
@@ -209,4 +238,17 @@ proptest! {
             let _ = s.validate();
         }
     }
+}
+
+#[test]
+fn every_write_id_is_registered_with_its_kind() {
+    // Guards against a WRITE_ID bump without its registry entry (found in issue #4's work: the
+    // encoder panicked at start-up in every service).
+    fn check<E: WireEvent>() {
+        let (reg, _) = schema_by_id(E::WRITE_ID).expect("WRITE_ID registered");
+        assert_eq!(reg.kind, E::KIND);
+    }
+    check::<Serve>();
+    check::<Click>();
+    check::<LabeledImpression>();
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ctr_schemas::{LabeledImpression, decode};
+use ctr_schemas::{LabelKind, LabeledImpression, decode};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
@@ -97,6 +97,12 @@ pub async fn run(
                     Ok(Ok(msg)) => {
                         let record = match msg.payload().map(decode::<LabeledImpression>) {
                             Some(Ok(l)) => match l.validate() {
+                                // Late-click corrections are not applied yet (issue #5 decides
+                                // how); they are counted and their offsets consumed.
+                                Ok(()) if l.kind == LabelKind::LateClick => {
+                                    metrics::counter!("ctr_scorer_corrections_skipped_total").increment(1);
+                                    Publisher::poison(msg.offset())
+                                }
                                 Ok(()) => publisher.record(msg.offset(), &l),
                                 Err(e) => { poison(msg.partition(), msg.offset(), &e); Publisher::poison(msg.offset()) }
                             },

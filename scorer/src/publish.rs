@@ -101,7 +101,8 @@ impl Publisher {
         }
     }
 
-    /// The record for an unusable message at `offset`: skipped, but its offset is consumed.
+    /// The record for a message at `offset` that changes no count (unusable, or a correction
+    /// not applied): skipped, but its offset is consumed.
     pub fn poison(offset: i64) -> Applied {
         Applied {
             offset,

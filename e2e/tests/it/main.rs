@@ -1,3 +1,5 @@
 //! End-to-end tests through the real broker and Redis. One binary; one module per subject.
 
+mod broker;
+mod joiner;
 mod pipeline;
