@@ -30,21 +30,47 @@ fn main() {
         let s = Serve {
             serve_id: 1_000_000 + i,
             ts_ms: t0 + i / 10,
-            context: Context { query_category: "q".into(), geo: "US".into(), device: "mobile".into(), extra: Default::default() },
+            context: Context {
+                query_category: "q".into(),
+                geo: "US".into(),
+                device: "mobile".into(),
+                extra: Default::default(),
+            },
             ads: (0..3)
-                .map(|k| AdShown { ad_id: format!("ad-{}", (i * 7 + k * 13) % 10_000), campaign_id: "c".into(), position: k as i32 + 1, bid: 1.0 })
+                .map(|k| AdShown {
+                    ad_id: format!("ad-{}", (i * 7 + k * 13) % 10_000),
+                    campaign_id: "c".into(),
+                    position: k as i32 + 1,
+                    bid: 1.0,
+                })
                 .collect(),
         };
-        records.push((serves.clone(), s.serve_id.to_string(), se.encode(&s).unwrap()));
+        records.push((
+            serves.clone(),
+            s.serve_id.to_string(),
+            se.encode(&s).unwrap(),
+        ));
         if i % 33 == 0 {
-            let c = Click { click_id: i + 1, serve_id: s.serve_id, ad_id: s.ads[0].ad_id.clone(), ts_ms: s.ts_ms + 500 };
-            records.push((clicks.clone(), s.serve_id.to_string(), ce.encode(&c).unwrap()));
+            let c = Click {
+                click_id: i + 1,
+                serve_id: s.serve_id,
+                ad_id: s.ads[0].ad_id.clone(),
+                ts_ms: s.ts_ms + 500,
+            };
+            records.push((
+                clicks.clone(),
+                s.serve_id.to_string(),
+                ce.encode(&c).unwrap(),
+            ));
         }
     }
     let total = records.len();
     let started = Instant::now();
     produce_all(&records);
-    eprintln!("produced {total} events in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "produced {total} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     // Bare consumer over the same input.
     let consumer: BaseConsumer = ClientConfig::new()
@@ -66,7 +92,10 @@ fn main() {
             m.unwrap();
             n += 1;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "bare consumer stalled at {n}");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "bare consumer stalled at {n}"
+        );
     }
     let bare = total as f64 / started.elapsed().as_secs_f64();
 
@@ -86,8 +115,15 @@ fn main() {
             format!("--http-addr=127.0.0.1:{port}"),
         ],
     );
-    let metrics = |name: &str| http_get(&format!("http://127.0.0.1:{port}/metrics")).and_then(|p| metric(&p, name));
-    eventually(Duration::from_secs(60), "assignment", || metrics("ctr_feedback_assigned_partitions").filter(|v| *v > 0.0), || joiner.output());
+    let metrics = |name: &str| {
+        http_get(&format!("http://127.0.0.1:{port}/metrics")).and_then(|p| metric(&p, name))
+    };
+    eventually(
+        Duration::from_secs(60),
+        "assignment",
+        || metrics("ctr_feedback_assigned_partitions").filter(|v| *v > 0.0),
+        || joiner.output(),
+    );
     let started = Instant::now();
     eventually(
         Duration::from_secs(600),
@@ -99,6 +135,8 @@ fn main() {
     let joined = total as f64 / secs;
     joiner.stop();
     println!("bare consumer: {bare:.0} events/s");
-    println!("joiner (consume, join, produce ~3 labels per serve, checkpoint): {joined:.0} events/s");
+    println!(
+        "joiner (consume, join, produce ~3 labels per serve, checkpoint): {joined:.0} events/s"
+    );
     println!("ratio joiner / bare consumer: {:.2}", joined / bare);
 }

@@ -41,7 +41,15 @@ fn stream() -> Vec<Result<Serve, Click>> {
         let s = serve(i);
         if i % 33 == 0 {
             let ts = s.ts_ms + 500 + (i % 25) * 100;
-            events.push((ts, Err(Click { click_id: i + 1, serve_id: s.serve_id, ad_id: s.ads[0].ad_id.clone(), ts_ms: ts })));
+            events.push((
+                ts,
+                Err(Click {
+                    click_id: i + 1,
+                    serve_id: s.serve_id,
+                    ad_id: s.ads[0].ad_id.clone(),
+                    ts_ms: ts,
+                }),
+            ));
         }
         events.push((s.ts_ms, Ok(s)));
     }
@@ -51,12 +59,20 @@ fn stream() -> Vec<Result<Serve, Click>> {
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
 fn memory_per_pending_serve() {
-    let cfg = JoinConfig { window_ms: i64::MAX / 4, max_pending: usize::MAX, ..JoinConfig::default() };
+    let cfg = JoinConfig {
+        window_ms: i64::MAX / 4,
+        max_pending: usize::MAX,
+        ..JoinConfig::default()
+    };
     let serves: Vec<Serve> = (0..1_000_000).map(serve).collect();
     let before = rss_bytes();
     let mut j = PartitionJoin::new(cfg, 0);
@@ -76,7 +92,11 @@ fn memory_per_pending_serve() {
 fn join(c: &mut Criterion) {
     memory_per_pending_serve();
     let events = stream();
-    let cfg = JoinConfig { window_ms: 30_000, grace_ms: 5_000, ..JoinConfig::default() };
+    let cfg = JoinConfig {
+        window_ms: 30_000,
+        grace_ms: 5_000,
+        ..JoinConfig::default()
+    };
     let mut g = c.benchmark_group("join");
     g.throughput(Throughput::Elements(events.len() as u64));
     g.sample_size(10);

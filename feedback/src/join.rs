@@ -33,13 +33,15 @@
 //!   earliest close time is closed early (its negatives emitted now, counted as `evicted`); a
 //!   click for it then becomes a late correction. Nothing is dropped.
 //!
-//! Memory per pending serve: the decoded [`Serve`] (about 450 bytes with 2–3 ads and their
-//! strings) plus a map slot and a heap entry (about 40 bytes); see docs/BENCHMARKS.md.
+//! Memory per pending serve: the decoded [`Serve`] behind an `Arc` (labels share it instead of
+//! copying its strings) plus a map slot and a heap entry: about 220 bytes resident for a serve
+//! of three ads (docs/BENCHMARKS.md).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 
-use ctr_schemas::{Click, LabelKind, LabeledImpression, Serve};
+use ctr_schemas::{Click, LabelKind, LabeledImpression, LabeledImpressionRef, Serve};
 use serde::{Deserialize, Serialize};
 
 /// Join settings, all times in milliseconds.
@@ -76,11 +78,78 @@ impl Default for JoinConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Emit {
     /// A positive or negative label (kind `LABEL`).
-    Label(LabeledImpression),
+    Label(LabelRef),
     /// A late-click correction (kind `LATE_CLICK`).
-    Correction(LabeledImpression),
+    Correction(LabelRef),
     /// A click whose serve is unknown, for the dead-letter topic.
     Orphan(Click),
+}
+
+/// A label as the join emits it: its serve (shared, not copied), which ad, and the outcome.
+/// Emitting one allocates nothing; [`LabelRef::view`] borrows it as a
+/// [`LabeledImpressionRef`] for encoding, [`LabelRef::to_labeled`] makes an owned copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelRef {
+    serve: Arc<Serve>,
+    index: u8,
+    click_ts_ms: Option<i64>,
+    kind: LabelKind,
+}
+
+impl LabelRef {
+    pub fn serve_id(&self) -> i64 {
+        self.serve.serve_id
+    }
+
+    pub fn ad_id(&self) -> &str {
+        &self.serve.ads[usize::from(self.index)].ad_id
+    }
+
+    pub fn clicked(&self) -> bool {
+        self.click_ts_ms.is_some()
+    }
+
+    pub fn kind(&self) -> LabelKind {
+        self.kind
+    }
+
+    /// Event time of the serve.
+    pub fn ts_ms(&self) -> i64 {
+        self.serve.ts_ms
+    }
+
+    /// Writes the deterministic label ID into `buf` (cleared first).
+    pub fn write_label_id(&self, buf: &mut String) {
+        use std::fmt::Write;
+        buf.clear();
+        let _ = write!(buf, "{}:{}", self.serve.serve_id, self.ad_id());
+        if self.kind == LabelKind::LateClick {
+            buf.push_str(":late");
+        }
+    }
+
+    /// The label, borrowed; `label_id` must hold [`LabelRef::write_label_id`]'s output.
+    pub fn view<'a>(&'a self, label_id: &'a str) -> LabeledImpressionRef<'a> {
+        let ad = &self.serve.ads[usize::from(self.index)];
+        LabeledImpressionRef {
+            label_id,
+            serve_id: self.serve.serve_id,
+            ad_id: &ad.ad_id,
+            campaign_id: &ad.campaign_id,
+            position: ad.position,
+            context: &self.serve.context,
+            clicked: self.clicked(),
+            ts_ms: self.serve.ts_ms,
+            click_ts_ms: self.click_ts_ms,
+            kind: self.kind,
+        }
+    }
+
+    pub fn to_labeled(&self) -> LabeledImpression {
+        let mut id = String::new();
+        self.write_label_id(&mut id);
+        self.view(&id).to_owned()
+    }
 }
 
 /// Counters for one partition's join.
@@ -124,7 +193,7 @@ impl JoinStats {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Tracked {
-    serve: Serve,
+    serve: Arc<Serve>,
     /// Bit i: ads[i] has a positive label.
     clicked: u64,
     /// Bit i: ads[i] has a late-click correction.
@@ -246,7 +315,7 @@ impl PartitionJoin {
         self.pending.insert(
             id,
             Tracked {
-                serve,
+                serve: Arc::new(serve),
                 clicked: 0,
                 late: 0,
             },
@@ -390,21 +459,11 @@ impl PartitionJoin {
     }
 }
 
-fn label(serve: &Serve, i: usize, click_ts_ms: Option<i64>, kind: LabelKind) -> LabeledImpression {
-    let ad = &serve.ads[i];
-    let label_id = match kind {
-        LabelKind::Label => LabeledImpression::label_id_for(serve.serve_id, &ad.ad_id),
-        LabelKind::LateClick => LabeledImpression::late_click_id_for(serve.serve_id, &ad.ad_id),
-    };
-    LabeledImpression {
-        label_id,
-        serve_id: serve.serve_id,
-        ad_id: ad.ad_id.clone(),
-        campaign_id: ad.campaign_id.clone(),
-        position: ad.position,
-        context: serve.context.clone(),
-        clicked: click_ts_ms.is_some(),
-        ts_ms: serve.ts_ms,
+fn label(serve: &Arc<Serve>, i: usize, click_ts_ms: Option<i64>, kind: LabelKind) -> LabelRef {
+    // Serves hold at most 64 ads (validated), so the index fits.
+    LabelRef {
+        serve: Arc::clone(serve),
+        index: i as u8,
         click_ts_ms,
         kind,
     }
@@ -460,8 +519,8 @@ mod tests {
     fn rows(out: &[Emit]) -> Vec<(i64, String, bool, &'static str)> {
         out.iter()
             .map(|e| match e {
-                Emit::Label(l) => (l.serve_id, l.ad_id.clone(), l.clicked, "label"),
-                Emit::Correction(l) => (l.serve_id, l.ad_id.clone(), l.clicked, "late"),
+                Emit::Label(l) => (l.serve_id(), l.ad_id().to_string(), l.clicked(), "label"),
+                Emit::Correction(l) => (l.serve_id(), l.ad_id().to_string(), l.clicked(), "late"),
                 Emit::Orphan(c) => (c.serve_id, c.ad_id.clone(), true, "orphan"),
             })
             .collect()
@@ -549,6 +608,7 @@ mod tests {
         let Emit::Correction(c) = &out[4] else {
             panic!()
         };
+        let c = c.to_labeled();
         assert_eq!(c.label_id, "1:b:late");
         c.validate().unwrap();
     }

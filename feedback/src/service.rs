@@ -186,6 +186,7 @@ struct Joiner {
     clicks: Encoder<Click>,
     out: Vec<Emit>,
     buf: Vec<u8>,
+    label_id: String,
     in_flight: VecDeque<(&'static str, DeliveryFuture)>,
     totals: JoinStats,
     membership: Arc<Mutex<Vec<Membership>>>,
@@ -393,7 +394,7 @@ impl Joiner {
         for e in &out {
             match e {
                 Emit::Label(l) | Emit::Correction(l) => {
-                    match (l.kind, l.clicked) {
+                    match (l.kind(), l.clicked()) {
                         (LabelKind::LateClick, _) => late += 1,
                         (_, true) => pos += 1,
                         (_, false) => neg += 1,
@@ -401,12 +402,14 @@ impl Joiner {
                     // One sample in 64 keeps the hot path cheap and the histogram honest.
                     if self.emitted.is_multiple_of(64) {
                         metrics::histogram!("ctr_feedback_label_delay_seconds")
-                            .record((now - l.ts_ms) as f64 / 1e3);
+                            .record((now - l.ts_ms()) as f64 / 1e3);
                     }
                     self.emitted += 1;
                     self.buf.clear();
-                    self.labels.encode_into(l, &mut self.buf)?;
-                    self.enqueue("labeled", l.ad_id.as_bytes(), None).await?;
+                    l.write_label_id(&mut self.label_id);
+                    self.labels
+                        .encode_ref_into(&l.view(&self.label_id), &mut self.buf)?;
+                    self.enqueue("labeled", l.ad_id().as_bytes(), None).await?;
                 }
                 Emit::Orphan(c) => {
                     orphans += 1;
@@ -614,6 +617,7 @@ pub async fn run_joiner(
         clicks: Encoder::new(),
         out: Vec::new(),
         buf: Vec::with_capacity(256),
+        label_id: String::with_capacity(64),
         in_flight: VecDeque::new(),
         totals: JoinStats::default(),
         membership,

@@ -25,11 +25,8 @@ async fn main() -> std::process::ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
     let result = match cli.command {
-        Command::Simulate(args) => simulate::run(args, shutdown).await.map(|_| ()),
+        Command::Simulate(args) => simulate::run(args, shutdown_signal()).await.map(|_| ()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -37,5 +34,15 @@ async fn main() -> std::process::ExitCode {
             tracing::error!(error = %e, "ctr-ingest failed");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGINT or SIGTERM: the simulator stops issuing serves, sends the clicks it owes, and exits.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

@@ -121,6 +121,39 @@ pub struct LabeledImpression {
     pub kind: LabelKind,
 }
 
+/// A borrowed [`LabeledImpression`], for producers that build labels from data they already
+/// hold (the joiner): it encodes to exactly the same bytes without cloning any string.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LabeledImpressionRef<'a> {
+    pub label_id: &'a str,
+    pub serve_id: i64,
+    pub ad_id: &'a str,
+    pub campaign_id: &'a str,
+    pub position: i32,
+    pub context: &'a Context,
+    pub clicked: bool,
+    pub ts_ms: i64,
+    pub click_ts_ms: Option<i64>,
+    pub kind: LabelKind,
+}
+
+impl LabeledImpressionRef<'_> {
+    pub fn to_owned(&self) -> LabeledImpression {
+        LabeledImpression {
+            label_id: self.label_id.to_string(),
+            serve_id: self.serve_id,
+            ad_id: self.ad_id.to_string(),
+            campaign_id: self.campaign_id.to_string(),
+            position: self.position,
+            context: self.context.clone(),
+            clicked: self.clicked,
+            ts_ms: self.ts_ms,
+            click_ts_ms: self.click_ts_ms,
+            kind: self.kind,
+        }
+    }
+}
+
 /// Most ads a serve may carry; a page with more is not a search result page.
 pub const MAX_ADS_PER_SERVE: usize = 64;
 /// Longest ID or context value accepted, in bytes.

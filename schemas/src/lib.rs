@@ -9,6 +9,9 @@ pub mod events;
 pub mod id;
 pub mod wire;
 
-pub use events::{AdShown, Click, Context, LabelKind, LabeledImpression, Serve, ValidationError};
+pub use events::{
+    AdShown, Click, Context, LabelKind, LabeledImpression, LabeledImpressionRef, Serve,
+    ValidationError,
+};
 pub use id::{IdGenerator, IdParts};
 pub use wire::{DecodeError, EncodeError, Encoder, EventKind, WireEvent, decode};

@@ -177,6 +177,17 @@ pub fn decode<E: WireEvent>(bytes: &[u8]) -> Result<E, DecodeError> {
     })
 }
 
+impl Encoder<LabeledImpression> {
+    /// Appends the framed encoding of a borrowed label; the bytes equal those of the owned one.
+    pub fn encode_ref_into(
+        &mut self,
+        label: &crate::events::LabeledImpressionRef<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        self.encode_serializable(label, out)
+    }
+}
+
 /// Encodes events of one type, reusing the serializer's schema lookups across calls.
 pub struct Encoder<E: WireEvent> {
     config: SerializerConfig<'static>,
@@ -208,6 +219,14 @@ impl<E: WireEvent> Encoder<E> {
 
     /// Appends the framed encoding of `event` to `out`.
     pub fn encode_into(&mut self, event: &E, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        self.encode_serializable(event, out)
+    }
+
+    fn encode_serializable<T: Serialize + ?Sized>(
+        &mut self,
+        event: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         out.push(MAGIC);
         out.extend_from_slice(&E::WRITE_ID.to_be_bytes());
         let taken = std::mem::take(out);

@@ -252,3 +252,25 @@ fn every_write_id_is_registered_with_its_kind() {
     check::<Click>();
     check::<LabeledImpression>();
 }
+
+#[test]
+fn a_borrowed_label_encodes_to_the_same_bytes() {
+    let l = labeled();
+    let r = ctr_schemas::LabeledImpressionRef {
+        label_id: &l.label_id,
+        serve_id: l.serve_id,
+        ad_id: &l.ad_id,
+        campaign_id: &l.campaign_id,
+        position: l.position,
+        context: &l.context,
+        clicked: l.clicked,
+        ts_ms: l.ts_ms,
+        click_ts_ms: l.click_ts_ms,
+        kind: l.kind,
+    };
+    let mut enc = Encoder::<LabeledImpression>::new();
+    let mut a = Vec::new();
+    enc.encode_ref_into(&r, &mut a).unwrap();
+    assert_eq!(a, enc.encode(&l).unwrap());
+    assert_eq!(r.to_owned(), l);
+}
