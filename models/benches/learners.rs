@@ -45,10 +45,15 @@ const HOURS: [&str; 24] = [
 
 /// A stream like the simulator's: 10,000 ads, four context fields, ~2% CTR.
 fn stream(n: usize) -> Vec<Owned> {
+    stream_over(n, 10_000.0, &HOURS)
+}
+
+/// The same with `ads` ads and the given hour values (fewer of both = a cache-resident table).
+fn stream_over(n: usize, ads: f64, hours: &[&'static str]) -> Vec<Owned> {
     let mut rng = Pcg64Mcg::seed_from_u64(1);
     (0..n)
         .map(|i| {
-            let ad = (rng.random::<f64>().powi(3) * 10_000.0) as usize;
+            let ad = (rng.random::<f64>().powi(3) * ads) as usize;
             Owned {
                 ad: format!("ad-{ad:05}"),
                 campaign: format!("camp-{:04}", ad % 500),
@@ -57,7 +62,7 @@ fn stream(n: usize) -> Vec<Owned> {
                     ("geo", GEOS[rng.random_range(0..6)]),
                     ("device", DEVICES[rng.random_range(0..3)]),
                     ("query_category", CATS[rng.random_range(0..8)]),
-                    ("hour", HOURS[rng.random_range(0..24)]),
+                    ("hour", hours[rng.random_range(0..hours.len())]),
                 ],
                 ts: 1_760_000_000_000 + i as i64 * 5,
                 clicked: rng.random_bool(0.02),
@@ -141,17 +146,24 @@ fn ftrl_case(c: &mut Criterion, name: &str, examples: &[Vec<Feature>]) {
 }
 
 fn counts(c: &mut Criterion) {
-    let data = stream(200_000);
+    // Cold: 10,000 ads, ~440k keys (17 MB). Hot: 50 ads and 2 hour values, a few thousand keys.
+    counts_case(c, "cold", &stream(200_000));
+    counts_case(c, "hot", &stream_over(200_000, 50.0, &HOURS[..2]));
+}
+
+fn counts_case(c: &mut Criterion, name: &str, data: &[Owned]) {
     let mut model = CountModel::new(CountsConfig::default()).unwrap();
-    for o in &data {
+    for o in data {
         model.update(&imp(o), o.clicked, 1.0).unwrap();
     }
+    // Keys per impression: campaign, ad, one per context field, the full context.
     eprintln!(
-        "counts: {} keys, {:.1} bytes per key",
+        "counts {name}: {} keys, {:.1} bytes per key; an impression updates {} keys",
         model.keys(),
-        model.bytes_per_key()
+        model.bytes_per_key(),
+        3 + data[0].ctx.len()
     );
-    let mut g = c.benchmark_group("counts");
+    let mut g = c.benchmark_group(format!("counts_{name}"));
     g.throughput(Throughput::Elements(1));
     let mut i = 0usize;
     g.bench_function("update", |b| {
