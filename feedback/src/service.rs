@@ -168,6 +168,22 @@ fn producer_config(brokers: &str) -> ClientConfig {
     c
 }
 
+/// Where an enqueued record goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Labeled,
+    DeadLetter,
+}
+
+impl Output {
+    fn topic(self, cfg: &FeedbackConfig) -> &str {
+        match self {
+            Output::Labeled => &cfg.labeled_topic,
+            Output::DeadLetter => &cfg.deadletter_topic,
+        }
+    }
+}
+
 struct PartitionState {
     join: PartitionJoin,
     serves_next: Option<i64>,
@@ -187,7 +203,7 @@ struct Joiner {
     out: Vec<Emit>,
     buf: Vec<u8>,
     label_id: String,
-    in_flight: VecDeque<(&'static str, DeliveryFuture)>,
+    in_flight: VecDeque<(Output, DeliveryFuture)>,
     totals: JoinStats,
     membership: Arc<Mutex<Vec<Membership>>>,
     emitted: u64,
@@ -330,34 +346,30 @@ impl Joiner {
     /// oldest delivery instead of dropping or buffering without bound.
     async fn enqueue(
         &mut self,
-        topic: &'static str,
+        output: Output,
         key: &[u8],
         headers: Option<OwnedHeaders>,
     ) -> Result<(), FeedbackError> {
         loop {
-            let dest = if topic == "labeled" {
-                &self.cfg.labeled_topic
-            } else {
-                &self.cfg.deadletter_topic
-            };
+            let dest = output.topic(&self.cfg);
             let mut record = FutureRecord::to(dest).key(key).payload(&self.buf);
             if let Some(h) = headers.clone() {
                 record = record.headers(h);
             }
             match self.producer.send_result(record) {
                 Ok(f) => {
-                    self.in_flight.push_back((topic, f));
+                    self.in_flight.push_back((output, f));
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     match self.in_flight.pop_front() {
-                        Some((t, f)) => Self::check_delivery(t, f.await)?,
+                        Some((o, f)) => Self::check_delivery(o.topic(&self.cfg), f.await)?,
                         None => tokio::time::sleep(Duration::from_millis(5)).await,
                     }
                 }
                 Err((source, _)) => {
                     return Err(FeedbackError::Produce {
-                        topic: dest.clone(),
+                        topic: dest.to_string(),
                         source,
                     });
                 }
@@ -383,7 +395,7 @@ impl Joiner {
             });
         self.buf.clear();
         self.buf.extend_from_slice(payload);
-        self.enqueue("deadletter", key, Some(headers)).await
+        self.enqueue(Output::DeadLetter, key, Some(headers)).await
     }
 
     /// Enqueues everything the joins produced.
@@ -409,7 +421,8 @@ impl Joiner {
                     l.write_label_id(&mut self.label_id);
                     self.labels
                         .encode_ref_into(&l.view(&self.label_id), &mut self.buf)?;
-                    self.enqueue("labeled", l.ad_id().as_bytes(), None).await?;
+                    self.enqueue(Output::Labeled, l.ad_id().as_bytes(), None)
+                        .await?;
                 }
                 Emit::Orphan(c) => {
                     orphans += 1;
@@ -453,16 +466,16 @@ impl Joiner {
     fn reap(&mut self) -> Result<(), FeedbackError> {
         while let Some((_, f)) = self.in_flight.front_mut() {
             let Some(r) = f.now_or_never() else { break };
-            let (topic, _) = self.in_flight.pop_front().expect("front exists");
-            Self::check_delivery(topic, r)?;
+            let (output, _) = self.in_flight.pop_front().expect("front exists");
+            Self::check_delivery(output.topic(&self.cfg), r)?;
         }
         Ok(())
     }
 
     /// Waits for every outstanding delivery.
     async fn settle(&mut self) -> Result<(), FeedbackError> {
-        while let Some((topic, f)) = self.in_flight.pop_front() {
-            Self::check_delivery(topic, f.await)?;
+        while let Some((output, f)) = self.in_flight.pop_front() {
+            Self::check_delivery(output.topic(&self.cfg), f.await)?;
         }
         Ok(())
     }
