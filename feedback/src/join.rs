@@ -183,6 +183,22 @@ impl JoinStats {
         self.evicted += o.evicted;
     }
 
+    /// What happened since `earlier` (a previous reading of the same counters).
+    pub fn since(&self, earlier: &JoinStats) -> JoinStats {
+        JoinStats {
+            serves: self.serves - earlier.serves,
+            duplicate_serves: self.duplicate_serves - earlier.duplicate_serves,
+            clicks: self.clicks - earlier.clicks,
+            positives: self.positives - earlier.positives,
+            negatives: self.negatives - earlier.negatives,
+            duplicate_clicks: self.duplicate_clicks - earlier.duplicate_clicks,
+            late_clicks: self.late_clicks - earlier.late_clicks,
+            orphan_clicks: self.orphan_clicks - earlier.orphan_clicks,
+            invalid_clicks: self.invalid_clicks - earlier.invalid_clicks,
+            evicted: self.evicted - earlier.evicted,
+        }
+    }
+
     /// Share of clicks that matched a serve in time (positives), of all clicks that were not
     /// duplicates. `None` before any click.
     pub fn click_coverage(&self) -> Option<f64> {

@@ -484,19 +484,7 @@ impl Joiner {
     fn account(&mut self) {
         for st in self.parts.values_mut() {
             let s = st.join.stats();
-            let r = &st.reported;
-            self.totals.add(&JoinStats {
-                serves: s.serves - r.serves,
-                duplicate_serves: s.duplicate_serves - r.duplicate_serves,
-                clicks: s.clicks - r.clicks,
-                positives: s.positives - r.positives,
-                negatives: s.negatives - r.negatives,
-                duplicate_clicks: s.duplicate_clicks - r.duplicate_clicks,
-                late_clicks: s.late_clicks - r.late_clicks,
-                orphan_clicks: s.orphan_clicks - r.orphan_clicks,
-                invalid_clicks: s.invalid_clicks - r.invalid_clicks,
-                evicted: s.evicted - r.evicted,
-            });
+            self.totals.add(&s.since(&st.reported));
             st.reported = s;
         }
     }

@@ -173,7 +173,10 @@ impl ValidationError {
     }
 }
 
-fn check_token(field: &'static str, value: &str) -> Result<(), ValidationError> {
+/// The rule for every ID and context value: non-empty, at most 128 bytes, no `|`, `=`, `:` or
+/// control characters (they delimit Redis keys and context keys). Public so that other entry
+/// points (the HTTP APIs) apply exactly the contract's rule.
+pub fn check_token(field: &'static str, value: &str) -> Result<(), ValidationError> {
     if value.is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
     }

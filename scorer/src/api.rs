@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ctr_models::BetaPrior;
 use ctr_schemas::Context;
+use ctr_schemas::events::check_token;
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
@@ -148,16 +149,13 @@ async fn get_ctr(
     State(mut s): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<CtrResponse>, ApiError> {
-    let ad_id = q
-        .get("ad_id")
-        .filter(|a| !a.is_empty() && !a.contains([':', '|', '=']))
-        .cloned()
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                "query parameter `ad_id` is missing or invalid".into(),
-            )
-        })?;
+    let ad_id = q.get("ad_id").cloned().ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "missing query parameter `ad_id`".into(),
+        )
+    })?;
+    check_token("ad_id", &ad_id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let ctx = context_from_query(&q)?;
     let context_key = ctx.key();
     let unavailable = |e: redis::RedisError| {

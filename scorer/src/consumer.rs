@@ -101,13 +101,13 @@ pub async fn run(
                                 // how); they are counted and their offsets consumed.
                                 Ok(()) if l.kind == LabelKind::LateClick => {
                                     metrics::counter!("ctr_scorer_corrections_skipped_total").increment(1);
-                                    Publisher::poison(msg.offset())
+                                    Publisher::skip(msg.offset())
                                 }
                                 Ok(()) => publisher.record(msg.offset(), &l),
-                                Err(e) => { poison(msg.partition(), msg.offset(), &e); Publisher::poison(msg.offset()) }
+                                Err(e) => { poison(msg.partition(), msg.offset(), &e); Publisher::skip(msg.offset()) }
                             },
-                            Some(Err(e)) => { poison(msg.partition(), msg.offset(), &e); Publisher::poison(msg.offset()) }
-                            None => { poison(msg.partition(), msg.offset(), &"no payload"); Publisher::poison(msg.offset()) }
+                            Some(Err(e)) => { poison(msg.partition(), msg.offset(), &e); Publisher::skip(msg.offset()) }
+                            None => { poison(msg.partition(), msg.offset(), &"no payload"); Publisher::skip(msg.offset()) }
                         };
                         batch.entry(msg.partition()).or_default().push(record);
                         batched += 1;

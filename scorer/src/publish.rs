@@ -103,7 +103,7 @@ impl Publisher {
 
     /// The record for a message at `offset` that changes no count (unusable, or a correction
     /// not applied): skipped, but its offset is consumed.
-    pub fn poison(offset: i64) -> Applied {
+    pub fn skip(offset: i64) -> Applied {
         Applied {
             offset,
             record: None,
