@@ -242,6 +242,20 @@ impl Variant {
         })
     }
 
+    /// Applies a late-click correction: `x` was learned as a negative, and its click arrived
+    /// after the attribution window. The count model adds the click; FTRL, whose past gradient
+    /// steps cannot be revised, and the metrics (the prediction was already scored) do not
+    /// change. A no-op for an FTRL-only variant.
+    pub fn correct(&mut self, x: &Impression<'_>, weight: f64) -> Result<()> {
+        match &mut self.counts {
+            Some(c) => c.add_late_click(x, weight),
+            None => {
+                check_weight(weight)?;
+                x.validate()
+            }
+        }
+    }
+
     /// Bounds memory: drops FTRL coordinates idle since `cutoff_ms` and enforces the cap.
     pub fn maintain(&mut self, cutoff_ms: i64) -> usize {
         self.ftrl
@@ -292,6 +306,20 @@ impl ModelSet {
         }
         self.examples += 1;
         Ok(())
+    }
+
+    /// Applies a late-click correction to every variant (see [`Variant::correct`]).
+    pub fn correct(&mut self, x: &Impression<'_>, weight: f64) -> Result<()> {
+        check_weight(weight)?;
+        x.validate()?;
+        for v in &mut self.variants {
+            v.correct(x, weight)?;
+        }
+        Ok(())
+    }
+
+    pub fn variant_mut(&mut self, name: &str) -> Option<&mut Variant> {
+        self.variants.iter_mut().find(|v| v.name() == name)
     }
 
     pub fn examples(&self) -> u64 {

@@ -26,15 +26,8 @@ impl Context {
     /// name order. Values are used as given; producers are expected not to put `|` or `=` in
     /// them, and [`Context::validate`] rejects those.
     pub fn key(&self) -> String {
-        let mut parts: Vec<(&str, &str)> = vec![
-            ("device", &self.device),
-            ("geo", &self.geo),
-            ("query_category", &self.query_category),
-        ];
-        parts.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        parts.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut out = String::with_capacity(64);
-        for (i, (k, v)) in parts.iter().enumerate() {
+        for (i, (k, v)) in self.pairs().iter().enumerate() {
             if i > 0 {
                 out.push('|');
             }
@@ -43,6 +36,18 @@ impl Context {
             out.push_str(v);
         }
         out
+    }
+
+    /// Every field as `(name, value)`, sorted by name: the fixed fields and the extra ones.
+    pub fn pairs(&self) -> Vec<(&str, &str)> {
+        let mut parts: Vec<(&str, &str)> = vec![
+            ("device", &self.device),
+            ("geo", &self.geo),
+            ("query_category", &self.query_category),
+        ];
+        parts.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        parts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        parts
     }
 
     pub fn validate(&self) -> Result<(), ValidationError> {

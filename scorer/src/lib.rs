@@ -10,6 +10,7 @@ pub mod api;
 pub mod config;
 pub mod consumer;
 pub mod publish;
+pub mod state;
 
 use std::future::Future;
 

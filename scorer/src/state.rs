@@ -1,0 +1,449 @@
+//! What the owner of one partition keeps, and what it does with one labeled impression.
+//!
+//! Pure: no I/O, no clock, no randomness. Given the same records in the same order (and the
+//! same sampling rate and learning switch), two owners end in the same state. That is what
+//! makes a hand-over exact: the next owner restores the last checkpoint and replays from its
+//! offset.
+//!
+//! Three parts:
+//! - the models ([`ModelSet`]: the variants learning side by side, one of them serving);
+//! - [`Dedupe`]: label IDs seen recently, so the labels a restarted joiner re-emits (same
+//!   deterministic ID, new offset) are dropped;
+//! - [`Sampler`]: which negatives to learn from while shedding load, with the importance weight
+//!   that keeps the estimates unbiased.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
+
+use ctr_models::example::hash_str;
+use ctr_models::{Impression, ModelError, ModelSet};
+use ctr_schemas::{LabelKind, LabeledImpression};
+use nohash_hasher::NoHashHasher;
+use serde::{Deserialize, Serialize};
+
+type HashSet64 = HashSet<u64, BuildHasherDefault<NoHashHasher<u64>>>;
+type HashMap64<V> = HashMap<u64, V, BuildHasherDefault<NoHashHasher<u64>>>;
+
+/// Namespaces of the hashes this module takes (distinct from the models' feature namespaces).
+const LABEL_ID_NS: u64 = 0x5c0_1abe1;
+const SAMPLER_NS: u64 = 0x5c0_5a3f1e;
+
+/// Memory of the label IDs seen in the last `horizon_ms` of event time.
+///
+/// A re-emitted label carries the same ID *and the same event time* (the serve's), so IDs are
+/// kept in buckets by event time and a lookup touches one bucket. Buckets older than the
+/// horizon (measured back from the newest event time seen) are dropped. A label older than the
+/// horizon cannot be checked: it is accepted and counted as unchecked (see
+/// [`Seen::Unchecked`]); the horizon must therefore exceed how far behind a restarted joiner
+/// can re-emit: its attribution window + grace + late-click horizon + checkpoint interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dedupe {
+    horizon_ms: i64,
+    bucket_ms: i64,
+    newest_ms: i64,
+    buckets: BTreeMap<i64, HashSet64>,
+}
+
+/// What [`Dedupe::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// First time: remembered from now on.
+    New,
+    /// Seen before: drop it.
+    Duplicate,
+    /// Older than the horizon: cannot be checked; accepted.
+    Unchecked,
+}
+
+impl Dedupe {
+    /// `horizon_ms` > 0; buckets are a sixteenth of it (at least 1 s).
+    pub fn new(horizon_ms: i64) -> Self {
+        let horizon_ms = horizon_ms.max(1);
+        Self {
+            horizon_ms,
+            bucket_ms: (horizon_ms / 16).max(1_000),
+            newest_ms: i64::MIN,
+            buckets: BTreeMap::new(),
+        }
+    }
+
+    fn oldest_kept_bucket(&self) -> i64 {
+        self.newest_ms
+            .saturating_sub(self.horizon_ms)
+            .div_euclid(self.bucket_ms)
+    }
+
+    /// Whether `label_id` (of a label with event time `ts_ms`) was seen; remembers it if not.
+    pub fn check(&mut self, label_id: &str, ts_ms: i64) -> Seen {
+        let bucket = ts_ms.div_euclid(self.bucket_ms);
+        if self.newest_ms != i64::MIN && bucket < self.oldest_kept_bucket() {
+            return Seen::Unchecked;
+        }
+        let id = hash_str(LABEL_ID_NS, label_id);
+        if !self.buckets.entry(bucket).or_default().insert(id) {
+            return Seen::Duplicate;
+        }
+        if ts_ms > self.newest_ms {
+            self.newest_ms = ts_ms;
+            let keep = self.oldest_kept_bucket();
+            while let Some(entry) = self.buckets.first_entry() {
+                if *entry.key() >= keep {
+                    break;
+                }
+                entry.remove();
+            }
+        }
+        Seen::New
+    }
+
+    /// IDs remembered.
+    pub fn len(&self) -> usize {
+        self.buckets.values().map(HashSet::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+/// Systematic sampling of negatives, per ad.
+///
+/// At keep-rate `r`, each negative of an ad adds `r` to the ad's accumulator; when it reaches
+/// 1 the negative is learned with importance weight `1/r` and the accumulator drops by 1. An ad
+/// with `n` negatives therefore gets `n·r ± 1` of them, each weighing `1/r`: the weighted
+/// count is within `1/r` impressions of the truth, far tighter than independent coin flips
+/// (whose error grows as `sqrt(n(1−r)/r)`). Each ad's accumulator starts at a point in [0, 1)
+/// taken from a hash of its ID, which makes the scheme unbiased over ads and deterministic.
+/// At `r = 1` every negative is learned with weight 1.
+#[derive(Debug, Clone, Default)]
+pub struct Sampler {
+    acc: HashMap64<f64>,
+}
+
+impl Sampler {
+    /// `Some(weight)` to learn this negative of `ad`, `None` to shed it.
+    pub fn keep_negative(&mut self, ad: &str, rate: f64) -> Option<f64> {
+        if rate >= 1.0 {
+            return Some(1.0);
+        }
+        let rate = rate.max(1e-6);
+        let h = hash_str(SAMPLER_NS, ad);
+        let acc = self
+            .acc
+            .entry(h)
+            .or_insert_with(|| (h >> 11) as f64 / (1u64 << 53) as f64);
+        *acc += rate;
+        if *acc >= 1.0 {
+            *acc -= 1.0;
+            Some(1.0 / rate)
+        } else {
+            None
+        }
+    }
+}
+
+/// What happened to one record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// A label the models learned from, with this importance weight.
+    Learned { weight: f64, clicked: bool },
+    /// A negative not learned from, to shed load (still counted in the exact totals).
+    Shed,
+    /// Not learned from because the learning guard is on (the click stream stalled).
+    Guarded { clicked: bool },
+    /// A late-click correction, applied to the count model.
+    Corrected,
+    /// A correction while the guard is on: counted, not learned.
+    CorrectionGuarded,
+    /// Same label ID as an earlier record: changes nothing.
+    Duplicate,
+}
+
+impl Outcome {
+    /// Change to the exact (impressions, clicks) totals published in Redis.
+    pub fn count_delta(&self) -> Option<(u8, u8)> {
+        match *self {
+            Outcome::Learned { clicked, .. } | Outcome::Guarded { clicked } => {
+                Some((1, u8::from(clicked)))
+            }
+            Outcome::Shed => Some((1, 0)),
+            Outcome::Corrected | Outcome::CorrectionGuarded => Some((0, 1)),
+            Outcome::Duplicate => None,
+        }
+    }
+}
+
+/// How the owner is asked to treat a record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// Keep-rate of negatives, in (0, 1].
+    pub negative_rate: f64,
+    /// False while the learning guard is on.
+    pub learn: bool,
+}
+
+impl Policy {
+    pub const NORMAL: Policy = Policy {
+        negative_rate: 1.0,
+        learn: true,
+    };
+}
+
+/// The whole state of one partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionState {
+    /// Next offset to read: every record below it is reflected in this state.
+    pub next_offset: Option<i64>,
+    models: ModelSet,
+    dedupe: Dedupe,
+    /// Event time of the newest label learned (for model maintenance).
+    newest_ms: i64,
+    #[serde(skip)]
+    sampler: Sampler,
+}
+
+impl PartitionState {
+    pub fn new(models: ModelSet, dedupe_horizon_ms: i64) -> Self {
+        Self {
+            next_offset: None,
+            models,
+            dedupe: Dedupe::new(dedupe_horizon_ms),
+            newest_ms: i64::MIN,
+            sampler: Sampler::default(),
+        }
+    }
+
+    pub fn models(&self) -> &ModelSet {
+        &self.models
+    }
+
+    pub fn dedupe(&self) -> &Dedupe {
+        &self.dedupe
+    }
+
+    pub fn newest_ms(&self) -> i64 {
+        self.newest_ms
+    }
+
+    /// Applies one valid labeled impression. On an error (the models rejected the example)
+    /// nothing has changed but the dedupe memory, and the caller treats the record as poison.
+    pub fn apply(&mut self, l: &LabeledImpression, policy: Policy) -> Result<Outcome, ModelError> {
+        if self.dedupe.check(&l.label_id, l.ts_ms) == Seen::Duplicate {
+            return Ok(Outcome::Duplicate);
+        }
+        let pairs = l.context.pairs();
+        let x = Impression {
+            ad: &l.ad_id,
+            campaign: &l.campaign_id,
+            position: u32::try_from(l.position).unwrap_or(0),
+            context: &pairs,
+            ts_ms: l.ts_ms,
+        };
+        x.validate()?;
+        let outcome = match l.kind {
+            LabelKind::LateClick if !policy.learn => Outcome::CorrectionGuarded,
+            LabelKind::LateClick => {
+                self.models.correct(&x, 1.0)?;
+                Outcome::Corrected
+            }
+            LabelKind::Label if !policy.learn => Outcome::Guarded { clicked: l.clicked },
+            LabelKind::Label => {
+                // Clicks are never shed: they are rare and carry most of the information.
+                let weight = if l.clicked {
+                    Some(1.0)
+                } else {
+                    self.sampler.keep_negative(&l.ad_id, policy.negative_rate)
+                };
+                match weight {
+                    Some(weight) => {
+                        self.models.learn(&x, l.clicked, weight)?;
+                        self.newest_ms = self.newest_ms.max(l.ts_ms);
+                        Outcome::Learned {
+                            weight,
+                            clicked: l.clicked,
+                        }
+                    }
+                    None => Outcome::Shed,
+                }
+            }
+        };
+        Ok(outcome)
+    }
+
+    /// Bounds model memory: FTRL coordinates idle for `idle_ms` of event time are dropped.
+    pub fn maintain(&mut self, idle_ms: i64) -> usize {
+        if self.newest_ms == i64::MIN {
+            return 0;
+        }
+        self.models.maintain(self.newest_ms.saturating_sub(idle_ms))
+    }
+
+    /// The state in the project's snapshot container.
+    pub fn snapshot(&self) -> Vec<u8> {
+        ctr_models::snapshot::encode(self)
+    }
+
+    /// Restores [`PartitionState::snapshot`]'s output. The sampler restarts (it is load
+    /// shedding's bookkeeping, not model state).
+    pub fn restore(bytes: &[u8]) -> Result<Self, ctr_models::snapshot::SnapshotError> {
+        ctr_models::snapshot::decode(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ctr_models::{VariantConfig, VariantKind};
+    use ctr_schemas::Context;
+
+    fn label(id: &str, ad: &str, clicked: bool, ts: i64) -> LabeledImpression {
+        LabeledImpression {
+            label_id: id.into(),
+            serve_id: 1,
+            ad_id: ad.into(),
+            campaign_id: "c1".into(),
+            position: 1,
+            context: Context {
+                query_category: "travel".into(),
+                geo: "US".into(),
+                device: "mobile".into(),
+                extra: Default::default(),
+            },
+            clicked,
+            ts_ms: ts,
+            click_ts_ms: None,
+            kind: LabelKind::Label,
+        }
+    }
+
+    fn state() -> PartitionState {
+        let models = ModelSet::new(vec![
+            VariantConfig::of(VariantKind::Counts),
+            VariantConfig::of(VariantKind::Ftrl),
+        ])
+        .unwrap();
+        PartitionState::new(models, 600_000)
+    }
+
+    #[test]
+    fn dedupe_drops_a_repeat_within_the_horizon_only() {
+        let mut d = Dedupe::new(60_000);
+        assert_eq!(d.check("s1:a", 1_000), Seen::New);
+        assert_eq!(d.check("s1:a", 1_000), Seen::Duplicate);
+        assert_eq!(d.check("s1:a:late", 1_000), Seen::New);
+        assert_eq!(d.check("s2:a", 500_000), Seen::New);
+        // The first bucket is now beyond the horizon: forgotten, and reported as unchecked.
+        assert_eq!(d.check("s1:a", 1_000), Seen::Unchecked);
+        assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn a_replayed_label_changes_nothing() {
+        let mut st = state();
+        let l = label("s1:a", "a", true, 10);
+        assert!(matches!(
+            st.apply(&l, Policy::NORMAL).unwrap(),
+            Outcome::Learned { .. }
+        ));
+        let before = st.models().clone();
+        assert_eq!(st.apply(&l, Policy::NORMAL).unwrap(), Outcome::Duplicate);
+        assert_eq!(st.models(), &before);
+    }
+
+    #[test]
+    fn clicks_are_never_shed_and_sampled_weight_matches_the_count() {
+        let mut st = state();
+        let policy = Policy {
+            negative_rate: 0.1,
+            learn: true,
+        };
+        let (mut kept_weight, mut shed, mut clicks) = (0.0, 0, 0);
+        for i in 0..10_000 {
+            let clicked = i % 50 == 0;
+            match st
+                .apply(&label(&format!("s{i}:a"), "a", clicked, i), policy)
+                .unwrap()
+            {
+                Outcome::Learned { weight, clicked } => {
+                    if clicked {
+                        clicks += 1;
+                        assert_eq!(weight, 1.0);
+                    } else {
+                        kept_weight += weight;
+                    }
+                }
+                Outcome::Shed => shed += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(clicks, 200);
+        assert!((kept_weight - 9_800.0).abs() <= 10.0, "{kept_weight}");
+        assert!((8_800..=8_830).contains(&shed), "{shed}");
+    }
+
+    #[test]
+    fn the_guard_stops_learning_but_not_counting() {
+        let mut st = state();
+        let off = Policy {
+            negative_rate: 1.0,
+            learn: false,
+        };
+        let before = st.models().clone();
+        let o = st.apply(&label("s1:a", "a", true, 1), off).unwrap();
+        assert_eq!(o, Outcome::Guarded { clicked: true });
+        assert_eq!(o.count_delta(), Some((1, 1)));
+        assert_eq!(st.models(), &before);
+    }
+
+    #[test]
+    fn a_late_click_adds_a_click_not_an_impression() {
+        let mut st = state();
+        st.apply(&label("s1:a", "a", false, 1), Policy::NORMAL)
+            .unwrap();
+        let mut late = label("s1:a:late", "a", true, 1);
+        late.kind = LabelKind::LateClick;
+        let o = st.apply(&late, Policy::NORMAL).unwrap();
+        assert_eq!(o, Outcome::Corrected);
+        assert_eq!(o.count_delta(), Some((0, 1)));
+        assert_eq!(st.apply(&late, Policy::NORMAL).unwrap(), Outcome::Duplicate);
+    }
+
+    #[test]
+    fn snapshot_restores_the_same_state_and_future() {
+        let mut a = state();
+        for i in 0..2_000 {
+            a.apply(
+                &label(&format!("s{i}:a"), "a", i % 9 == 0, i),
+                Policy::NORMAL,
+            )
+            .unwrap();
+        }
+        a.next_offset = Some(2_000);
+        let mut b = PartitionState::restore(&a.snapshot()).unwrap();
+        assert_eq!(b.next_offset, Some(2_000));
+        assert_eq!(b.models(), a.models());
+        assert_eq!(b.dedupe(), a.dedupe());
+        for i in 2_000..3_000 {
+            let l = label(&format!("s{i}:a"), "a", i % 9 == 0, i);
+            a.apply(&l, Policy::NORMAL).unwrap();
+            b.apply(&l, Policy::NORMAL).unwrap();
+        }
+        assert_eq!(b.models(), a.models());
+        // A label from before the snapshot is still known as a duplicate after it.
+        assert_eq!(
+            b.apply(&label("s5:a", "a", false, 5), Policy::NORMAL)
+                .unwrap(),
+            Outcome::Duplicate
+        );
+    }
+
+    #[test]
+    fn an_invalid_example_is_an_error_and_learns_nothing() {
+        let mut st = state();
+        let mut l = label("s1:a", "a", false, 1);
+        l.position = 0;
+        let before = st.models().clone();
+        assert!(st.apply(&l, Policy::NORMAL).is_err());
+        assert_eq!(st.models(), &before);
+    }
+}
