@@ -3,7 +3,9 @@
 
 use std::net::SocketAddr;
 
-use ctr_models::BetaPrior;
+use std::time::Duration;
+
+use ctr_models::{BetaPrior, VariantConfig, VariantKind};
 
 /// Settings as given.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,6 +44,50 @@ pub struct ScorerArgs {
     /// Prior weight, in pseudo-impressions.
     #[arg(long, env = "CTR_PRIOR_STRENGTH", default_value_t = 100.0)]
     pub prior_strength: f64,
+    /// Model variants learning side by side: comma-separated kinds (counts, ftrl, combined).
+    #[arg(
+        long,
+        env = "CTR_SCORER_MODELS",
+        default_value = "counts,ftrl,combined"
+    )]
+    pub models: String,
+    /// The variant whose estimates are published to Redis and ranked by.
+    #[arg(long, env = "CTR_SCORER_SERVE_MODEL", default_value = "counts")]
+    pub serve_model: String,
+    /// Worker tasks; partition p is owned by worker p mod workers.
+    #[arg(long, env = "CTR_SCORER_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Records each worker's queue holds; a full queue is a sign of overload.
+    #[arg(long, env = "CTR_SCORER_QUEUE", default_value_t = 10_000)]
+    pub queue_capacity: usize,
+    /// Checkpoint interval, ms.
+    #[arg(long, env = "CTR_SCORER_CHECKPOINT_MS", default_value_t = 10_000)]
+    pub checkpoint_ms: u64,
+    /// How far back in event time label IDs are remembered for dedupe, ms. Must exceed the
+    /// joiner's window + grace + late horizon + checkpoint interval.
+    #[arg(long, env = "CTR_SCORER_DEDUPE_HORIZON_MS", default_value_t = 900_000)]
+    pub dedupe_horizon_ms: i64,
+    /// FTRL coordinates idle this long in event time are evicted, ms.
+    #[arg(long, env = "CTR_SCORER_IDLE_MS", default_value_t = 3_600_000)]
+    pub idle_ms: i64,
+    /// Shed load (sample negatives) when overloaded.
+    #[arg(long, env = "CTR_SCORER_SHEDDING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub shedding: bool,
+    /// Consumer lag (records, any partition) above which the scorer counts as overloaded.
+    #[arg(long, env = "CTR_SCORER_LAG_BOUND", default_value_t = 50_000)]
+    pub lag_bound: i64,
+    /// Lowest keep-rate of negatives under overload.
+    #[arg(long, env = "CTR_SCORER_MIN_RATE", default_value_t = 0.01)]
+    pub min_rate: f64,
+    /// Ranking API: most requests in progress; beyond it requests get 503 at once.
+    #[arg(long, env = "CTR_API_MAX_CONCURRENCY", default_value_t = 512)]
+    pub api_max_concurrency: usize,
+    /// Ranking API: deadline of one request, ms.
+    #[arg(long, env = "CTR_API_TIMEOUT_MS", default_value_t = 250)]
+    pub api_timeout_ms: u64,
+    /// Ranking API: how long an estimate read from Redis is reused, ms (0 = no cache).
+    #[arg(long, env = "CTR_API_CACHE_MS", default_value_t = 1_000)]
+    pub api_cache_ms: u64,
 }
 
 /// Checked settings.
@@ -56,6 +102,45 @@ pub struct ScorerConfig {
     pub batch_size: usize,
     pub batch_ms: u64,
     pub prior: BetaPrior,
+    pub models: Vec<VariantConfig>,
+    pub serve_model: String,
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub checkpoint_every: Duration,
+    pub dedupe_horizon_ms: i64,
+    pub idle_ms: i64,
+    pub shedding: bool,
+    pub lag_bound: i64,
+    pub min_rate: f64,
+    pub api_max_concurrency: usize,
+    pub api_timeout: Duration,
+    pub api_cache_ttl: Duration,
+}
+
+fn check(ok: bool, name: &str, problem: &str) -> Result<(), crate::Error> {
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::Config(format!("{name} {problem}")))
+    }
+}
+
+/// Parses `counts,ftrl,combined` into variant settings (each named after its kind).
+pub fn parse_models(list: &str) -> Result<Vec<VariantConfig>, crate::Error> {
+    let mut out: Vec<VariantConfig> = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let kind: VariantKind = name
+            .parse()
+            .map_err(|e| crate::Error::Config(format!("models: `{name}`: {e}")))?;
+        if out.iter().any(|v| v.kind == kind) {
+            return Err(crate::Error::Config(format!(
+                "models: `{name}` given twice"
+            )));
+        }
+        out.push(VariantConfig::of(kind));
+    }
+    check(!out.is_empty(), "models", "must name at least one variant")?;
+    Ok(out)
 }
 
 impl TryFrom<ScorerArgs> for ScorerConfig {
@@ -64,14 +149,47 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
     fn try_from(a: ScorerArgs) -> Result<Self, Self::Error> {
         let prior = BetaPrior::from_mean(a.prior_mean, a.prior_strength)
             .map_err(|e| crate::Error::Config(e.to_string()))?;
-        if a.batch_size == 0 || a.batch_size > 10_000 {
-            return Err(crate::Error::Config("batch_size must be 1..=10000".into()));
-        }
-        if a.redis_prefix.is_empty() {
-            return Err(crate::Error::Config(
-                "redis_prefix must not be empty".into(),
-            ));
-        }
+        check(
+            (1..=10_000).contains(&a.batch_size),
+            "batch_size",
+            "must be 1..=10000",
+        )?;
+        check(
+            !a.redis_prefix.is_empty(),
+            "redis_prefix",
+            "must not be empty",
+        )?;
+        let models = parse_models(&a.models)?;
+        check(
+            models.iter().any(|m| m.name == a.serve_model),
+            "serve_model",
+            "must be one of the variants in `models`",
+        )?;
+        check((1..=64).contains(&a.workers), "workers", "must be 1..=64")?;
+        check(
+            a.queue_capacity >= a.batch_size,
+            "queue_capacity",
+            "must be at least batch_size",
+        )?;
+        check(a.checkpoint_ms >= 100, "checkpoint_ms", "must be >= 100")?;
+        check(
+            a.dedupe_horizon_ms >= 1_000,
+            "dedupe_horizon_ms",
+            "must be >= 1000",
+        )?;
+        check(a.idle_ms > 0, "idle_ms", "must be > 0")?;
+        check(a.lag_bound > 0, "lag_bound", "must be > 0")?;
+        check(
+            a.min_rate > 0.0 && a.min_rate <= 1.0,
+            "min_rate",
+            "must be in (0, 1]",
+        )?;
+        check(
+            a.api_max_concurrency > 0,
+            "api_max_concurrency",
+            "must be > 0",
+        )?;
+        check(a.api_timeout_ms > 0, "api_timeout_ms", "must be > 0")?;
         Ok(Self {
             brokers: a.brokers,
             labeled_topic: a.labeled_topic,
@@ -82,6 +200,19 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             batch_size: a.batch_size,
             batch_ms: a.batch_ms,
             prior,
+            models,
+            serve_model: a.serve_model,
+            workers: a.workers,
+            queue_capacity: a.queue_capacity,
+            checkpoint_every: Duration::from_millis(a.checkpoint_ms),
+            dedupe_horizon_ms: a.dedupe_horizon_ms,
+            idle_ms: a.idle_ms,
+            shedding: a.shedding,
+            lag_bound: a.lag_bound,
+            min_rate: a.min_rate,
+            api_max_concurrency: a.api_max_concurrency,
+            api_timeout: Duration::from_millis(a.api_timeout_ms),
+            api_cache_ttl: Duration::from_millis(a.api_cache_ms),
         })
     }
 }

@@ -1,30 +1,33 @@
-//! The consumer-group loop: labeled impressions in, Redis batches out.
+//! The consumer-group loop: reads labeled impressions and hands each to the worker that owns
+//! its partition.
 //!
-//! Labeled impressions are keyed by ad, so a partition owns a fixed set of ads and the group
+//! Labeled impressions are keyed by ad, so a partition owns a fixed set of ads, and the group
 //! protocol gives each partition to exactly one scorer process: any number of identical
-//! scorers share the work (S4's symmetric cluster). Records are batched for up to `batch_ms`
-//! or `batch_size`, applied per partition atomically (see [`crate::publish`]), and only then is
-//! the Kafka offset stored and committed. A poison record (undecodable, invalid) is counted,
-//! logged and skipped, and its offset is consumed with the batch.
+//! scorers share the work (S4's symmetric cluster). Within a process, partition `p` goes to
+//! worker `p mod workers` ([`crate::worker`]). Ownership changes reach the workers in order
+//! with the records: an assigned partition is restored from its checkpoint before its first
+//! record; a revoked one is published, checkpointed and committed before the loop goes on.
+//! The worker queues are bounded: when workers fall behind, the loop waits (and the shedding
+//! governor, [`crate::load`], sees the queues fill).
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use ctr_schemas::{LabelKind, LabeledImpression, decode};
 use rdkafka::ClientConfig;
+use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-use redis::aio::ConnectionManager;
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use rdkafka::statistics::Statistics;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
 
 use crate::Result;
+use crate::checkpoint::CheckpointStore;
 use crate::config::ScorerConfig;
-use crate::publish::{Applied, Publisher};
+use crate::load::Control;
+use crate::publish::Publisher;
+use crate::worker::{Work, Worker};
 
 fn consumer_config(cfg: &ScorerConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -33,6 +36,8 @@ fn consumer_config(cfg: &ScorerConfig) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // Consumer lag per partition, for the shedding governor and /metrics.
+        .set("statistics.interval.ms", "1000")
         // Tansu needs short group timeouts (see docs/STACK.md).
         .set("session.timeout.ms", "6000")
         .set("max.poll.interval.ms", "10000")
@@ -40,155 +45,213 @@ fn consumer_config(cfg: &ScorerConfig) -> ClientConfig {
     c
 }
 
-/// Logs and exports partition assignments, so operators (and tests) see who owns what.
-struct Assignments;
+/// A change of partition ownership, queued for the main loop: the callbacks run inside `recv`,
+/// which cannot wait for the workers.
+#[derive(Debug)]
+enum Membership {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
 
-impl ClientContext for Assignments {}
+/// The consumer's context: queues ownership changes and records consumer lag.
+#[derive(Debug)]
+pub struct ScorerContext {
+    membership: Mutex<Vec<Membership>>,
+    control: Arc<Control>,
+    topic: String,
+}
 
-impl ConsumerContext for Assignments {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
+}
+
+impl ClientContext for ScorerContext {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut lag = self.control.lag.lock().expect("lag map");
+        lag.clear();
+        for (&p, part) in &topic.partitions {
+            // -1 = unknown; librdkafka also lists the internal partition -1.
+            if p >= 0 && part.consumer_lag >= 0 {
+                lag.insert(p, part.consumer_lag);
+                metrics::gauge!("ctr_scorer_consumer_lag", "partition" => p.to_string())
+                    .set(part.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ScorerContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            info!(parts = ?partitions(tpl), "partitions revoked");
+            self.membership
+                .lock()
+                .expect("membership queue")
+                .push(Membership::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let parts = partitions(tpl);
                 metrics::gauge!("ctr_scorer_assigned_partitions").set(parts.len() as f64);
                 info!(?parts, "partitions assigned");
+                self.membership
+                    .lock()
+                    .expect("membership queue")
+                    .push(Membership::Assigned(parts));
             }
-            Rebalance::Revoke(tpl) => {
+            Rebalance::Revoke(_) => {
                 metrics::gauge!("ctr_scorer_assigned_partitions").set(0.0);
-                info!(count = tpl.count(), "partitions revoked");
             }
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
     }
 }
 
-/// Consumes until `stop` turns true; commits what was applied before returning.
-pub async fn run(
-    cfg: &ScorerConfig,
-    conn: ConnectionManager,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    let consumer: StreamConsumer<Assignments> =
-        consumer_config(cfg).create_with_context(Assignments)?;
-    consumer.subscribe(&[&cfg.labeled_topic])?;
-    let mut publisher = Publisher::new(conn, &cfg.redis_prefix, cfg.prior);
-    info!(group = %cfg.group, topic = %cfg.labeled_topic, "scorer consuming");
-    let mut batch: BTreeMap<i32, Vec<Applied>> = BTreeMap::new();
-    let mut batched = 0usize;
-    let mut applied_total = 0u64;
-    loop {
-        // Wait for the first record of a batch, then fill it for at most batch_ms.
-        let deadline = Instant::now() + Duration::from_millis(cfg.batch_ms);
-        let mut stopping = false;
-        while batched < cfg.batch_size {
-            let wait = if batched == 0 {
-                Duration::from_millis(500)
-            } else {
-                deadline.saturating_duration_since(Instant::now())
-            };
-            if batched > 0 && wait.is_zero() {
-                break;
-            }
-            tokio::select! {
-                _ = stop.changed() => { stopping = true; break; }
-                r = tokio::time::timeout(wait, consumer.recv()) => match r {
-                    Err(_) => if batched > 0 { break },
-                    Ok(Err(e)) => warn!(error = %e, "consumer error"),
-                    Ok(Ok(msg)) => {
-                        let record = match msg.payload().map(decode::<LabeledImpression>) {
-                            Some(Ok(l)) => match l.validate() {
-                                // Late-click corrections are not applied yet (issue #5 decides
-                                // how); they are counted and their offsets consumed.
-                                Ok(()) if l.kind == LabelKind::LateClick => {
-                                    metrics::counter!("ctr_scorer_corrections_skipped_total").increment(1);
-                                    Publisher::skip(msg.offset())
-                                }
-                                Ok(()) => publisher.record(msg.offset(), &l),
-                                Err(e) => { poison(msg.partition(), msg.offset(), &e); Publisher::skip(msg.offset()) }
-                            },
-                            Some(Err(e)) => { poison(msg.partition(), msg.offset(), &e); Publisher::skip(msg.offset()) }
-                            None => { poison(msg.partition(), msg.offset(), &"no payload"); Publisher::skip(msg.offset()) }
-                        };
-                        batch.entry(msg.partition()).or_default().push(record);
-                        batched += 1;
+/// The workers' queues, indexed by worker.
+struct Router {
+    queues: Vec<mpsc::Sender<Work>>,
+}
+
+impl Router {
+    fn queue(&self, partition: i32) -> &mpsc::Sender<Work> {
+        &self.queues[partition.unsigned_abs() as usize % self.queues.len()]
+    }
+
+    /// Fill of the fullest queue, 0..=1.
+    fn fill(queues: &[mpsc::Sender<Work>]) -> f64 {
+        queues
+            .iter()
+            .map(|q| 1.0 - q.capacity() as f64 / q.max_capacity() as f64)
+            .fold(0.0, f64::max)
+    }
+
+    /// Passes ownership changes to the workers; waits until revoked partitions are handed
+    /// over (published, checkpointed, committed).
+    async fn apply(&self, ctx: &ScorerContext) {
+        let changes = std::mem::take(&mut *ctx.membership.lock().expect("membership queue"));
+        for change in changes {
+            match change {
+                Membership::Revoked(parts) => {
+                    let mut acks = Vec::new();
+                    for p in parts {
+                        let (tx, rx) = oneshot::channel();
+                        if self.queue(p).send(Work::Revoke(p, tx)).await.is_ok() {
+                            acks.push(rx);
+                        }
+                    }
+                    for ack in acks {
+                        // A dropped ack means the worker failed; its error surfaces on join.
+                        let _ = ack.await;
+                    }
+                }
+                Membership::Assigned(parts) => {
+                    for p in parts {
+                        let _ = self.queue(p).send(Work::Assign(p)).await;
                     }
                 }
             }
         }
-        let stopping = stopping || *stop.borrow();
-        if batched > 0 {
-            // On the way out, commit synchronously so a successor starts right after us.
-            let mode = if stopping {
-                CommitMode::Sync
-            } else {
-                CommitMode::Async
-            };
-            applied_total += flush(cfg, &consumer, &mut publisher, &mut batch, mode).await?;
-            batched = 0;
-        }
-        if stopping {
-            break;
-        }
     }
-    info!(applied = applied_total, "scorer stopped");
-    Ok(())
 }
 
-fn poison(partition: i32, offset: i64, reason: &dyn std::fmt::Display) {
-    metrics::counter!("ctr_scorer_poison_total").increment(1);
-    warn!(partition, offset, %reason, "skipping a poison labeled impression");
-}
-
-/// Applies each partition's records to Redis, then stores and commits the offsets.
-async fn flush(
-    cfg: &ScorerConfig,
-    consumer: &StreamConsumer<Assignments>,
-    publisher: &mut Publisher,
-    batch: &mut BTreeMap<i32, Vec<Applied>>,
-    mode: CommitMode,
-) -> Result<u64> {
-    let started = Instant::now();
-    let mut new = 0;
-    let mut offsets = TopicPartitionList::new();
-    for (&partition, records) in batch.iter() {
-        let Some(last) = records.last().map(|r| r.offset) else {
-            continue;
-        };
-        new += apply_with_retry(publisher, &cfg.labeled_topic, partition, records).await?;
-        offsets.add_partition_offset(&cfg.labeled_topic, partition, Offset::Offset(last + 1))?;
+/// Consumes until `stop` turns true (or a worker fails); the workers then publish,
+/// checkpoint and commit everything before this returns.
+pub async fn run(
+    cfg: Arc<ScorerConfig>,
+    redis: redis::aio::ConnectionManager,
+    control: Arc<Control>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let ctx = ScorerContext {
+        membership: Mutex::new(Vec::new()),
+        control: Arc::clone(&control),
+        topic: cfg.labeled_topic.clone(),
+    };
+    let consumer: Arc<StreamConsumer<ScorerContext>> =
+        Arc::new(consumer_config(&cfg).create_with_context(ctx)?);
+    consumer.subscribe(&[&cfg.labeled_topic])?;
+    let mut queues = Vec::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for id in 0..cfg.workers {
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        queues.push(tx);
+        let worker = Worker::new(
+            id,
+            Arc::clone(&cfg),
+            Arc::clone(&consumer),
+            Arc::clone(&control),
+            Publisher::new(redis.clone(), &cfg.redis_prefix),
+            CheckpointStore::new(redis.clone(), &cfg.redis_prefix, &cfg.labeled_topic),
+        );
+        workers.spawn(worker.run(rx));
     }
-    batch.clear();
-    // The effect is in Redis; only now may Kafka learn the position. A failed commit is
-    // harmless (Redis fences replays), so it is logged, not fatal.
-    if let Err(e) = consumer.commit(&offsets, mode) {
-        debug!(error = %e, "offset commit failed; Redis offsets still fence replays");
+    let router = Router { queues };
+    if cfg.shedding {
+        let queues = router.queues.clone();
+        tokio::spawn(crate::load::govern(
+            Arc::clone(&control),
+            crate::load::Governor::new(cfg.min_rate, cfg.lag_bound),
+            move || Router::fill(&queues),
+            stop.clone(),
+        ));
     }
-    metrics::counter!("ctr_scorer_applied_total").increment(new);
-    metrics::histogram!("ctr_scorer_publish_seconds").record(started.elapsed().as_secs_f64());
-    Ok(new)
-}
-
-/// Redis errors here are transient (restart, failover): retry with backoff, because the
-/// records are already consumed and must not be dropped.
-async fn apply_with_retry(
-    publisher: &mut Publisher,
-    topic: &str,
-    partition: i32,
-    records: &[Applied],
-) -> Result<u64> {
-    const ATTEMPTS: u32 = 20;
-    let mut backoff = Duration::from_millis(50);
-    let mut attempt = 1;
+    info!(group = %cfg.group, topic = %cfg.labeled_topic, workers = cfg.workers, "scorer consuming");
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut failed = None;
     loop {
-        match publisher.apply(topic, partition, records).await {
-            Ok(n) => return Ok(n),
-            Err(e) if attempt < ATTEMPTS => {
-                warn!(error = %e, attempt, "Redis apply failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                attempt += 1;
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            Some(done) = workers.join_next() => {
+                failed = Some(done);
+                break;
             }
-            Err(e) => return Err(e.into()),
+            msg = consumer.recv() => {
+                router.apply(consumer.context()).await;
+                match msg {
+                    Ok(m) => {
+                        let (partition, offset) = (m.partition(), m.offset());
+                        let work = Work::Record { partition, offset, payload: m.payload().map(<[u8]>::to_vec) };
+                        drop(m);
+                        if router.queue(partition).send(work).await.is_err() {
+                            break; // a worker stopped; its error is collected below
+                        }
+                    }
+                    // Broker hiccups are transient: librdkafka reconnects; keep polling.
+                    Err(e) => warn!(error = %e, "consumer error"),
+                }
+            }
+            _ = tick.tick() => router.apply(consumer.context()).await,
         }
     }
+    // Closing the queues lets every worker publish, checkpoint and commit, then stop.
+    drop(router);
+    let mut result = Ok(());
+    let mut outcome = failed;
+    loop {
+        let done = match outcome.take() {
+            Some(d) => d,
+            None => match workers.join_next().await {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "worker failed");
+                result = Err(crate::Error::Worker(e.to_string()));
+            }
+            Err(e) => result = Err(crate::Error::Worker(format!("worker panicked: {e}"))),
+        }
+    }
+    result
 }

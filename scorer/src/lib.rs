@@ -1,18 +1,27 @@
 //! `ctr-scorer`: learns CTR from labeled impressions and publishes it.
 //!
 //! - [`config`]: the service's settings.
+//! - [`state`]: one partition's state (models, dedupe, sampling) and what a record does to it.
+//! - [`worker`]: keyed workers, each the single owner of its partitions' state.
+//! - [`consumer`]: the Kafka consumer-group loop that feeds the workers.
 //! - [`publish`]: the Redis key layout and the atomic, offset-fenced apply of a batch.
-//! - [`consumer`]: the Kafka consumer-group loop (one owner per partition, hence per ad).
-//! - [`api`]: the HTTP API (`GET /v1/ctr`, health, metrics).
+//! - [`checkpoint`]: durable per-partition snapshots with their offsets.
+//! - [`load`]: load shedding and the learning guard.
+//! - [`api`]: the HTTP API (`POST /v1/rank`, `GET /v1/ctr`, OpenAPI, health, metrics).
 //! - [`run`]: wires them together; `main.rs` only parses settings and calls it.
 
 pub mod api;
+pub mod checkpoint;
 pub mod config;
 pub mod consumer;
+pub mod load;
 pub mod publish;
 pub mod state;
+pub mod worker;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -31,17 +40,21 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("worker: {0}")]
+    Worker(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Runs the consumer loop and the HTTP API until `shutdown` resolves or either fails.
+/// Runs the consumer, the workers, the guard and the HTTP API until `shutdown` resolves or
+/// one of them fails.
 pub async fn run(
     config: ScorerConfig,
     listener: TcpListener,
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let config = Arc::new(config);
     let redis = redis::Client::open(config.redis_url.as_str())?;
     let conn = redis.get_connection_manager().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -49,14 +62,48 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let control = Arc::new(load::Control::default());
+    tokio::spawn(load::guard(
+        Arc::clone(&control),
+        conn.clone(),
+        format!("{}signal:joiner", config.redis_prefix),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(report_models(Arc::clone(&control), stop_rx.clone()));
     info!(addr = %listener.local_addr()?, "HTTP API listening");
     let api = api::serve(
         listener,
-        api::ApiState::new(&config, conn.clone(), metrics),
+        api::ApiState::new(&config, conn.clone(), metrics, Arc::clone(&control)),
         stop_rx.clone(),
     );
-    let consume = consumer::run(&config, conn, stop_rx);
+    let consume = consumer::run(Arc::clone(&config), conn, control, stop_rx);
     let (a, c) = tokio::join!(api, consume);
     a?;
     c
+}
+
+/// Exports progressive-validation metrics per model, merged over the owned partitions.
+async fn report_models(control: Arc<load::Control>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        for (name, cumulative, window) in load::merged_models(&control) {
+            for (scope, m) in [("cumulative", &cumulative), ("window", &window)] {
+                let labels = [("model", name.clone()), ("scope", scope.to_string())];
+                let set = |metric: &'static str, v: Option<f64>| {
+                    if let Some(v) = v {
+                        metrics::gauge!(metric, &labels).set(v);
+                    }
+                };
+                set("ctr_scorer_model_log_loss", m.log_loss());
+                set("ctr_scorer_model_ne", m.normalized_entropy());
+                set("ctr_scorer_model_auc", m.auc());
+                set("ctr_scorer_model_calibration", m.calibration());
+                set("ctr_scorer_model_examples", Some(m.weight()));
+            }
+        }
+    }
 }

@@ -1,0 +1,303 @@
+//! Load shedding and the learning guard: the switches every worker reads per record.
+//!
+//! Overload is judged from two signals against configured bounds: how full the workers'
+//! queues are (the consumer outruns the workers) and the consumer lag per partition (the
+//! input outruns the consumer). The [`Governor`] turns them into the keep-rate of negatives:
+//! multiplicative decrease while overloaded, multiplicative increase once both signals are
+//! well below their bounds, and exactly 1 (nothing shed) when there is no overload. The rate
+//! and every shed record are exported (`ctr_scorer_negative_keep_rate`,
+//! `ctr_scorer_records_total{outcome="shed"}`).
+//!
+//! Only negatives are sampled, each kept one carrying the importance weight 1/rate
+//! ([`crate::state::Sampler`]); clicks are always learned. Every record, shed or not, still
+//! counts in the exact totals. With the default floor of 1% on the keep-rate, learning work
+//! falls ~30× at a 2–3% CTR; what is left (decoding, dedupe, counting) cannot be shed without
+//! losing the exact totals, so past that point lag grows and is reported.
+//!
+//! The learning guard follows the joiner's click-stream stall signal (`<prefix>signal:joiner`,
+//! see `ctr-feedback`'s `signals`): while any joiner reports a stall, workers stop learning and
+//! keep counting and serving; the switch is logged and exported as `ctr_scorer_learning_paused`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ctr_models::Metrics;
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::state::Policy;
+
+/// What a partition owner reports for monitoring.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionReport {
+    /// Per serving and shadow variant: (name, cumulative metrics, sliding-window metrics).
+    pub models: Vec<(String, Metrics, Metrics)>,
+    pub examples: u64,
+    pub dedupe_ids: usize,
+    pub newest_ms: i64,
+}
+
+/// State shared by the consumer, the workers and the monitoring tasks.
+#[derive(Debug)]
+pub struct Control {
+    rate_bits: AtomicU64,
+    learning: AtomicBool,
+    /// Consumer lag per partition, from librdkafka's statistics.
+    pub lag: Mutex<BTreeMap<i32, i64>>,
+    /// Latest report per owned partition.
+    pub reports: Mutex<BTreeMap<i32, PartitionReport>>,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            rate_bits: AtomicU64::new(1.0f64.to_bits()),
+            learning: AtomicBool::new(true),
+            lag: Mutex::default(),
+            reports: Mutex::default(),
+        }
+    }
+}
+
+impl Control {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            negative_rate: f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
+            learn: self.learning.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn set_rate(&self, rate: f64) {
+        self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn learning(&self) -> bool {
+        self.learning.load(Ordering::Relaxed)
+    }
+
+    fn set_learning(&self, on: bool) {
+        self.learning.store(on, Ordering::Relaxed);
+    }
+
+    pub fn max_lag(&self) -> i64 {
+        self.lag
+            .lock()
+            .expect("lag map")
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Each model's metrics merged over every owned partition: (name, cumulative, window).
+pub fn merged_models(control: &Control) -> Vec<(String, Metrics, Metrics)> {
+    let reports = control.reports.lock().expect("reports");
+    let mut out: Vec<(String, Metrics, Metrics)> = Vec::new();
+    for report in reports.values() {
+        for (name, cumulative, window) in &report.models {
+            match out.iter_mut().find(|(n, _, _)| n == name) {
+                Some((_, c, w)) => {
+                    c.merge(cumulative);
+                    w.merge(window);
+                }
+                None => out.push((name.clone(), cumulative.clone(), window.clone())),
+            }
+        }
+    }
+    out
+}
+
+/// The keep-rate controller (pure).
+#[derive(Debug, Clone)]
+pub struct Governor {
+    rate: f64,
+    min_rate: f64,
+    lag_bound: i64,
+}
+
+impl Governor {
+    /// Queue fill at or above this is overload.
+    pub const QUEUE_HIGH: f64 = 0.8;
+    /// Below this (and lag below half its bound) the rate recovers.
+    pub const QUEUE_LOW: f64 = 0.5;
+
+    pub fn new(min_rate: f64, lag_bound: i64) -> Self {
+        Self {
+            rate: 1.0,
+            min_rate,
+            lag_bound,
+        }
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// One control step from the fullest queue's fill (0..=1) and the largest lag.
+    pub fn step(&mut self, queue_fill: f64, max_lag: i64) -> f64 {
+        if queue_fill >= Self::QUEUE_HIGH || max_lag > self.lag_bound {
+            self.rate = (self.rate * 0.7).max(self.min_rate);
+        } else if queue_fill < Self::QUEUE_LOW && max_lag <= self.lag_bound / 2 {
+            self.rate = (self.rate * 1.25).min(1.0);
+            if self.rate > 0.99 {
+                self.rate = 1.0;
+            }
+        }
+        self.rate
+    }
+}
+
+/// Runs the governor every 250 ms until `stop`: `fill` reports the fullest worker queue.
+pub async fn govern(
+    control: std::sync::Arc<Control>,
+    mut governor: Governor,
+    fill: impl Fn() -> f64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let (f, lag) = (fill(), control.max_lag());
+        let before = governor.rate();
+        let rate = governor.step(f, lag);
+        control.set_rate(rate);
+        metrics::gauge!("ctr_scorer_negative_keep_rate").set(rate);
+        metrics::gauge!("ctr_scorer_queue_fill").set(f);
+        if (before == 1.0) != (rate == 1.0) {
+            if rate < 1.0 {
+                warn!(
+                    queue_fill = f,
+                    lag, rate, "overloaded: shedding negatives (importance-weighted)"
+                );
+            } else {
+                info!("load back to normal: nothing shed");
+            }
+        }
+    }
+}
+
+/// One joiner's entry in the signal hash (fields the guard needs).
+#[derive(Debug, Deserialize)]
+struct JoinerSignal {
+    stalled: bool,
+    reason: Option<String>,
+    updated_ms: i64,
+}
+
+/// A signal older than this is ignored (its joiner is gone).
+const SIGNAL_FRESH_MS: i64 = 30_000;
+
+/// Whether any fresh joiner signal reports a stall; the first reason found.
+fn stalled(entries: &HashMap<String, String>, now_ms: i64) -> (bool, Option<String>) {
+    for (instance, json) in entries {
+        match serde_json::from_str::<JoinerSignal>(json) {
+            Ok(s) if s.stalled && now_ms - s.updated_ms <= SIGNAL_FRESH_MS => {
+                return (
+                    true,
+                    Some(format!("{instance}: {}", s.reason.unwrap_or_default())),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(%instance, error = %e, "unreadable joiner signal ignored"),
+        }
+    }
+    (false, None)
+}
+
+/// Polls the joiner's signal every second and flips the learning guard.
+pub async fn guard(
+    control: std::sync::Arc<Control>,
+    mut redis: ConnectionManager,
+    key: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let entries: HashMap<String, String> = match redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "reading the joiner signal failed; guard unchanged");
+                continue;
+            }
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let (stall, reason) = stalled(&entries, now);
+        if stall == control.learning() {
+            if stall {
+                warn!(
+                    reason = reason.as_deref().unwrap_or(""),
+                    "click stream stalled: learning paused, serving continues"
+                );
+            } else {
+                info!("click stream healthy again: learning resumed");
+            }
+            control.set_learning(!stall);
+        }
+        metrics::gauge!("ctr_scorer_learning_paused").set(f64::from(u8::from(stall)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_overload_sheds_nothing() {
+        let mut g = Governor::new(0.01, 1_000);
+        for _ in 0..100 {
+            assert_eq!(g.step(0.79, 1_000), 1.0);
+        }
+    }
+
+    #[test]
+    fn overload_lowers_the_rate_to_the_floor_then_it_recovers_to_exactly_one() {
+        let mut g = Governor::new(0.05, 1_000);
+        let mut last = 1.0;
+        for _ in 0..50 {
+            let r = g.step(0.95, 0);
+            assert!(r <= last);
+            last = r;
+        }
+        assert_eq!(last, 0.05);
+        assert!(g.step(0.0, 5_000) <= 0.05, "lag alone is overload");
+        // Between the bounds the rate holds.
+        assert_eq!(g.step(0.6, 0), 0.05);
+        for _ in 0..50 {
+            g.step(0.1, 100);
+        }
+        assert_eq!(g.rate(), 1.0);
+    }
+
+    #[test]
+    fn only_fresh_stall_signals_count() {
+        let fresh = r#"{"stalled":true,"reason":"no clicks","updated_ms":100000}"#;
+        let old = r#"{"stalled":true,"reason":"no clicks","updated_ms":1000}"#;
+        let ok = r#"{"stalled":false,"reason":null,"updated_ms":100000}"#;
+        let map = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        assert!(stalled(&map(&[("a", fresh), ("b", ok)]), 110_000).0);
+        assert!(!stalled(&map(&[("a", old), ("b", ok)]), 110_000).0);
+        assert!(!stalled(&map(&[("a", "garbage")]), 110_000).0);
+    }
+}

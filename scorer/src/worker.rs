@@ -1,0 +1,498 @@
+//! A keyed worker: the single owner of the state of its partitions (S4's processing element).
+//!
+//! Partition `p` belongs to worker `p mod workers`, and an ad to exactly one partition (labels
+//! are keyed by ad), so every ad's state has one owner and the hot path takes no lock. A
+//! worker receives [`Work`] in order through a bounded queue: records, and ownership changes
+//! from the consumer. Per record it decodes, drops duplicates, learns (or sheds, or holds off
+//! under the learning guard) and notes the record's effect on the exact totals and which
+//! estimates changed. Every `batch_ms` or `batch_size` records it publishes each partition's
+//! batch atomically ([`crate::publish`]); every `checkpoint_every` it checkpoints each
+//! partition ([`crate::checkpoint`]) and only then commits the offsets to Kafka.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ctr_models::{Impression, Level, ModelError};
+use ctr_schemas::{Context, DecodeError, LabeledImpression, ValidationError, decode};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::config::ScorerConfig;
+use crate::consumer::ScorerContext;
+use crate::load::{Control, PartitionReport};
+use crate::publish::{Applied, Counted, Published, Publisher, ad_context_key, ad_key};
+use crate::state::{Outcome, PartitionState};
+
+/// What the consumer sends a worker.
+#[derive(Debug)]
+pub enum Work {
+    Record {
+        partition: i32,
+        offset: i64,
+        payload: Option<Vec<u8>>,
+    },
+    /// The partition was assigned to this process: restore its checkpoint now.
+    Assign(i32),
+    /// The partition was revoked: publish, checkpoint and commit it, drop it, then answer.
+    Revoke(i32, oneshot::Sender<()>),
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("Redis kept failing while publishing partition {partition}: {source}")]
+    Publish {
+        partition: i32,
+        source: redis::RedisError,
+    },
+}
+
+/// A record that is not used.
+#[derive(Debug, thiserror::Error)]
+enum Poison {
+    #[error("undecodable: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("invalid: {0}")]
+    Invalid(#[from] ValidationError),
+    #[error("rejected by the models: {0}")]
+    Model(#[from] ModelError),
+    #[error("message has no payload")]
+    Empty,
+}
+
+impl Poison {
+    fn label(&self) -> &'static str {
+        match self {
+            Poison::Decode(_) | Poison::Empty => "undecodable",
+            Poison::Invalid(_) => "invalid",
+            Poison::Model(_) => "rejected",
+        }
+    }
+}
+
+/// Ads whose estimates changed since the last publish, with the contexts they were seen in.
+#[derive(Debug, Default)]
+struct Dirty {
+    ads: HashMap<String, (String, HashMap<String, Context>)>,
+}
+
+struct Owned {
+    state: PartitionState,
+    pending: Vec<Applied>,
+    dirty: Dirty,
+    /// Records seen since the last checkpoint (a clean partition is not re-saved).
+    changed: bool,
+}
+
+pub struct Worker {
+    id: usize,
+    cfg: Arc<ScorerConfig>,
+    consumer: Arc<StreamConsumer<ScorerContext>>,
+    control: Arc<Control>,
+    publisher: Publisher,
+    store: CheckpointStore,
+    parts: HashMap<i32, Owned>,
+    pending: usize,
+    serve_model: String,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("partitions", &self.parts.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Outcome label for the records counter.
+fn outcome_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Learned { .. } => "learned",
+        Outcome::Shed => "shed",
+        Outcome::Guarded { .. } | Outcome::CorrectionGuarded => "guarded",
+        Outcome::Corrected => "corrected",
+        Outcome::Duplicate => "duplicate",
+    }
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        cfg: Arc<ScorerConfig>,
+        consumer: Arc<StreamConsumer<ScorerContext>>,
+        control: Arc<Control>,
+        publisher: Publisher,
+        store: CheckpointStore,
+    ) -> Self {
+        let serve_model = cfg.serve_model.clone();
+        Self {
+            id,
+            cfg,
+            consumer,
+            control,
+            publisher,
+            store,
+            parts: HashMap::new(),
+            pending: 0,
+            serve_model,
+        }
+    }
+
+    /// Processes work until the queue closes; then publishes, checkpoints and commits all.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<(), WorkerError> {
+        let span = info_span!("worker", id = self.id);
+        async move {
+            let mut buf = Vec::with_capacity(self.cfg.batch_size);
+            let batch_wait = Duration::from_millis(self.cfg.batch_ms);
+            let mut batch_started = Instant::now();
+            let mut last_checkpoint = Instant::now();
+            let mut last_report = Instant::now();
+            loop {
+                let received = if self.pending == 0 {
+                    // Idle: wake up now and then for checkpoints and reports.
+                    tokio::time::timeout(
+                        Duration::from_millis(500),
+                        rx.recv_many(&mut buf, self.cfg.batch_size),
+                    )
+                    .await
+                } else {
+                    let left = batch_wait.saturating_sub(batch_started.elapsed());
+                    tokio::time::timeout(left, rx.recv_many(&mut buf, self.cfg.batch_size)).await
+                };
+                let closed = matches!(received, Ok(0));
+                let was_empty = self.pending == 0;
+                for work in buf.drain(..) {
+                    self.handle(work).await?;
+                }
+                if was_empty && self.pending > 0 {
+                    batch_started = Instant::now();
+                }
+                if self.pending >= self.cfg.batch_size
+                    || (self.pending > 0 && batch_started.elapsed() >= batch_wait)
+                    || closed
+                {
+                    self.publish_all().await?;
+                }
+                if closed {
+                    self.checkpoint_all(CommitMode::Sync).await?;
+                    break;
+                }
+                if last_checkpoint.elapsed() >= self.cfg.checkpoint_every {
+                    self.publish_all().await?;
+                    self.checkpoint_all(CommitMode::Async).await?;
+                    last_checkpoint = Instant::now();
+                }
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    self.report();
+                    last_report = Instant::now();
+                }
+            }
+            info!("worker stopped; state checkpointed");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn handle(&mut self, work: Work) -> Result<(), WorkerError> {
+        match work {
+            Work::Record {
+                partition,
+                offset,
+                payload,
+            } => self.record(partition, offset, payload.as_deref()).await,
+            Work::Assign(p) => self.owned(p).await.map(|_| ()),
+            Work::Revoke(p, done) => {
+                if self.parts.contains_key(&p) {
+                    self.publish(p).await?;
+                    self.checkpoint(&[p], CommitMode::Sync).await?;
+                    self.parts.remove(&p);
+                    self.control.reports.lock().expect("reports").remove(&p);
+                    info!(partition = p, "partition handed over");
+                }
+                let _ = done.send(());
+                Ok(())
+            }
+        }
+    }
+
+    /// The state of `p`, restored from its checkpoint if this worker does not hold it yet.
+    async fn owned(&mut self, p: i32) -> Result<&mut Owned, WorkerError> {
+        if !self.parts.contains_key(&p) {
+            let state = match self.store.load(p).await? {
+                Some(st) => {
+                    info!(partition = p, next_offset = ?st.next_offset, examples = st.models().examples(),
+                          "restored partition state from checkpoint");
+                    metrics::counter!("ctr_scorer_restores_total").increment(1);
+                    st
+                }
+                None => {
+                    let models = ctr_models::ModelSet::new(self.cfg.models.clone())
+                        .expect("variant settings were checked at start-up");
+                    PartitionState::new(models, self.cfg.dedupe_horizon_ms)
+                }
+            };
+            self.parts.insert(
+                p,
+                Owned {
+                    state,
+                    pending: Vec::new(),
+                    dirty: Dirty::default(),
+                    changed: false,
+                },
+            );
+        }
+        Ok(self.parts.get_mut(&p).expect("inserted above"))
+    }
+
+    async fn record(
+        &mut self,
+        p: i32,
+        offset: i64,
+        payload: Option<&[u8]>,
+    ) -> Result<(), WorkerError> {
+        let policy = self.control.policy();
+        let prefix = self.publisher.prefix().to_string();
+        let own = self.owned(p).await?;
+        match own.state.next_offset {
+            Some(next) if offset < next => return Ok(()), // already in the restored state
+            Some(next) if offset > next => warn!(
+                partition = p,
+                expected = next,
+                got = offset,
+                "gap in the partition (retention?): records in between were never seen"
+            ),
+            _ => {}
+        }
+        own.state.next_offset = Some(offset + 1);
+        own.changed = true;
+        let started = Instant::now();
+        let result = match payload {
+            None => Err(Poison::Empty),
+            Some(bytes) => decode::<LabeledImpression>(bytes)
+                .map_err(Poison::from)
+                .and_then(|l| l.validate().map(|()| l).map_err(Poison::from))
+                .and_then(|l| {
+                    own.state
+                        .apply(&l, policy)
+                        .map(|o| (l, o))
+                        .map_err(Poison::from)
+                }),
+        };
+        let counted = match result {
+            Ok((l, outcome)) => {
+                metrics::counter!("ctr_scorer_records_total", "outcome" => outcome_label(&outcome))
+                    .increment(1);
+                if offset % 64 == 0 {
+                    metrics::histogram!("ctr_scorer_update_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                }
+                outcome.count_delta().map(|(imps, clicks)| {
+                    let ctx_key = l.context.key();
+                    let c = Counted {
+                        ad_key: ad_key(&prefix, &l.ad_id),
+                        ad_context_key: ad_context_key(&prefix, &l.ad_id, &ctx_key),
+                        imps,
+                        clicks,
+                    };
+                    let entry = own
+                        .dirty
+                        .ads
+                        .entry(l.ad_id)
+                        .or_insert_with(|| (l.campaign_id, HashMap::new()));
+                    entry.1.entry(ctx_key).or_insert(l.context);
+                    c
+                })
+            }
+            Err(reason) => {
+                metrics::counter!("ctr_scorer_poison_total", "reason" => reason.label())
+                    .increment(1);
+                warn!(partition = p, offset, %reason, "skipping a poison labeled impression");
+                None
+            }
+        };
+        own.pending.push(Applied { offset, counted });
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// The serving variant's estimates for every dirty key of `own`.
+    fn estimates(&self, own: &mut Owned) -> Vec<Published> {
+        let prefix = self.publisher.prefix();
+        let Some(model) = own.state.models().variant(&self.serve_model) else {
+            return Vec::new();
+        };
+        let ts_ms = own.state.newest_ms().max(0);
+        let mut out = Vec::new();
+        for (ad, (campaign, contexts)) in own.dirty.ads.drain() {
+            let predict = |context: &[(&str, &str)]| {
+                model.predict(&Impression {
+                    ad: &ad,
+                    campaign: &campaign,
+                    position: 1,
+                    context,
+                    ts_ms,
+                })
+            };
+            let whole = predict(&[]);
+            out.push(Published {
+                key: ad_key(prefix, &ad),
+                pctr: whole.p,
+                level: whole.level.unwrap_or(Level::BackedOff),
+            });
+            for (ctx_key, ctx) in contexts {
+                let e = predict(&ctx.pairs());
+                out.push(Published {
+                    key: ad_context_key(prefix, &ad, &ctx_key),
+                    pctr: e.p,
+                    level: e.level.unwrap_or(Level::Exact),
+                });
+            }
+        }
+        out
+    }
+
+    async fn publish_all(&mut self) -> Result<(), WorkerError> {
+        let parts: Vec<i32> = self.parts.keys().copied().collect();
+        for p in parts {
+            self.publish(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies partition `p`'s pending records and changed estimates to Redis. Redis errors
+    /// are retried with backoff (the records are consumed and must not be dropped); after
+    /// about a minute of failures the worker stops and the process exits non-zero, to be
+    /// restarted from the last checkpoint.
+    async fn publish(&mut self, p: i32) -> Result<(), WorkerError> {
+        let Some(mut own) = self.parts.remove(&p) else {
+            return Ok(());
+        };
+        if own.pending.is_empty() {
+            self.parts.insert(p, own);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let estimates = self.estimates(&mut own);
+        let topic = self.cfg.labeled_topic.clone();
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 1;
+        let result = loop {
+            match self
+                .publisher
+                .apply(&topic, p, &own.pending, &estimates, &self.serve_model)
+                .instrument(info_span!("publish", partition = p))
+                .await
+            {
+                Ok(n) => break Ok(n),
+                Err(e) if attempt < 40 => {
+                    warn!(partition = p, error = %e, attempt, "Redis publish failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    attempt += 1;
+                }
+                Err(source) => {
+                    break Err(WorkerError::Publish {
+                        partition: p,
+                        source,
+                    });
+                }
+            }
+        };
+        let records = own.pending.len();
+        own.pending.clear();
+        self.pending -= records;
+        self.parts.insert(p, own);
+        let new = result?;
+        metrics::counter!("ctr_scorer_applied_total").increment(new);
+        metrics::histogram!("ctr_scorer_publish_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("ctr_scorer_publish_batch_records").record(records as f64);
+        metrics::histogram!("ctr_scorer_publish_batch_estimates").record(estimates.len() as f64);
+        Ok(())
+    }
+
+    async fn checkpoint_all(&mut self, mode: CommitMode) -> Result<(), WorkerError> {
+        let parts: Vec<i32> = self
+            .parts
+            .iter()
+            .filter(|(_, o)| o.changed)
+            .map(|(p, _)| *p)
+            .collect();
+        self.checkpoint(&parts, mode).await
+    }
+
+    /// Checkpoints `parts` (already published), then commits their offsets.
+    async fn checkpoint(&mut self, parts: &[i32], mode: CommitMode) -> Result<(), WorkerError> {
+        let mut offsets = TopicPartitionList::new();
+        for &p in parts {
+            let Some(own) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            debug_assert!(own.pending.is_empty(), "checkpoint before publish");
+            let started = Instant::now();
+            own.state.maintain(self.cfg.idle_ms);
+            let (written, bytes) = self.store.save(p, &own.state).await?;
+            own.changed = false;
+            metrics::histogram!("ctr_scorer_checkpoint_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::gauge!("ctr_scorer_checkpoint_bytes", "partition" => p.to_string())
+                .set(bytes as f64);
+            if !written {
+                warn!(
+                    partition = p,
+                    "a newer checkpoint exists (partition moved to another scorer); not overwriting it"
+                );
+                continue;
+            }
+            if let Some(next) = own.state.next_offset
+                && let Err(e) =
+                    offsets.add_partition_offset(&self.cfg.labeled_topic, p, Offset::Offset(next))
+            {
+                warn!(partition = p, error = %e, "cannot build the offset commit");
+            }
+        }
+        if offsets.count() > 0
+            && let Err(e) = self.consumer.commit(&offsets, mode)
+        {
+            // Harmless: the checkpoint, not Kafka, decides where a new owner resumes.
+            debug!(error = %e, "offset commit failed");
+        }
+        Ok(())
+    }
+
+    /// Publishes this worker's partitions' model health for the monitoring side.
+    fn report(&self) {
+        let mut reports = self.control.reports.lock().expect("reports");
+        for (&p, own) in &self.parts {
+            let models = own
+                .state
+                .models()
+                .variants()
+                .iter()
+                .map(|v| {
+                    (
+                        v.name().to_string(),
+                        v.metrics().clone(),
+                        v.window().window(),
+                    )
+                })
+                .collect();
+            reports.insert(
+                p,
+                PartitionReport {
+                    models,
+                    examples: own.state.models().examples(),
+                    dedupe_ids: own.state.dedupe().len(),
+                    newest_ms: own.state.newest_ms(),
+                },
+            );
+        }
+    }
+}
