@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 
 use ctr_e2e::*;
 use ctr_schemas::{AdShown, Click, Context, Encoder, Serve};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const SERVES: i64 = 300_000;
 
@@ -73,31 +71,7 @@ fn main() {
     );
 
     // Bare consumer over the same input.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("bare"))
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for t in [&serves, &clicks] {
-        for p in 0..4 {
-            tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
-        }
-    }
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
-    let mut n = 0usize;
-    while n < total {
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            m.unwrap();
-            n += 1;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "bare consumer stalled at {n}"
-        );
-    }
-    let bare = total as f64 / started.elapsed().as_secs_f64();
+    let bare = bare_consume_rate(&[&serves, &clicks], 4, total);
 
     let port = free_port();
     let joiner = Service::start(

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ctr_schemas::{Context, Encoder, LabelKind, LabeledImpression};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -373,4 +374,193 @@ impl Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The sum of a Prometheus metric over all its label sets whose label text contains `filter`
+/// (e.g. `outcome="shed"`; empty = all).
+pub fn metric_sum(page: &str, name: &str, filter: &str) -> Option<f64> {
+    let mut found = None;
+    for line in page.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let base = series.split('{').next().unwrap_or("");
+        if base == name && series.contains(filter) {
+            let v: f64 = value.parse().ok()?;
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// POSTs JSON to `url`; returns the status and body whatever the status.
+pub fn http_post_json(url: &str, body: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    match agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)
+    {
+        Ok(mut r) => (
+            r.status().as_u16(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+        ),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Event time of the first generated label.
+pub const LABELS_T0: i64 = 1_760_000_000_000;
+
+/// A labeled stream and the exact per-ad totals it implies.
+#[derive(Debug)]
+pub struct Stream {
+    pub records: Vec<(String, String, Vec<u8>)>,
+    /// ad → (impressions, clicks) over distinct label IDs.
+    pub expected: BTreeMap<String, (u64, u64)>,
+    /// ad → click probability at the top slot (the generator's truth).
+    pub truth: BTreeMap<String, f64>,
+}
+
+/// xorshift64*: deterministic, no dependency.
+#[derive(Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `n` labels over `ads` ads with Zipf-like traffic, positions with a known bias, 5% of the
+/// labels re-emitted later (a restarted joiner) and late-click corrections for 1% of the
+/// negatives (some re-emitted too).
+pub fn labeled_stream(topic: &str, n: usize, ads: usize, seed: u64) -> Stream {
+    let mut rng = Rng(seed | 1);
+    let mut enc = Encoder::<LabeledImpression>::new();
+    let weights: Vec<f64> = (0..ads).map(|i| 1.0 / (i as f64 + 1.0)).collect();
+    let total: f64 = weights.iter().sum();
+    let truth: BTreeMap<String, f64> = (0..ads)
+        .map(|i| {
+            (
+                format!("ad-{i:03}"),
+                0.01 + 0.08 * ((i * 37) % 100) as f64 / 100.0,
+            )
+        })
+        .collect();
+    let bias = [1.0, 0.7, 0.5, 0.35];
+    let mut labels: Vec<LabeledImpression> = Vec::with_capacity(n + n / 10);
+    let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for i in 0..n {
+        let mut u = rng.unit() * total;
+        let ad_idx = weights
+            .iter()
+            .position(|w| {
+                u -= w;
+                u <= 0.0
+            })
+            .unwrap_or(ads - 1);
+        let ad = format!("ad-{ad_idx:03}");
+        let position = 1 + (rng.next() % 4) as usize;
+        let clicked = rng.unit() < truth[&ad] * bias[position - 1];
+        let pick = |r: &mut Rng, v: &[&str]| v[(r.next() % v.len() as u64) as usize].to_string();
+        let ts = LABELS_T0 + i as i64 * 20;
+        let l = LabeledImpression {
+            label_id: format!("{}:{ad}", 10_000_000 + i),
+            serve_id: 10_000_000 + i as i64,
+            ad_id: ad.clone(),
+            campaign_id: format!("camp-{}", ad_idx % 7),
+            position: position as i32,
+            context: Context {
+                query_category: pick(&mut rng, &["travel", "shoes", "news"]),
+                geo: pick(&mut rng, &["US", "DE", "FR"]),
+                device: pick(&mut rng, &["mobile", "desktop"]),
+                extra: Default::default(),
+            },
+            clicked,
+            ts_ms: ts,
+            click_ts_ms: clicked.then_some(ts + 500),
+            kind: LabelKind::Label,
+        };
+        let e = expected.entry(ad.clone()).or_default();
+        e.0 += 1;
+        e.1 += u64::from(clicked);
+        labels.push(l.clone());
+        if !clicked && i % 100 == 7 {
+            let mut late = l.clone();
+            late.label_id.push_str(":late");
+            late.clicked = true;
+            late.click_ts_ms = Some(ts + 60_000);
+            late.kind = LabelKind::LateClick;
+            e.1 += 1;
+            labels.push(late.clone());
+            if i % 200 == 7 {
+                labels.push(late);
+            }
+        }
+        // A re-emitted copy some records later, as a restarted joiner would produce.
+        if i % 20 == 3 && i >= 500 {
+            let earlier = labels[labels.len() - 400].clone();
+            labels.push(earlier);
+        }
+    }
+    let records = labels
+        .iter()
+        .map(|l| {
+            (
+                topic.to_string(),
+                l.ad_id.clone(),
+                enc.encode(l).expect("encodes"),
+            )
+        })
+        .collect();
+    Stream {
+        records,
+        expected,
+        truth,
+    }
+}
+
+/// Reads `total` records from partitions `0..partitions` of `topics` with a bare rdkafka
+/// consumer (no processing): the baseline the services' through-broker rates are compared
+/// with. Returns records/s.
+pub fn bare_consume_rate(topics: &[&str], partitions: i32, total: usize) -> f64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("bare"))
+        .create()
+        .expect("bare consumer");
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..partitions {
+            tpl.add_partition_offset(t, p, Offset::Beginning)
+                .expect("partition");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let started = Instant::now();
+    let mut n = 0usize;
+    while n < total {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            m.expect("bare consumer read");
+            n += 1;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "bare consumer stalled at {n}"
+        );
+    }
+    total as f64 / started.elapsed().as_secs_f64()
 }

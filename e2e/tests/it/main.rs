@@ -3,3 +3,4 @@
 mod broker;
 mod joiner;
 mod pipeline;
+mod scorer;

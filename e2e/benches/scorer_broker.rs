@@ -1,0 +1,174 @@
+//! The scorer through the real broker and Redis (issue #5), against a bare rdkafka consumer
+//! reading the same topic in the same run; and freshness: click production to the changed
+//! pCTR readable in Redis.
+//!
+//! Run (stack up, release binaries built: `cargo build --release --workspace --bins`):
+//! `cargo bench -p ctr-e2e --bench scorer_broker`
+//!
+//! Throughput input: 300,000 labels (plus re-emitted duplicates and late clicks) over 60 ads
+//! on 4 partitions, produced before either reader starts. The scorer runs with its defaults
+//! (counts, FTRL and combined learning side by side; shedding off so every record is learned)
+//! and is timed from partition assignment until its records counter covers the topic
+//! (exported once a second: conservative by up to a second).
+
+use std::time::{Duration, Instant};
+
+use ctr_e2e::*;
+use ctr_schemas::{Context, Encoder, LabelKind, LabeledImpression};
+
+fn scorer(topic: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
+    let mut args = vec![
+        format!("--brokers={}", brokers()),
+        format!("--labeled-topic={topic}"),
+        format!("--group={prefix}g"),
+        format!("--redis-url={}", redis_url()),
+        format!("--redis-prefix={prefix}"),
+        format!("--http-addr=127.0.0.1:{port}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start("scorer", "ctr-scorer", &args)
+}
+
+fn records_total(port: u16) -> Option<f64> {
+    metric_sum(
+        &http_get(&format!("http://127.0.0.1:{port}/metrics"))?,
+        "ctr_scorer_records_total",
+        "",
+    )
+}
+
+fn throughput() {
+    let topic = format!("{}.labeled", unique("bench"));
+    create_topics(&[(&topic, 4)]);
+    let stream = labeled_stream(&topic, 300_000, 60, 5);
+    let total = stream.records.len();
+    let started = Instant::now();
+    produce_all(&stream.records);
+    eprintln!(
+        "produced {total} labels in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let bare = bare_consume_rate(&[&topic], 4, total);
+    let port = free_port();
+    let prefix = format!("{}:", unique("bench"));
+    let s = scorer(&topic, &prefix, port, &["--shedding=false"]);
+    let metrics = |name: &str| {
+        http_get(&format!("http://127.0.0.1:{port}/metrics")).and_then(|p| metric(&p, name))
+    };
+    eventually(
+        Duration::from_secs(60),
+        "assignment",
+        || metrics("ctr_scorer_assigned_partitions").filter(|v| *v > 0.0),
+        || s.output(),
+    );
+    let started = Instant::now();
+    eventually(
+        Duration::from_secs(600),
+        "every label consumed",
+        || records_total(port).filter(|v| *v as usize >= total),
+        || s.output(),
+    );
+    let scored = total as f64 / started.elapsed().as_secs_f64();
+    s.stop();
+    println!("bare consumer: {bare:.0} labels/s");
+    println!("scorer (decode, dedupe, learn 3 variants, publish to Redis): {scored:.0} labels/s");
+    println!("ratio scorer / bare consumer: {:.2}", scored / bare);
+}
+
+/// Produces one click label at a time at a steady background load and measures how long
+/// until its ad's `clicks` total in Redis moves (the same write carries the new pCTR).
+fn freshness() {
+    let topic = format!("{}.labeled", unique("fresh"));
+    create_topics(&[(&topic, 4)]);
+    let port = free_port();
+    let prefix = format!("{}:", unique("fresh"));
+    let s = scorer(&topic, &prefix, port, &[]);
+    eventually(
+        Duration::from_secs(60),
+        "assignment",
+        || {
+            http_get(&format!("http://127.0.0.1:{port}/metrics"))
+                .and_then(|p| metric(&p, "ctr_scorer_assigned_partitions"))
+                .filter(|v| *v >= 4.0)
+        },
+        || s.output(),
+    );
+    // Background: 2,000 labels/s of other ads from another thread.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bg = {
+        let (topic, stop) = (topic.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch = labeled_stream(&topic, 200, 50, 100 + i);
+                produce_all(&batch.records);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut enc = Encoder::<LabeledImpression>::new();
+    let mut con = redis();
+    let mut delays = Vec::new();
+    for i in 0..200i64 {
+        let ad = format!("fresh-{}", i % 8);
+        let key = format!("{prefix}ad:{ad}");
+        let before: Option<u64> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("clicks")
+            .query(&mut con)
+            .unwrap();
+        let ts = LABELS_T0 + i * 1_000;
+        let l = LabeledImpression {
+            label_id: format!("{}:{ad}", 90_000_000 + i),
+            serve_id: 90_000_000 + i,
+            ad_id: ad.clone(),
+            campaign_id: "c".into(),
+            position: 1,
+            context: Context {
+                query_category: "travel".into(),
+                geo: "US".into(),
+                device: "mobile".into(),
+                extra: Default::default(),
+            },
+            clicked: true,
+            ts_ms: ts,
+            click_ts_ms: Some(ts + 100),
+            kind: LabelKind::Label,
+        };
+        let started = Instant::now();
+        produce_all(&[(topic.clone(), ad.clone(), enc.encode(&l).unwrap())]);
+        loop {
+            let now: Option<u64> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("clicks")
+                .query(&mut con)
+                .unwrap();
+            if now.unwrap_or(0) > before.unwrap_or(0) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "click never published"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        delays.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    bg.join().unwrap();
+    s.stop();
+    delays.sort_by(f64::total_cmp);
+    let q = |f: f64| delays[((delays.len() as f64 - 1.0) * f) as usize];
+    println!(
+        "freshness (produce → pCTR in Redis) at ~2,000 labels/s background, batch 20 ms: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        q(0.5),
+        q(0.99),
+        q(1.0)
+    );
+}
+
+fn main() {
+    throughput();
+    freshness();
+}

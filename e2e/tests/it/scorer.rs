@@ -1,0 +1,308 @@
+//! The scorer against the real broker and Redis (issue #5): SIGKILL of one of two scorers
+//! changes no count, duplicate labels are dropped, load shedding keeps estimates, and the
+//! ranking API orders candidates by bid × pCTR.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ctr_e2e::*;
+
+fn scorer(topic: &str, group: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
+    let mut args = vec![
+        format!("--brokers={}", brokers()),
+        format!("--labeled-topic={topic}"),
+        format!("--group={group}"),
+        format!("--redis-url={}", redis_url()),
+        format!("--redis-prefix={prefix}"),
+        format!("--http-addr=127.0.0.1:{port}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
+}
+
+fn page(port: u16) -> Option<String> {
+    http_get(&format!("http://127.0.0.1:{port}/metrics"))
+}
+
+/// Waits until Redis holds exactly `want` under `prefix`, and still does 2 s later.
+fn assert_counts(prefix: &str, want: &BTreeMap<String, (u64, u64)>, services: &[&Service]) {
+    let mut con = redis();
+    let total: u64 = want.values().map(|c| c.0 + c.1).sum();
+    let got = eventually(
+        Duration::from_secs(120),
+        &format!("per-ad totals under {prefix} to reach the stream's"),
+        || {
+            let now = published_ad_counts(&mut con, prefix);
+            (now.values().map(|c| c.0 + c.1).sum::<u64>() >= total).then_some(now)
+        },
+        || {
+            services
+                .iter()
+                .map(|s| format!("--- {}\n{}", s.name, s.output()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        got,
+        published_ad_counts(&mut con, prefix),
+        "totals kept changing"
+    );
+    assert_eq!(&got, want, "per-ad totals in Redis under {prefix}");
+}
+
+#[test]
+fn sigkill_of_one_scorer_changes_no_count() {
+    let topic = format!("{}.labeled", unique("kill"));
+    create_topics(&[(&topic, 4)]);
+    let stream = labeled_stream(&topic, 30_000, 120, 7);
+    let (chaos, reference) = (
+        format!("{}:", unique("chaos")),
+        format!("{}:", unique("ref")),
+    );
+    let group = format!("{topic}-chaos");
+    let fast_ckpt = ["--checkpoint-ms=500"];
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let s1 = scorer(&topic, &group, &chaos, p1, &fast_ckpt);
+    let s2 = scorer(&topic, &group, &chaos, p2, &fast_ckpt);
+    // A failure-free run over the same topic, for comparison.
+    let r = scorer(&topic, &format!("{topic}-ref"), &reference, p3, &[]);
+    eventually(
+        Duration::from_secs(60),
+        "both chaos scorers to hold partitions",
+        || {
+            let a = metric(&page(p1)?, "ctr_scorer_assigned_partitions")?;
+            let b = metric(&page(p2)?, "ctr_scorer_assigned_partitions")?;
+            (a >= 1.0 && b >= 1.0 && a + b == 4.0).then_some(())
+        },
+        || format!("{}\n{}", s1.output(), s2.output()),
+    );
+    let third = stream.records.len() / 3;
+    produce_all(&stream.records[..third]);
+    eventually(
+        Duration::from_secs(60),
+        "the doomed scorer to apply and checkpoint records",
+        || {
+            let p = page(p1)?;
+            let applied = metric(&p, "ctr_scorer_applied_total")?;
+            let ckpts = metric_sum(&p, "ctr_scorer_checkpoint_seconds_count", "")?;
+            (applied > 0.0 && ckpts > 0.0).then_some(())
+        },
+        || s1.output(),
+    );
+    // SIGKILL while the second third is being produced.
+    let middle = stream.records[third..2 * third].to_vec();
+    let producing = std::thread::spawn(move || {
+        for slice in middle.chunks(middle.len() / 10 + 1) {
+            produce_all(slice);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    s1.kill9();
+    producing.join().unwrap();
+    produce_all(&stream.records[2 * third..]);
+
+    assert_counts(&reference, &stream.expected, &[&r]);
+    assert_counts(&chaos, &stream.expected, &[&s2]);
+    let p = page(p2).unwrap();
+    assert_eq!(
+        metric(&p, "ctr_scorer_assigned_partitions"),
+        Some(4.0),
+        "the survivor owns every partition"
+    );
+    assert!(
+        metric(&p, "ctr_scorer_restores_total").unwrap_or(0.0) >= 1.0,
+        "the survivor restored the dead scorer's checkpoints:\n{}",
+        s2.output()
+    );
+    let duplicates = |port| {
+        metric_sum(
+            &page(port).unwrap(),
+            "ctr_scorer_records_total",
+            "duplicate",
+        )
+    };
+    assert!(
+        duplicates(p3).unwrap_or(0.0) >= 1_000.0,
+        "the re-emitted labels were seen and dropped"
+    );
+    s2.stop();
+    r.stop();
+}
+
+#[test]
+fn rank_orders_by_bid_times_pctr_and_rejects_bad_requests() {
+    let topic = format!("{}.labeled", unique("rank"));
+    create_topics(&[(&topic, 1)]);
+    let prefix = format!("{}:", unique("rank"));
+    let ctx = "device=mobile|geo=US|query_category=travel";
+    let mut con = redis();
+    let set = |con: &mut redis::Connection, key: String, pctr: &str, src: &str| {
+        let _: () = redis::cmd("HSET")
+            .arg(key)
+            .arg(&[
+                ("pctr", pctr),
+                ("src", src),
+                ("model", "counts"),
+                ("ver", "41"),
+                ("imps", "1000"),
+                ("clicks", "50"),
+            ])
+            .query(con)
+            .unwrap();
+    };
+    set(&mut con, format!("{prefix}adctx:a1:{ctx}"), "0.10", "exact");
+    set(&mut con, format!("{prefix}ad:a1"), "0.08", "backed_off");
+    set(&mut con, format!("{prefix}ad:a2"), "0.05", "backed_off");
+    set(&mut con, format!("{prefix}adctx:a4:{ctx}"), "0.20", "exact");
+    let port = free_port();
+    let s = scorer(
+        &topic,
+        &format!("{topic}-g"),
+        &prefix,
+        port,
+        &["--prior-mean=0.02"],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(
+        Duration::from_secs(30),
+        "the API to be ready",
+        || http_get(&format!("{base}/readyz")).filter(|b| b.contains("\"ready\":true")),
+        || s.output(),
+    );
+    let body = r#"{"context":{"query_category":"travel","geo":"US","device":"mobile"},
+        "candidates":[{"ad_id":"a1","bid":1.0},{"ad_id":"a2","bid":3.0},
+                      {"ad_id":"a3","bid":4.0,"campaign_id":"c9"},{"ad_id":"a4","bid":0.3}],"k":3}"#;
+    let (status, text) = http_post_json(&format!("{base}/v1/rank"), body);
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ranked = v["ranked"].as_array().unwrap();
+    let got: Vec<(&str, f64, &str)> = ranked
+        .iter()
+        .map(|r| {
+            (
+                r["ad_id"].as_str().unwrap(),
+                r["pctr"].as_f64().unwrap(),
+                r["source"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // Scores: a2 3.0×0.05 = 0.15, a1 1.0×0.10 = 0.10, a3 4.0×0.02 = 0.08, a4 0.3×0.20 = 0.06.
+    assert_eq!(
+        got,
+        vec![
+            ("a2", 0.05, "backed_off"),
+            ("a1", 0.10, "exact"),
+            ("a3", 0.02, "prior")
+        ]
+    );
+    assert_eq!(ranked[1]["model_version"], "counts@41");
+    assert!((ranked[0]["score"].as_f64().unwrap() - 0.15).abs() < 1e-12);
+
+    let bad = [
+        (r#"{"context":{"query_category":"travel","geo":"US","device":"mobile"},"candidates":[{"ad_id":"a1"}]}"#.to_string(), "candidates[0]"),
+        (r#"{"context":{"geo":"US","device":"mobile"},"candidates":[{"ad_id":"a1","bid":1}]}"#.to_string(), "context.query_category"),
+        ("not json".to_string(), "invalid JSON"),
+        (r#"{"context":{"query_category":"travel","geo":"US","device":"mobile"},"candidates":[{"ad_id":"a1","bid":-2}]}"#.to_string(), "candidates[0].bid"),
+    ];
+    for (body, names) in bad {
+        let (status, text) = http_post_json(&format!("{base}/v1/rank"), &body);
+        assert_eq!(status, 400, "{body} -> {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON error body");
+        assert!(
+            v["error"].as_str().unwrap().contains(names),
+            "{body} -> {text}"
+        );
+    }
+    let huge = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2 << 20));
+    assert_eq!(http_post_json(&format!("{base}/v1/rank"), &huge).0, 413);
+    let doc = http_get(&format!("{base}/openapi.json")).expect("OpenAPI document");
+    assert!(doc.contains("/v1/rank") && doc.contains("RankRequest"));
+    s.stop();
+}
+
+/// Runs a scorer over a ready backlog; returns per-ad pCTR once every record is applied.
+fn pctr_after_backlog(
+    topic: &str,
+    total: i64,
+    prefix: &str,
+    extra: &[&str],
+) -> (BTreeMap<String, f64>, Service, u16) {
+    let port = free_port();
+    let s = scorer(topic, &format!("{prefix}g"), prefix, port, extra);
+    let started = Instant::now();
+    eventually(
+        Duration::from_secs(300),
+        "the scorer to apply the whole backlog",
+        || {
+            let applied = metric_sum(&page(port)?, "ctr_scorer_records_total", "")?;
+            (applied as i64 >= total).then_some(())
+        },
+        || s.output(),
+    );
+    eprintln!("{prefix}: {total} records in {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut con = redis();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}ad:*"))
+        .query(&mut con)
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let p: Option<f64> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("pctr")
+            .query(&mut con)
+            .unwrap();
+        out.insert(key[prefix.len() + 3..].to_string(), p.unwrap_or(f64::NAN));
+    }
+    (out, s, port)
+}
+
+#[test]
+fn shedding_experiment() {
+    let topic = format!("{}.labeled", unique("shed"));
+    create_topics(&[(&topic, 4)]);
+    let stream = labeled_stream(&topic, 300_000, 60, 11);
+    let t = Instant::now();
+    produce_all(&stream.records);
+    eprintln!("produced {} in {:?}", stream.records.len(), t.elapsed());
+    let total = stream.records.len() as i64;
+    let (a, sa, pa) = pctr_after_backlog(
+        &topic,
+        total,
+        &format!("{}:", unique("noshed")),
+        &["--shedding=false"],
+    );
+    eprintln!(
+        "{}",
+        metric_sum(&page(pa).unwrap(), "ctr_scorer_records_total", "shed").unwrap_or(0.0)
+    );
+    sa.stop();
+    let (b, sb, pb) = pctr_after_backlog(
+        &topic,
+        total,
+        &format!("{}:", unique("shed")),
+        &["--workers=1", "--queue-capacity=2000", "--lag-bound=5000"],
+    );
+    let p = page(pb).unwrap();
+    eprintln!(
+        "shed {:?} rate {:?}",
+        metric_sum(&p, "ctr_scorer_records_total", "shed"),
+        metric(&p, "ctr_scorer_negative_keep_rate")
+    );
+    sb.stop();
+    for (ad, (imps, _)) in &stream.expected {
+        if *imps >= 1000 {
+            eprintln!(
+                "{ad} {imps} truth {:.4} noshed {:.4} shed {:.4} rel {:.3}",
+                stream.truth[ad],
+                a[ad],
+                b[ad],
+                b[ad] / a[ad] - 1.0
+            );
+        }
+    }
+}
