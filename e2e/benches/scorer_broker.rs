@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ctr_e2e::*;
 use ctr_schemas::{Context, Encoder, LabelKind, LabeledImpression};
+use rdkafka::producer::{BaseRecord, Producer};
 
 fn scorer(topic: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
     let mut args = vec![
@@ -75,8 +76,9 @@ fn throughput() {
     println!("ratio scorer / bare consumer: {:.2}", scored / bare);
 }
 
-/// Produces one click label at a time at a steady background load and measures how long
-/// until its ad's `clicks` total in Redis moves (the same write carries the new pCTR).
+/// Produces one click label at a time at a steady background load and measures from the send
+/// (on an already connected producer) until its ad's `clicks` total in Redis moves (the same
+/// write carries the new pCTR). The time includes the producer's acknowledgement.
 fn freshness() {
     let topic = format!("{}.labeled", unique("fresh"));
     create_topics(&[(&topic, 4)]);
@@ -109,6 +111,7 @@ fn freshness() {
     };
     let mut enc = Encoder::<LabeledImpression>::new();
     let mut con = redis();
+    let producer = producer();
     let mut delays = Vec::new();
     for i in 0..200i64 {
         let ad = format!("fresh-{}", i % 8);
@@ -136,8 +139,14 @@ fn freshness() {
             click_ts_ms: Some(ts + 100),
             kind: LabelKind::Label,
         };
+        let payload = enc.encode(&l).unwrap();
         let started = Instant::now();
-        produce_all(&[(topic.clone(), ad.clone(), enc.encode(&l).unwrap())]);
+        producer
+            .send(BaseRecord::to(&topic).key(&ad).payload(&payload))
+            .expect("enqueue");
+        producer
+            .flush(Duration::from_secs(10))
+            .expect("acknowledged");
         loop {
             let now: Option<u64> = redis::cmd("HGET")
                 .arg(&key)

@@ -5,7 +5,7 @@
 //!
 //! | key | type | fields |
 //! |-----|------|--------|
-//! | `P` `ad:` ad_id | hash | `imps`, `clicks`: exact totals of distinct labels; `pctr`: the serving model's estimate over all contexts; `src`; `model`; `ver` |
+//! | `P` `ad:` ad_id | hash | `imps`, `clicks`: exact totals over distinct labels (a late click adds a click); `pctr`: the serving model's estimate over all contexts; `src`; `model`; `ver` |
 //! | `P` `adctx:` ad_id `:` context_key | hash | the same for the ad in one full context |
 //! | `P` `offset:` topic `:` partition | string | last Kafka offset applied to Redis |
 //! | `P` `scorer:ckpt:` topic `:` partition | hash | the partition's checkpoint (see [`crate::checkpoint`]) |
@@ -19,76 +19,53 @@
 //! e.g. `device=mobile|geo=US|query_category=travel`. A frontend reads with
 //! `HGET ctr:adctx:ad-00017:device=mobile|geo=US|query_category=travel pctr`.
 //!
-//! Exactly-once effect: a batch is applied by one Lua script, which Redis runs atomically. The
-//! script skips every record whose offset is not above the partition's stored offset, adds the
-//! rest to the totals, stores the new offset, and writes the batch's estimates, all in the same
-//! step. A record redelivered after a crash or a rebalance (or applied concurrently by a
-//! scorer that lost the partition but has not noticed yet) therefore changes nothing, and an
-//! estimate is only written with an offset newer than every earlier write of its partition:
-//! a replayed or older write never overwrites a newer one. An ad belongs to one partition
-//! (labels are keyed by ad), so the partition offset orders every write of its keys. Kafka's
-//! committed offset is only where reading resumes.
+//! Exactly-once effect. The partition owner keeps the exact totals in its state
+//! ([`crate::state::PartitionState`]), which is checkpointed and replayed like the models, so a
+//! write carries *absolute* values: the state of its keys as of the batch's last offset. A
+//! batch is written by one Lua script, which Redis runs atomically: if the batch's last offset
+//! is above the partition's stored offset, it sets every changed key and stores the new
+//! offset; otherwise it changes nothing. So a replayed or older write never overwrites a newer
+//! one (a new owner replaying from a checkpoint, or a scorer that lost the partition and has
+//! not noticed yet), and nothing is counted twice: replaying a record recomputes the same
+//! totals, it does not add to them. An ad belongs to one partition (labels are keyed by ad),
+//! so the partition offset orders every write of its keys. Kafka's committed offset is only
+//! where reading resumes.
 //!
-//! The script names keys in its arguments rather than `KEYS`, so it needs a single Redis
-//! (or a cluster with the keys of a partition in one slot); the stack runs a single Redis.
+//! Why every key ends right: the batches that are written cover the partition's offsets
+//! without a gap (an owner starts from a checkpoint at or below the stored offset, and only
+//! skips batches that end at or below it), and a key's value in a written batch is its value
+//! after its last change up to that batch's end.
+//!
+//! The script names keys in its arguments rather than `KEYS`, so it needs a single Redis (or a
+//! cluster with the keys of a partition in one slot); the stack runs a single Redis.
 
 use ctr_models::Level;
 use redis::Script;
 use redis::aio::ConnectionManager;
 
+use crate::state::Total;
+
 const APPLY_LUA: &str = r#"
--- KEYS[1]: offset key of the partition. ARGV[1]: number of records n; ARGV[2]: model name.
--- Then 5 per record: offset, ad key, ad-in-context key, impressions, clicks (an empty ad key
--- marks a record that changes no total but whose offset counts as applied). Then 3 per
--- estimate: key, pctr, source.
+-- KEYS[1]: offset key of the partition. ARGV[1]: the batch's last offset; ARGV[2]: model
+-- name. Then 5 per key: key, pctr, source, impressions, clicks.
 local applied = tonumber(redis.call('GET', KEYS[1]) or '-1')
-local n = tonumber(ARGV[1])
-local last, new = applied, 0
-for i = 3, 2 + 5 * n, 5 do
-  local off = tonumber(ARGV[i])
-  if off > applied then
-    if ARGV[i + 1] ~= '' then
-      for _, key in ipairs({ARGV[i + 1], ARGV[i + 2]}) do
-        redis.call('HINCRBY', key, 'imps', ARGV[i + 3])
-        redis.call('HINCRBY', key, 'clicks', ARGV[i + 4])
-      end
-      new = new + 1
-    end
-    if off > last then last = off end
-  end
+local last = tonumber(ARGV[1])
+if last <= applied then return 0 end
+for i = 3, #ARGV, 5 do
+  redis.call('HSET', ARGV[i], 'pctr', ARGV[i + 1], 'src', ARGV[i + 2], 'imps', ARGV[i + 3],
+             'clicks', ARGV[i + 4], 'model', ARGV[2], 'ver', last)
 end
-if last > applied then
-  redis.call('SET', KEYS[1], last)
-  for i = 3 + 5 * n, #ARGV, 3 do
-    redis.call('HSET', ARGV[i], 'pctr', ARGV[i + 1], 'src', ARGV[i + 2], 'model', ARGV[2], 'ver', last)
-  end
-end
-return new
+redis.call('SET', KEYS[1], last)
+return 1
 "#;
 
-/// One consumed record, reduced to what the apply needs: its offset and, unless it changes no
-/// total (poison, a duplicate), the two keys it counts towards and the amounts.
-#[derive(Debug, Clone)]
-pub struct Applied {
-    pub offset: i64,
-    pub counted: Option<Counted>,
-}
-
-/// Amounts a record adds to an ad's totals and to the ad-in-context totals.
-#[derive(Debug, Clone)]
-pub struct Counted {
-    pub ad_key: String,
-    pub ad_context_key: String,
-    pub imps: u8,
-    pub clicks: u8,
-}
-
-/// A fresh estimate for one key.
+/// The current estimate and totals of one key.
 #[derive(Debug, Clone)]
 pub struct Published {
     pub key: String,
     pub pctr: f64,
     pub level: Level,
+    pub total: Total,
 }
 
 /// The `src` field for a model level.
@@ -133,35 +110,27 @@ impl Publisher {
         format!("{}offset:{topic}:{partition}", self.prefix)
     }
 
-    /// Applies one partition's records and estimates atomically; returns how many records
-    /// were new.
+    /// Writes one partition's batch (everything up to `last_offset`) atomically, unless a
+    /// write at or beyond `last_offset` happened already; returns whether it was written.
     pub async fn apply(
         &mut self,
         topic: &str,
         partition: i32,
-        records: &[Applied],
+        last_offset: i64,
         estimates: &[Published],
         model: &str,
-    ) -> redis::RedisResult<u64> {
+    ) -> redis::RedisResult<bool> {
         let mut inv = self.script.key(self.offset_key(topic, partition));
-        inv.arg(records.len()).arg(model);
-        for r in records {
-            inv.arg(r.offset);
-            match &r.counted {
-                Some(c) => inv
-                    .arg(&c.ad_key)
-                    .arg(&c.ad_context_key)
-                    .arg(c.imps)
-                    .arg(c.clicks),
-                None => inv.arg("").arg("").arg(0).arg(0),
-            };
-        }
+        inv.arg(last_offset).arg(model);
         for e in estimates {
             inv.arg(&e.key)
                 .arg(format!("{:.8}", e.pctr))
-                .arg(source_name(e.level));
+                .arg(source_name(e.level))
+                .arg(e.total.imps)
+                .arg(e.total.clicks);
         }
-        inv.invoke_async(&mut self.conn).await
+        let written: i32 = inv.invoke_async(&mut self.conn).await?;
+        Ok(written == 1)
     }
 }
 

@@ -5,8 +5,10 @@
 //! makes a hand-over exact: the next owner restores the last checkpoint and replays from its
 //! offset.
 //!
-//! Three parts:
+//! Four parts:
 //! - the models ([`ModelSet`]: the variants learning side by side, one of them serving);
+//! - exact totals (impressions, clicks) per ad and per ad in a full context, over distinct
+//!   labels, shed or not: the numbers published beside each estimate;
 //! - [`Dedupe`]: label IDs seen recently, so the labels a restarted joiner re-emits (same
 //!   deterministic ID, new offset) are dropped;
 //! - [`Sampler`]: which negatives to learn from while shedding load, with the importance weight
@@ -27,6 +29,26 @@ type HashMap64<V> = HashMap<u64, V, BuildHasherDefault<NoHashHasher<u64>>>;
 /// Namespaces of the hashes this module takes (distinct from the models' feature namespaces).
 const LABEL_ID_NS: u64 = 0x5c0_1abe1;
 const SAMPLER_NS: u64 = 0x5c0_5a3f1e;
+const TOTAL_AD_NS: u64 = 0x5c0_ad;
+const TOTAL_CTX_NS: u64 = 0x5c0_adc7;
+
+/// Exact totals of one key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Total {
+    pub imps: u64,
+    pub clicks: u64,
+}
+
+/// Key of an ad's totals, or of the ad in one context (`context_key`), in [`PartitionState`].
+/// Hashes, not strings: 24 bytes per key (plus the table's slack); 64-bit collisions are
+/// negligible at the millions of keys one partition holds.
+fn total_key(ad: &str, context_key: Option<&str>) -> u64 {
+    let ad_hash = hash_str(TOTAL_AD_NS, ad);
+    match context_key {
+        None => ad_hash,
+        Some(c) => ctr_models::example::combine(ad_hash, hash_str(TOTAL_CTX_NS, c)),
+    }
+}
 
 /// Memory of the label IDs seen in the last `horizon_ms` of event time.
 ///
@@ -196,6 +218,7 @@ pub struct PartitionState {
     pub next_offset: Option<i64>,
     models: ModelSet,
     dedupe: Dedupe,
+    totals: HashMap64<Total>,
     /// Event time of the newest label learned (for model maintenance).
     newest_ms: i64,
     #[serde(skip)]
@@ -208,6 +231,7 @@ impl PartitionState {
             next_offset: None,
             models,
             dedupe: Dedupe::new(dedupe_horizon_ms),
+            totals: HashMap64::default(),
             newest_ms: i64::MIN,
             sampler: Sampler::default(),
         }
@@ -225,9 +249,43 @@ impl PartitionState {
         self.newest_ms
     }
 
-    /// Applies one valid labeled impression. On an error (the models rejected the example)
-    /// nothing has changed but the dedupe memory, and the caller treats the record as poison.
-    pub fn apply(&mut self, l: &LabeledImpression, policy: Policy) -> Result<Outcome, ModelError> {
+    /// Exact totals of `ad` (over all contexts when `context_key` is `None`).
+    pub fn total(&self, ad: &str, context_key: Option<&str>) -> Total {
+        self.totals
+            .get(&total_key(ad, context_key))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Keys with totals.
+    pub fn total_keys(&self) -> usize {
+        self.totals.len()
+    }
+
+    /// Applies one valid labeled impression whose context key is `context_key`. On an error
+    /// (the models rejected the example) nothing has changed but the dedupe memory, and the
+    /// caller treats the record as poison.
+    pub fn apply(
+        &mut self,
+        l: &LabeledImpression,
+        context_key: &str,
+        policy: Policy,
+    ) -> Result<Outcome, ModelError> {
+        let outcome = self.learn(l, policy)?;
+        if let Some((imps, clicks)) = outcome.count_delta() {
+            for key in [
+                total_key(&l.ad_id, None),
+                total_key(&l.ad_id, Some(context_key)),
+            ] {
+                let t = self.totals.entry(key).or_default();
+                t.imps += u64::from(imps);
+                t.clicks += u64::from(clicks);
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn learn(&mut self, l: &LabeledImpression, policy: Policy) -> Result<Outcome, ModelError> {
         if self.dedupe.check(&l.label_id, l.ts_ms) == Seen::Duplicate {
             return Ok(Outcome::Duplicate);
         }
@@ -342,11 +400,14 @@ mod tests {
         let mut st = state();
         let l = label("s1:a", "a", true, 10);
         assert!(matches!(
-            st.apply(&l, Policy::NORMAL).unwrap(),
+            st.apply(&l, &l.context.key(), Policy::NORMAL).unwrap(),
             Outcome::Learned { .. }
         ));
         let before = st.models().clone();
-        assert_eq!(st.apply(&l, Policy::NORMAL).unwrap(), Outcome::Duplicate);
+        assert_eq!(
+            st.apply(&l, &l.context.key(), Policy::NORMAL).unwrap(),
+            Outcome::Duplicate
+        );
         assert_eq!(st.models(), &before);
     }
 
@@ -360,10 +421,8 @@ mod tests {
         let (mut kept_weight, mut shed, mut clicks) = (0.0, 0, 0);
         for i in 0..10_000 {
             let clicked = i % 50 == 0;
-            match st
-                .apply(&label(&format!("s{i}:a"), "a", clicked, i), policy)
-                .unwrap()
-            {
+            let l = label(&format!("s{i}:a"), "a", clicked, i);
+            match st.apply(&l, &l.context.key(), policy).unwrap() {
                 Outcome::Learned { weight, clicked } => {
                     if clicked {
                         clicks += 1;
@@ -377,6 +436,14 @@ mod tests {
             }
         }
         assert_eq!(clicks, 200);
+        // Shed or not, every label is in the exact totals.
+        let ctx = label("x", "a", false, 0).context.key();
+        let whole = Total {
+            imps: 10_000,
+            clicks: 200,
+        };
+        assert_eq!(st.total("a", None), whole);
+        assert_eq!(st.total("a", Some(&ctx)), whole);
         assert!((kept_weight - 9_800.0).abs() <= 10.0, "{kept_weight}");
         assert!((8_800..=8_830).contains(&shed), "{shed}");
     }
@@ -389,7 +456,8 @@ mod tests {
             learn: false,
         };
         let before = st.models().clone();
-        let o = st.apply(&label("s1:a", "a", true, 1), off).unwrap();
+        let l = label("s1:a", "a", true, 1);
+        let o = st.apply(&l, &l.context.key(), off).unwrap();
         assert_eq!(o, Outcome::Guarded { clicked: true });
         assert_eq!(o.count_delta(), Some((1, 1)));
         assert_eq!(st.models(), &before);
@@ -398,25 +466,29 @@ mod tests {
     #[test]
     fn a_late_click_adds_a_click_not_an_impression() {
         let mut st = state();
-        st.apply(&label("s1:a", "a", false, 1), Policy::NORMAL)
+        let first = label("s1:a", "a", false, 1);
+        st.apply(&first, &first.context.key(), Policy::NORMAL)
             .unwrap();
         let mut late = label("s1:a:late", "a", true, 1);
         late.kind = LabelKind::LateClick;
-        let o = st.apply(&late, Policy::NORMAL).unwrap();
+        let o = st
+            .apply(&late, &late.context.key(), Policy::NORMAL)
+            .unwrap();
         assert_eq!(o, Outcome::Corrected);
         assert_eq!(o.count_delta(), Some((0, 1)));
-        assert_eq!(st.apply(&late, Policy::NORMAL).unwrap(), Outcome::Duplicate);
+        assert_eq!(
+            st.apply(&late, &late.context.key(), Policy::NORMAL)
+                .unwrap(),
+            Outcome::Duplicate
+        );
     }
 
     #[test]
     fn snapshot_restores_the_same_state_and_future() {
         let mut a = state();
         for i in 0..2_000 {
-            a.apply(
-                &label(&format!("s{i}:a"), "a", i % 9 == 0, i),
-                Policy::NORMAL,
-            )
-            .unwrap();
+            let l = label(&format!("s{i}:a"), "a", i % 9 == 0, i);
+            a.apply(&l, &l.context.key(), Policy::NORMAL).unwrap();
         }
         a.next_offset = Some(2_000);
         let mut b = PartitionState::restore(&a.snapshot()).unwrap();
@@ -425,16 +497,18 @@ mod tests {
         assert_eq!(b.dedupe(), a.dedupe());
         for i in 2_000..3_000 {
             let l = label(&format!("s{i}:a"), "a", i % 9 == 0, i);
-            a.apply(&l, Policy::NORMAL).unwrap();
-            b.apply(&l, Policy::NORMAL).unwrap();
+            a.apply(&l, &l.context.key(), Policy::NORMAL).unwrap();
+            b.apply(&l, &l.context.key(), Policy::NORMAL).unwrap();
         }
         assert_eq!(b.models(), a.models());
         // A label from before the snapshot is still known as a duplicate after it.
+        let old = label("s5:a", "a", false, 5);
         assert_eq!(
-            b.apply(&label("s5:a", "a", false, 5), Policy::NORMAL)
-                .unwrap(),
+            b.apply(&old, &old.context.key(), Policy::NORMAL).unwrap(),
             Outcome::Duplicate
         );
+        assert_eq!(b.total("a", None), a.total("a", None));
+        assert_eq!(b.total("a", None).imps, 3_000);
     }
 
     #[test]
@@ -443,7 +517,7 @@ mod tests {
         let mut l = label("s1:a", "a", false, 1);
         l.position = 0;
         let before = st.models().clone();
-        assert!(st.apply(&l, Policy::NORMAL).is_err());
+        assert!(st.apply(&l, &l.context.key(), Policy::NORMAL).is_err());
         assert_eq!(st.models(), &before);
     }
 }

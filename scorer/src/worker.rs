@@ -24,7 +24,7 @@ use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::ScorerConfig;
 use crate::consumer::ScorerContext;
 use crate::load::{Control, PartitionReport};
-use crate::publish::{Applied, Counted, Published, Publisher, ad_context_key, ad_key};
+use crate::publish::{Published, Publisher, ad_context_key, ad_key};
 use crate::state::{Outcome, PartitionState};
 
 /// What the consumer sends a worker.
@@ -84,7 +84,9 @@ struct Dirty {
 
 struct Owned {
     state: PartitionState,
-    pending: Vec<Applied>,
+    /// Records consumed since the last publish, and the last one's offset.
+    pending: usize,
+    last_offset: Option<i64>,
     dirty: Dirty,
     /// Records seen since the last checkpoint (a clean partition is not re-saved).
     changed: bool,
@@ -243,7 +245,8 @@ impl Worker {
                 p,
                 Owned {
                     state,
-                    pending: Vec::new(),
+                    pending: 0,
+                    last_offset: None,
                     dirty: Dirty::default(),
                     changed: false,
                 },
@@ -259,7 +262,6 @@ impl Worker {
         payload: Option<&[u8]>,
     ) -> Result<(), WorkerError> {
         let policy = self.control.policy();
-        let prefix = self.publisher.prefix().to_string();
         let own = self.owned(p).await?;
         match own.state.next_offset {
             Some(next) if offset < next => return Ok(()), // already in the restored state
@@ -280,45 +282,38 @@ impl Worker {
                 .map_err(Poison::from)
                 .and_then(|l| l.validate().map(|()| l).map_err(Poison::from))
                 .and_then(|l| {
+                    let ctx_key = l.context.key();
                     own.state
-                        .apply(&l, policy)
-                        .map(|o| (l, o))
+                        .apply(&l, &ctx_key, policy)
+                        .map(|o| (l, ctx_key, o))
                         .map_err(Poison::from)
                 }),
         };
-        let counted = match result {
-            Ok((l, outcome)) => {
+        match result {
+            Ok((l, ctx_key, outcome)) => {
                 metrics::counter!("ctr_scorer_records_total", "outcome" => outcome_label(&outcome))
                     .increment(1);
                 if offset % 64 == 0 {
                     metrics::histogram!("ctr_scorer_update_seconds")
                         .record(started.elapsed().as_secs_f64());
                 }
-                outcome.count_delta().map(|(imps, clicks)| {
-                    let ctx_key = l.context.key();
-                    let c = Counted {
-                        ad_key: ad_key(&prefix, &l.ad_id),
-                        ad_context_key: ad_context_key(&prefix, &l.ad_id, &ctx_key),
-                        imps,
-                        clicks,
-                    };
+                if outcome.count_delta().is_some() {
                     let entry = own
                         .dirty
                         .ads
                         .entry(l.ad_id)
                         .or_insert_with(|| (l.campaign_id, HashMap::new()));
                     entry.1.entry(ctx_key).or_insert(l.context);
-                    c
-                })
+                }
             }
             Err(reason) => {
                 metrics::counter!("ctr_scorer_poison_total", "reason" => reason.label())
                     .increment(1);
                 warn!(partition = p, offset, %reason, "skipping a poison labeled impression");
-                None
             }
-        };
-        own.pending.push(Applied { offset, counted });
+        }
+        own.pending += 1;
+        own.last_offset = Some(offset);
         self.pending += 1;
         Ok(())
     }
@@ -331,6 +326,7 @@ impl Worker {
         };
         let ts_ms = own.state.newest_ms().max(0);
         let mut out = Vec::new();
+        let state = &own.state;
         for (ad, (campaign, contexts)) in own.dirty.ads.drain() {
             let predict = |context: &[(&str, &str)]| {
                 model.predict(&Impression {
@@ -346,13 +342,15 @@ impl Worker {
                 key: ad_key(prefix, &ad),
                 pctr: whole.p,
                 level: whole.level.unwrap_or(Level::BackedOff),
+                total: state.total(&ad, None),
             });
             for (ctx_key, ctx) in contexts {
                 let e = predict(&ctx.pairs());
                 out.push(Published {
-                    key: ad_context_key(prefix, &ad, &ctx_key),
                     pctr: e.p,
                     level: e.level.unwrap_or(Level::Exact),
+                    total: state.total(&ad, Some(&ctx_key)),
+                    key: ad_context_key(prefix, &ad, &ctx_key),
                 });
             }
         }
@@ -367,7 +365,7 @@ impl Worker {
         Ok(())
     }
 
-    /// Applies partition `p`'s pending records and changed estimates to Redis. Redis errors
+    /// Writes partition `p`'s changed keys to Redis, fenced by the batch's last offset. Redis errors
     /// are retried with backoff (the records are consumed and must not be dropped); after
     /// about a minute of failures the worker stops and the process exits non-zero, to be
     /// restarted from the last checkpoint.
@@ -375,10 +373,10 @@ impl Worker {
         let Some(mut own) = self.parts.remove(&p) else {
             return Ok(());
         };
-        if own.pending.is_empty() {
+        let Some(last_offset) = own.last_offset.filter(|_| own.pending > 0) else {
             self.parts.insert(p, own);
             return Ok(());
-        }
+        };
         let started = Instant::now();
         let estimates = self.estimates(&mut own);
         let topic = self.cfg.labeled_topic.clone();
@@ -387,11 +385,11 @@ impl Worker {
         let result = loop {
             match self
                 .publisher
-                .apply(&topic, p, &own.pending, &estimates, &self.serve_model)
+                .apply(&topic, p, last_offset, &estimates, &self.serve_model)
                 .instrument(info_span!("publish", partition = p))
                 .await
             {
-                Ok(n) => break Ok(n),
+                Ok(written) => break Ok(written),
                 Err(e) if attempt < 40 => {
                     warn!(partition = p, error = %e, attempt, "Redis publish failed; retrying");
                     tokio::time::sleep(backoff).await;
@@ -406,12 +404,15 @@ impl Worker {
                 }
             }
         };
-        let records = own.pending.len();
-        own.pending.clear();
+        let records = own.pending;
+        own.pending = 0;
         self.pending -= records;
         self.parts.insert(p, own);
-        let new = result?;
-        metrics::counter!("ctr_scorer_applied_total").increment(new);
+        if result? {
+            metrics::counter!("ctr_scorer_applied_total").increment(records as u64);
+        } else {
+            metrics::counter!("ctr_scorer_replayed_total").increment(records as u64);
+        }
         metrics::histogram!("ctr_scorer_publish_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("ctr_scorer_publish_batch_records").record(records as f64);
         metrics::histogram!("ctr_scorer_publish_batch_estimates").record(estimates.len() as f64);
@@ -435,7 +436,7 @@ impl Worker {
             let Some(own) = self.parts.get_mut(&p) else {
                 continue;
             };
-            debug_assert!(own.pending.is_empty(), "checkpoint before publish");
+            debug_assert!(own.pending == 0, "checkpoint before publish");
             let started = Instant::now();
             own.state.maintain(self.cfg.idle_ms);
             let (written, bytes) = self.store.save(p, &own.state).await?;
