@@ -36,6 +36,9 @@ fn consumer_config(cfg: &ScorerConfig) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // Freshness: the broker answers an empty fetch after at most 20 ms (default 500 ms),
+        // so a record produced into a quiet partition is seen within a batch interval.
+        .set("fetch.wait.max.ms", "20")
         // Consumer lag per partition, for the shedding governor and /metrics.
         .set("statistics.interval.ms", "1000")
         // Tansu needs short group timeouts (see docs/STACK.md).
