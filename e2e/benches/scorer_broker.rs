@@ -148,7 +148,10 @@ fn freshness() {
         // Poll finely: `flush` checks at 100 ms steps, which would dominate the figure.
         while producer.in_flight_count() > 0 {
             producer.poll(Duration::from_millis(1));
-            assert!(started.elapsed() < Duration::from_secs(10), "no acknowledgement");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no acknowledgement"
+            );
         }
         acks.push(started.elapsed().as_secs_f64() * 1e3);
         loop {

@@ -110,15 +110,18 @@ pub struct Service {
 
 impl Service {
     pub fn start(name: &str, bin_name: &str, args: &[String]) -> Self {
-        let mut child = Command::new(bin(bin_name))
-            .args(args)
+        Self::spawn(name, Command::new(bin(bin_name)).args(args))
+    }
+
+    fn spawn(name: &str, command: &mut Command) -> Self {
+        let mut child = command
             .env("RUST_LOG", "info,rdkafka=warn")
             .env_remove("CTR_KAFKA_BROKERS")
             .env_remove("CTR_REDIS_URL")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {bin_name}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let log = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -351,19 +354,53 @@ pub fn producer() -> rdkafka::producer::BaseProducer {
 
 /// Sends `records` (topic, key, payload) in order and waits until all are acknowledged.
 pub fn produce_all(records: &[(String, String, Vec<u8>)]) {
+    produce_paced(records, None, None, |_| {});
+}
+
+/// Sends `records` in order on one producer, at most `per_sec` records per second when given
+/// (in 50 ms steps), calling `progress` with the number sent so far after each step; waits
+/// until all are acknowledged. With `clicked`, each record carries the joiner's
+/// `ctr.clicked` header (`1`/`0`) from the parallel slice.
+pub fn produce_paced(
+    records: &[(String, String, Vec<u8>)],
+    clicked: Option<&[bool]>,
+    per_sec: Option<f64>,
+    mut progress: impl FnMut(usize),
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, Producer};
     let p = producer();
-    for (topic, key, payload) in records {
-        let mut rec = BaseRecord::to(topic).key(key).payload(payload);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    rec = back;
-                    p.poll(Duration::from_millis(10));
+    let started = Instant::now();
+    let step = per_sec.map_or(records.len().max(1), |r| {
+        (r / 20.0).ceil().max(1.0) as usize
+    });
+    for (i, chunk) in records.chunks(step).enumerate() {
+        if per_sec.is_some() {
+            let due = Duration::from_millis(50 * i as u64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        for (j, (topic, key, payload)) in chunk.iter().enumerate() {
+            let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+            if let Some(c) = clicked {
+                rec = rec.headers(OwnedHeaders::new().insert(Header {
+                    key: "ctr.clicked",
+                    value: Some(if c[i * step + j] { "1" } else { "0" }),
+                }));
+            }
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        rec = back;
+                        p.poll(Duration::from_millis(10));
+                    }
                 }
             }
         }
+        p.poll(Duration::ZERO);
+        progress(i * step + chunk.len());
     }
     p.flush(Duration::from_secs(60)).expect("flush");
 }
@@ -419,6 +456,8 @@ pub const LABELS_T0: i64 = 1_760_000_000_000;
 #[derive(Debug)]
 pub struct Stream {
     pub records: Vec<(String, String, Vec<u8>)>,
+    /// Whether each record is clicked (what the joiner's `ctr.clicked` header says).
+    pub clicked: Vec<bool>,
     /// ad → (impressions, clicks) over distinct label IDs.
     pub expected: BTreeMap<String, (u64, u64)>,
     /// ad → click probability at the top slot (the generator's truth).
@@ -430,7 +469,7 @@ pub struct Stream {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -438,7 +477,15 @@ impl Rng {
     }
 
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl Stream {
+    /// Produces the stream as the joiner would (with the `ctr.clicked` header), at most
+    /// `per_sec` records per second when given.
+    pub fn produce(&self, per_sec: Option<f64>, progress: impl FnMut(usize)) {
+        produce_paced(&self.records, Some(&self.clicked), per_sec, progress);
     }
 }
 
@@ -446,6 +493,11 @@ impl Rng {
 /// labels re-emitted later (a restarted joiner) and late-click corrections for 1% of the
 /// negatives (some re-emitted too).
 pub fn labeled_stream(topic: &str, n: usize, ads: usize, seed: u64) -> Stream {
+    labeled_stream_with(topic, n, ads, seed, true)
+}
+
+/// [`labeled_stream`], with or without the re-emitted copies.
+pub fn labeled_stream_with(topic: &str, n: usize, ads: usize, seed: u64, reemit: bool) -> Stream {
     let mut rng = Rng(seed | 1);
     let mut enc = Encoder::<LabeledImpression>::new();
     let weights: Vec<f64> = (0..ads).map(|i| 1.0 / (i as f64 + 1.0)).collect();
@@ -471,9 +523,10 @@ pub fn labeled_stream(topic: &str, n: usize, ads: usize, seed: u64) -> Stream {
             })
             .unwrap_or(ads - 1);
         let ad = format!("ad-{ad_idx:03}");
-        let position = 1 + (rng.next() % 4) as usize;
+        let position = 1 + (rng.next_u64() % 4) as usize;
         let clicked = rng.unit() < truth[&ad] * bias[position - 1];
-        let pick = |r: &mut Rng, v: &[&str]| v[(r.next() % v.len() as u64) as usize].to_string();
+        let pick =
+            |r: &mut Rng, v: &[&str]| v[(r.next_u64() % v.len() as u64) as usize].to_string();
         let ts = LABELS_T0 + i as i64 * 20;
         let l = LabeledImpression {
             label_id: format!("{}:{ad}", 10_000_000 + i),
@@ -509,7 +562,7 @@ pub fn labeled_stream(topic: &str, n: usize, ads: usize, seed: u64) -> Stream {
             }
         }
         // A re-emitted copy some records later, as a restarted joiner would produce.
-        if i % 20 == 3 && i >= 500 {
+        if reemit && i % 20 == 3 && i >= 500 {
             let earlier = labels[labels.len() - 400].clone();
             labels.push(earlier);
         }
@@ -526,6 +579,7 @@ pub fn labeled_stream(topic: &str, n: usize, ads: usize, seed: u64) -> Stream {
         .collect();
     Stream {
         records,
+        clicked: labels.iter().map(|l| l.clicked).collect(),
         expected,
         truth,
     }

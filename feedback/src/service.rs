@@ -421,7 +421,13 @@ impl Joiner {
                     l.write_label_id(&mut self.label_id);
                     self.labels
                         .encode_ref_into(&l.view(&self.label_id), &mut self.buf)?;
-                    self.enqueue(Output::Labeled, l.ad_id().as_bytes(), None)
+                    // The scorer may drop negatives unread when overloaded; it tells them by
+                    // this header (its `consumer::CLICKED_HEADER`).
+                    let clicked = OwnedHeaders::new_with_capacity(1).insert(Header {
+                        key: "ctr.clicked",
+                        value: Some(if l.clicked() { "1" } else { "0" }),
+                    });
+                    self.enqueue(Output::Labeled, l.ad_id().as_bytes(), Some(clicked))
                         .await?;
                 }
                 Emit::Orphan(c) => {

@@ -44,7 +44,12 @@ mod ns {
 }
 
 pub fn hash_str(namespace: u64, s: &str) -> u64 {
-    xxh3_64_with_seed(s.as_bytes(), namespace)
+    hash_bytes(namespace, s.as_bytes())
+}
+
+/// [`hash_str`] of raw bytes (equal to it for the bytes of a string).
+pub fn hash_bytes(namespace: u64, b: &[u8]) -> u64 {
+    xxh3_64_with_seed(b, namespace)
 }
 
 /// Hash of a pair of hashes (a cross, or a key under a parent).

@@ -17,7 +17,7 @@ use rdkafka::ClientConfig;
 use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -27,7 +27,19 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::ScorerConfig;
 use crate::load::Control;
 use crate::publish::Publisher;
+use crate::state::Thinning;
 use crate::worker::{Work, Worker};
+
+/// Header the joiner sets on every label: `1` clicked (a click or a late-click correction),
+/// `0` not clicked. Stage-two shedding drops only records that carry `0`.
+pub const CLICKED_HEADER: &str = "ctr.clicked";
+
+fn is_negative<M: Message>(m: &M) -> bool {
+    m.headers().is_some_and(|h| {
+        h.iter()
+            .any(|h| h.key == CLICKED_HEADER && h.value == Some(b"0".as_slice()))
+    })
+}
 
 fn consumer_config(cfg: &ScorerConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -210,6 +222,9 @@ pub async fn run(
     info!(group = %cfg.group, topic = %cfg.labeled_topic, workers = cfg.workers, "scorer consuming");
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut failed = None;
+    let mut thinning = Thinning::default();
+    let mut dropped_before: std::collections::HashMap<i32, u32> = Default::default();
+    let mut dropped_total = 0u64;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -222,7 +237,27 @@ pub async fn run(
                 match msg {
                     Ok(m) => {
                         let (partition, offset) = (m.partition(), m.offset());
-                        let work = Work::Record { partition, offset, payload: m.payload().map(<[u8]>::to_vec) };
+                        let k = control.thinning();
+                        // A negative after thinning ended still carries what its ad had dropped.
+                        let thinned = if (k > 1 || !thinning.is_idle()) && is_negative(&m) {
+                            match thinning.keep(m.key().unwrap_or_default(), k) {
+                                Some(n) => n,
+                                None => {
+                                    *dropped_before.entry(partition).or_default() += 1;
+                                    dropped_total += 1;
+                                    continue;
+                                }
+                            }
+                        } else {
+                            1
+                        };
+                        let work = Work::Record {
+                            partition,
+                            offset,
+                            payload: m.payload().map(<[u8]>::to_vec),
+                            thinned,
+                            dropped_before: dropped_before.remove(&partition).unwrap_or(0),
+                        };
                         drop(m);
                         if router.queue(partition).send(work).await.is_err() {
                             break; // a worker stopped; its error is collected below
@@ -232,7 +267,13 @@ pub async fn run(
                     Err(e) => warn!(error = %e, "consumer error"),
                 }
             }
-            _ = tick.tick() => router.apply(consumer.context()).await,
+            _ = tick.tick() => {
+                router.apply(consumer.context()).await;
+                if dropped_total > 0 {
+                    metrics::counter!("ctr_scorer_records_total", "outcome" => "dropped")
+                        .increment(std::mem::take(&mut dropped_total));
+                }
+            }
         }
     }
     // Closing the queues lets every worker publish, checkpoint and commit, then stop.

@@ -1,18 +1,28 @@
 //! Load shedding and the learning guard: the switches every worker reads per record.
 //!
 //! Overload is judged from two signals against configured bounds: how full the workers'
-//! queues are (the consumer outruns the workers) and the consumer lag per partition (the
-//! input outruns the consumer). The [`Governor`] turns them into the keep-rate of negatives:
-//! multiplicative decrease while overloaded, multiplicative increase once both signals are
-//! well below their bounds, and exactly 1 (nothing shed) when there is no overload. The rate
+//! queues are (the input outruns the workers) and the consumer lag per partition (the input
+//! is piling up in the broker). The queues decide: at 80% full the scorer is overloaded; a lag
+//! above its bound makes it overloaded from 50% full. A lag with near-empty queues is not
+//! overload the workers cause (a slow broker, a backlog still being fetched), and learning
+//! less would not reduce it. The [`Governor`] turns this into the keep-rate of negatives:
+//! multiplicative decrease while overloaded, multiplicative increase once the queues are
+//! below half full, and exactly 1 (nothing shed) when there is no overload. The rate
 //! and every shed record are exported (`ctr_scorer_negative_keep_rate`,
 //! `ctr_scorer_records_total{outcome="shed"}`).
 //!
-//! Only negatives are sampled, each kept one carrying the importance weight 1/rate
-//! ([`crate::state::Sampler`]); clicks are always learned. Every record, shed or not, still
-//! counts in the exact totals. With the default floor of 1% on the keep-rate, learning work
-//! falls ~30× at a 2–3% CTR; what is left (decoding, dedupe, counting) cannot be shed without
-//! losing the exact totals, so past that point lag grows and is reported.
+//! Two stages, and only negatives are ever shed: clicks are always learned and counted.
+//! 1. **Learning**: negatives are sampled before learning, each kept one carrying the
+//!    importance weight 1/rate ([`crate::state::Sampler`]). Every record is still decoded,
+//!    deduplicated and counted, so the published totals stay exact.
+//! 2. **Whole events**: when the keep-rate is at its floor and the scorer is still
+//!    overloaded, the consumer keeps one in `k` negatives of each ad and drops the others
+//!    before decoding ([`crate::state::Thinning`], decided from the message key and the
+//!    `ctr.clicked` header the joiner sets); the kept one stands for `k` in the totals and
+//!    in learning. Totals are then exact but for each ad's unfinished group (fewer than `k`
+//!    negatives), and dropped records escape dedupe. `k` grows ×1.5 per step up to
+//!    `1/min_rate` (`ctr_scorer_thinning_factor`); on recovery stage two is undone first.
+//!    Records without the header are never dropped.
 //!
 //! The learning guard follows the joiner's click-stream stall signal (`<prefix>signal:joiner`,
 //! see `ctr-feedback`'s `signals`): while any joiner reports a stall, workers stop learning and
@@ -20,7 +30,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ctr_models::Metrics;
@@ -45,6 +55,7 @@ pub struct PartitionReport {
 #[derive(Debug)]
 pub struct Control {
     rate_bits: AtomicU64,
+    thinning: AtomicU32,
     learning: AtomicBool,
     /// Consumer lag per partition, from librdkafka's statistics.
     pub lag: Mutex<BTreeMap<i32, i64>>,
@@ -56,6 +67,7 @@ impl Default for Control {
     fn default() -> Self {
         Self {
             rate_bits: AtomicU64::new(1.0f64.to_bits()),
+            thinning: AtomicU32::new(1),
             learning: AtomicBool::new(true),
             lag: Mutex::default(),
             reports: Mutex::default(),
@@ -64,15 +76,26 @@ impl Default for Control {
 }
 
 impl Control {
-    pub fn policy(&self) -> Policy {
+    /// The policy for a record that stands for `thinned` negatives (1 unless thinned).
+    pub fn policy(&self, thinned: u32) -> Policy {
         Policy {
             negative_rate: f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
             learn: self.learning.load(Ordering::Relaxed),
+            thinned,
         }
     }
 
     pub fn set_rate(&self, rate: f64) {
         self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Stage-two thinning factor: 1 = no negative dropped before decoding.
+    pub fn thinning(&self) -> u32 {
+        self.thinning.load(Ordering::Relaxed)
+    }
+
+    pub fn set_thinning(&self, k: u32) {
+        self.thinning.store(k.max(1), Ordering::Relaxed);
     }
 
     pub fn learning(&self) -> bool {
@@ -112,11 +135,14 @@ pub fn merged_models(control: &Control) -> Vec<(String, Metrics, Metrics)> {
     out
 }
 
-/// The keep-rate controller (pure).
+/// The two-stage controller (pure): the keep-rate of negatives for learning, then the
+/// thinning factor of whole negative events.
 #[derive(Debug, Clone)]
 pub struct Governor {
     rate: f64,
     min_rate: f64,
+    thinning: u32,
+    max_thinning: u32,
     lag_bound: i64,
 }
 
@@ -130,6 +156,8 @@ impl Governor {
         Self {
             rate: 1.0,
             min_rate,
+            thinning: 1,
+            max_thinning: (1.0 / min_rate).round().max(1.0) as u32,
             lag_bound,
         }
     }
@@ -138,14 +166,28 @@ impl Governor {
         self.rate
     }
 
-    /// One control step from the fullest queue's fill (0..=1) and the largest lag.
+    pub fn thinning(&self) -> u32 {
+        self.thinning
+    }
+
+    /// One control step from the fullest queue's fill (0..=1) and the largest lag; returns
+    /// the keep-rate of negatives.
     pub fn step(&mut self, queue_fill: f64, max_lag: i64) -> f64 {
-        if queue_fill >= Self::QUEUE_HIGH || max_lag > self.lag_bound {
-            self.rate = (self.rate * 0.7).max(self.min_rate);
-        } else if queue_fill < Self::QUEUE_LOW && max_lag <= self.lag_bound / 2 {
-            self.rate = (self.rate * 1.25).min(1.0);
-            if self.rate > 0.99 {
-                self.rate = 1.0;
+        let lagging = max_lag > self.lag_bound;
+        if queue_fill >= Self::QUEUE_HIGH || (lagging && queue_fill >= Self::QUEUE_LOW) {
+            if self.rate > self.min_rate {
+                self.rate = (self.rate * 0.5).max(self.min_rate);
+            } else {
+                self.thinning = (self.thinning * 2).min(self.max_thinning);
+            }
+        } else if queue_fill < Self::QUEUE_LOW {
+            if self.thinning > 1 {
+                self.thinning = (f64::from(self.thinning) / 1.5).floor().max(1.0) as u32;
+            } else {
+                self.rate = (self.rate * 1.25).min(1.0);
+                if self.rate > 0.99 {
+                    self.rate = 1.0;
+                }
             }
         }
         self.rate
@@ -169,7 +211,9 @@ pub async fn govern(
         let before = governor.rate();
         let rate = governor.step(f, lag);
         control.set_rate(rate);
+        control.set_thinning(governor.thinning());
         metrics::gauge!("ctr_scorer_negative_keep_rate").set(rate);
+        metrics::gauge!("ctr_scorer_thinning_factor").set(f64::from(governor.thinning()));
         metrics::gauge!("ctr_scorer_queue_fill").set(f);
         if (before == 1.0) != (rate == 1.0) {
             if rate < 1.0 {
@@ -277,13 +321,34 @@ mod tests {
             last = r;
         }
         assert_eq!(last, 0.05);
-        assert!(g.step(0.0, 5_000) <= 0.05, "lag alone is overload");
-        // Between the bounds the rate holds.
+        assert_eq!(
+            g.thinning(),
+            20,
+            "stage two took over at the floor, up to 1/min_rate"
+        );
+        // Between the bounds the rate holds, unless the lag is over its bound.
         assert_eq!(g.step(0.6, 0), 0.05);
+        let mut g2 = Governor::new(0.05, 1_000);
+        assert_eq!(g2.step(0.6, 500), 1.0);
+        assert!(
+            g2.step(0.6, 5_000) < 1.0,
+            "lag with filling queues is overload"
+        );
+        let mut g3 = Governor::new(0.05, 1_000);
+        assert_eq!(
+            g3.step(0.1, 1_000_000),
+            1.0,
+            "lag the workers do not cause is not"
+        );
+        g.step(0.1, 100);
+        assert!(
+            g.thinning() < 20 && g.rate() == 0.05,
+            "stage two is undone first"
+        );
         for _ in 0..50 {
             g.step(0.1, 100);
         }
-        assert_eq!(g.rate(), 1.0);
+        assert_eq!((g.rate(), g.thinning()), (1.0, 1));
     }
 
     #[test]

@@ -27,10 +27,10 @@ type HashSet64 = HashSet<u64, BuildHasherDefault<NoHashHasher<u64>>>;
 type HashMap64<V> = HashMap<u64, V, BuildHasherDefault<NoHashHasher<u64>>>;
 
 /// Namespaces of the hashes this module takes (distinct from the models' feature namespaces).
-const LABEL_ID_NS: u64 = 0x5c0_1abe1;
-const SAMPLER_NS: u64 = 0x5c0_5a3f1e;
-const TOTAL_AD_NS: u64 = 0x5c0_ad;
-const TOTAL_CTX_NS: u64 = 0x5c0_adc7;
+const LABEL_ID_NS: u64 = 0x05c0_1abe;
+const SAMPLER_NS: u64 = 0x05c0_5a3f;
+const TOTAL_AD_NS: u64 = 0x05c0_00ad;
+const TOTAL_CTX_NS: u64 = 0x05c0_adc7;
 
 /// Exact totals of one key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,36 +128,30 @@ impl Dedupe {
     }
 }
 
-/// Systematic sampling of negatives, per ad.
+/// Sampling of negatives for learning, per ad, with carried weights.
 ///
-/// At keep-rate `r`, each negative of an ad adds `r` to the ad's accumulator; when it reaches
-/// 1 the negative is learned with importance weight `1/r` and the accumulator drops by 1. An ad
-/// with `n` negatives therefore gets `n·r ± 1` of them, each weighing `1/r`: the weighted
-/// count is within `1/r` impressions of the truth, far tighter than independent coin flips
-/// (whose error grows as `sqrt(n(1−r)/r)`). Each ad's accumulator starts at a point in [0, 1)
-/// taken from a hash of its ID, which makes the scheme unbiased over ads and deterministic.
-/// At `r = 1` every negative is learned with weight 1.
+/// At keep-rate `r`, an ad's negatives are skipped until `1/r` of them have accumulated; the
+/// one that completes the group is learned with an importance weight equal to the number of
+/// negatives it stands for (itself and the skipped ones): `1/r` at a steady rate, and exact
+/// when the rate changes mid-group (a weight of `1/r_now` would over- or under-count whenever
+/// the governor moves the rate). So an ad's weighted negatives equal its true negatives but
+/// for the current group's unfinished tail (fewer than `1/r`), which is far tighter than
+/// independent coin flips (error `sqrt(n(1−r)/r)`). Deterministic. At `r = 1` every negative
+/// is learned with weight 1.
 #[derive(Debug, Clone, Default)]
 pub struct Sampler {
-    acc: HashMap64<f64>,
+    skipped: HashMap64<f64>,
 }
 
 impl Sampler {
-    /// `Some(weight)` to learn this negative of `ad`, `None` to shed it.
-    pub fn keep_negative(&mut self, ad: &str, rate: f64) -> Option<f64> {
-        if rate >= 1.0 {
-            return Some(1.0);
-        }
-        let rate = rate.max(1e-6);
-        let h = hash_str(SAMPLER_NS, ad);
-        let acc = self
-            .acc
-            .entry(h)
-            .or_insert_with(|| (h >> 11) as f64 / (1u64 << 53) as f64);
-        *acc += rate;
-        if *acc >= 1.0 {
-            *acc -= 1.0;
-            Some(1.0 / rate)
+    /// `Some(weight)` to learn this negative of `ad`, which stands for `stands_for`
+    /// negatives (more than 1 after stage-two thinning), `None` to shed it.
+    pub fn keep_negative(&mut self, ad: &str, stands_for: f64, rate: f64) -> Option<f64> {
+        let group = 1.0 / rate.clamp(1e-6, 1.0);
+        let pending = self.skipped.entry(hash_str(SAMPLER_NS, ad)).or_insert(0.0);
+        *pending += stands_for;
+        if *pending + 1e-9 >= group {
+            Some(std::mem::take(pending))
         } else {
             None
         }
@@ -182,7 +176,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Change to the exact (impressions, clicks) totals published in Redis.
+    /// Change to the (impressions, clicks) totals published in Redis.
     pub fn count_delta(&self) -> Option<(u8, u8)> {
         match *self {
             Outcome::Learned { clicked, .. } | Outcome::Guarded { clicked } => {
@@ -202,13 +196,54 @@ pub struct Policy {
     pub negative_rate: f64,
     /// False while the learning guard is on.
     pub learn: bool,
+    /// This record stands for `thinned` negatives: under stage-two shedding the consumer
+    /// drops all but one in `thinned` negatives of an ad before decoding ([`Thinning`]). 1
+    /// normally; ignored for a click.
+    pub thinned: u32,
 }
 
 impl Policy {
     pub const NORMAL: Policy = Policy {
         negative_rate: 1.0,
         learn: true,
+        thinned: 1,
     };
+}
+
+/// Stage-two load shedding, before decoding: drops negatives of each ad (by the message key,
+/// which is the ad ID) until `k` have accumulated, and keeps the one that completes the group,
+/// standing for all of them.
+///
+/// Carried counts like [`Sampler`], so an ad's totals are exact but for the current group's
+/// unfinished tail (fewer than `k`), whatever the governor does to `k`, and stay integers.
+/// Decided from the key and the `ctr.clicked` header alone, so a dropped record costs neither
+/// a copy nor a decode.
+#[derive(Debug, Clone, Default)]
+pub struct Thinning {
+    dropped: HashMap64<u32>,
+}
+
+impl Thinning {
+    /// No ad has dropped negatives waiting for a kept one.
+    pub fn is_idle(&self) -> bool {
+        self.dropped.is_empty()
+    }
+
+    /// `Some(n)`: keep this negative of the ad keyed `ad_key`, standing for `n` negatives;
+    /// `None`: drop it.
+    pub fn keep(&mut self, ad_key: &[u8], k: u32) -> Option<u32> {
+        let h = ctr_models::example::hash_bytes(SAMPLER_NS, ad_key);
+        if k <= 1 {
+            return Some(self.dropped.remove(&h).unwrap_or(0) + 1);
+        }
+        let d = self.dropped.entry(h).or_insert(0);
+        if *d + 1 >= k {
+            Some(std::mem::take(d) + 1)
+        } else {
+            *d += 1;
+            None
+        }
+    }
 }
 
 /// The whole state of one partition.
@@ -273,12 +308,13 @@ impl PartitionState {
     ) -> Result<Outcome, ModelError> {
         let outcome = self.learn(l, policy)?;
         if let Some((imps, clicks)) = outcome.count_delta() {
+            let stands_for = if l.clicked { 1 } else { policy.thinned.max(1) };
             for key in [
                 total_key(&l.ad_id, None),
                 total_key(&l.ad_id, Some(context_key)),
             ] {
                 let t = self.totals.entry(key).or_default();
-                t.imps += u64::from(imps);
+                t.imps += u64::from(imps) * u64::from(stands_for);
                 t.clicks += u64::from(clicks);
             }
         }
@@ -310,7 +346,11 @@ impl PartitionState {
                 let weight = if l.clicked {
                     Some(1.0)
                 } else {
-                    self.sampler.keep_negative(&l.ad_id, policy.negative_rate)
+                    self.sampler.keep_negative(
+                        &l.ad_id,
+                        f64::from(policy.thinned.max(1)),
+                        policy.negative_rate,
+                    )
                 };
                 match weight {
                     Some(weight) => {
@@ -416,7 +456,7 @@ mod tests {
         let mut st = state();
         let policy = Policy {
             negative_rate: 0.1,
-            learn: true,
+            ..Policy::NORMAL
         };
         let (mut kept_weight, mut shed, mut clicks) = (0.0, 0, 0);
         for i in 0..10_000 {
@@ -444,16 +484,46 @@ mod tests {
         };
         assert_eq!(st.total("a", None), whole);
         assert_eq!(st.total("a", Some(&ctx)), whole);
-        assert!((kept_weight - 9_800.0).abs() <= 10.0, "{kept_weight}");
+        assert!((9_790.0..=9_800.0).contains(&kept_weight), "{kept_weight}");
         assert!((8_800..=8_830).contains(&shed), "{shed}");
+    }
+
+    #[test]
+    fn thinning_keeps_one_in_k_per_ad_and_the_kept_one_stands_for_k() {
+        let mut t = Thinning::default();
+        let kept: Vec<u32> = (0..1_000).filter_map(|_| t.keep(b"ad-1", 10)).collect();
+        assert_eq!(kept.len(), 100);
+        assert!(kept.iter().all(|&n| n == 10));
+        // The factor changes mid-group: the kept one stands for exactly what was dropped.
+        for _ in 0..4 {
+            assert_eq!(t.keep(b"ad-1", 10), None);
+        }
+        assert_eq!(t.keep(b"ad-1", 3), Some(5));
+        assert!((0..50).all(|_| t.keep(b"ad-1", 1) == Some(1)));
+        let mut st = state();
+        let thinned = Policy {
+            thinned: 10,
+            ..Policy::NORMAL
+        };
+        let neg = label("s1:a", "a", false, 1);
+        st.apply(&neg, &neg.context.key(), thinned).unwrap();
+        let pos = label("s2:a", "a", true, 2);
+        st.apply(&pos, &pos.context.key(), thinned).unwrap();
+        assert_eq!(
+            st.total("a", None),
+            Total {
+                imps: 11,
+                clicks: 1
+            }
+        );
     }
 
     #[test]
     fn the_guard_stops_learning_but_not_counting() {
         let mut st = state();
         let off = Policy {
-            negative_rate: 1.0,
             learn: false,
+            ..Policy::NORMAL
         };
         let before = st.models().clone();
         let l = label("s1:a", "a", true, 1);

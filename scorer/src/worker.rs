@@ -25,7 +25,7 @@ use crate::config::ScorerConfig;
 use crate::consumer::ScorerContext;
 use crate::load::{Control, PartitionReport};
 use crate::publish::{Published, Publisher, ad_context_key, ad_key};
-use crate::state::{Outcome, PartitionState};
+use crate::state::{Outcome, PartitionState, Policy};
 
 /// What the consumer sends a worker.
 #[derive(Debug)]
@@ -34,6 +34,10 @@ pub enum Work {
         partition: i32,
         offset: i64,
         payload: Option<Vec<u8>>,
+        /// Negatives this record stands for (stage-two shedding; 1 normally).
+        thinned: u32,
+        /// Records of the partition dropped by stage-two shedding right before this one.
+        dropped_before: u32,
     },
     /// The partition was assigned to this process: restore its checkpoint now.
     Assign(i32),
@@ -102,6 +106,9 @@ pub struct Worker {
     parts: HashMap<i32, Owned>,
     pending: usize,
     serve_model: String,
+    /// Records per outcome since the counters were last exported (a registry lookup per
+    /// record would cost as much as decoding it).
+    tally: [u64; OUTCOMES.len()],
 }
 
 impl std::fmt::Debug for Worker {
@@ -113,14 +120,16 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// Outcome label for the records counter.
-fn outcome_label(o: &Outcome) -> &'static str {
+/// Labels of the records counter, indexed by [`outcome_index`].
+const OUTCOMES: [&str; 5] = ["learned", "shed", "guarded", "corrected", "duplicate"];
+
+fn outcome_index(o: &Outcome) -> usize {
     match o {
-        Outcome::Learned { .. } => "learned",
-        Outcome::Shed => "shed",
-        Outcome::Guarded { .. } | Outcome::CorrectionGuarded => "guarded",
-        Outcome::Corrected => "corrected",
-        Outcome::Duplicate => "duplicate",
+        Outcome::Learned { .. } => 0,
+        Outcome::Shed => 1,
+        Outcome::Guarded { .. } | Outcome::CorrectionGuarded => 2,
+        Outcome::Corrected => 3,
+        Outcome::Duplicate => 4,
     }
 }
 
@@ -144,6 +153,7 @@ impl Worker {
             parts: HashMap::new(),
             pending: 0,
             serve_model,
+            tally: [0; OUTCOMES.len()],
         }
     }
 
@@ -209,7 +219,19 @@ impl Worker {
                 partition,
                 offset,
                 payload,
-            } => self.record(partition, offset, payload.as_deref()).await,
+                thinned,
+                dropped_before,
+            } => {
+                let policy = self.control.policy(thinned);
+                self.record(
+                    partition,
+                    offset,
+                    payload.as_deref(),
+                    policy,
+                    dropped_before,
+                )
+                .await
+            }
             Work::Assign(p) => self.owned(p).await.map(|_| ()),
             Work::Revoke(p, done) => {
                 if self.parts.contains_key(&p) {
@@ -260,12 +282,13 @@ impl Worker {
         p: i32,
         offset: i64,
         payload: Option<&[u8]>,
+        policy: Policy,
+        dropped_before: u32,
     ) -> Result<(), WorkerError> {
-        let policy = self.control.policy();
         let own = self.owned(p).await?;
         match own.state.next_offset {
             Some(next) if offset < next => return Ok(()), // already in the restored state
-            Some(next) if offset > next => warn!(
+            Some(next) if offset > next + i64::from(dropped_before) => warn!(
                 partition = p,
                 expected = next,
                 got = offset,
@@ -289,10 +312,10 @@ impl Worker {
                         .map_err(Poison::from)
                 }),
         };
+        let mut counted = None;
         match result {
             Ok((l, ctx_key, outcome)) => {
-                metrics::counter!("ctr_scorer_records_total", "outcome" => outcome_label(&outcome))
-                    .increment(1);
+                counted = Some(outcome_index(&outcome));
                 if offset % 64 == 0 {
                     metrics::histogram!("ctr_scorer_update_seconds")
                         .record(started.elapsed().as_secs_f64());
@@ -315,6 +338,9 @@ impl Worker {
         own.pending += 1;
         own.last_offset = Some(offset);
         self.pending += 1;
+        if let Some(i) = counted {
+            self.tally[i] += 1;
+        }
         Ok(())
     }
 
@@ -361,6 +387,12 @@ impl Worker {
         let parts: Vec<i32> = self.parts.keys().copied().collect();
         for p in parts {
             self.publish(p).await?;
+        }
+        for (n, label) in self.tally.iter_mut().zip(OUTCOMES) {
+            if *n > 0 {
+                metrics::counter!("ctr_scorer_records_total", "outcome" => label).increment(*n);
+                *n = 0;
+            }
         }
         Ok(())
     }
