@@ -76,9 +76,15 @@ pub struct ScorerArgs {
     /// Consumer lag (records, any partition) above which the scorer counts as overloaded.
     #[arg(long, env = "CTR_SCORER_LAG_BOUND", default_value_t = 50_000)]
     pub lag_bound: i64,
-    /// Lowest keep-rate of negatives under overload.
-    #[arg(long, env = "CTR_SCORER_MIN_RATE", default_value_t = 0.01)]
+    /// Lowest keep-rate of negatives for learning under overload (stage one). Each kept
+    /// negative stands for up to 1/min_rate, so this bounds how coarse an ad's counts get.
+    #[arg(long, env = "CTR_SCORER_MIN_RATE", default_value_t = 0.2)]
     pub min_rate: f64,
+    /// Largest stage-two thinning factor: at most this many negatives of an ad are dropped
+    /// unread per kept one. min_rate and this together bound the error an ad's estimate can
+    /// take from shedding (a group of 1/min_rate × max_thinning negatives).
+    #[arg(long, env = "CTR_SCORER_MAX_THINNING", default_value_t = 5)]
+    pub max_thinning: u32,
     /// Ranking API: most requests in progress; beyond it requests get 503 at once.
     #[arg(long, env = "CTR_API_MAX_CONCURRENCY", default_value_t = 512)]
     pub api_max_concurrency: usize,
@@ -112,6 +118,7 @@ pub struct ScorerConfig {
     pub shedding: bool,
     pub lag_bound: i64,
     pub min_rate: f64,
+    pub max_thinning: u32,
     pub api_max_concurrency: usize,
     pub api_timeout: Duration,
     pub api_cache_ttl: Duration,
@@ -185,6 +192,11 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             "must be in (0, 1]",
         )?;
         check(
+            (1..=1_000).contains(&a.max_thinning),
+            "max_thinning",
+            "must be 1..=1000",
+        )?;
+        check(
             a.api_max_concurrency > 0,
             "api_max_concurrency",
             "must be > 0",
@@ -210,6 +222,7 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             shedding: a.shedding,
             lag_bound: a.lag_bound,
             min_rate: a.min_rate,
+            max_thinning: a.max_thinning,
             api_max_concurrency: a.api_max_concurrency,
             api_timeout: Duration::from_millis(a.api_timeout_ms),
             api_cache_ttl: Duration::from_millis(a.api_cache_ms),

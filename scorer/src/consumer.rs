@@ -214,7 +214,7 @@ pub async fn run(
         let queues = router.queues.clone();
         tokio::spawn(crate::load::govern(
             Arc::clone(&control),
-            crate::load::Governor::new(cfg.min_rate, cfg.lag_bound),
+            crate::load::Governor::new(cfg.min_rate, cfg.max_thinning, cfg.lag_bound),
             move || Router::fill(&queues),
             stop.clone(),
         ));

@@ -152,12 +152,12 @@ impl Governor {
     /// Below this (and lag below half its bound) the rate recovers.
     pub const QUEUE_LOW: f64 = 0.5;
 
-    pub fn new(min_rate: f64, lag_bound: i64) -> Self {
+    pub fn new(min_rate: f64, max_thinning: u32, lag_bound: i64) -> Self {
         Self {
             rate: 1.0,
             min_rate,
             thinning: 1,
-            max_thinning: (1.0 / min_rate).round().max(1.0) as u32,
+            max_thinning: max_thinning.max(1),
             lag_bound,
         }
     }
@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn no_overload_sheds_nothing() {
-        let mut g = Governor::new(0.01, 1_000);
+        let mut g = Governor::new(0.01, 20, 1_000);
         for _ in 0..100 {
             assert_eq!(g.step(0.79, 1_000), 1.0);
         }
@@ -313,7 +313,7 @@ mod tests {
 
     #[test]
     fn overload_lowers_the_rate_to_the_floor_then_it_recovers_to_exactly_one() {
-        let mut g = Governor::new(0.05, 1_000);
+        let mut g = Governor::new(0.05, 20, 1_000);
         let mut last = 1.0;
         for _ in 0..50 {
             let r = g.step(0.95, 0);
@@ -324,17 +324,17 @@ mod tests {
         assert_eq!(
             g.thinning(),
             20,
-            "stage two took over at the floor, up to 1/min_rate"
+            "stage two took over at the floor, up to max_thinning"
         );
         // Between the bounds the rate holds, unless the lag is over its bound.
         assert_eq!(g.step(0.6, 0), 0.05);
-        let mut g2 = Governor::new(0.05, 1_000);
+        let mut g2 = Governor::new(0.05, 20, 1_000);
         assert_eq!(g2.step(0.6, 500), 1.0);
         assert!(
             g2.step(0.6, 5_000) < 1.0,
             "lag with filling queues is overload"
         );
-        let mut g3 = Governor::new(0.05, 1_000);
+        let mut g3 = Governor::new(0.05, 20, 1_000);
         assert_eq!(
             g3.step(0.1, 1_000_000),
             1.0,
