@@ -390,3 +390,50 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
     }
     assert!(checked >= 20, "only {checked} ads with 1,000+ impressions");
 }
+
+#[test]
+fn a_stalled_click_stream_pauses_learning_not_counting() {
+    let topic = format!("{}.labeled", unique("guard"));
+    create_topics(&[(&topic, 2)]);
+    let prefix = format!("{}:", unique("guard"));
+    let mut con = redis();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // What a joiner publishes when clicks stop arriving (ctr-feedback's `signals`).
+    let signal = format!(
+        r#"{{"stalled":true,"reason":"no clicks in the last 60 s while 900 serves arrived","click_coverage":0.0,"window_serves":900,"window_clicks":0,"clicks_per_serve":0.0,"baseline_clicks_per_serve":0.02,"updated_ms":{now_ms}}}"#
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{prefix}signal:joiner"))
+        .arg("joiner-1")
+        .arg(&signal)
+        .query(&mut con)
+        .unwrap();
+    let port = free_port();
+    let s = scorer(&topic, &format!("{topic}-g"), &prefix, port, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(
+        Duration::from_secs(30),
+        "the guard to pause learning",
+        || http_get(&format!("{base}/readyz")).filter(|b| b.contains("\"learning\":false")),
+        || s.output(),
+    );
+    let stream = labeled_stream_with(&topic, 2_000, 10, 5, false);
+    stream.produce(None, |_| {});
+    assert_counts(&prefix, &stream.expected, &[&s]);
+    let p = page(port).unwrap();
+    let guarded = metric_sum(&p, "ctr_scorer_records_total", "guarded").unwrap_or(0.0);
+    let learned = metric_sum(&p, "ctr_scorer_records_total", "learned").unwrap_or(0.0);
+    assert_eq!(learned, 0.0, "nothing learned while stalled");
+    let duplicates = metric_sum(&p, "ctr_scorer_records_total", "duplicate").unwrap_or(0.0);
+    assert_eq!(
+        (guarded + duplicates) as usize,
+        stream.records.len(),
+        "every record counted: guarded, or a repeated late click"
+    );
+    assert_eq!(metric(&p, "ctr_scorer_learning_paused"), Some(1.0));
+    assert!(s.output().contains("learning paused"), "{}", s.output());
+    s.stop();
+}
