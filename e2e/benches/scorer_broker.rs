@@ -18,16 +18,7 @@ use ctr_schemas::{Context, Encoder, LabelKind, LabeledImpression};
 use rdkafka::producer::{BaseRecord, Producer};
 
 fn scorer(topic: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
-    let mut args = vec![
-        format!("--brokers={}", brokers()),
-        format!("--labeled-topic={topic}"),
-        format!("--group={prefix}g"),
-        format!("--redis-url={}", redis_url()),
-        format!("--redis-prefix={prefix}"),
-        format!("--http-addr=127.0.0.1:{port}"),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Service::start("scorer", "ctr-scorer", &args)
+    start_scorer(topic, &format!("{prefix}g"), prefix, port, extra)
 }
 
 fn records_total(port: u16) -> Option<f64> {

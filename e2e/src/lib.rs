@@ -618,3 +618,18 @@ pub fn bare_consume_rate(topics: &[&str], partitions: i32, total: usize) -> f64 
     }
     total as f64 / started.elapsed().as_secs_f64()
 }
+
+/// Starts `ctr-scorer` on the stack for `topic`, in consumer group `group`, writing Redis keys
+/// under `prefix`, serving HTTP on `port`, with `extra` flags.
+pub fn start_scorer(topic: &str, group: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
+    let mut args = vec![
+        format!("--brokers={}", brokers()),
+        format!("--labeled-topic={topic}"),
+        format!("--group={group}"),
+        format!("--redis-url={}", redis_url()),
+        format!("--redis-prefix={prefix}"),
+        format!("--http-addr=127.0.0.1:{port}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
+}

@@ -7,19 +7,6 @@ use std::time::{Duration, Instant};
 
 use ctr_e2e::*;
 
-fn scorer(topic: &str, group: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
-    let mut args = vec![
-        format!("--brokers={}", brokers()),
-        format!("--labeled-topic={topic}"),
-        format!("--group={group}"),
-        format!("--redis-url={}", redis_url()),
-        format!("--redis-prefix={prefix}"),
-        format!("--http-addr=127.0.0.1:{port}"),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
-}
-
 fn page(port: u16) -> Option<String> {
     http_get(&format!("http://127.0.0.1:{port}/metrics"))
 }
@@ -64,10 +51,10 @@ fn sigkill_of_one_scorer_changes_no_count() {
     let group = format!("{topic}-chaos");
     let fast_ckpt = ["--checkpoint-ms=500"];
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
-    let s1 = scorer(&topic, &group, &chaos, p1, &fast_ckpt);
-    let s2 = scorer(&topic, &group, &chaos, p2, &fast_ckpt);
+    let s1 = start_scorer(&topic, &group, &chaos, p1, &fast_ckpt);
+    let s2 = start_scorer(&topic, &group, &chaos, p2, &fast_ckpt);
     // A failure-free run over the same topic, for comparison.
-    let r = scorer(&topic, &format!("{topic}-ref"), &reference, p3, &[]);
+    let r = start_scorer(&topic, &format!("{topic}-ref"), &reference, p3, &[]);
     eventually(
         Duration::from_secs(60),
         "both chaos scorers to hold partitions",
@@ -158,7 +145,7 @@ fn rank_orders_by_bid_times_pctr_and_rejects_bad_requests() {
     set(&mut con, format!("{prefix}ad:a2"), "0.05", "backed_off");
     set(&mut con, format!("{prefix}adctx:a4:{ctx}"), "0.20", "exact");
     let port = free_port();
-    let s = scorer(
+    let s = start_scorer(
         &topic,
         &format!("{topic}-g"),
         &prefix,
@@ -236,18 +223,9 @@ fn processed(port: u16) -> f64 {
 fn single_worker_scorer(topic: &str, tag: &str, extra: &[&str]) -> (Service, u16, String) {
     let port = free_port();
     let prefix = format!("{}:", unique(tag));
-    let mut args = vec![
-        format!("--brokers={}", brokers()),
-        format!("--labeled-topic={topic}"),
-        format!("--group={prefix}g"),
-        format!("--redis-url={}", redis_url()),
-        format!("--redis-prefix={prefix}"),
-        format!("--http-addr=127.0.0.1:{port}"),
-        "--workers=1".to_string(),
-        "--batch-size=25".to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let s = Service::start(&format!("scorer:{port}"), "ctr-scorer", &args);
+    let mut args = vec!["--workers=1", "--batch-size=25"];
+    args.extend_from_slice(extra);
+    let s = start_scorer(topic, &format!("{prefix}g"), &prefix, port, &args);
     eventually(
         Duration::from_secs(60),
         "the scorer to own all partitions",
@@ -412,7 +390,7 @@ fn a_stalled_click_stream_pauses_learning_not_counting() {
         .query(&mut con)
         .unwrap();
     let port = free_port();
-    let s = scorer(&topic, &format!("{topic}-g"), &prefix, port, &[]);
+    let s = start_scorer(&topic, &format!("{topic}-g"), &prefix, port, &[]);
     let base = format!("http://127.0.0.1:{port}");
     eventually(
         Duration::from_secs(30),
