@@ -28,8 +28,13 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), FeedbackError> {
+    // Checkpoints can be large: allow them more than redis-rs's default 500 ms response
+    // timeout, which a busy Redis writing its append-only file can exceed.
     let redis = redis::Client::open(cfg.redis_url.as_str())?
-        .get_connection_manager()
+        .get_connection_manager_with_config(
+            redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(std::time::Duration::from_secs(10))),
+        )
         .await?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

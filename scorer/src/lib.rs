@@ -56,7 +56,14 @@ pub async fn run(
 ) -> Result<()> {
     let config = Arc::new(config);
     let redis = redis::Client::open(config.redis_url.as_str())?;
-    let conn = redis.get_connection_manager().await?;
+    // Checkpoints are megabytes: allow them more than redis-rs's default 500 ms response
+    // timeout, which a busy Redis writing its append-only file can exceed.
+    let conn = redis
+        .get_connection_manager_with_config(
+            redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

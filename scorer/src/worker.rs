@@ -27,6 +27,26 @@ use crate::load::{Control, PartitionReport};
 use crate::publish::{Published, Publisher, ad_context_key, ad_key};
 use crate::state::{Outcome, PartitionState, Policy};
 
+/// Awaits a checkpoint operation, retrying on Redis errors (a restart, a failover, a slow
+/// append-only file) with backoff for about a minute; a corrupt checkpoint is not retried.
+macro_rules! retry {
+    ($what:expr, $partition:expr, $op:expr) => {{
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 1;
+        loop {
+            match $op.await {
+                Err(CheckpointError::Redis(e)) if attempt < 40 => {
+                    warn!(partition = $partition, error = %e, attempt, "{} failed; retrying", $what);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 /// What the consumer sends a worker.
 #[derive(Debug)]
 pub enum Work {
@@ -250,7 +270,7 @@ impl Worker {
     /// The state of `p`, restored from its checkpoint if this worker does not hold it yet.
     async fn owned(&mut self, p: i32) -> Result<&mut Owned, WorkerError> {
         if !self.parts.contains_key(&p) {
-            let state = match self.store.load(p).await? {
+            let state = match retry!("checkpoint load", p, self.store.load(p))? {
                 Some(st) => {
                     info!(partition = p, next_offset = ?st.next_offset, examples = st.models().examples(),
                           "restored partition state from checkpoint");
@@ -471,7 +491,7 @@ impl Worker {
             debug_assert!(own.pending == 0, "checkpoint before publish");
             let started = Instant::now();
             own.state.maintain(self.cfg.idle_ms);
-            let (written, bytes) = self.store.save(p, &own.state).await?;
+            let (written, bytes) = retry!("checkpoint save", p, self.store.save(p, &own.state))?;
             own.changed = false;
             metrics::histogram!("ctr_scorer_checkpoint_seconds")
                 .record(started.elapsed().as_secs_f64());
