@@ -83,7 +83,7 @@ pub struct ScorerArgs {
     /// Largest stage-two thinning factor: at most this many negatives of an ad are dropped
     /// unread per kept one. min_rate and this together bound the error an ad's estimate can
     /// take from shedding (a group of 1/min_rate × max_thinning negatives).
-    #[arg(long, env = "CTR_SCORER_MAX_THINNING", default_value_t = 5)]
+    #[arg(long, env = "CTR_SCORER_MAX_THINNING", default_value_t = 10)]
     pub max_thinning: u32,
     /// Ranking API: most requests in progress; beyond it requests get 503 at once.
     #[arg(long, env = "CTR_API_MAX_CONCURRENCY", default_value_t = 512)]

@@ -91,11 +91,14 @@ impl ClientContext for ScorerContext {
         let mut lag = self.control.lag.lock().expect("lag map");
         lag.clear();
         for (&p, part) in &topic.partitions {
+            // Lag behind the high watermark from the position handed to this process
+            // (`app_offset`), not from the committed offset, which only moves at checkpoints.
             // -1 = unknown; librdkafka also lists the internal partition -1.
-            if p >= 0 && part.consumer_lag >= 0 {
-                lag.insert(p, part.consumer_lag);
+            if p >= 0 && part.hi_offset >= 0 && part.app_offset >= 0 {
+                let l = (part.hi_offset - part.app_offset).max(0);
+                lag.insert(p, l);
                 metrics::gauge!("ctr_scorer_consumer_lag", "partition" => p.to_string())
-                    .set(part.consumer_lag as f64);
+                    .set(l as f64);
             }
         }
     }

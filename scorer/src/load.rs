@@ -7,7 +7,9 @@
 //! overload the workers cause (a slow broker, a backlog still being fetched), and learning
 //! less would not reduce it. The [`Governor`] turns this into the keep-rate of negatives:
 //! multiplicative decrease while overloaded, multiplicative increase once the queues are
-//! below half full, and exactly 1 (nothing shed) when there is no overload. The rate
+//! below half full and the lag below half its bound (a drained queue with a backlog still in
+//! the broker is not recovery), and exactly 1 (nothing shed) when there is no overload. The
+//! lag is the high watermark minus the position handed to the scorer, per partition. The rate
 //! and every shed record are exported (`ctr_scorer_negative_keep_rate`,
 //! `ctr_scorer_records_total{outcome="shed"}`).
 //!
@@ -180,7 +182,7 @@ impl Governor {
             } else {
                 self.thinning = (self.thinning * 2).min(self.max_thinning);
             }
-        } else if queue_fill < Self::QUEUE_LOW {
+        } else if queue_fill < Self::QUEUE_LOW && max_lag <= self.lag_bound / 2 {
             if self.thinning > 1 {
                 self.thinning = (f64::from(self.thinning) / 1.5).floor().max(1.0) as u32;
             } else {
