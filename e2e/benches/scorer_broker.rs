@@ -21,14 +21,6 @@ fn scorer(topic: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
     start_scorer(topic, &format!("{prefix}g"), prefix, port, extra)
 }
 
-fn records_total(port: u16) -> Option<f64> {
-    metric_sum(
-        &http_get(&format!("http://127.0.0.1:{port}/metrics"))?,
-        "ctr_scorer_records_total",
-        "",
-    )
-}
-
 fn throughput() {
     let topic = format!("{}.labeled", unique("bench"));
     create_topics(&[(&topic, 4)]);
@@ -57,7 +49,7 @@ fn throughput() {
     eventually(
         Duration::from_secs(600),
         "every label consumed",
-        || records_total(port).filter(|v| *v as usize >= total),
+        || scorer_records(port).filter(|v| *v as usize >= total),
         || s.output(),
     );
     let scored = total as f64 / started.elapsed().as_secs_f64();

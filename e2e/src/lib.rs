@@ -619,6 +619,16 @@ pub fn bare_consume_rate(topics: &[&str], partitions: i32, total: usize) -> f64 
     total as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Records the scorer serving HTTP on `port` has taken off its topic, every outcome (learned,
+/// shed, dropped unread, guarded, corrected, duplicate); `None` before it reports any.
+pub fn scorer_records(port: u16) -> Option<f64> {
+    metric_sum(
+        &http_get(&format!("http://127.0.0.1:{port}/metrics"))?,
+        "ctr_scorer_records_total",
+        "",
+    )
+}
+
 /// Starts `ctr-scorer` on the stack for `topic`, in consumer group `group`, writing Redis keys
 /// under `prefix`, serving HTTP on `port`, with `extra` flags.
 pub fn start_scorer(topic: &str, group: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {

@@ -92,11 +92,7 @@ pub async fn run(
 /// Exports progressive-validation metrics per model, merged over the owned partitions.
 async fn report_models(control: Arc<load::Control>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tick.tick() => {}
-        }
+    while load::next_tick(&mut tick, &mut stop).await {
         for (name, cumulative, window) in load::merged_models(&control) {
             for (scope, m) in [("cumulative", &cumulative), ("window", &window)] {
                 let labels = [("model", name.clone()), ("scope", scope.to_string())];

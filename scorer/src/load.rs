@@ -48,9 +48,6 @@ use crate::state::Policy;
 pub struct PartitionReport {
     /// Per serving and shadow variant: (name, cumulative metrics, sliding-window metrics).
     pub models: Vec<(String, Metrics, Metrics)>,
-    pub examples: u64,
-    pub dedupe_ids: usize,
-    pub newest_ms: i64,
 }
 
 /// State shared by the consumer, the workers and the monitoring tasks.
@@ -196,6 +193,18 @@ impl Governor {
     }
 }
 
+/// Waits for `tick`'s next tick; `false` once `stop` has turned true. The loop of every
+/// periodic task: `while next_tick(&mut tick, &mut stop).await { ... }`.
+pub(crate) async fn next_tick(
+    tick: &mut tokio::time::Interval,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => false,
+        _ = tick.tick() => true,
+    }
+}
+
 /// Runs the governor every 250 ms until `stop`: `fill` reports the fullest worker queue.
 pub async fn govern(
     control: std::sync::Arc<Control>,
@@ -204,11 +213,7 @@ pub async fn govern(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tick.tick() => {}
-        }
+    while next_tick(&mut tick, &mut stop).await {
         let (f, lag) = (fill(), control.max_lag());
         let before = governor.rate();
         let rate = governor.step(f, lag);
@@ -266,11 +271,7 @@ pub async fn guard(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tick.tick() => {}
-        }
+    while next_tick(&mut tick, &mut stop).await {
         let entries: HashMap<String, String> = match redis::cmd("HGETALL")
             .arg(&key)
             .query_async(&mut redis)

@@ -292,11 +292,6 @@ impl PartitionState {
             .unwrap_or_default()
     }
 
-    /// Keys with totals.
-    pub fn total_keys(&self) -> usize {
-        self.totals.len()
-    }
-
     /// Applies one valid labeled impression whose context key is `context_key`. On an error
     /// (the models rejected the example) nothing has changed but the dedupe memory, and the
     /// caller treats the record as poison.

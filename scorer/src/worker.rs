@@ -27,16 +27,19 @@ use crate::load::{Control, PartitionReport};
 use crate::publish::{Published, Publisher, ad_context_key, ad_key};
 use crate::state::{Outcome, PartitionState, Policy};
 
-/// Awaits a checkpoint operation, retrying on Redis errors (a restart, a failover, a slow
-/// append-only file) with backoff for about a minute; a corrupt checkpoint is not retried.
+/// Awaits a Redis operation of partition `$partition`, retrying the errors matching
+/// `$retryable` (which binds the error to `$err`: a restart, a failover, a slow append-only file) with
+/// backoff for about a minute; other errors (a corrupt checkpoint) are returned at once. The
+/// records behind the operation are consumed and must not be dropped; when Redis stays down,
+/// the worker stops and the process exits non-zero, to restart from the last checkpoint.
 macro_rules! retry {
-    ($what:expr, $partition:expr, $op:expr) => {{
+    ($what:expr, $partition:expr, $op:expr, $retryable:pat => $err:ident) => {{
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 1;
         loop {
             match $op.await {
-                Err(CheckpointError::Redis(e)) if attempt < 40 => {
-                    warn!(partition = $partition, error = %e, attempt, "{} failed; retrying", $what);
+                $retryable if attempt < 40 => {
+                    warn!(partition = $partition, error = %$err, attempt, "{} failed; retrying", $what);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     attempt += 1;
@@ -125,7 +128,6 @@ pub struct Worker {
     store: CheckpointStore,
     parts: HashMap<i32, Owned>,
     pending: usize,
-    serve_model: String,
     /// Records per outcome since the counters were last exported (a registry lookup per
     /// record would cost as much as decoding it).
     tally: [u64; OUTCOMES.len()],
@@ -162,7 +164,6 @@ impl Worker {
         publisher: Publisher,
         store: CheckpointStore,
     ) -> Self {
-        let serve_model = cfg.serve_model.clone();
         Self {
             id,
             cfg,
@@ -172,7 +173,6 @@ impl Worker {
             store,
             parts: HashMap::new(),
             pending: 0,
-            serve_model,
             tally: [0; OUTCOMES.len()],
         }
     }
@@ -270,7 +270,12 @@ impl Worker {
     /// The state of `p`, restored from its checkpoint if this worker does not hold it yet.
     async fn owned(&mut self, p: i32) -> Result<&mut Owned, WorkerError> {
         if !self.parts.contains_key(&p) {
-            let state = match retry!("checkpoint load", p, self.store.load(p))? {
+            let state = match retry!(
+                "checkpoint load",
+                p,
+                self.store.load(p),
+                Err(CheckpointError::Redis(e)) => e
+            )? {
                 Some(st) => {
                     info!(partition = p, next_offset = ?st.next_offset, examples = st.models().examples(),
                           "restored partition state from checkpoint");
@@ -367,7 +372,7 @@ impl Worker {
     /// The serving variant's estimates for every dirty key of `own`.
     fn estimates(&self, own: &mut Owned) -> Vec<Published> {
         let prefix = self.publisher.prefix();
-        let Some(model) = own.state.models().variant(&self.serve_model) else {
+        let Some(model) = own.state.models().variant(&self.cfg.serve_model) else {
             return Vec::new();
         };
         let ts_ms = own.state.newest_ms().max(0);
@@ -417,10 +422,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Writes partition `p`'s changed keys to Redis, fenced by the batch's last offset. Redis errors
-    /// are retried with backoff (the records are consumed and must not be dropped); after
-    /// about a minute of failures the worker stops and the process exits non-zero, to be
-    /// restarted from the last checkpoint.
+    /// Writes partition `p`'s changed keys to Redis, fenced by the batch's last offset, retrying
+    /// Redis errors (see `retry!`).
     async fn publish(&mut self, p: i32) -> Result<(), WorkerError> {
         let Some(mut own) = self.parts.remove(&p) else {
             return Ok(());
@@ -432,30 +435,18 @@ impl Worker {
         let started = Instant::now();
         let estimates = self.estimates(&mut own);
         let topic = self.cfg.labeled_topic.clone();
-        let mut backoff = Duration::from_millis(50);
-        let mut attempt = 1;
-        let result = loop {
-            match self
-                .publisher
-                .apply(&topic, p, last_offset, &estimates, &self.serve_model)
-                .instrument(info_span!("publish", partition = p))
-                .await
-            {
-                Ok(written) => break Ok(written),
-                Err(e) if attempt < 40 => {
-                    warn!(partition = p, error = %e, attempt, "Redis publish failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    attempt += 1;
-                }
-                Err(source) => {
-                    break Err(WorkerError::Publish {
-                        partition: p,
-                        source,
-                    });
-                }
-            }
-        };
+        let result = retry!(
+            "Redis publish",
+            p,
+            self.publisher
+                .apply(&topic, p, last_offset, &estimates, &self.cfg.serve_model)
+                .instrument(info_span!("publish", partition = p)),
+            Err(e) => e
+        )
+        .map_err(|source| WorkerError::Publish {
+            partition: p,
+            source,
+        });
         let records = own.pending;
         own.pending = 0;
         self.pending -= records;
@@ -491,7 +482,12 @@ impl Worker {
             debug_assert!(own.pending == 0, "checkpoint before publish");
             let started = Instant::now();
             own.state.maintain(self.cfg.idle_ms);
-            let (written, bytes) = retry!("checkpoint save", p, self.store.save(p, &own.state))?;
+            let (written, bytes) = retry!(
+                "checkpoint save",
+                p,
+                self.store.save(p, &own.state),
+                Err(CheckpointError::Redis(e)) => e
+            )?;
             own.changed = false;
             metrics::histogram!("ctr_scorer_checkpoint_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -537,15 +533,7 @@ impl Worker {
                     )
                 })
                 .collect();
-            reports.insert(
-                p,
-                PartitionReport {
-                    models,
-                    examples: own.state.models().examples(),
-                    dedupe_ids: own.state.dedupe().len(),
-                    newest_ms: own.state.newest_ms(),
-                },
-            );
+            reports.insert(p, PartitionReport { models });
         }
     }
 }

@@ -210,13 +210,6 @@ fn rank_orders_by_bid_times_pctr_and_rejects_bad_requests() {
     s.stop();
 }
 
-/// Records the scorer on `port` has taken off the topic (every outcome, dropped included).
-fn processed(port: u16) -> f64 {
-    page(port)
-        .and_then(|p| metric_sum(&p, "ctr_scorer_records_total", ""))
-        .unwrap_or(0.0)
-}
-
 /// Starts a scorer with one worker, tuned for freshness (a Redis write every 25 records), and
 /// waits for its 4 partitions. Its capacity is low enough that this two-core machine, which
 /// also runs the broker and the load generator, can feed it three times as much.
@@ -268,7 +261,7 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
     eventually(
         Duration::from_secs(300),
         "the calibration backlog",
-        || (processed(port) >= n).then_some(()),
+        || (scorer_records(port).unwrap_or(0.0) >= n).then_some(()),
         || s.output(),
     );
     let capacity = n / t.elapsed().as_secs_f64();
@@ -310,7 +303,7 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
     let mut lags = Vec::new();
     while !producer.is_finished() {
         std::thread::sleep(Duration::from_millis(500));
-        let done = processed(port);
+        let done = scorer_records(port).unwrap_or(0.0);
         lags.push(produced.load(std::sync::atomic::Ordering::Relaxed) as f64 - done);
     }
     let took = producer.join().unwrap().as_secs_f64();
@@ -318,7 +311,7 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
     eventually(
         Duration::from_secs(300),
         "the shedding scorer to take every record",
-        || (processed(port) >= total).then_some(()),
+        || (scorer_records(port).unwrap_or(0.0) >= total).then_some(()),
         || s.output(),
     );
     std::thread::sleep(Duration::from_secs(1));
@@ -348,7 +341,7 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
     eventually(
         Duration::from_secs(300),
         "the reference scorer",
-        || (processed(port) >= total).then_some(()),
+        || (scorer_records(port).unwrap_or(0.0) >= total).then_some(()),
         || s.output(),
     );
     std::thread::sleep(Duration::from_secs(1));
