@@ -430,23 +430,74 @@ pub fn metric_sum(page: &str, name: &str, filter: &str) -> Option<f64> {
     found
 }
 
-/// POSTs JSON to `url`; returns the status and body whatever the status.
-pub fn http_post_json(url: &str, body: &str) -> (u16, String) {
+/// What an HTTP call answered; status 0 when it got no answer at all.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: String,
+}
+
+/// POSTs `body` with `headers`; returns whatever the status.
+pub fn http_post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    match agent
-        .post(url)
-        .header("content-type", "application/json")
-        .send(body)
-    {
-        Ok(mut r) => (
-            r.status().as_u16(),
-            r.body_mut().read_to_string().unwrap_or_default(),
-        ),
-        Err(e) => (0, e.to_string()),
+    let mut req = agent.post(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
+    match req.send(body) {
+        Ok(mut r) => Reply {
+            status: r.status().as_u16(),
+            retry_after: r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+            body: r.body_mut().read_to_string().unwrap_or_default(),
+        },
+        Err(e) => Reply {
+            status: 0,
+            retry_after: None,
+            body: e.to_string(),
+        },
+    }
+}
+
+/// POSTs JSON to `url`; returns the status and body whatever the status.
+pub fn http_post_json(url: &str, body: &str) -> (u16, String) {
+    let r = http_post(
+        url,
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    );
+    (r.status, r.body)
+}
+
+/// Starts `ctr-ingest http` on `port` for the given topics with `extra` flags, and waits until
+/// it answers.
+pub fn start_ingest(serves: &str, clicks: &str, port: u16, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "http".to_string(),
+        format!("--brokers={}", brokers()),
+        format!("--serves-topic={serves}"),
+        format!("--clicks-topic={clicks}"),
+        format!("--http-addr=127.0.0.1:{port}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut svc = Service::start(&format!("ingest:{port}"), "ctr-ingest", &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
+        assert!(
+            svc.is_running() && Instant::now() < deadline,
+            "ingest adapter did not come up:\n{}",
+            svc.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    svc
 }
 
 /// Event time of the first generated label.

@@ -1,7 +1,8 @@
 //! `ctr-ingest` command line.
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ctr_ingest::simulate;
+use ctr_ingest::{adapter, replay, simulate};
 
 #[derive(Debug, Parser)]
 #[command(name = "ctr-ingest", about = "Get serve and click events into Kafka")]
@@ -14,6 +15,12 @@ struct Cli {
 enum Command {
     /// Run the simulated marketplace into Kafka.
     Simulate(simulate::SimulateArgs),
+    /// Accept JSON serves and clicks over HTTP (POST /v1/events) and produce them to Kafka.
+    Http(adapter::AdapterArgs),
+    /// Replay recorded events (JSONL, or Avro container files) into Kafka.
+    Replay(replay::ReplayArgs),
+    /// Export a serves or clicks topic to an Avro container file (replayable).
+    Export(replay::ExportArgs),
 }
 
 #[tokio::main]
@@ -23,21 +30,47 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,rdkafka=warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Simulate(args) => simulate::run(args, shutdown_signal()).await.map(|_| ()),
+        Command::Simulate(args) => simulate::run(args, shutdown_signal())
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+        Command::Http(args) => http(args).await,
+        Command::Replay(args) => replay::replay(args, shutdown_signal())
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+        Command::Export(args) => replay::export(args)
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "ctr-ingest failed");
+            tracing::error!(error = format!("{e:#}"), "ctr-ingest failed");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-/// SIGINT or SIGTERM: the simulator stops issuing serves, sends the clicks it owes, and exits.
+async fn http(args: adapter::AdapterArgs) -> anyhow::Result<()> {
+    let config = adapter::AdapterConfig::try_from(args).context("checking settings")?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP adapter to {}", config.http_addr))?;
+    adapter::run(config, listener, Some(metrics), shutdown_signal()).await?;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM: the simulator stops issuing serves, sends the clicks it owes, and exits;
+/// the adapter answers the requests in progress and exits; replay stops after the event in hand.
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");

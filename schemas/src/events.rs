@@ -50,6 +50,25 @@ impl Context {
         parts
     }
 
+    /// Builds a context from a flat `name → value` map, the shape JSON producers and the ranking
+    /// API use: `query_category`, `geo` and `device` are required, every other entry becomes an
+    /// `extra` field. The result is validated.
+    pub fn from_fields(mut fields: BTreeMap<String, String>) -> Result<Self, ValidationError> {
+        let mut take = |name: &'static str, field: &'static str| {
+            fields
+                .remove(name)
+                .ok_or(ValidationError::new(field, "missing"))
+        };
+        let ctx = Context {
+            query_category: take("query_category", "context.query_category")?,
+            geo: take("geo", "context.geo")?,
+            device: take("device", "context.device")?,
+            extra: fields,
+        };
+        ctx.validate()?;
+        Ok(ctx)
+    }
+
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_token("context.query_category", &self.query_category)?;
         check_token("context.geo", &self.geo)?;
@@ -328,6 +347,32 @@ mod tests {
         assert_eq!(
             c.key(),
             "device=mobile|geo=US|hour=13|query_category=travel"
+        );
+    }
+
+    #[test]
+    fn context_from_flat_fields() {
+        let mut fields: BTreeMap<String, String> = [
+            ("query_category", "travel"),
+            ("geo", "US"),
+            ("device", "mobile"),
+            ("hour", "13"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Context::from_fields(fields.clone()).unwrap();
+        assert_eq!(
+            c.key(),
+            "device=mobile|geo=US|hour=13|query_category=travel"
+        );
+        fields.remove("geo");
+        let e = Context::from_fields(fields.clone()).unwrap_err();
+        assert_eq!((e.field, e.problem), ("context.geo", "missing"));
+        fields.insert("geo".into(), "U|S".into());
+        assert_eq!(
+            Context::from_fields(fields).unwrap_err().field,
+            "context.geo"
         );
     }
 

@@ -315,28 +315,15 @@ async fn readyz(State(mut s): State<ApiState>) -> Response {
     }
 }
 
-/// Builds a context from `name → value` fields: the three fixed ones are required.
+/// Builds a context from `name → value` fields (`ad_id` excluded: it names the ad, as a query
+/// parameter of `GET /v1/ctr`): the three fixed ones are required.
 fn context_from(fields: &BTreeMap<String, String>, path: &str) -> Result<Context, ApiError> {
-    let field = |name: &str| {
-        fields
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ApiError::bad(format!("{path}.{name}: missing")))
-    };
-    let extra: BTreeMap<String, String> = fields
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "ad_id" | "query_category" | "geo" | "device"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let ctx = Context {
-        query_category: field("query_category")?,
-        geo: field("geo")?,
-        device: field("device")?,
-        extra,
-    };
-    ctx.validate()
-        .map_err(|e| ApiError::bad(format!("{path}: {e}")))?;
-    Ok(ctx)
+    let mut fields = fields.clone();
+    fields.remove("ad_id");
+    Context::from_fields(fields).map_err(|e| {
+        let field = e.field.strip_prefix("context").unwrap_or(e.field);
+        ApiError::bad(format!("{path}{field}: {}", e.problem))
+    })
 }
 
 impl ApiState {

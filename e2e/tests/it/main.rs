@@ -1,6 +1,7 @@
 //! End-to-end tests through the real broker and Redis. One binary; one module per subject.
 
 mod broker;
+mod ingest;
 mod joiner;
 mod pipeline;
 mod scorer;
