@@ -475,6 +475,10 @@ pub struct ExportArgs {
     /// Output file (an Avro object container file, deflate-compressed).
     #[arg(long)]
     pub out: PathBuf,
+    /// After every partition reached its starting high watermark, stop once nothing has
+    /// arrived for this long, ms.
+    #[arg(long, default_value_t = 1_500)]
+    pub idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -491,8 +495,9 @@ pub struct ExportSummary {
     pub skipped: u64,
 }
 
-/// Exports everything the topic holds now (every partition, low to high watermark, in
-/// partition order) to an Avro container file written with the record's newest schema.
+/// Exports everything the topic holds now (every partition from its low watermark until it has
+/// reached its high watermark and gone quiet) to an Avro container file written with the
+/// record's newest schema. Invalid records are left out, each counted and logged.
 pub async fn export(args: ExportArgs) -> Result<ExportSummary, ReplayError> {
     tokio::task::spawn_blocking(move || match args.kind {
         ExportKind::Serve => export_as::<Serve>(&args),
@@ -540,44 +545,59 @@ fn export_as<E: WireEvent + Into<Event>>(args: &ExportArgs) -> Result<ExportSumm
             .build(std::io::BufWriter::new(file))
             .map_err(io_err)?;
     let mut summary = ExportSummary::default();
-    for p in partitions {
+    // Every partition from its low watermark, all at once. The end: every partition has reached
+    // the high watermark it had at the start, and then nothing has arrived for `idle_ms` (some
+    // brokers, the local Tansu among them, report high watermarks that lag what they serve).
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = std::collections::BTreeMap::new();
+    for &p in &partitions {
         let (low, high) = consumer.fetch_watermarks(&args.topic, p, timeout)?;
-        if high <= low {
-            continue;
-        }
-        let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&args.topic, p, Offset::Offset(low))?;
-        consumer.assign(&tpl)?;
-        let mut next = low;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while next < high {
-            if Instant::now() > deadline {
-                return Err(ReplayError::Export(format!(
-                    "partition {p}: stuck at offset {next} of {high}"
-                )));
+        if high > low {
+            remaining.insert(p, high);
+        }
+    }
+    consumer.assign(&tpl)?;
+    let idle = Duration::from_millis(args.idle_ms);
+    let mut last_record = Instant::now();
+    let mut last_progress = Instant::now();
+    loop {
+        if remaining.is_empty() && last_record.elapsed() >= idle {
+            break;
+        }
+        if last_progress.elapsed() > Duration::from_secs(60) {
+            return Err(ReplayError::Export(format!(
+                "no progress for 60 s; partitions not yet at their high watermark: {remaining:?}"
+            )));
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let msg = msg?;
+        last_record = Instant::now();
+        last_progress = Instant::now();
+        if remaining
+            .get(&msg.partition())
+            .is_some_and(|&high| msg.offset() + 1 >= high)
+        {
+            remaining.remove(&msg.partition());
+        }
+        let decoded = ctr_schemas::decode::<E>(msg.payload().unwrap_or(&[]))
+            .map_err(|e| e.to_string())
+            .map(Into::into)
+            .and_then(|e: Event| e.validate().map(|()| e));
+        match decoded {
+            Ok(event) => {
+                match &event {
+                    Event::Serve(s) => writer.serialize(s),
+                    Event::Click(c) => writer.serialize(c),
+                }
+                .map_err(io_err)?;
+                summary.records += 1;
             }
-            let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let msg = msg?;
-            next = msg.offset() + 1;
-            let decoded = ctr_schemas::decode::<E>(msg.payload().unwrap_or(&[]))
-                .map_err(|e| e.to_string())
-                .map(Into::into)
-                .and_then(|e: Event| e.validate().map(|()| e));
-            match decoded {
-                Ok(event) => {
-                    match &event {
-                        Event::Serve(s) => writer.serialize(s),
-                        Event::Click(c) => writer.serialize(c),
-                    }
-                    .map_err(io_err)?;
-                    summary.records += 1;
-                }
-                Err(problem) => {
-                    summary.skipped += 1;
-                    warn!(partition = p, offset = msg.offset(), %problem, "left out of the export");
-                }
+            Err(problem) => {
+                summary.skipped += 1;
+                warn!(partition = msg.partition(), offset = msg.offset(), %problem, "left out of the export");
             }
         }
     }

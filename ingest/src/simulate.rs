@@ -48,14 +48,47 @@ pub struct SimulateArgs {
     pub campaigns: usize,
     #[arg(long, default_value_t = 500)]
     pub click_delay_min_ms: i64,
-    #[arg(long, default_value_t = 20_000)]
+    /// Median click delay (log-normal; capped at the geometric mean of min and max).
+    #[arg(long, default_value_t = 4_000)]
+    pub click_delay_median_ms: i64,
+    /// Longest click delay; beyond the joiner's window a click becomes a late correction.
+    #[arg(long, default_value_t = 120_000)]
     pub click_delay_max_ms: i64,
+    /// Share of clicks sent twice (same click ID).
+    #[arg(long, default_value_t = 0.02)]
+    pub duplicate_clicks: f64,
+    /// Clicks on serves that never existed, per serve (the joiner dead-letters them).
+    #[arg(long, default_value_t = 0.002)]
+    pub orphan_clicks: f64,
+    /// Amplitude of the daily CTR cycle (peak at 20:00 UTC), 0..1.
+    #[arg(long, default_value_t = 0.3)]
+    pub daily_amplitude: f64,
+    /// Drift of each ad's CTR: standard deviation of its logarithm per simulated hour.
+    #[arg(long, default_value_t = 0.1)]
+    pub drift_per_hour: f64,
+    /// Put the hour of day into the context (extra field `hour`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub hour_context: bool,
+    /// Seconds of event time between traffic bursts (0 = no bursts).
+    #[arg(long, default_value_t = 120)]
+    pub burst_every_s: i64,
+    /// Length of a burst, seconds.
+    #[arg(long, default_value_t = 15)]
+    pub burst_len_s: i64,
+    /// Serve rate multiplier during a burst.
+    #[arg(long, default_value_t = 3.0)]
+    pub burst_factor: f64,
     /// ID generator shard (0..=1023), distinct per concurrently running producer.
     #[arg(long, default_value_t = 1)]
     pub shard: u32,
     /// Write the per-ad counts of what was emitted to this JSON file when done.
     #[arg(long)]
     pub counts_out: Option<PathBuf>,
+    /// Write the true click probability of every impression to this JSONL file
+    /// (`{"serve_id", "ad_id", "position", "ts_ms", "p"}` per line), for calibration against the
+    /// truth.
+    #[arg(long)]
+    pub truth_out: Option<PathBuf>,
 }
 
 /// Why a simulation run failed.
@@ -67,8 +100,8 @@ pub enum SimulateError {
     Produce(#[from] ProduceError),
     #[error(transparent)]
     Encode(#[from] ctr_schemas::EncodeError),
-    #[error("writing the counts file {path}: {source}")]
-    Counts {
+    #[error("writing {path}: {source}")]
+    Output {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -93,12 +126,33 @@ pub async fn run(
         start_ms: args.start_ms.unwrap_or_else(now_ms),
         serves_per_sec: if paced { args.rate } else { args.sim_rate },
         click_delay_min_ms: args.click_delay_min_ms,
+        click_delay_median_ms: args.click_delay_median_ms,
         click_delay_max_ms: args.click_delay_max_ms,
+        duplicate_click_rate: args.duplicate_clicks,
+        orphan_click_rate: args.orphan_clicks,
+        daily_amplitude: args.daily_amplitude,
+        drift_per_hour: args.drift_per_hour,
+        hour_context: args.hour_context,
+        burst_every_ms: args.burst_every_s.saturating_mul(1000),
+        burst_len_ms: args.burst_len_s.saturating_mul(1000),
+        burst_factor: args.burst_factor,
         shard: args.shard,
         ..SimConfig::default()
     };
     let start_ms = cfg.start_ms;
     let mut sim = Simulator::new(cfg, (args.serves > 0).then_some(args.serves))?;
+    let mut truth = match &args.truth_out {
+        Some(path) => Some((
+            path,
+            std::io::BufWriter::new(std::fs::File::create(path).map_err(|source| {
+                SimulateError::Output {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+        )),
+        None => None,
+    };
     let mut producer = TrackedProducer::new(&args.brokers, 100_000)?;
     let mut serves = Encoder::<Serve>::new();
     let mut clicks = Encoder::<Click>::new();
@@ -126,6 +180,14 @@ pub async fn run(
             stopping = true;
             sim.stop_serving();
         }
+        if let (Some((path, out)), SimEvent::Serve(s)) = (&mut truth, &event) {
+            write_truth(out, s, sim.last_serve_truth()).map_err(|source| {
+                SimulateError::Output {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        }
         buf.clear();
         match &event {
             SimEvent::Serve(s) => serves.encode_into(s, &mut buf)?,
@@ -138,12 +200,25 @@ pub async fn run(
             info!(
                 serves = c.serves,
                 clicks = c.clicks,
+                duplicate_clicks = c.duplicate_clicks,
+                orphan_clicks = c.orphan_clicks,
                 delivered = producer.delivered(),
+                events_per_sec =
+                    (producer.delivered() as f64 / started.elapsed().as_secs_f64()) as u64,
                 "simulating"
             );
         }
     }
     producer.flush().await?;
+    if let Some((path, out)) = truth {
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(|source| SimulateError::Output {
+                path: path.clone(),
+                source,
+            })?;
+    }
     let counts = sim.counts().clone();
     info!(
         serves = counts.serves,
@@ -153,10 +228,22 @@ pub async fn run(
     );
     if let Some(path) = &args.counts_out {
         let json = serde_json::to_vec_pretty(&counts).expect("counts serialise");
-        std::fs::write(path, json).map_err(|source| SimulateError::Counts {
+        std::fs::write(path, json).map_err(|source| SimulateError::Output {
             path: path.clone(),
             source,
         })?;
     }
     Ok(counts)
+}
+
+/// One truth line per impression of `serve`.
+fn write_truth(out: &mut impl std::io::Write, serve: &Serve, p: &[f64]) -> std::io::Result<()> {
+    for (ad, p) in serve.ads.iter().zip(p) {
+        writeln!(
+            out,
+            "{{\"serve_id\":{},\"ad_id\":\"{}\",\"position\":{},\"ts_ms\":{},\"p\":{p}}}",
+            serve.serve_id, ad.ad_id, ad.position, serve.ts_ms
+        )?;
+    }
+    Ok(())
 }
