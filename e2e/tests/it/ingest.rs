@@ -551,3 +551,62 @@ fn jsonl_replay_keeps_the_pace_and_stops_at_a_bad_line() {
     );
     replay(&["--speed=max", "--skip-invalid"], &bad).wait_success(Duration::from_secs(30));
 }
+
+/// The Python example (confluent-kafka + fastavro) produces straight to Kafka in the project's
+/// wire format; the joiner and scorer consume it and publish exactly its per-ad counts.
+#[test]
+fn python_producer_events_are_consumed_and_scored() {
+    use crate::pipeline::{assert_published_exactly, expected, feedback, scorer, topics};
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var_os("CTR_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo.join(".run/venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run `scripts/python-env` (scripts/test does)",
+        python.display()
+    );
+    let t = topics("python");
+    let prefix = format!("{}:", unique("py"));
+    let port = free_port();
+    let feedback = feedback(&t);
+    let scorer = scorer(&t, &prefix, port);
+    let dir = std::env::temp_dir().join(unique("python"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let counts = dir.join("counts.json");
+    let out = std::process::Command::new(&python)
+        .arg(repo.join("ingest/examples/python/produce_avro.py"))
+        .args([
+            format!("--brokers={}", brokers()),
+            format!("--serves-topic={}", t.serves),
+            format!("--clicks-topic={}", t.clicks),
+            "--serves=2000".into(),
+            "--start-ms=1760000000000".into(),
+            format!("--counts-out={}", counts.display()),
+        ])
+        .output()
+        .expect("running the Python producer");
+    assert!(
+        out.status.success(),
+        "Python producer failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = expected(&counts);
+    assert_eq!(want.len(), 10, "ten Python ads");
+    assert!(want.values().map(|c| c.1).sum::<u64>() > 50, "with clicks");
+    assert_published_exactly(&prefix, &want, &[&feedback, &scorer]);
+    // Scored: the ranking API answers for a Python ad from its own evidence.
+    let body = http_get(&format!(
+        "http://127.0.0.1:{port}/v1/ctr?ad_id=py-ad-9&query_category=travel&geo=US&device=mobile&source=python"
+    ))
+    .expect("GET /v1/ctr");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["source"], "exact", "{body}");
+    let (imps, pctr) = (
+        v["impressions"].as_u64().unwrap(),
+        v["pctr"].as_f64().unwrap(),
+    );
+    assert!(imps > 0 && imps < want["py-ad-9"].0, "{body}");
+    assert!(pctr > 0.0 && pctr < 1.0, "{body}");
+}

@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use ctr_e2e::*;
 
-struct Topics {
-    serves: String,
-    clicks: String,
+pub(crate) struct Topics {
+    pub(crate) serves: String,
+    pub(crate) clicks: String,
     labeled: String,
     deadletter: String,
 }
 
-fn topics(tag: &str) -> Topics {
+pub(crate) fn topics(tag: &str) -> Topics {
     let base = unique(tag);
     let t = Topics {
         serves: format!("{base}.serves"),
@@ -50,7 +50,7 @@ fn simulate(t: &Topics, serves: u64, counts_out: &std::path::Path) -> Service {
     )
 }
 
-fn feedback(t: &Topics) -> Service {
+pub(crate) fn feedback(t: &Topics) -> Service {
     Service::start(
         "feedback",
         "ctr-feedback",
@@ -72,7 +72,7 @@ fn feedback(t: &Topics) -> Service {
     )
 }
 
-fn scorer(t: &Topics, prefix: &str, port: u16) -> Service {
+pub(crate) fn scorer(t: &Topics, prefix: &str, port: u16) -> Service {
     Service::start(
         &format!("scorer:{port}"),
         "ctr-scorer",
@@ -87,7 +87,7 @@ fn scorer(t: &Topics, prefix: &str, port: u16) -> Service {
     )
 }
 
-fn expected(counts_out: &std::path::Path) -> BTreeMap<String, (u64, u64)> {
+pub(crate) fn expected(counts_out: &std::path::Path) -> BTreeMap<String, (u64, u64)> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(counts_out).unwrap()).unwrap();
     v["ads"]
         .as_object()
@@ -106,7 +106,7 @@ fn expected(counts_out: &std::path::Path) -> BTreeMap<String, (u64, u64)> {
 }
 
 /// Waits until Redis holds exactly the expected per-ad counts.
-fn assert_published_exactly(
+pub(crate) fn assert_published_exactly(
     prefix: &str,
     want: &BTreeMap<String, (u64, u64)>,
     services: &[&Service],
