@@ -47,18 +47,13 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::json::{BodyError, EventError, Framing, Kind, Prepared, Preparer, TimeBounds};
-use crate::producer::producer_config;
+use crate::producer::{KafkaArgs, producer_config};
 
 /// Settings of `ctr-ingest http`, as given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
-    #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
-    pub serves_topic: String,
-    #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
-    pub clicks_topic: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// Listen address.
     #[arg(long, env = "CTR_INGEST_HTTP", default_value = "127.0.0.1:8082")]
     pub http_addr: SocketAddr,
@@ -187,9 +182,9 @@ impl TryFrom<AdapterArgs> for AdapterConfig {
         }
         IdGenerator::new(a.shard)?;
         Ok(Self {
-            brokers: a.brokers,
-            serves_topic: a.serves_topic,
-            clicks_topic: a.clicks_topic,
+            brokers: a.kafka.brokers,
+            serves_topic: a.kafka.serves_topic,
+            clicks_topic: a.kafka.clicks_topic,
             http_addr: a.http_addr,
             keys: ApiKeys::new(&keys, a.allow_anonymous),
             max_body_bytes: a.max_body_bytes,

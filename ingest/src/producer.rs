@@ -25,6 +25,18 @@ pub enum ProduceError {
     Canceled,
 }
 
+/// Where events go: the broker and the two input topics, the same flags for every command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
+    pub serves_topic: String,
+    #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
+    pub clicks_topic: String,
+}
+
 /// Builds the producer configuration shared by every ingest path.
 pub fn producer_config(brokers: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new();

@@ -28,7 +28,7 @@ use serde_avro_fast::object_container_file_encoding::{Compression, Reader, Write
 use tracing::{info, warn};
 
 use crate::json::{Event, Kind, Preparer};
-use crate::producer::{ProduceError, TrackedProducer};
+use crate::producer::{KafkaArgs, ProduceError, TrackedProducer};
 
 /// How fast to replay.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,13 +69,8 @@ pub enum Format {
 /// Settings of `ctr-ingest replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
-    #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
-    pub serves_topic: String,
-    #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
-    pub clicks_topic: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// Files to replay, merged by event time.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
@@ -381,7 +376,7 @@ pub async fn replay(
         fill(src, &mut preparer, &mut skip_or_stop)?;
     }
 
-    let mut producer = TrackedProducer::new(&args.brokers, 100_000)?;
+    let mut producer = TrackedProducer::new(&args.kafka.brokers, 100_000)?;
     let bar = progress_bar(total_bytes, args.no_progress);
     let started = Instant::now();
     let started_ms = now_ms();
@@ -426,8 +421,8 @@ pub async fn replay(
                 problem,
             })?;
         let topic = match p.kind {
-            Kind::Serve => &args.serves_topic,
-            Kind::Click => &args.clicks_topic,
+            Kind::Serve => &args.kafka.serves_topic,
+            Kind::Click => &args.kafka.clicks_topic,
         };
         producer.send(topic, &p.key, &p.payload).await?;
         match p.kind {

@@ -14,19 +14,14 @@ use std::time::{Duration, Instant};
 use ctr_schemas::{Click, Encoder, Serve};
 use tracing::info;
 
-use crate::producer::{ProduceError, TrackedProducer};
+use crate::producer::{KafkaArgs, ProduceError, TrackedProducer};
 use crate::sim::{EmittedCounts, SimConfig, SimError, SimEvent, Simulator};
 
 /// Settings of `ctr-ingest simulate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
-    #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
-    pub serves_topic: String,
-    #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
-    pub clicks_topic: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// Seed of the marketplace; the same seed gives the same events.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -153,7 +148,7 @@ pub async fn run(
         )),
         None => None,
     };
-    let mut producer = TrackedProducer::new(&args.brokers, 100_000)?;
+    let mut producer = TrackedProducer::new(&args.kafka.brokers, 100_000)?;
     let mut serves = Encoder::<Serve>::new();
     let mut clicks = Encoder::<Click>::new();
     let mut buf = Vec::with_capacity(256);
@@ -164,8 +159,8 @@ pub async fn run(
 
     while let Some(event) = sim.next() {
         let (topic, key, ts_ms) = match &event {
-            SimEvent::Serve(s) => (&args.serves_topic, s.serve_id, s.ts_ms),
-            SimEvent::Click(c) => (&args.clicks_topic, c.serve_id, c.ts_ms),
+            SimEvent::Serve(s) => (&args.kafka.serves_topic, s.serve_id, s.ts_ms),
+            SimEvent::Click(c) => (&args.kafka.clicks_topic, c.serve_id, c.ts_ms),
         };
         if paced {
             // Event time is wall-clock time here: wait until the event is due.

@@ -20,6 +20,17 @@ fn ingest_topics(tag: &str) -> (String, String) {
     t
 }
 
+/// Fresh topics and an adapter for them, with the test key and `extra` flags.
+fn adapter(tag: &str, extra: &[&str]) -> (String, String, u16, Service) {
+    let (serves, clicks) = ingest_topics(tag);
+    let port = free_port();
+    let key = format!("--api-keys=other,{KEY}");
+    let mut args = vec![key.as_str()];
+    args.extend(extra);
+    let svc = start_ingest(&serves, &clicks, port, &args);
+    (serves, clicks, port, svc)
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -192,14 +203,7 @@ fn batch(rng: &mut Rng, ids: &AtomicU64, n: usize) -> Vec<Value> {
 
 #[test]
 fn every_202_event_is_in_kafka_intact() {
-    let (serves, clicks) = ingest_topics("ingest");
-    let port = free_port();
-    let _adapter = start_ingest(
-        &serves,
-        &clicks,
-        port,
-        &[&format!("--api-keys=other,{KEY}")],
-    );
+    let (serves, clicks, port, _adapter) = adapter("ingest", &[]);
     let ids = Arc::new(AtomicU64::new(1));
     let accepted = Arc::new(Mutex::new(Vec::new()));
     let threads: Vec<_> = (0..4)
@@ -230,17 +234,9 @@ fn every_202_event_is_in_kafka_intact() {
 
 #[test]
 fn bad_requests_get_a_clear_4xx_and_write_nothing() {
-    let (serves, clicks) = ingest_topics("ingest-bad");
-    let port = free_port();
-    let _adapter = start_ingest(
-        &serves,
-        &clicks,
-        port,
-        &[
-            &format!("--api-keys={KEY}"),
-            "--max-body-bytes=65536",
-            "--max-events=100",
-        ],
+    let (serves, clicks, port, _adapter) = adapter(
+        "ingest-bad",
+        &["--max-body-bytes=65536", "--max-events=100"],
     );
     let url = format!("http://127.0.0.1:{port}/v1/events");
     let mut rng = Rng(9);
@@ -362,14 +358,9 @@ fn bad_requests_get_a_clear_4xx_and_write_nothing() {
 
 #[test]
 fn a_burst_beyond_capacity_gets_503_and_loses_nothing_accepted() {
-    let (serves, clicks) = ingest_topics("ingest-burst");
-    let port = free_port();
-    let _adapter = start_ingest(
-        &serves,
-        &clicks,
-        port,
+    let (serves, clicks, port, _adapter) = adapter(
+        "ingest-burst",
         &[
-            &format!("--api-keys={KEY}"),
             "--max-in-flight-events=300",
             "--max-events=200",
             "--linger-ms=20",
