@@ -466,6 +466,54 @@ pub fn http_post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     }
 }
 
+/// POSTs a body larger than the server accepts and returns the status the server answered
+/// (0 if none could be read).
+///
+/// An HTTP/1.1 server answers `413` before it has read such a body and then closes the
+/// connection, while the client is still writing: a client that reads only after writing can
+/// see the connection reset instead of the answer (it did, under load). So this writes from
+/// one thread and reads the answer from another, over a plain TCP stream.
+pub fn http_post_oversized(addr: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut writer = stream.try_clone().expect("clone the stream");
+    let write = std::thread::spawn(move || {
+        let _ = writer.write_all(head.as_bytes());
+        let _ = writer.write_all(&body);
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = write.join();
+    String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// POSTs JSON to `url`; returns the status and body whatever the status.
 pub fn http_post_json(url: &str, body: &str) -> (u16, String) {
     let r = http_post(

@@ -204,7 +204,11 @@ fn rank_orders_by_bid_times_pctr_and_rejects_bad_requests() {
         );
     }
     let huge = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2 << 20));
-    assert_eq!(http_post_json(&format!("{base}/v1/rank"), &huge).0, 413);
+    let addr = base.trim_start_matches("http://");
+    assert_eq!(
+        http_post_oversized(addr, "/v1/rank", &[], huge.into_bytes()),
+        413
+    );
     let doc = http_get(&format!("{base}/openapi.json")).expect("OpenAPI document");
     assert!(doc.contains("/v1/rank") && doc.contains("RankRequest"));
     s.stop();
