@@ -440,10 +440,26 @@ async fn post_events(
             "ingest queue full; retry shortly",
         );
     };
-    metrics::gauge!("ctr_ingest_in_flight_events")
-        .set((s.cfg.max_in_flight_events - s.in_flight.available_permits()) as f64);
-    let results = produce(&s, &prepared).await;
-    drop(permits);
+    let in_flight = |s: &AppState| {
+        metrics::gauge!("ctr_ingest_in_flight_events")
+            .set((s.cfg.max_in_flight_events - s.in_flight.available_permits()) as f64);
+    };
+    in_flight(&s);
+    // The deliveries are awaited in a task of their own that holds the permits until the last
+    // report, so a client hanging up mid-request cannot make the budget forget events that are
+    // still in the producer's queue.
+    let task = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let results = produce(&s, &prepared).await;
+            drop(permits);
+            results
+        })
+    };
+    let Ok(results) = task.await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+    };
+    in_flight(&s);
     let accepted = results.iter().filter(|r| r.status == "accepted").count();
     let failed = n - accepted;
     metrics::counter!("ctr_ingest_events_total", "outcome" => "accepted")

@@ -1,0 +1,129 @@
+//! `ctr-backtest`: replay recorded traffic through model variants, offline.
+//!
+//! The analyst's question is "what would this variant have done on last week's traffic?". The
+//! answer must come from the code that scores live, or it answers a different question: every
+//! record goes through the live scorer's partition state ([`ctr_scorer::state`]) with the
+//! scorer's model settings ([`ctr_scorer::config::parse_models`]), with progressive
+//! validation, deterministically (no clock, no randomness: shedding is off).
+//!
+//! - [`input`]: labeled impressions as JSON lines, streamed.
+//! - [`run`]: the replay loop and per-variant timing.
+//! - [`report`]: `report.json`, `report.md`, `timeline.json`, `calibration.svg`, `metrics.svg`.
+//!
+//! Inputs not yet supported (issue #7 continues): a Kafka topic range, and raw serve and click
+//! events through the joiner's state machine.
+
+pub mod input;
+pub mod report;
+pub mod run;
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The input's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `{"ts_ms", "ad_id", "position", "context", "clicked"}` per line.
+    LabeledJsonl,
+}
+
+/// Settings of `ctr-backtest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BacktestArgs {
+    /// The recorded traffic.
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::LabeledJsonl)]
+    pub format: Format,
+    /// Directory for the report (created if missing).
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Model variants, comma-separated: counts, ftrl, combined (the scorer's settings).
+    #[arg(long, default_value = "counts,ftrl,combined")]
+    pub models: String,
+    /// A point of the metrics-over-time series every this many records.
+    #[arg(long, default_value_t = 10_000)]
+    pub sample_every: u64,
+    /// Label-ID dedupe horizon, event-time ms (as the scorer's `--dedupe-horizon-ms`).
+    #[arg(long, default_value_t = 900_000)]
+    pub dedupe_horizon_ms: i64,
+    /// FTRL coordinates idle this long in event time are evicted (as the scorer's `--idle-ms`).
+    #[arg(long, default_value_t = 3_600_000)]
+    pub idle_ms: i64,
+    /// Skip and count unusable lines (the report lists the first ten) instead of stopping.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// No progress bar (also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Why a backtest failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Settings(String),
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+    #[error(transparent)]
+    Report(#[from] report::ReportError),
+}
+
+/// Runs a backtest and writes its report; returns `report.json`'s content.
+pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
+    let models = ctr_scorer::config::parse_models(&args.models)
+        .map_err(|e| Error::Settings(e.to_string()))?;
+    if args.sample_every == 0 || args.dedupe_horizon_ms < 1_000 || args.idle_ms <= 0 {
+        return Err(Error::Settings(
+            "need sample_every >= 1, dedupe_horizon_ms >= 1000, idle_ms > 0".into(),
+        ));
+    }
+    let open = |source| Error::Open {
+        path: args.input.clone(),
+        source,
+    };
+    let file = File::open(&args.input).map_err(open)?;
+    let size = file.metadata().map_err(open)?.len();
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(size);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} ({eta} left) {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let reader = BufReader::with_capacity(1 << 16, bar.wrap_read(file));
+    let cfg = run::RunConfig {
+        models,
+        dedupe_horizon_ms: args.dedupe_horizon_ms,
+        idle_ms: args.idle_ms,
+        sample_every: args.sample_every,
+        skip_invalid: args.skip_invalid,
+    };
+    let outcome = match args.format {
+        Format::LabeledJsonl => run::run_labeled(reader, &cfg, |n| {
+            if n % (64 * 1024) < 1024 {
+                bar.set_message(format!("{n} records"));
+            }
+        })?,
+    };
+    bar.finish_and_clear();
+    Ok(report::write_all(
+        &args.report,
+        &args.input.display().to_string(),
+        &outcome,
+    )?)
+}

@@ -1,0 +1,157 @@
+//! `ctr-backtest` on seeded synthetic traffic with known click probabilities (issue #7).
+
+use std::path::{Path, PathBuf};
+
+use ctr_backtest::{BacktestArgs, Format, backtest};
+
+/// xorshift64*: a seeded stream, enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `n` labeled impressions: 40 ads with CTRs from 1% to 9%, halved below position 1, doubled
+/// for an ad's favourite device; clicks drawn from the true probability.
+fn write_input(path: &Path, n: usize, bad_line_at: Option<usize>) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut out = String::new();
+    for i in 0..n {
+        if Some(i) == bad_line_at {
+            out.push_str("{\"ts_ms\": 1, \"ad_id\": \"broken\"\n");
+        }
+        let ad = (rng.unit() * 40.0) as usize;
+        let position = 1 + (rng.unit() * 3.0) as usize;
+        let device = ["mobile", "desktop"][(rng.unit() * 2.0) as usize];
+        let mut p = 0.01 + 0.002 * ad as f64;
+        if position > 1 {
+            p /= 2.0;
+        }
+        if ad.is_multiple_of(2) == (device == "mobile") {
+            p *= 2.0;
+        }
+        let clicked = rng.unit() < p;
+        out.push_str(&format!(
+            "{{\"ts_ms\":{},\"ad_id\":\"ad-{ad}\",\"position\":{position},\"context\":{{\"query_category\":\"q{}\",\"geo\":\"US\",\"device\":\"{device}\"}},\"clicked\":{clicked},\"ignored\":[1,2]}}\n",
+            1_760_000_000_000i64 + i as i64 * 20,
+            ad % 5
+        ));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+fn dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ctr-backtest-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn args(input: &Path, report: &Path) -> BacktestArgs {
+    BacktestArgs {
+        input: input.to_path_buf(),
+        format: Format::LabeledJsonl,
+        report: report.to_path_buf(),
+        models: "counts,ftrl,combined".into(),
+        sample_every: 5_000,
+        dedupe_horizon_ms: 900_000,
+        idle_ms: 3_600_000,
+        skip_invalid: false,
+        no_progress: true,
+    }
+}
+
+#[test]
+fn a_backtest_reports_every_model_with_plots_and_is_deterministic() {
+    let d = dir("report");
+    let input = d.join("labeled.jsonl");
+    write_input(&input, 80_000, None);
+    let report = backtest(&args(&input, &d.join("r1"))).expect("backtest");
+    assert_eq!(report.events, 80_000);
+    let names: Vec<&str> = report.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["counts", "ftrl", "combined"]);
+    for m in &report.models {
+        let (ne, cal, auc) = (m.ne.unwrap(), m.calibration.unwrap(), m.auc.unwrap());
+        assert!(ne < 1.0, "{}: NE {ne} must beat the average", m.name);
+        assert!((cal - 1.0).abs() < 0.1, "{}: calibration {cal}", m.name);
+        assert!(auc > 0.6, "{}: AUC {auc}", m.name);
+        assert!(m.events_per_sec > 0.0);
+    }
+
+    // The files an analyst scripts against and looks at.
+    let r1 = d.join("r1");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(r1.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["events"], 80_000);
+    for key in [
+        "name",
+        "log_loss",
+        "ne",
+        "auc",
+        "calibration",
+        "events_per_sec",
+    ] {
+        assert!(
+            json["models"][0].get(key).is_some(),
+            "report.json lacks {key}"
+        );
+    }
+    let md = std::fs::read_to_string(r1.join("report.md")).unwrap();
+    assert!(
+        md.contains("| counts |") && md.contains("calibration.svg"),
+        "{md}"
+    );
+    for svg in ["calibration.svg", "metrics.svg"] {
+        let text = std::fs::read_to_string(r1.join(svg)).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("<polyline"),
+            "{svg}"
+        );
+        assert!(text.contains("combined"), "{svg} has a legend");
+    }
+    let timeline: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(r1.join("timeline.json")).unwrap()).unwrap();
+    assert_eq!(
+        timeline["models"][1]["points"].as_array().unwrap().len(),
+        16
+    );
+
+    // Same input, same models: the same numbers (only the timing differs).
+    let again = backtest(&args(&input, &d.join("r2"))).unwrap();
+    let strip = |r: &ctr_backtest::report::Report| {
+        r.models
+            .iter()
+            .map(|m| (m.name.clone(), m.log_loss, m.ne, m.auc, m.calibration))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&report), strip(&again));
+}
+
+#[test]
+fn a_bad_line_stops_the_backtest_with_its_number_unless_skipped() {
+    let d = dir("bad");
+    let input = d.join("labeled.jsonl");
+    write_input(&input, 3_000, Some(1_234));
+    let err = backtest(&args(&input, &d.join("r")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("line 1235: "), "{err}");
+    let mut a = args(&input, &d.join("r"));
+    a.skip_invalid = true;
+    let report = backtest(&a).unwrap();
+    assert_eq!(report.events, 3_000);
+    let md = std::fs::read_to_string(d.join("r/report.md")).unwrap();
+    assert!(
+        md.contains("1 skipped") && md.contains("- line 1235: "),
+        "{md}"
+    );
+    // Settings are checked before anything is read.
+    a.models = "counts,neural".into();
+    let err = backtest(&a).unwrap_err().to_string();
+    assert!(err.contains("neural"), "{err}");
+}
