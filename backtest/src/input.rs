@@ -1,6 +1,11 @@
-//! Reading recorded traffic: labeled impressions as JSON lines, streamed.
+//! Reading recorded traffic, streamed: every input is a [`Source`] of labeled impressions.
 //!
-//! One object per line: `{"ts_ms": int, "ad_id": string, "position": int, "context": {string:
+//! - [`LabeledJsonl`]: labeled impressions as JSON lines.
+//! - [`EventsJsonl`]: raw serves and clicks as JSON lines (the ingest adapter's event format),
+//!   labeled by the joiner's own state machine ([`ctr_feedback::join::PartitionJoin`]) exactly
+//!   as the live joiner would, with event time as its clock.
+//!
+//! Labeled lines: one object per line: `{"ts_ms": int, "ad_id": string, "position": int, "context": {string:
 //! string}, "clicked": bool}`; unknown fields are ignored. Optional: `campaign_id` (else
 //! `"none"`: the count model's campaign level then pools every ad) and `label_id` (else the
 //! line number: without IDs there is nothing to deduplicate). `context` needs `query_category`,
@@ -24,7 +29,24 @@ struct LabeledLine {
     campaign_id: Option<String>,
     #[serde(default)]
     label_id: Option<String>,
+    #[serde(default)]
+    kind: LabelKind,
 }
+
+/// Where labeled impressions come from, one at a time.
+pub trait Source {
+    /// The next impression; `Ok(None)` at the end; `Err(Ok(bad))` for an unusable line (the
+    /// caller may skip it and go on), `Err(Err(io))` when the input cannot be read.
+    fn next_labeled(&mut self) -> Next;
+
+    /// Facts about the input worth reporting (the joiner's counts, say).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// What [`Source::next_labeled`] returns.
+pub type Next = Result<Option<LabeledImpression>, Result<BadLine, std::io::Error>>;
 
 /// A line that could not be used, with its number (from 1).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,21 +72,12 @@ impl<R: BufRead> LabeledJsonl<R> {
             buf: String::new(),
         }
     }
+}
 
-    /// The next impression; `Ok(None)` at the end; `Err(Ok(bad))` for an unusable line (the
-    /// caller may skip it and go on), `Err(Err(io))` when the file cannot be read.
-    pub fn next_labeled(
-        &mut self,
-    ) -> Result<Option<LabeledImpression>, Result<BadLine, std::io::Error>> {
-        loop {
-            self.buf.clear();
-            if self.reader.read_line(&mut self.buf).map_err(Err)? == 0 {
-                return Ok(None);
-            }
-            self.line += 1;
-            if !self.buf.trim().is_empty() {
-                break;
-            }
+impl<R: BufRead> Source for LabeledJsonl<R> {
+    fn next_labeled(&mut self) -> Next {
+        if !next_line(&mut self.reader, &mut self.buf, &mut self.line).map_err(Err)? {
+            return Ok(None);
         }
         let bad = |problem: String| {
             Err(Ok(BadLine {
@@ -91,7 +104,7 @@ impl<R: BufRead> LabeledJsonl<R> {
             clicked,
             ts_ms: l.ts_ms,
             click_ts_ms: clicked.then_some(l.ts_ms),
-            kind: LabelKind::Label,
+            kind: l.kind,
         };
         // The value rules of the labeled-impression contract, but the ID rule (these lines
         // carry no serve IDs).
@@ -107,6 +120,142 @@ impl<R: BufRead> LabeledJsonl<R> {
             return bad("ts_ms: must be milliseconds since the Unix epoch".into());
         }
         Ok(Some(labeled))
+    }
+}
+
+/// Reads the next non-blank line into `buf`; `Ok(false)` at the end.
+fn next_line(reader: &mut impl BufRead, buf: &mut String, line: &mut u64) -> std::io::Result<bool> {
+    loop {
+        buf.clear();
+        if reader.read_line(buf)? == 0 {
+            return Ok(false);
+        }
+        *line += 1;
+        if !buf.trim().is_empty() {
+            return Ok(true);
+        }
+    }
+}
+
+/// Raw serves and clicks (JSON lines of the ingest format), labeled by the joiner's state
+/// machine. Its clock is event time: the newest event time read stands for the wall clock, and
+/// at the end of the input every open window is closed as if the input had gone idle.
+pub struct EventsJsonl<R> {
+    reader: R,
+    line: u64,
+    buf: String,
+    preparer: ctr_ingest::json::Preparer,
+    join: Option<ctr_feedback::join::PartitionJoin>,
+    join_cfg: ctr_feedback::join::JoinConfig,
+    clock_ms: i64,
+    emitted: Vec<ctr_feedback::join::Emit>,
+    ready: std::collections::VecDeque<LabeledImpression>,
+    finished: bool,
+    orphans: u64,
+}
+
+impl<R> std::fmt::Debug for EventsJsonl<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventsJsonl")
+            .field("line", &self.line)
+            .field("clock_ms", &self.clock_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: BufRead> EventsJsonl<R> {
+    pub fn new(reader: R, join_cfg: ctr_feedback::join::JoinConfig) -> Self {
+        let ids = ctr_schemas::IdGenerator::new(0).expect("shard 0 exists");
+        Self {
+            reader,
+            line: 0,
+            buf: String::new(),
+            // Recorded traffic: any event time; IDs assigned only to events recorded without.
+            preparer: ctr_ingest::json::Preparer::new(ids, None, usize::MAX),
+            join: None,
+            join_cfg,
+            clock_ms: i64::MIN,
+            emitted: Vec::new(),
+            ready: std::collections::VecDeque::new(),
+            finished: false,
+            orphans: 0,
+        }
+    }
+
+    fn take_emitted(&mut self) {
+        use ctr_feedback::join::Emit;
+        for e in self.emitted.drain(..) {
+            match e {
+                Emit::Label(l) | Emit::Correction(l) => self.ready.push_back(l.to_labeled()),
+                Emit::Orphan(_) => self.orphans += 1,
+            }
+        }
+    }
+}
+
+impl<R: BufRead> Source for EventsJsonl<R> {
+    fn next_labeled(&mut self) -> Next {
+        use ctr_ingest::json::Event;
+        loop {
+            if let Some(l) = self.ready.pop_front() {
+                return Ok(Some(l));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            if !next_line(&mut self.reader, &mut self.buf, &mut self.line).map_err(Err)? {
+                // End of input: let every window close, as an idle stream would.
+                self.finished = true;
+                if let Some(j) = &mut self.join {
+                    let cfg = self.join_cfg;
+                    let end = self.clock_ms.saturating_add(
+                        cfg.idle_ms + cfg.window_ms + cfg.grace_ms + cfg.late_horizon_ms + 1,
+                    );
+                    j.advance(end, &mut self.emitted);
+                    j.advance(end.saturating_add(cfg.idle_ms + 1), &mut self.emitted);
+                }
+                self.take_emitted();
+                continue;
+            }
+            let bad = |line, problem| Err(Ok(BadLine { line, problem }));
+            let value = match serde_json::from_str(&self.buf) {
+                Ok(v) => v,
+                Err(e) => return bad(self.line, e.to_string()),
+            };
+            let event = match self.preparer.parse_value(value, 0) {
+                Ok(e) => e,
+                Err(problem) => return bad(self.line, problem),
+            };
+            self.clock_ms = self.clock_ms.max(event.ts_ms());
+            let now = self.clock_ms;
+            let cfg = self.join_cfg;
+            let join = self
+                .join
+                .get_or_insert_with(|| ctr_feedback::join::PartitionJoin::new(cfg, now));
+            match event {
+                Event::Serve(s) => join.on_serve(s, now, &mut self.emitted),
+                Event::Click(c) => join.on_click(c, now, &mut self.emitted),
+            }
+            join.advance(now, &mut self.emitted);
+            self.take_emitted();
+        }
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let Some(j) = &self.join else {
+            return vec!["no events".into()];
+        };
+        let s = j.stats();
+        vec![format!(
+            "joiner (window {} ms, grace {} ms): {} serves, {} clicks joined, {} late clicks,              {} duplicate clicks, {} orphan clicks",
+            self.join_cfg.window_ms,
+            self.join_cfg.grace_ms,
+            s.serves,
+            s.positives,
+            s.late_clicks,
+            s.duplicate_clicks,
+            self.orphans
+        )]
     }
 }
 

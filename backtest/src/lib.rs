@@ -10,8 +10,9 @@
 //! - [`run`]: the replay loop and per-variant timing.
 //! - [`report`]: `report.json`, `report.md`, `timeline.json`, `calibration.svg`, `metrics.svg`.
 //!
-//! Inputs not yet supported (issue #7 continues): a Kafka topic range, and raw serve and click
-//! events through the joiner's state machine.
+//! Inputs: labeled impressions (JSON lines), or raw serves and clicks (JSON lines of the ingest
+//! format) labeled by the joiner's own state machine. Not yet supported (issue #7 continues):
+//! a Kafka topic range.
 
 pub mod input;
 pub mod report;
@@ -28,6 +29,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub enum Format {
     /// `{"ts_ms", "ad_id", "position", "context", "clicked"}` per line.
     LabeledJsonl,
+    /// Raw serves and clicks per line (the ingest adapter's JSON format), labeled by the
+    /// joiner's state machine.
+    EventsJsonl,
 }
 
 /// Settings of `ctr-backtest`.
@@ -53,6 +57,18 @@ pub struct BacktestArgs {
     /// FTRL coordinates idle this long in event time are evicted (as the scorer's `--idle-ms`).
     #[arg(long, default_value_t = 3_600_000)]
     pub idle_ms: i64,
+    /// Joiner settings for `events-jsonl` (as `ctr-feedback`'s): attribution window, ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub window_ms: i64,
+    /// Extra event time a serve stays open after its window, ms.
+    #[arg(long, default_value_t = 5_000)]
+    pub grace_ms: i64,
+    /// How long closed serves are remembered for late-click corrections, ms.
+    #[arg(long, default_value_t = 300_000)]
+    pub late_horizon_ms: i64,
+    /// Bounded out-of-orderness of event times, ms.
+    #[arg(long, default_value_t = 2_000)]
+    pub max_out_of_order_ms: i64,
     /// Skip and count unusable lines (the report lists the first ten) instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
@@ -113,12 +129,28 @@ pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
         sample_every: args.sample_every,
         skip_invalid: args.skip_invalid,
     };
+    let progress = |n: u64| {
+        if n % (64 * 1024) < 1024 {
+            bar.set_message(format!("{n} records"));
+        }
+    };
     let outcome = match args.format {
-        Format::LabeledJsonl => run::run_labeled(reader, &cfg, |n| {
-            if n % (64 * 1024) < 1024 {
-                bar.set_message(format!("{n} records"));
+        Format::LabeledJsonl => run::run_labeled(reader, &cfg, progress)?,
+        Format::EventsJsonl => {
+            let join = ctr_feedback::join::JoinConfig {
+                window_ms: args.window_ms,
+                grace_ms: args.grace_ms,
+                late_horizon_ms: args.late_horizon_ms,
+                max_out_of_order_ms: args.max_out_of_order_ms,
+                ..Default::default()
+            };
+            if join.window_ms <= 0 || join.grace_ms < 0 || join.late_horizon_ms < 0 {
+                return Err(Error::Settings(
+                    "need window_ms > 0, grace_ms >= 0, late_horizon_ms >= 0".into(),
+                ));
             }
-        })?,
+            run::run(input::EventsJsonl::new(reader, join), &cfg, progress)?
+        }
     };
     bar.finish_and_clear();
     Ok(report::write_all(

@@ -104,7 +104,7 @@ fn markdown(input: &str, outcome: &RunOutcome, report: &Report) -> String {
     let _ = writeln!(md, "# Backtest report\n");
     let _ = writeln!(
         md,
-        "Input: `{input}` (labeled impressions, JSON lines): {} records replayed in {:.1} s \
+        "Input: `{input}`: {} labeled records replayed in {:.1} s \
          ({:.0} records/s including reading and parsing); {} skipped; {} duplicate label IDs \
          dropped.\n",
         outcome.events,
@@ -113,6 +113,9 @@ fn markdown(input: &str, outcome: &RunOutcome, report: &Report) -> String {
         outcome.skipped,
         outcome.duplicates
     );
+    for note in &outcome.notes {
+        let _ = writeln!(md, "Input: {note}.\n");
+    }
     let _ = writeln!(
         md,
         "Progressive validation: every record is scored before the model learns from it.\n"

@@ -18,7 +18,7 @@ use ctr_schemas::LabeledImpression;
 use ctr_scorer::state::{PartitionState, Policy};
 use serde::Serialize;
 
-use crate::input::{BadLine, LabeledJsonl};
+use crate::input::{BadLine, LabeledJsonl, Source};
 
 const CHUNK: usize = 1_024;
 const MAINTAIN_EVERY: u64 = 100_000;
@@ -97,12 +97,23 @@ pub struct RunOutcome {
     pub duplicates: u64,
     pub runs: Vec<ModelRun>,
     pub wall: Duration,
+    /// What the input source reports about itself (the joiner's counts, say).
+    pub notes: Vec<String>,
 }
 
-/// Replays labeled JSON lines from `reader` through every variant. `progress` is called after
-/// each chunk with the number of records so far.
+/// Replays labeled JSON lines from `reader` through every variant.
 pub fn run_labeled(
     reader: impl BufRead,
+    cfg: &RunConfig,
+    progress: impl FnMut(u64),
+) -> Result<RunOutcome, RunError> {
+    run(LabeledJsonl::new(reader), cfg, progress)
+}
+
+/// Replays `source` through every variant. `progress` is called after each chunk with the
+/// number of records so far.
+pub fn run(
+    mut input: impl Source,
     cfg: &RunConfig,
     mut progress: impl FnMut(u64),
 ) -> Result<RunOutcome, RunError> {
@@ -122,7 +133,6 @@ pub fn run_labeled(
             })
         })
         .collect::<Result<Vec<_>, RunError>>()?;
-    let mut input = LabeledJsonl::new(reader);
     let mut chunk: Vec<(LabeledImpression, String)> = Vec::with_capacity(CHUNK);
     let (mut events, mut skipped, mut duplicates) = (0u64, 0u64, 0u64);
     let mut refused = vec![false; CHUNK];
@@ -189,5 +199,6 @@ pub fn run_labeled(
         duplicates,
         runs,
         wall: started.elapsed(),
+        notes: input.notes(),
     })
 }

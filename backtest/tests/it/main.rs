@@ -61,6 +61,10 @@ fn args(input: &Path, report: &Path) -> BacktestArgs {
         sample_every: 5_000,
         dedupe_horizon_ms: 900_000,
         idle_ms: 3_600_000,
+        window_ms: 30_000,
+        grace_ms: 5_000,
+        late_horizon_ms: 300_000,
+        max_out_of_order_ms: 2_000,
         skip_invalid: false,
         no_progress: true,
     }
@@ -154,4 +158,84 @@ fn a_bad_line_stops_the_backtest_with_its_number_unless_skipped() {
     a.models = "counts,neural".into();
     let err = backtest(&a).unwrap_err().to_string();
     assert!(err.contains("neural"), "{err}");
+}
+
+/// Raw serves and clicks are labeled by the joiner's state machine: one label per ad shown,
+/// a click within the window makes it positive, a later one adds a correction, a duplicate
+/// click changes nothing and an orphan is counted apart.
+#[test]
+fn raw_events_are_labeled_by_the_joiner_logic() {
+    let d = dir("events");
+    let input = d.join("events.jsonl");
+    let t0 = 1_760_000_000_000i64;
+    let mut lines = Vec::new();
+    let mut rng = Rng(7);
+    let (mut impressions, mut in_window, mut late) = (0u64, 0u64, 0u64);
+    let mut pending: Vec<(i64, String)> = Vec::new();
+    for i in 0..5_000i64 {
+        let ts = t0 + i * 100;
+        // Clicks whose time has come, in time order with the serves.
+        pending.sort();
+        while pending.first().is_some_and(|(t, _)| *t <= ts) {
+            lines.push(pending.remove(0).1);
+        }
+        let ads: Vec<String> = (0..1 + i % 3)
+            .map(|k| format!("ad-{}", (i + k * 7) % 20))
+            .collect();
+        let shown: Vec<String> = ads
+            .iter()
+            .enumerate()
+            .map(|(k, a)| {
+                format!(
+                    r#"{{"ad_id":"{a}","campaign_id":"c","position":{},"bid":1.0}}"#,
+                    k + 1
+                )
+            })
+            .collect();
+        lines.push(format!(
+            r#"{{"type":"serve","serve_id":{},"ts_ms":{ts},"context":{{"query_category":"q","geo":"US","device":"mobile"}},"ads":[{}]}}"#,
+            1_000 + i,
+            shown.join(",")
+        ));
+        impressions += ads.len() as u64;
+        if rng.unit() < 0.1 {
+            let delay = if rng.unit() < 0.2 { 60_000 } else { 2_000 };
+            if delay > 35_000 {
+                late += 1
+            } else {
+                in_window += 1
+            }
+            let click = format!(
+                r#"{{"type":"click","click_id":{},"serve_id":{},"ad_id":"{}","ts_ms":{}}}"#,
+                900_000 + i,
+                1_000 + i,
+                ads[0],
+                ts + delay
+            );
+            pending.push((ts + delay, click.clone()));
+            // Every fifth click is sent twice.
+            if i % 5 == 0 {
+                pending.push((ts + delay + 10, click));
+            }
+        }
+        if i % 1_000 == 999 {
+            lines.push(format!(
+                r#"{{"type":"click","click_id":{},"serve_id":77,"ad_id":"ad-1","ts_ms":{ts}}}"#,
+                800_000 + i
+            ));
+        }
+    }
+    pending.sort();
+    lines.extend(pending.into_iter().map(|(_, l)| l));
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+
+    let mut a = args(&input, &d.join("r"));
+    a.format = Format::EventsJsonl;
+    let report = backtest(&a).expect("backtest");
+    // One label per impression, plus one correction per late click.
+    assert_eq!(report.events, impressions + late);
+    let md = std::fs::read_to_string(d.join("r/report.md")).unwrap();
+    let expect = format!("{in_window} clicks joined, {late} late clicks");
+    assert!(md.contains(&expect), "{expect:?} in {md}");
+    assert!(md.contains("5 orphan clicks"), "{md}");
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests through the real broker and Redis. One binary; one module per subject.
 
+mod backtest;
 mod broker;
 mod ingest;
 mod joiner;
