@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Our learners against Vowpal Wabbit and River on the same labeled stream, in one run.
+
+Every learner sees the same labeled impressions (the backtest's labeled JSONL format) in the
+same order with progressive validation: each example is scored before the learner learns from
+it. Features are equivalent hashed features: the ad, the position, each context field, and the
+ad crossed with each context field. Printed side by side: log loss, normalized entropy, AUC,
+calibration (sum p / sum y) and examples per second of the learning loop alone (examples are
+built before the clock starts, for the peers as for ours, whose figure is the backtest's
+model-only rate).
+
+    backtest/peers/compare.py --input labeled.jsonl            # uses target/release/ctr-backtest
+    backtest/peers/compare.py --generate 200000 --input /tmp/l.jsonl   # writes a synthetic stream first
+
+Run through `scripts/compare-peers`, which makes the Python environment and the release build.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def read(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def generate(path, n, seed=3):
+    """A synthetic marketplace with known probabilities (60 ads, positions, device lean,
+    category affinity), written as labeled JSONL."""
+    rng = np.random.default_rng(seed)
+    ads = 60
+    base = np.exp(rng.normal(math.log(0.03), 0.5, ads))
+    fav = rng.integers(0, 5, ads)
+    lean = rng.uniform(0.6, 1.4, (ads, 2))
+    pop = 1.0 / np.arange(1, ads + 1)
+    pop /= pop.sum()
+    with open(path, "w") as f:
+        for i in range(n):
+            ad = int(rng.choice(ads, p=pop))
+            pos = int(rng.integers(1, 4))
+            cat = int(rng.integers(0, 5))
+            dev = int(rng.integers(0, 2))
+            p = base[ad] * (2.0 if cat == fav[ad] else 0.8) * lean[ad, dev] * [1.0, 0.6, 0.4][pos - 1]
+            clicked = bool(rng.random() < min(p, 0.9))
+            f.write(json.dumps({
+                "ts_ms": 1_760_000_000_000 + i * 10, "ad_id": f"ad-{ad}", "position": pos,
+                "context": {"query_category": f"cat{cat}", "geo": "US", "device": ["mobile", "desktop"][dev]},
+                "clicked": clicked,
+            }) + "\n")
+
+
+def features(r):
+    ctx = r["context"]
+    pairs = sorted(ctx.items())
+    base = [f"ad={r['ad_id']}", f"pos={r['position']}"] + [f"{k}={v}" for k, v in pairs]
+    crosses = [f"ad={r['ad_id']}^{k}={v}" for k, v in pairs]
+    return base + crosses
+
+
+def metrics(p, y, secs):
+    p = np.clip(np.asarray(p, dtype=float), 1e-9, 1 - 1e-9)
+    y = np.asarray(y, dtype=float)
+    ll = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    ctr = y.mean()
+    h = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(len(p))
+    ranks[order] = np.arange(1, len(p) + 1)
+    # Ties share their average rank.
+    _, inv, counts = np.unique(p, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    pos = y.sum()
+    auc = (ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos))
+    return {"log_loss": ll, "ne": ll / h, "auc": float(auc), "calibration": float(p.sum() / y.sum()),
+            "events_per_sec": len(y) / secs}
+
+
+def run_vw(rows):
+    from vowpalwabbit import Workspace
+    ws = Workspace("--loss_function logistic --link logistic -b 22 --quiet")
+    lines = [f"{1 if r['clicked'] else -1} |f " + " ".join(x.replace(":", "_").replace("|", "_") for x in features(r)) for r in rows]
+    preds = []
+    start = time.perf_counter()
+    for line in lines:
+        ex = ws.parse(line)
+        ws.learn(ex)  # predicts first, then updates: progressive validation
+        preds.append(ex.get_simplelabel_prediction())
+        ws.finish_example(ex)
+    secs = time.perf_counter() - start
+    ws.finish()
+    return preds, secs
+
+
+def run_river(rows):
+    from river import linear_model, optim
+    model = linear_model.LogisticRegression(optimizer=optim.FTRLProximal(alpha=0.05, beta=1.0, l1=0.0, l2=1.0))
+    xs = [{f: 1.0 for f in features(r)} for r in rows]
+    preds = []
+    start = time.perf_counter()
+    for x, r in zip(xs, rows):
+        preds.append(model.predict_proba_one(x).get(True, 0.0))
+        model.learn_one(x, bool(r["clicked"]))
+    return preds, time.perf_counter() - start
+
+
+def run_ours(path, binary):
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([binary, "--input", str(path), "--report", out, "--no-progress"], check=True,
+                       stderr=subprocess.DEVNULL)
+        return json.loads(pathlib.Path(out, "report.json").read_text())
+
+
+def main():
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--generate", type=int, default=0, help="write a synthetic stream of N examples to --input first")
+    ap.add_argument("--binary", default=str(repo / "target" / "release" / "ctr-backtest"))
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    if args.generate:
+        generate(args.input, args.generate)
+    rows = read(args.input)
+    y = [1.0 if r["clicked"] else 0.0 for r in rows]
+    results = {}
+    ours = run_ours(args.input, args.binary)
+    for m in ours["models"]:
+        results[f"ours: {m['name']}"] = {k: m[k] for k in ("log_loss", "ne", "auc", "calibration", "events_per_sec")}
+    p, secs = run_vw(rows)
+    results["Vowpal Wabbit (logistic, -b 22)"] = metrics(p, y, secs)
+    p, secs = run_river(rows)
+    results["River (LogisticRegression, FTRL-Proximal)"] = metrics(p, y, secs)
+    print(f"{len(rows)} examples, observed CTR {np.mean(y):.4f}")
+    print(f"{'learner':44} {'log loss':>9} {'NE':>7} {'AUC':>7} {'calib':>7} {'examples/s':>11}")
+    for name, m in results.items():
+        print(f"{name:44} {m['log_loss']:9.5f} {m['ne']:7.4f} {m['auc']:7.4f} {m['calibration']:7.4f} {m['events_per_sec']:11.0f}")
+    if args.json_out:
+        pathlib.Path(args.json_out).write_text(json.dumps({"examples": len(rows), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
