@@ -22,8 +22,6 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::PathBuf;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 /// The input's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -108,19 +106,7 @@ pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
     };
     let file = File::open(&args.input).map_err(open)?;
     let size = file.metadata().map_err(open)?.len();
-    let bar = if args.no_progress {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(size);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} ({eta} left) {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    };
+    let bar = ctr_ingest::replay::progress_bar(size, args.no_progress);
     let reader = BufReader::with_capacity(1 << 16, bar.wrap_read(file));
     let cfg = run::RunConfig {
         models,

@@ -47,6 +47,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::json::{BodyError, EventError, Framing, Kind, Prepared, Preparer, TimeBounds};
+use crate::now_ms;
 use crate::producer::{KafkaArgs, producer_config};
 
 /// Settings of `ctr-ingest http`, as given.
@@ -390,12 +391,6 @@ struct EventResult {
     offset: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn post_events(

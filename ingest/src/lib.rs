@@ -13,3 +13,11 @@ pub mod producer;
 pub mod replay;
 pub mod sim;
 pub mod simulate;
+
+/// The wall clock in Unix milliseconds: the time the adapter stamps on events sent without one,
+/// and the start of a retimed replay or a live simulation.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -28,6 +28,7 @@ use serde_avro_fast::object_container_file_encoding::{Compression, Reader, Write
 use tracing::{info, warn};
 
 use crate::json::{Event, Kind, Preparer};
+use crate::now_ms;
 use crate::producer::{KafkaArgs, ProduceError, TrackedProducer};
 
 /// How fast to replay.
@@ -310,13 +311,9 @@ fn record_kind(schema_json: &str) -> Option<Kind> {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn progress_bar(total: u64, hidden: bool) -> ProgressBar {
+/// A progress bar over `total` bytes of input (on stderr; indicatif hides it off a terminal),
+/// or a hidden one. Also used by `ctr-backtest`.
+pub fn progress_bar(total: u64, hidden: bool) -> ProgressBar {
     if hidden {
         return ProgressBar::hidden();
     }

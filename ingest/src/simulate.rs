@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ctr_schemas::{Click, Encoder, Serve};
 use tracing::info;
 
+use crate::now_ms;
 use crate::producer::{KafkaArgs, ProduceError, TrackedProducer};
 use crate::sim::{EmittedCounts, SimConfig, SimError, SimEvent, Simulator};
 
@@ -100,12 +101,6 @@ pub enum SimulateError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs the simulation until `serves` are emitted or `shutdown` resolves, then flushes.
