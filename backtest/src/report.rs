@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -168,6 +169,28 @@ fn plot_error(path: &Path) -> impl Fn(String) -> ReportError + '_ {
     }
 }
 
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One line per model (`series` in the order of `outcome.runs`), in the model's palette colour,
+/// with a legend entry; returns the colours, for marks drawn on the same points.
+fn draw_model_lines(
+    chart: &mut Chart<'_, '_>,
+    outcome: &RunOutcome,
+    series: &[Vec<(f64, f64)>],
+) -> Result<Vec<RGBAColor>, String> {
+    let mut colors = Vec::with_capacity(series.len());
+    for (i, (run, pts)) in outcome.runs.iter().zip(series).enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(run.name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        colors.push(color);
+    }
+    Ok(colors)
+}
+
 fn plot_calibration(path: &Path, outcome: &RunOutcome) -> Result<(), ReportError> {
     let err = plot_error(path);
     let bins: Vec<Vec<(f64, f64)>> = outcome
@@ -210,13 +233,8 @@ fn plot_calibration(path: &Path, outcome: &RunOutcome) -> Result<(), ReportError
         .map_err(|e| err(e.to_string()))?
         .label("perfect calibration")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.3)));
-    for (i, (run, pts)) in outcome.runs.iter().zip(&bins).enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| err(e.to_string()))?
-            .label(run.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    let colors = draw_model_lines(&mut chart, outcome, &bins).map_err(&err)?;
+    for (pts, color) in bins.iter().zip(colors) {
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| err(e.to_string()))?;
@@ -277,14 +295,7 @@ fn plot_metrics(path: &Path, outcome: &RunOutcome) -> Result<(), ReportError> {
             .x_desc("records replayed")
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        for (i, (run, pts)) in outcome.runs.iter().zip(&series).enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-                .map_err(|e| err(e.to_string()))?
-                .label(run.name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
+        draw_model_lines(&mut chart, outcome, &series).map_err(&err)?;
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
