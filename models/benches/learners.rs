@@ -1,8 +1,11 @@
 //! Learner costs (issue #3). Run: `cargo bench -p ctr-models --bench learners`
 //!
-//! - `ftrl/learn_20`: one progressive-validation step (predict + update) of FTRL on 20 hashed
-//!   features, drawn from a warm model of ~1M coordinates.
-//! - `counts/update`: one impression into the hierarchical count model (touches 4 + fields keys).
+//! - `ftrl_<case>/learn_20`: one progressive-validation step (predict + update) of FTRL on 20
+//!   hashed features. Cases by table size: `cold` ~2.7M coordinates (~100 MB, beyond any L3
+//!   cache: most lookups are memory accesses), `warm` ~650k (23 MB: fits a large L3), `hot` 20k
+//!   (in L2: the compute cost).
+//! - `counts_<case>/update`: one impression into the hierarchical count model (touches 3 +
+//!   fields keys); `cold` ~3M keys (~130 MB), `warm` ~440k (17 MB), `hot` ~15k.
 //! - `stream/<variant>`: whole progressive validation (extract, predict, metrics, update) per
 //!   labeled impression, for each variant.
 //! - Memory per FTRL coordinate and per count key is printed before the runs.
@@ -81,11 +84,11 @@ fn imp(o: &Owned) -> Impression<'_> {
     }
 }
 
-/// 64k examples of 20 features; each feature slot draws from `values` distinct keys with a skew
+/// `n` examples of 20 features; each feature slot draws from `values` distinct keys with a skew
 /// (square of a uniform), so the model holds up to 20 × `values` coordinates.
-fn examples(values: f64) -> Vec<Vec<Feature>> {
+fn examples(n: usize, values: f64) -> Vec<Vec<Feature>> {
     let mut rng = Pcg64Mcg::seed_from_u64(2);
-    (0..65_536)
+    (0..n)
         .map(|_| {
             (0..20u64)
                 .map(|slot| {
@@ -101,10 +104,12 @@ fn examples(values: f64) -> Vec<Vec<Feature>> {
 }
 
 fn ftrl(c: &mut Criterion) {
-    // Cold: ~650k coordinates (23 MB), far beyond the CPU caches: every lookup of a rare
-    // feature is a memory access. Hot: ~20k coordinates, cache-resident: the compute cost.
-    for (name, values) in [("cold", 50_000.0), ("hot", 1_000.0)] {
-        ftrl_case(c, name, &examples(values));
+    for (name, n, values) in [
+        ("cold", 1 << 19, 1_000_000.0),
+        ("warm", 1 << 16, 50_000.0),
+        ("hot", 1 << 16, 1_000.0),
+    ] {
+        ftrl_case(c, name, &examples(n, values));
     }
 }
 
@@ -114,7 +119,12 @@ fn ftrl_case(c: &mut Criterion, name: &str, examples: &[Vec<Feature>]) {
         ..FtrlConfig::default()
     })
     .unwrap();
-    for (i, e) in examples.iter().cycle().take(1_000_000).enumerate() {
+    for (i, e) in examples
+        .iter()
+        .cycle()
+        .take(1_000_000.max(examples.len()))
+        .enumerate()
+    {
         model.learn(e, i % 50 == 0, 1.0, i as i64).unwrap();
     }
     eprintln!(
@@ -125,10 +135,11 @@ fn ftrl_case(c: &mut Criterion, name: &str, examples: &[Vec<Feature>]) {
     );
     let mut g = c.benchmark_group(format!("ftrl_{name}"));
     g.throughput(Throughput::Elements(1));
+    let mask = examples.len() - 1;
     let mut i = 0usize;
     g.bench_function("learn_20", |b| {
         b.iter(|| {
-            i = (i + 1) & 65_535;
+            i = (i + 1) & mask;
             black_box(
                 model
                     .learn(&examples[i], i.is_multiple_of(50), 1.0, 2_000_000)
@@ -138,7 +149,7 @@ fn ftrl_case(c: &mut Criterion, name: &str, examples: &[Vec<Feature>]) {
     });
     g.bench_function("predict_20", |b| {
         b.iter(|| {
-            i = (i + 1) & 65_535;
+            i = (i + 1) & mask;
             black_box(model.predict(&examples[i]))
         })
     });
@@ -146,8 +157,10 @@ fn ftrl_case(c: &mut Criterion, name: &str, examples: &[Vec<Feature>]) {
 }
 
 fn counts(c: &mut Criterion) {
-    // Cold: 10,000 ads, ~440k keys (17 MB). Hot: 50 ads and 2 hour values, a few thousand keys.
-    counts_case(c, "cold", &stream(200_000));
+    // Cold: 200,000 ads over 2M impressions. Warm: 10,000 ads (the whole-stream data). Hot:
+    // 50 ads and 2 hour values, a few thousand keys.
+    counts_case(c, "cold", &stream_over(2_000_000, 200_000.0, &HOURS));
+    counts_case(c, "warm", &stream(200_000));
     counts_case(c, "hot", &stream_over(200_000, 50.0, &HOURS[..2]));
 }
 

@@ -15,24 +15,43 @@
 //! the CTR at position k is that times b(k). The global per-position estimate is confounded by
 //! which ads get shown where; that is the usual caveat of COEC and is accepted here.
 //!
-//! Memory: each key is a `u64` hash mapped to a [`Counter`] (two `f64`): 24 bytes of payload
-//! per slot of an identity-hashed `HashMap`, plus one control byte; with the table between half
-//! and seven-eighths full that is 28–50 bytes per key (`bytes_per_key` reports the live figure;
-//! docs/BENCHMARKS.md has measured values). An impression touches 4 + (number of context fields)
-//! keys.
+//! Memory: each key is a `u64` hash mapped to a [`Counter`] (two `f64`): a 24-byte slot of a
+//! [`KeyMap`], which is between 1/4 and 1/2 full, so 48–96 bytes per key (`bytes_per_key`
+//! reports the live figure; docs/BENCHMARKS.md has measured values). An impression touches
+//! 3 + (number of context fields) keys: campaign, ad, ad × each field, ad × the full context.
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
-
-use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::decay::{Counter, DecayClock};
 use crate::error::{Result, check_weight, config};
-use crate::example::{Impression, ad_key, campaign_key, combine, context_key, field_key};
+use crate::example::{Impression, Keys, MAX_CONTEXT_FIELDS, combine};
+use crate::keymap::KeyMap;
 use crate::smoothing::BetaPrior;
 
-type KeyMap = HashMap<u64, Counter, BuildHasherDefault<NoHashHasher<u64>>>;
+/// The keys of the levels under the ad: ad × each context field, ad × the whole context.
+struct LevelKeys {
+    fields: [u64; MAX_CONTEXT_FIELDS],
+    len: usize,
+    context: u64,
+}
+
+impl LevelKeys {
+    fn of(keys: &Keys) -> Self {
+        let mut fields = [0; MAX_CONTEXT_FIELDS];
+        for (slot, f) in fields.iter_mut().zip(keys.fields()) {
+            *slot = combine(keys.ad, *f);
+        }
+        Self {
+            fields,
+            len: keys.fields().len(),
+            context: combine(keys.ad, keys.context),
+        }
+    }
+
+    fn fields(&self) -> &[u64] {
+        &self.fields[..self.len]
+    }
+}
 
 /// Most positions tracked separately; lower slots share the last one.
 pub const MAX_POSITIONS: usize = 16;
@@ -100,10 +119,10 @@ pub struct CountModel {
     global_prior: BetaPrior,
     global: Counter,
     positions: [Counter; MAX_POSITIONS],
-    campaigns: KeyMap,
-    ads: KeyMap,
-    fields: KeyMap,
-    contexts: KeyMap,
+    campaigns: KeyMap<Counter>,
+    ads: KeyMap<Counter>,
+    fields: KeyMap<Counter>,
+    contexts: KeyMap<Counter>,
 }
 
 /// Smoothed rate and evidence of counter `c`, read with decay factor `scale`
@@ -140,10 +159,10 @@ impl CountModel {
             global_prior,
             global: Counter::default(),
             positions: [Counter::default(); MAX_POSITIONS],
-            campaigns: KeyMap::default(),
-            ads: KeyMap::default(),
-            fields: KeyMap::default(),
-            contexts: KeyMap::default(),
+            campaigns: KeyMap::new(),
+            ads: KeyMap::new(),
+            fields: KeyMap::new(),
+            contexts: KeyMap::new(),
         })
     }
 
@@ -175,45 +194,45 @@ impl CountModel {
 
     /// The estimate for `x`, without learning from it.
     pub fn predict(&self, x: &Impression<'_>) -> Estimate {
+        self.predict_keys(x, &Keys::of(x))
+    }
+
+    /// [`CountModel::predict`] with `x`'s keys already computed.
+    pub fn predict_keys(&self, x: &Impression<'_>, keys: &Keys) -> Estimate {
         let scale = self.clock.read_scale();
         let global = self.global_rate(scale);
-        let get = |m: &KeyMap, k: u64| m.get(&k).copied().unwrap_or_default();
-        let ad = ad_key(x.ad);
+        let levels = LevelKeys::of(keys);
+        // Every key is known before the first lookup, so the lookups' cache misses overlap.
+        let campaign = self.campaigns.get(keys.campaign).copied();
+        let ad_counter = self.ads.get(keys.ad).copied();
+        let mut field_counters = [Counter::default(); MAX_CONTEXT_FIELDS];
+        for (c, k) in field_counters.iter_mut().zip(levels.fields()) {
+            *c = self.fields.get(*k).copied().unwrap_or_default();
+        }
+        let ctx_counter = self.contexts.get(levels.context).copied();
+
         let (p_campaign, _) = smooth(
-            get(&self.campaigns, campaign_key(x.campaign)),
+            campaign.unwrap_or_default(),
             scale,
             global,
             self.cfg.campaign_strength,
         );
-        let ad_counter = self.ads.get(&ad).copied();
         let (p_ad, n_ad) = smooth(
             ad_counter.unwrap_or_default(),
             scale,
             p_campaign,
             self.cfg.ad_strength,
         );
-        let parent = if x.context.is_empty() {
+        let fields = &field_counters[..levels.len];
+        let parent = if fields.is_empty() {
             p_ad
         } else {
-            let sum: f64 = x
-                .context
+            let sum: f64 = fields
                 .iter()
-                .map(|(n, v)| {
-                    smooth(
-                        get(&self.fields, combine(ad, field_key(n, v))),
-                        scale,
-                        p_ad,
-                        self.cfg.field_strength,
-                    )
-                    .0
-                })
+                .map(|c| smooth(*c, scale, p_ad, self.cfg.field_strength).0)
                 .sum();
-            sum / x.context.len() as f64
+            sum / fields.len() as f64
         };
-        let ctx_counter = self
-            .contexts
-            .get(&combine(ad, context_key(x.context)))
-            .copied();
         let (p_ctx, n_ctx) = smooth(
             ctx_counter.unwrap_or_default(),
             scale,
@@ -237,17 +256,35 @@ impl CountModel {
     /// Learns from one labeled impression with importance weight `weight` (1 normally; 1/r for
     /// an event kept with probability r when sampling).
     pub fn update(&mut self, x: &Impression<'_>, clicked: bool, weight: f64) -> Result<()> {
-        self.add(x, weight, 1.0, f64::from(u8::from(clicked)))
+        self.update_keys(x, &Keys::of(x), clicked, weight)
+    }
+
+    /// [`CountModel::update`] with `x`'s keys already computed.
+    pub fn update_keys(
+        &mut self,
+        x: &Impression<'_>,
+        keys: &Keys,
+        clicked: bool,
+        weight: f64,
+    ) -> Result<()> {
+        self.add(x, keys, weight, 1.0, f64::from(u8::from(clicked)))
     }
 
     /// Adds a click to an impression already learned as a negative (a late-click correction
     /// from the joiner): clicks grow at every level, impressions do not.
     pub fn add_late_click(&mut self, x: &Impression<'_>, weight: f64) -> Result<()> {
-        self.add(x, weight, 0.0, 1.0)
+        self.add(x, &Keys::of(x), weight, 0.0, 1.0)
     }
 
     /// Adds `imps` impressions (0 or 1) and `y` clicks of `x` at every level.
-    fn add(&mut self, x: &Impression<'_>, weight: f64, imps: f64, y: f64) -> Result<()> {
+    fn add(
+        &mut self,
+        x: &Impression<'_>,
+        keys: &Keys,
+        weight: f64,
+        imps: f64,
+        y: f64,
+    ) -> Result<()> {
         check_weight(weight)?;
         x.validate()?;
         if let Some(f) = self.clock.observe(x.ts_ms) {
@@ -261,22 +298,15 @@ impl CountModel {
         let scale = self.clock.read_scale();
         let e = imps * self.position_bias_at(x.position, scale, self.global_rate(scale));
         self.global.add(g, e, y);
-        let ad = ad_key(x.ad);
-        self.campaigns
-            .entry(campaign_key(x.campaign))
-            .or_default()
-            .add(g, e, y);
-        self.ads.entry(ad).or_default().add(g, e, y);
-        for (n, v) in x.context {
-            self.fields
-                .entry(combine(ad, field_key(n, v)))
-                .or_default()
-                .add(g, e, y);
+        // All hashing is done before the first table access: the updates below do not depend
+        // on each other, so their cache misses overlap.
+        let levels = LevelKeys::of(keys);
+        self.campaigns.entry_or_default(keys.campaign).add(g, e, y);
+        self.ads.entry_or_default(keys.ad).add(g, e, y);
+        for &k in levels.fields() {
+            self.fields.entry_or_default(k).add(g, e, y);
         }
-        self.contexts
-            .entry(combine(ad, context_key(x.context)))
-            .or_default()
-            .add(g, e, y);
+        self.contexts.entry_or_default(levels.context).add(g, e, y);
         Ok(())
     }
 
@@ -298,9 +328,9 @@ impl CountModel {
         self.campaigns.len() + self.ads.len() + self.fields.len() + self.contexts.len()
     }
 
-    /// Heap bytes of the key tables per stored key (slots × (key + value + control byte)).
+    /// Heap bytes of the key tables per stored key (slots × (key + value)).
     pub fn bytes_per_key(&self) -> f64 {
-        let slot = std::mem::size_of::<(u64, Counter)>() + 1;
+        let slot = KeyMap::<Counter>::slot_bytes();
         let slots: usize = [&self.campaigns, &self.ads, &self.fields, &self.contexts]
             .iter()
             .map(|m| m.capacity())

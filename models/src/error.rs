@@ -12,6 +12,8 @@ pub enum ModelError {
     FeatureValue(f64),
     #[error("position {0} must be 1 or more")]
     Position(u32),
+    #[error("the context has {0} fields; at most 32 are accepted")]
+    ContextFields(usize),
     #[error("invalid setting `{name}`: {problem}")]
     Config {
         name: &'static str,

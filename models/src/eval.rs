@@ -17,10 +17,15 @@
 //!   calibration plot.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 
+use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::example::field_key;
+
+/// Field slices are keyed by [`field_key`], already a hash.
+type FieldSlices = HashMap<u64, (String, String, Metrics), BuildHasherDefault<NoHashHasher<u64>>>;
 
 const LOGIT_RANGE: f64 = 12.0;
 pub const DEFAULT_AUC_BINS: usize = 4096;
@@ -60,6 +65,42 @@ fn logit(p: f64) -> f64 {
     (p / (1.0 - p)).ln()
 }
 
+/// One valid prediction with what every set of sums needs from it, computed once: the
+/// logarithms are most of the cost of recording, and a prediction is recorded in several places
+/// (cumulative, window, slices).
+#[derive(Debug, Clone, Copy)]
+pub struct Scored {
+    w: f64,
+    clicked: bool,
+    /// p clamped to [1e−15, 1 − 1e−15].
+    p: f64,
+    /// w × the log loss of p.
+    loss: f64,
+    /// Where logit(p) falls in [−12, 12], scaled to [0, 1] (AUC histograms of any resolution).
+    auc_x: f64,
+    reliability_bin: usize,
+}
+
+impl Scored {
+    /// `None` for a record that must leave no trace: a non-finite or non-positive weight, or a
+    /// non-finite prediction (metrics must never turn into NaN).
+    pub fn new(p: f64, clicked: bool, w: f64) -> Option<Self> {
+        if !(w.is_finite() && w > 0.0 && p.is_finite()) {
+            return None;
+        }
+        let p = p.clamp(1e-15, 1.0 - 1e-15);
+        Some(Self {
+            w,
+            clicked,
+            p,
+            loss: w * if clicked { p.ln() } else { (1.0 - p).ln() },
+            auc_x: (logit(p) + LOGIT_RANGE) / (2.0 * LOGIT_RANGE),
+            reliability_bin: ((p.log10() + 4.0) / 4.0 * RELIABILITY_BINS as f64)
+                .clamp(0.0, RELIABILITY_BINS as f64 - 1.0) as usize,
+        })
+    }
+}
+
 impl Metrics {
     /// Metrics with a given AUC resolution (slices use fewer bins to save memory).
     pub fn with_auc_bins(bins: usize) -> Self {
@@ -79,26 +120,27 @@ impl Metrics {
     /// weights and non-finite predictions are ignored (and leave no trace): metrics must never
     /// turn into NaN.
     pub fn record(&mut self, p: f64, clicked: bool, w: f64) {
-        if !(w.is_finite() && w > 0.0 && p.is_finite()) {
-            return;
+        if let Some(s) = Scored::new(p, clicked, w) {
+            self.add(&s);
         }
-        let p = p.clamp(1e-15, 1.0 - 1e-15);
+    }
+
+    /// [`Metrics::record`] of a prediction already scored.
+    pub fn add(&mut self, s: &Scored) {
+        let Scored { w, clicked, p, .. } = *s;
         let y = f64::from(u8::from(clicked));
         self.weight += w;
-        self.loss -= w * if clicked { p.ln() } else { (1.0 - p).ln() };
+        self.loss -= s.loss;
         self.sum_p += w * p;
         self.sum_y += w * y;
         let bins = self.pos.len();
-        let x = (logit(p) + LOGIT_RANGE) / (2.0 * LOGIT_RANGE);
-        let b = ((x * bins as f64) as usize).min(bins - 1);
+        let b = ((s.auc_x * bins as f64) as usize).min(bins - 1);
         if clicked {
             self.pos[b] += w;
         } else {
             self.neg[b] += w;
         }
-        let r = ((p.log10() + 4.0) / 4.0 * RELIABILITY_BINS as f64)
-            .clamp(0.0, RELIABILITY_BINS as f64 - 1.0) as usize;
-        let bin = &mut self.reliability[r];
+        let bin = &mut self.reliability[s.reliability_bin];
         bin.0 += w;
         bin.1 += w * p;
         bin.2 += w * y;
@@ -217,9 +259,17 @@ impl WindowedMetrics {
     }
 
     pub fn record(&mut self, ts_ms: i64, p: f64, clicked: bool, w: f64) {
+        if let Some(s) = Scored::new(p, clicked, w) {
+            self.add(ts_ms, &s);
+        }
+    }
+
+    /// [`WindowedMetrics::record`] of a prediction already scored.
+    pub fn add(&mut self, ts_ms: i64, scored: &Scored) {
         let start = ts_ms.div_euclid(self.bucket_ms) * self.bucket_ms;
-        match self.ring.iter_mut().find(|(s, _)| *s == start) {
-            Some((_, m)) => m.record(p, clicked, w),
+        // Newest first: nearly every record falls in the newest bucket.
+        match self.ring.iter_mut().rev().find(|(s, _)| *s == start) {
+            Some((_, m)) => m.add(scored),
             None => {
                 let newest = self.ring.back().map_or(i64::MIN, |(s, _)| *s);
                 let oldest_kept = newest.max(start) - (self.buckets as i64 - 1) * self.bucket_ms;
@@ -227,7 +277,7 @@ impl WindowedMetrics {
                     return; // older than the window: not part of it
                 }
                 let mut m = Metrics::with_auc_bins(self.auc_bins);
-                m.record(p, clicked, w);
+                m.add(scored);
                 let at = self.ring.partition_point(|(s, _)| *s < start);
                 self.ring.insert(at, (start, m));
                 while self.ring.front().is_some_and(|(s, _)| *s < oldest_kept) {
@@ -260,7 +310,7 @@ pub struct SlicedMetrics {
     by_ad: HashMap<String, Metrics>,
     /// Keyed by the field's hash ([`crate::example::field_key`]) so recording allocates nothing;
     /// the names are kept for reports.
-    by_field: HashMap<u64, (String, String, Metrics)>,
+    by_field: FieldSlices,
     /// Records whose slice did not fit under `max_slices`.
     overflow: Metrics,
 }
@@ -271,7 +321,7 @@ impl SlicedMetrics {
             max_slices,
             auc_bins,
             by_ad: HashMap::new(),
-            by_field: HashMap::new(),
+            by_field: FieldSlices::default(),
             overflow: Metrics::with_auc_bins(auc_bins),
         }
     }
@@ -281,26 +331,34 @@ impl SlicedMetrics {
     }
 
     pub fn record(&mut self, ad: &str, context: &[(&str, &str)], p: f64, clicked: bool, w: f64) {
+        if let Some(s) = Scored::new(p, clicked, w) {
+            let keys: Vec<u64> = context.iter().map(|(n, v)| field_key(n, v)).collect();
+            self.add(ad, context, &keys, &s);
+        }
+    }
+
+    /// [`SlicedMetrics::record`] of a prediction already scored, with each context field's
+    /// [`field_key`] already computed (`field_keys[i]` is the key of `context[i]`).
+    pub fn add(&mut self, ad: &str, context: &[(&str, &str)], field_keys: &[u64], s: &Scored) {
         let bins = self.auc_bins;
         if let Some(m) = self.by_ad.get_mut(ad) {
-            m.record(p, clicked, w);
+            m.add(s);
         } else if self.slices() < self.max_slices {
             self.by_ad
                 .entry(ad.to_string())
                 .or_insert_with(|| Metrics::with_auc_bins(bins))
-                .record(p, clicked, w);
+                .add(s);
         } else {
-            self.overflow.record(p, clicked, w);
+            self.overflow.add(s);
         }
-        for (n, v) in context {
-            let key = field_key(n, v);
-            if let Some((_, _, m)) = self.by_field.get_mut(&key) {
-                m.record(p, clicked, w);
+        for ((n, v), key) in context.iter().zip(field_keys) {
+            if let Some((_, _, m)) = self.by_field.get_mut(key) {
+                m.add(s);
             } else if self.slices() < self.max_slices {
                 let mut m = Metrics::with_auc_bins(bins);
-                m.record(p, clicked, w);
+                m.add(s);
                 self.by_field
-                    .insert(key, ((*n).to_string(), (*v).to_string(), m));
+                    .insert(*key, ((*n).to_string(), (*v).to_string(), m));
             }
         }
     }

@@ -22,10 +22,17 @@ pub struct Impression<'a> {
     pub ts_ms: i64,
 }
 
+/// Most context fields an impression may carry; [`Impression::validate`] rejects more. (The
+/// event contract allows a few extra fields beside the three required ones; 32 leaves room.)
+pub const MAX_CONTEXT_FIELDS: usize = 32;
+
 impl Impression<'_> {
     pub fn validate(&self) -> Result<()> {
         if self.position == 0 {
             return Err(ModelError::Position(0));
+        }
+        if self.context.len() > MAX_CONTEXT_FIELDS {
+            return Err(ModelError::ContextFields(self.context.len()));
         }
         Ok(())
     }
@@ -77,6 +84,48 @@ pub fn context_key(context: &[(&str, &str)]) -> u64 {
         .fold(ns::CONTEXT, |acc, (n, v)| acc.wrapping_add(field_key(n, v)))
 }
 
+/// The hashed keys of one impression, computed once and shared by every learner that sees it
+/// (the count model's levels and FTRL's features hash the same strings).
+///
+/// A context longer than [`MAX_CONTEXT_FIELDS`] is cut to its first fields here; learning
+/// rejects such an impression ([`Impression::validate`]), so only predictions ever see the cut.
+#[derive(Debug, Clone, Copy)]
+pub struct Keys {
+    pub ad: u64,
+    pub campaign: u64,
+    /// The position feature (positions beyond 16 share one).
+    pub position: u64,
+    /// The whole context ([`context_key`]).
+    pub context: u64,
+    fields: [u64; MAX_CONTEXT_FIELDS],
+    len: usize,
+}
+
+impl Keys {
+    pub fn of(x: &Impression<'_>) -> Self {
+        let mut fields = [0; MAX_CONTEXT_FIELDS];
+        let len = x.context.len().min(MAX_CONTEXT_FIELDS);
+        for (slot, (name, value)) in fields.iter_mut().zip(x.context) {
+            *slot = field_key(name, value);
+        }
+        Self {
+            ad: ad_key(x.ad),
+            campaign: campaign_key(x.campaign),
+            position: combine(ns::POSITION, u64::from(x.position.min(16))),
+            context: fields[..len]
+                .iter()
+                .fold(ns::CONTEXT, |acc, f| acc.wrapping_add(*f)),
+            fields,
+            len,
+        }
+    }
+
+    /// [`field_key`] of each context field, in the impression's order.
+    pub fn fields(&self) -> &[u64] {
+        &self.fields[..self.len]
+    }
+}
+
 /// One hashed feature with its value (1.0 for indicator features).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Feature {
@@ -105,23 +154,26 @@ impl Default for FeatureSpec {
 /// Writes the features of `x` into `out` (cleared first): bias, ad, campaign, position, each
 /// context field, and the configured crosses. About 4 + 2 × fields features.
 pub fn extract(spec: &FeatureSpec, x: &Impression<'_>, out: &mut Vec<Feature>) {
+    extract_keys(spec, &Keys::of(x), out);
+}
+
+/// [`extract`] from keys already computed.
+pub fn extract_keys(spec: &FeatureSpec, keys: &Keys, out: &mut Vec<Feature>) {
     out.clear();
     let one = |key| Feature { key, value: 1.0 };
-    let ad = ad_key(x.ad);
-    let pos = combine(ns::POSITION, u64::from(x.position.min(16)));
+    let ad = keys.ad;
     out.push(one(ns::BIAS));
     out.push(one(ad));
-    out.push(one(campaign_key(x.campaign)));
-    out.push(one(pos));
-    for (name, value) in x.context {
-        let f = field_key(name, value);
+    out.push(one(keys.campaign));
+    out.push(one(keys.position));
+    for &f in keys.fields() {
         out.push(one(f));
         if spec.ad_crosses {
             out.push(one(combine(ns::CROSS ^ ad, f)));
         }
     }
     if spec.ad_position_cross {
-        out.push(one(combine(ns::CROSS ^ ad, pos)));
+        out.push(one(combine(ns::CROSS ^ ad, keys.position)));
     }
 }
 
@@ -153,6 +205,45 @@ mod tests {
             context_key(&a),
             context_key(&[("geo", "US"), ("device", "desktop")])
         );
+    }
+
+    #[test]
+    fn keys_hash_like_the_free_functions() {
+        let ctx = [("geo", "US"), ("device", "mobile")];
+        let x = Impression {
+            ad: "a",
+            campaign: "c",
+            position: 20,
+            context: &ctx,
+            ts_ms: 0,
+        };
+        let k = Keys::of(&x);
+        assert_eq!(k.ad, ad_key("a"));
+        assert_eq!(k.campaign, campaign_key("c"));
+        assert_eq!(k.context, context_key(&ctx));
+        assert_eq!(
+            k.fields(),
+            [field_key("geo", "US"), field_key("device", "mobile")]
+        );
+        assert_eq!(
+            k.position,
+            combine(ns::POSITION, 16),
+            "positions past 16 share a key"
+        );
+    }
+
+    #[test]
+    fn too_many_context_fields_are_rejected() {
+        let ctx: Vec<(&str, &str)> = (0..=MAX_CONTEXT_FIELDS).map(|_| ("f", "v")).collect();
+        let x = Impression {
+            ad: "a",
+            campaign: "c",
+            position: 1,
+            context: &ctx,
+            ts_ms: 0,
+        };
+        assert_eq!(x.validate(), Err(ModelError::ContextFields(33)));
+        assert_eq!(Keys::of(&x).fields().len(), MAX_CONTEXT_FIELDS);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`smoothing`]: Beta-prior smoothing.
 //! - [`counts`]: hierarchical smoothed counts with position normalization.
 //! - [`ftrl`]: sparse FTRL-Proximal logistic regression with admission and eviction.
+//! - [`keymap`]: the flat hash table both learners store their state in.
 //! - [`calibration`]: downsampling correction and online Platt scaling.
 //! - [`eval`]: progressive-validation metrics (log loss, NE, AUC, calibration, reliability).
 //! - [`variants`]: model variants, their combination, side-by-side runs.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod example;
 pub mod ftrl;
+pub mod keymap;
 pub mod smoothing;
 pub mod snapshot;
 pub mod variants;

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::Platt;
 use crate::counts::{CountModel, CountsConfig, Level};
 use crate::error::{ModelError, Result, check_weight};
-use crate::eval::{Metrics, SlicedMetrics, WindowedMetrics};
-use crate::example::{COUNT_FEATURE_KEY, Feature, FeatureSpec, Impression, extract};
+use crate::eval::{Metrics, Scored, SlicedMetrics, WindowedMetrics};
+use crate::example::{COUNT_FEATURE_KEY, Feature, FeatureSpec, Impression, Keys, extract_keys};
 use crate::ftrl::{Ftrl, FtrlConfig};
 use crate::snapshot;
 
@@ -172,11 +172,12 @@ impl Variant {
     fn features(
         &self,
         x: &Impression<'_>,
+        keys: &Keys,
         features: &mut Vec<Feature>,
     ) -> Option<crate::counts::Estimate> {
-        let est = self.counts.as_ref().map(|c| c.predict(x));
+        let est = self.counts.as_ref().map(|c| c.predict_keys(x, keys));
         if self.ftrl.is_some() {
-            extract(&self.cfg.features, x, features);
+            extract_keys(&self.cfg.features, keys, features);
             if let Some(e) = est {
                 features.push(Feature {
                     key: COUNT_FEATURE_KEY,
@@ -190,7 +191,7 @@ impl Variant {
     /// The variant's prediction for `x`, without learning.
     pub fn predict(&self, x: &Impression<'_>) -> Prediction {
         let mut features = Vec::with_capacity(32);
-        let est = self.features(x, &mut features);
+        let est = self.features(x, &Keys::of(x), &mut features);
         let raw = match &self.ftrl {
             Some(f) => f.predict(&features),
             None => est.map_or(0.5, |e| e.p),
@@ -206,10 +207,21 @@ impl Variant {
     /// Progressive validation step: predict, record, then learn. Returns the prediction.
     /// On an error nothing has changed.
     pub fn learn(&mut self, x: &Impression<'_>, clicked: bool, weight: f64) -> Result<Prediction> {
+        self.learn_keys(x, &Keys::of(x), clicked, weight)
+    }
+
+    /// [`Variant::learn`] with `x`'s keys already computed (several variants share them).
+    pub fn learn_keys(
+        &mut self,
+        x: &Impression<'_>,
+        keys: &Keys,
+        clicked: bool,
+        weight: f64,
+    ) -> Result<Prediction> {
         check_weight(weight)?;
         x.validate()?;
         let mut features = std::mem::take(&mut self.scratch);
-        let est = self.features(x, &mut features);
+        let est = self.features(x, keys, &mut features);
         let raw = match &mut self.ftrl {
             Some(f) => f.learn(&features, clicked, weight, x.ts_ms),
             None => Ok(est.map_or(0.5, |e| e.p)),
@@ -220,7 +232,7 @@ impl Variant {
         self.scratch = features;
         let raw = raw?;
         if let Some(c) = &mut self.counts {
-            c.update(x, clicked, weight)?;
+            c.update_keys(x, keys, clicked, weight)?;
         }
         let p = match &mut self.platt {
             Some(c) => {
@@ -230,10 +242,12 @@ impl Variant {
             }
             None => raw,
         };
-        self.metrics.record(p, clicked, weight);
-        self.window.record(x.ts_ms, p, clicked, weight);
-        if self.cfg.max_slices > 0 {
-            self.slices.record(x.ad, x.context, p, clicked, weight);
+        if let Some(scored) = Scored::new(p, clicked, weight) {
+            self.metrics.add(&scored);
+            self.window.add(x.ts_ms, &scored);
+            if self.cfg.max_slices > 0 {
+                self.slices.add(x.ad, x.context, keys.fields(), &scored);
+            }
         }
         Ok(Prediction {
             p,
@@ -301,8 +315,9 @@ impl ModelSet {
     pub fn learn(&mut self, x: &Impression<'_>, clicked: bool, weight: f64) -> Result<()> {
         check_weight(weight)?;
         x.validate()?;
+        let keys = Keys::of(x);
         for v in &mut self.variants {
-            v.learn(x, clicked, weight)?;
+            v.learn_keys(x, &keys, clicked, weight)?;
         }
         self.examples += 1;
         Ok(())
