@@ -73,6 +73,12 @@ impl Context {
         check_token("context.query_category", &self.query_category)?;
         check_token("context.geo", &self.geo)?;
         check_token("context.device", &self.device)?;
+        if self.extra.len() > MAX_EXTRA_CONTEXT_FIELDS {
+            return Err(ValidationError::new(
+                "context.extra",
+                "more than 29 extra fields (32 in all)",
+            ));
+        }
         for (k, v) in &self.extra {
             check_token("context.extra key", k)?;
             if matches!(k.as_str(), "device" | "geo" | "query_category") {
@@ -177,6 +183,10 @@ impl LabeledImpressionRef<'_> {
         }
     }
 }
+
+/// Most extra context fields beside the three fixed ones: 32 fields in all, what the learners
+/// accept (`ctr_models::example::MAX_CONTEXT_FIELDS`).
+pub const MAX_EXTRA_CONTEXT_FIELDS: usize = 29;
 
 /// Most ads a serve may carry; a page with more is not a search result page.
 pub const MAX_ADS_PER_SERVE: usize = 64;
@@ -348,6 +358,17 @@ mod tests {
             c.key(),
             "device=mobile|geo=US|hour=13|query_category=travel"
         );
+    }
+
+    #[test]
+    fn too_many_context_fields_are_invalid() {
+        let mut c = ctx();
+        for i in 0..MAX_EXTRA_CONTEXT_FIELDS {
+            c.extra.insert(format!("f{i}"), "v".into());
+        }
+        assert!(c.validate().is_ok());
+        c.extra.insert("one_more".into(), "v".into());
+        assert_eq!(c.validate().unwrap_err().field, "context.extra");
     }
 
     #[test]

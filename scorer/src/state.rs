@@ -32,6 +32,11 @@ const SAMPLER_NS: u64 = 0x05c0_5a3f;
 const TOTAL_AD_NS: u64 = 0x05c0_00ad;
 const TOTAL_CTX_NS: u64 = 0x05c0_adc7;
 
+// A context the contract accepts is one the models learn from (3 fixed fields + the extras).
+const _: () = assert!(
+    3 + ctr_schemas::events::MAX_EXTRA_CONTEXT_FIELDS == ctr_models::example::MAX_CONTEXT_FIELDS
+);
+
 /// Exact totals of one key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Total {
