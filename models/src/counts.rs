@@ -69,7 +69,10 @@ pub struct CountsConfig {
     pub ad_strength: f64,
     pub field_strength: f64,
     pub context_strength: f64,
-    /// Prior strength of each position's CTR towards the global CTR.
+    /// Prior strength of each position's CTR towards the global CTR (pseudo-impressions).
+    /// Weak on purpose: examination units are counted with the position bias known at the
+    /// time, so an early bias pulled towards 1 by a strong prior stays in the counts (1,000
+    /// left the count model 6% under-calibrated on 80k impressions; 100 leaves 3%).
     pub position_strength: f64,
 }
 
@@ -83,7 +86,7 @@ impl Default for CountsConfig {
             ad_strength: 100.0,
             field_strength: 100.0,
             context_strength: 50.0,
-            position_strength: 1_000.0,
+            position_strength: 100.0,
         }
     }
 }

@@ -82,7 +82,10 @@ fn a_backtest_reports_every_model_with_plots_and_is_deterministic() {
     for m in &report.models {
         let (ne, cal, auc) = (m.ne.unwrap(), m.calibration.unwrap(), m.auc.unwrap());
         assert!(ne < 1.0, "{}: NE {ne} must beat the average", m.name);
-        assert!((cal - 1.0).abs() < 0.1, "{}: calibration {cal}", m.name);
+        // Progressive, warm-up included; the count model was at 0.94 with a position prior of
+        // 1,000 pseudo-impressions (position bias over-estimated early and frozen into its
+        // examination units), 0.97 at 100.
+        assert!((cal - 1.0).abs() < 0.05, "{}: calibration {cal}", m.name);
         assert!(auc > 0.6, "{}: AUC {auc}", m.name);
         assert!(m.events_per_sec > 0.0);
     }
