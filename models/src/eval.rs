@@ -219,6 +219,16 @@ impl Metrics {
     }
 
     /// Non-empty reliability bins, lowest predicted probability first.
+    /// Miscalibration across the reliability bins: Σ over bins of |Σp − Σy|, divided by Σy.
+    /// 0 when every bin predicts as many clicks as it sees; unlike [`Metrics::calibration`],
+    /// over- and under-prediction in different bins do not cancel (a model whose predictions
+    /// are too close together scores badly here while its Σp/Σy can be 1). Includes the
+    /// binomial noise of each bin, so it does not reach 0 on finite data.
+    pub fn reliability_error(&self) -> Option<f64> {
+        let miss: f64 = self.reliability.iter().map(|b| (b.1 - b.2).abs()).sum();
+        (self.sum_y > 0.0).then(|| miss / self.sum_y)
+    }
+
     pub fn reliability(&self) -> Vec<ReliabilityBin> {
         self.reliability
             .iter()
@@ -483,6 +493,21 @@ mod tests {
         assert!(s.field("geo", "US").is_some());
         assert!(s.ad("d").is_none());
         assert_eq!(s.busiest_ads(10).len(), 2);
+    }
+
+    #[test]
+    fn reliability_error_does_not_let_bins_cancel() {
+        // Half the predictions at 0.01 for a true 0.02, half at 0.03 for a true 0.02: Σp/Σy is
+        // 1, but each bin is off by half its clicks.
+        let mut m = Metrics::default();
+        for i in 0..100_000 {
+            let p = if i % 2 == 0 { 0.01 } else { 0.03 };
+            m.record(p, i % 50 < 1, 1.0);
+            m.record(p, (i + 25) % 50 < 1, 1.0);
+        }
+        assert!((m.calibration().unwrap() - 1.0).abs() < 1e-9);
+        assert!((m.reliability_error().unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(Metrics::default().reliability_error(), None);
     }
 
     #[test]

@@ -189,6 +189,69 @@ fn importance_weighted_negative_sampling_keeps_calibration() {
     );
 }
 
+/// The online calibration layer (Platt scaling on the model's output logit), measured on the
+/// learners themselves: it repairs a model that is systematically off on the data it learns
+/// from (here FTRL with a heavy L2 penalty, which shrinks every weight, the bias included, and
+/// so over-predicts), and costs next to nothing on a model already calibrated. (A model off
+/// because it learned from a sample is the downsampling correction's job, tested above: a
+/// layer learning from the same sample cannot see that bias.)
+#[test]
+fn the_calibration_layer_repairs_a_biased_learner_and_spares_a_calibrated_one() {
+    let variant = |name: &str, l2: f64, platt: bool| {
+        let mut c = stationary(VariantKind::Ftrl);
+        c.name = name.into();
+        c.ftrl.l2 = l2;
+        c.platt_rate = platt.then_some(0.2);
+        c
+    };
+    let mut set = ModelSet::new(vec![
+        variant("shrunk", 2_000.0, false),
+        variant("shrunk+platt", 2_000.0, true),
+        variant("ftrl", 1.0, false),
+        variant("ftrl+platt", 1.0, true),
+    ])
+    .unwrap();
+    let mut truth = Truth::new(5, 30);
+    const WARM_UP: usize = 200_000;
+    let mut scored = vec![Metrics::default(); 4];
+    for i in 0..600_000 {
+        let e = truth.next();
+        if i >= WARM_UP {
+            for (v, m) in set.variants().iter().zip(scored.iter_mut()) {
+                m.record(truth.with(&e, |x| v.predict(x).p), e.clicked, 1.0);
+            }
+        }
+        truth.with(&e, |x| set.learn(x, e.clicked, 1.0)).unwrap();
+    }
+    let err: Vec<f64> = scored
+        .iter()
+        .map(|m| m.reliability_error().unwrap())
+        .collect();
+    let ne: Vec<f64> = scored
+        .iter()
+        .map(|m| m.normalized_entropy().unwrap())
+        .collect();
+    eprintln!(
+        "calibration layer: shrunk FTRL reliability error {:.3} -> {:.3} (NE {:.4} -> {:.4}); \
+         calibrated FTRL {:.3} -> {:.3} (NE {:.4} -> {:.4})",
+        err[0], err[1], ne[0], ne[1], err[2], err[3], ne[2], ne[3]
+    );
+    assert!(err[1] < err[0] / 2.0, "repaired: {} -> {}", err[0], err[1]);
+    assert!(ne[1] < ne[0], "and its log loss improves");
+    assert!(
+        err[3] <= err[2] * 1.25,
+        "a calibrated model stays so: {} -> {}",
+        err[2],
+        err[3]
+    );
+    assert!(
+        ne[3] <= ne[2] * 1.005,
+        "at a negligible cost: {} vs {}",
+        ne[3],
+        ne[2]
+    );
+}
+
 fn decaying_set() -> ModelSet {
     let mut combined = VariantConfig::of(VariantKind::Combined);
     combined.platt_rate = Some(0.02);

@@ -44,7 +44,8 @@ pub struct ScorerArgs {
     /// Prior weight, in pseudo-impressions.
     #[arg(long, env = "CTR_PRIOR_STRENGTH", default_value_t = 100.0)]
     pub prior_strength: f64,
-    /// Model variants learning side by side: comma-separated kinds (counts, ftrl, combined).
+    /// Model variants learning side by side: comma-separated kinds (counts, ftrl, combined),
+    /// each optionally followed by `+platt` for the online calibration layer.
     #[arg(
         long,
         env = "CTR_SCORER_MODELS",
@@ -132,19 +133,34 @@ fn check(ok: bool, name: &str, problem: &str) -> Result<(), crate::Error> {
     }
 }
 
-/// Parses `counts,ftrl,combined` into variant settings (each named after its kind).
+/// Step size of the calibration layer a `+platt` variant gets (measured in
+/// `models/tests/learning.rs`: it repairs a shrunk model and leaves a calibrated one alone).
+pub const PLATT_RATE: f64 = 0.2;
+
+/// Parses `counts,ftrl,combined` into variant settings, each named as written. A kind followed
+/// by `+platt` (`combined+platt`) gets the online calibration layer on top, so the same kind can
+/// run with and without it side by side.
 pub fn parse_models(list: &str) -> Result<Vec<VariantConfig>, crate::Error> {
     let mut out: Vec<VariantConfig> = Vec::new();
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let kind: VariantKind = name
-            .parse()
-            .map_err(|e| crate::Error::Config(format!("models: `{name}`: {e}")))?;
-        if out.iter().any(|v| v.kind == kind) {
+        let (kind, platt) = match name.strip_suffix("+platt") {
+            Some(kind) => (kind, true),
+            None => (name, false),
+        };
+        let kind: VariantKind = kind.parse().map_err(|e| {
+            crate::Error::Config(format!(
+                "models: `{name}`: {e} (optionally followed by +platt)"
+            ))
+        })?;
+        if out.iter().any(|v| v.name == name) {
             return Err(crate::Error::Config(format!(
                 "models: `{name}` given twice"
             )));
         }
-        out.push(VariantConfig::of(kind));
+        let mut v = VariantConfig::of(kind);
+        v.name = name.to_string();
+        v.platt_rate = platt.then_some(PLATT_RATE);
+        out.push(v);
     }
     check(!out.is_empty(), "models", "must name at least one variant")?;
     Ok(out)
@@ -227,5 +243,22 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             api_timeout: Duration::from_millis(a.api_timeout_ms),
             api_cache_ttl: Duration::from_millis(a.api_cache_ms),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_parse_with_and_without_the_calibration_layer() {
+        let v = parse_models("counts, combined,combined+platt").unwrap();
+        let names: Vec<&str> = v.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["counts", "combined", "combined+platt"]);
+        assert_eq!(v[1].kind, v[2].kind);
+        assert_eq!((v[1].platt_rate, v[2].platt_rate), (None, Some(PLATT_RATE)));
+        for bad in ["", "counts,counts", "lasso", "counts+isotonic"] {
+            assert!(parse_models(bad).is_err(), "{bad:?}");
+        }
     }
 }
