@@ -161,10 +161,14 @@ pub fn run(
             }
         }
         refused.iter_mut().for_each(|r| *r = false);
+        let mut released = Vec::new();
         for (v, run) in runs.iter_mut().enumerate() {
             let t = Instant::now();
             for (i, (l, key)) in chunk.iter().enumerate() {
-                match run.state.apply(l, key, Policy::NORMAL) {
+                // Clicks released by this record: the live scorer republishes their ads; a
+                // backtest has nothing to republish.
+                released.clear();
+                match run.state.apply(l, key, Policy::NORMAL, &mut released) {
                     Ok(ctr_scorer::state::Outcome::Duplicate) if v == 0 => duplicates += 1,
                     Ok(_) => {}
                     // A model refused the example (nothing changed): like the scorer's poison.

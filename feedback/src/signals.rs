@@ -34,6 +34,8 @@ pub struct Signal {
     pub clicks_per_serve: Option<f64>,
     pub baseline_clicks_per_serve: Option<f64>,
     pub updated_ms: i64,
+    /// The joiner process's counts since it started (the dashboard's input rates).
+    pub totals: JoinStats,
 }
 
 /// Sliding-window stall detector over monotonic counters.
@@ -86,6 +88,7 @@ impl StallDetector {
             clicks_per_serve: rate,
             baseline_clicks_per_serve: self.baseline,
             updated_ms: now_ms,
+            totals: *totals,
         }
     }
 }

@@ -44,10 +44,17 @@ pub enum SnapshotError {
 
 /// Encodes `state` into a snapshot.
 pub fn encode<T: Serialize>(state: &T) -> Vec<u8> {
+    encode_version(state, FORMAT_VERSION)
+}
+
+/// Encodes `state` into a snapshot marked with `version`: the format version of the body's
+/// type, for a state kept by another crate in this container (each type numbers its own
+/// formats; [`FORMAT_VERSION`] is that of [`crate::ModelSet`]).
+pub fn encode_version<T: Serialize>(state: &T, version: u16) -> Vec<u8> {
     let body = postcard::to_allocvec(state).expect("model state always serializes");
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&xxh3_64(&body).to_le_bytes());
     out.extend_from_slice(&body);
@@ -56,6 +63,18 @@ pub fn encode<T: Serialize>(state: &T) -> Vec<u8> {
 
 /// Decodes a snapshot written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
+    match open(bytes)? {
+        (FORMAT_VERSION, body) => decode_body(body),
+        (found, _) => Err(SnapshotError::UnsupportedVersion {
+            found,
+            supported: FORMAT_VERSION,
+        }),
+    }
+}
+
+/// Checks a snapshot's header, length and checksum; returns its format version and body, for
+/// [`decode_body`] with the type of that version.
+pub fn open(bytes: &[u8]) -> Result<(u16, &[u8]), SnapshotError> {
     if bytes.len() < HEADER {
         return Err(SnapshotError::TooShort(bytes.len()));
     }
@@ -64,12 +83,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
         return Err(SnapshotError::BadMagic(magic));
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != FORMAT_VERSION {
-        return Err(SnapshotError::UnsupportedVersion {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
     let expected = u64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes"));
     let body = &bytes[HEADER..];
     if body.len() as u64 != expected {
@@ -81,5 +94,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
     if xxh3_64(body) != u64::from_le_bytes(bytes[14..22].try_into().expect("8 bytes")) {
         return Err(SnapshotError::Checksum);
     }
+    Ok((version, body))
+}
+
+/// Decodes a body returned by [`open`].
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, SnapshotError> {
     postcard::from_bytes(body).map_err(|e| SnapshotError::Body(e.to_string()))
 }

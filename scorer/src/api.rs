@@ -62,6 +62,7 @@ pub struct ApiState {
     /// Key → what Redis held (`None`: nothing), kept for the cache TTL.
     cache: Option<Cache<String, Option<Arc<Stored>>>>,
     limits: (usize, Duration),
+    monitor: Arc<crate::monitor::Monitor>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -78,6 +79,7 @@ impl ApiState {
         redis: ConnectionManager,
         metrics: Option<PrometheusHandle>,
         control: Arc<Control>,
+        monitor: Arc<crate::monitor::Monitor>,
     ) -> Self {
         let cache = (!cfg.api_cache_ttl.is_zero()).then(|| {
             Cache::builder()
@@ -93,6 +95,7 @@ impl ApiState {
             control,
             cache,
             limits: (cfg.api_max_concurrency, cfg.api_timeout),
+            monitor,
         }
     }
 }
@@ -250,6 +253,7 @@ async fn overloaded(err: BoxError) -> ApiError {
 
 pub fn router(state: ApiState) -> Router {
     let (max_concurrency, timeout) = state.limits;
+    let dashboard = crate::dashboard::router(Arc::clone(&state.monitor));
     let v1 = Router::new()
         .route("/v1/rank", post(rank))
         .route("/v1/ctr", get(get_ctr))
@@ -270,6 +274,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(dashboard)
 }
 
 /// Serves until `stop` turns true.

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::Result;
 use crate::checkpoint::CheckpointStore;
 use crate::config::ScorerConfig;
-use crate::load::Control;
+use crate::load::{Control, Counted};
 use crate::publish::Publisher;
 use crate::state::Thinning;
 use crate::worker::{Work, Worker};
@@ -272,10 +272,7 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 router.apply(consumer.context()).await;
-                if dropped_total > 0 {
-                    metrics::counter!("ctr_scorer_records_total", "outcome" => "dropped")
-                        .increment(std::mem::take(&mut dropped_total));
-                }
+                control.count(Counted::Dropped, std::mem::take(&mut dropped_total));
             }
         }
     }

@@ -2,19 +2,25 @@
 //!
 //! - [`config`]: the service's settings.
 //! - [`state`]: one partition's state (models, dedupe, sampling) and what a record does to it.
+//! - [`hold`]: clicks held until the negatives of their time have arrived.
 //! - [`worker`]: keyed workers, each the single owner of its partitions' state.
 //! - [`consumer`]: the Kafka consumer-group loop that feeds the workers.
 //! - [`publish`]: the Redis key layout and the atomic, offset-fenced apply of a batch.
 //! - [`checkpoint`]: durable per-partition snapshots with their offsets.
 //! - [`load`]: load shedding and the learning guard.
 //! - [`api`]: the HTTP API (`POST /v1/rank`, `GET /v1/ctr`, OpenAPI, health, metrics).
+//! - [`monitor`]: model health reports and the system-wide view of them.
+//! - [`dashboard`]: the monitoring page and `GET /v1/monitor`.
 //! - [`run`]: wires them together; `main.rs` only parses settings and calls it.
 
 pub mod api;
 pub mod checkpoint;
 pub mod config;
 pub mod consumer;
+pub mod dashboard;
+pub mod hold;
 pub mod load;
+pub mod monitor;
 pub mod publish;
 pub mod state;
 pub mod worker;
@@ -77,14 +83,31 @@ pub async fn run(
         stop_rx.clone(),
     ));
     tokio::spawn(report_models(Arc::clone(&control), stop_rx.clone()));
-    info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let instance = format!("{}-{}", config.group, std::process::id());
+    let reporting = tokio::spawn(monitor::report(
+        Arc::clone(&config),
+        Arc::clone(&control),
+        conn.clone(),
+        instance,
+        stop_rx.clone(),
+    ));
+    let view = Arc::new(monitor::Monitor::default());
+    tokio::spawn(monitor::collect(
+        Arc::clone(&config),
+        Arc::clone(&view),
+        conn.clone(),
+        stop_rx.clone(),
+    ));
+    info!(addr = %listener.local_addr()?, "HTTP API listening (dashboard at /dashboard/)");
     let api = api::serve(
         listener,
-        api::ApiState::new(&config, conn.clone(), metrics, Arc::clone(&control)),
+        api::ApiState::new(&config, conn.clone(), metrics, Arc::clone(&control), view),
         stop_rx.clone(),
     );
     let consume = consumer::run(Arc::clone(&config), conn, control, stop_rx);
     let (a, c) = tokio::join!(api, consume);
+    // The report leaves the dashboard's view as the process stops.
+    let _ = reporting.await;
     a?;
     c
 }

@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ctr_models::Metrics;
@@ -48,6 +48,62 @@ use crate::state::Policy;
 pub struct PartitionReport {
     /// Per serving and shadow variant: (name, cumulative metrics, sliding-window metrics).
     pub models: Vec<(String, Metrics, Metrics)>,
+    /// The partition's busiest ads under the serving variant.
+    pub ads: Vec<AdHealth>,
+    /// Newest event time learned from (Unix ms).
+    pub newest_event_ms: Option<i64>,
+}
+
+/// One ad's health: exact totals beside the serving variant's progressive predictions.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdHealth {
+    pub ad_id: String,
+    /// Exact, over distinct labels.
+    pub impressions: u64,
+    pub clicks: u64,
+    /// Mean of the predictions made for the ad's impressions before learning from each
+    /// (progressive), over the same impressions as `observed_ctr`.
+    pub mean_pctr: Option<f64>,
+    pub observed_ctr: Option<f64>,
+}
+
+/// What happened to records, as counted in `ctr_scorer_records_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Learned,
+    /// Sampled out before learning (stage one); still counted in the totals.
+    Shed,
+    /// Dropped unread at the consumer (stage two).
+    Dropped,
+    /// Counted but not learned: the learning guard was on.
+    Guarded,
+    Corrected,
+    Duplicate,
+    Poison,
+}
+
+impl Counted {
+    pub const ALL: [Counted; 7] = [
+        Counted::Learned,
+        Counted::Shed,
+        Counted::Dropped,
+        Counted::Guarded,
+        Counted::Corrected,
+        Counted::Duplicate,
+        Counted::Poison,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Counted::Learned => "learned",
+            Counted::Shed => "shed",
+            Counted::Dropped => "dropped",
+            Counted::Guarded => "guarded",
+            Counted::Corrected => "corrected",
+            Counted::Duplicate => "duplicate",
+            Counted::Poison => "poison",
+        }
+    }
 }
 
 /// State shared by the consumer, the workers and the monitoring tasks.
@@ -60,6 +116,12 @@ pub struct Control {
     pub lag: Mutex<BTreeMap<i32, i64>>,
     /// Latest report per owned partition.
     pub reports: Mutex<BTreeMap<i32, PartitionReport>>,
+    /// Records per [`Counted`] outcome since the process started.
+    records: [AtomicU64; Counted::ALL.len()],
+    /// Wall-clock time of the last successful publish to Redis (Unix ms; 0 = none yet).
+    last_publish_ms: AtomicI64,
+    /// Why learning is paused, while it is.
+    pub guard_reason: Mutex<Option<String>>,
 }
 
 impl Default for Control {
@@ -70,6 +132,9 @@ impl Default for Control {
             learning: AtomicBool::new(true),
             lag: Mutex::default(),
             reports: Mutex::default(),
+            records: Default::default(),
+            last_publish_ms: AtomicI64::new(0),
+            guard_reason: Mutex::default(),
         }
     }
 }
@@ -105,6 +170,32 @@ impl Control {
         self.learning.store(on, Ordering::Relaxed);
     }
 
+    /// Counts `n` records with outcome `what`, in `/metrics` and for the dashboard. Called per
+    /// batch, not per record.
+    pub fn count(&self, what: Counted, n: u64) {
+        if n > 0 {
+            metrics::counter!("ctr_scorer_records_total", "outcome" => what.label()).increment(n);
+            self.records[what as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Records per outcome since the process started.
+    pub fn records(&self) -> BTreeMap<&'static str, u64> {
+        Counted::ALL
+            .iter()
+            .map(|c| (c.label(), self.records[*c as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    pub fn published_now(&self) {
+        self.last_publish_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// When estimates were last written to Redis (Unix ms).
+    pub fn last_publish_ms(&self) -> Option<i64> {
+        Some(self.last_publish_ms.load(Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+
     pub fn max_lag(&self) -> i64 {
         self.lag
             .lock()
@@ -132,6 +223,13 @@ pub fn merged_models(control: &Control) -> Vec<(String, Metrics, Metrics)> {
         }
     }
     out
+}
+
+/// The wall clock in Unix ms.
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The two-stage controller (pure): the keep-rate of negatives for learning, then the
@@ -283,10 +381,8 @@ pub async fn guard(
                 continue;
             }
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let (stall, reason) = stalled(&entries, now);
+        let (stall, reason) = stalled(&entries, unix_ms());
+        *control.guard_reason.lock().expect("guard reason") = reason.clone();
         if stall == control.learning() {
             if stall {
                 warn!(

@@ -18,8 +18,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasherDefault;
 
 use ctr_models::example::hash_str;
+use ctr_models::snapshot::{self, SnapshotError};
 use ctr_models::{Impression, ModelError, ModelSet};
 use ctr_schemas::{LabelKind, LabeledImpression};
+
+use crate::hold::Held;
 use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
@@ -168,6 +171,9 @@ impl Sampler {
 pub enum Outcome {
     /// A label the models learned from, with this importance weight.
     Learned { weight: f64, clicked: bool },
+    /// A click, counted now and learned once the negatives of its time have arrived
+    /// ([`crate::hold`]).
+    Held,
     /// A negative not learned from, to shed load (still counted in the exact totals).
     Shed,
     /// Not learned from because the learning guard is on (the click stream stalled).
@@ -187,6 +193,7 @@ impl Outcome {
             Outcome::Learned { clicked, .. } | Outcome::Guarded { clicked } => {
                 Some((1, u8::from(clicked)))
             }
+            Outcome::Held => Some((1, 1)),
             Outcome::Shed => Some((1, 0)),
             Outcome::Corrected | Outcome::CorrectionGuarded => Some((0, 1)),
             Outcome::Duplicate => None,
@@ -263,6 +270,20 @@ pub struct PartitionState {
     newest_ms: i64,
     #[serde(skip)]
     sampler: Sampler,
+    /// Clicks waiting for the negatives of their time. Last, so that the checkpoint body of
+    /// format 1 is this layout without it.
+    held: Held,
+}
+
+/// The impression the models see for label `l`, whose context pairs are `pairs`.
+fn impression<'a>(l: &'a LabeledImpression, pairs: &'a [(&'a str, &'a str)]) -> Impression<'a> {
+    Impression {
+        ad: &l.ad_id,
+        campaign: &l.campaign_id,
+        position: u32::try_from(l.position).unwrap_or(0),
+        context: pairs,
+        ts_ms: l.ts_ms,
+    }
 }
 
 impl PartitionState {
@@ -274,6 +295,7 @@ impl PartitionState {
             totals: HashMap64::default(),
             newest_ms: i64::MIN,
             sampler: Sampler::default(),
+            held: Held::default(),
         }
     }
 
@@ -297,14 +319,17 @@ impl PartitionState {
             .unwrap_or_default()
     }
 
-    /// Applies one valid labeled impression whose context key is `context_key`. On an error
-    /// (the models rejected the example) nothing has changed but the dedupe memory, and the
-    /// caller treats the record as poison.
+    /// Applies one valid labeled impression whose context key is `context_key`. Positives
+    /// learned because this record moved the negative frontier (see [`crate::hold`]) are
+    /// pushed to `released`, so the caller can republish their ads. On an error (the models
+    /// rejected the example) nothing has changed but the dedupe memory, and the caller treats
+    /// the record as poison.
     pub fn apply(
         &mut self,
         l: &LabeledImpression,
         context_key: &str,
         policy: Policy,
+        released: &mut Vec<LabeledImpression>,
     ) -> Result<Outcome, ModelError> {
         let outcome = self.learn(l, policy)?;
         if let Some((imps, clicks)) = outcome.count_delta() {
@@ -318,7 +343,27 @@ impl PartitionState {
                 t.clicks += u64::from(clicks);
             }
         }
+        if l.kind == LabelKind::Label && !l.clicked && outcome != Outcome::Duplicate {
+            self.held.saw_negative(l.ts_ms);
+        }
+        while let Some(p) = self.held.pop_due() {
+            let pairs = p.context.pairs();
+            // Validated when it was held, and the models reject only what validation rejects.
+            if self
+                .models
+                .learn(&impression(&p, &pairs), true, 1.0)
+                .is_ok()
+            {
+                self.newest_ms = self.newest_ms.max(p.ts_ms);
+            }
+            released.push(p);
+        }
         Ok(outcome)
+    }
+
+    /// Clicks counted but not learned yet, waiting for the negatives of their time.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     fn learn(&mut self, l: &LabeledImpression, policy: Policy) -> Result<Outcome, ModelError> {
@@ -326,13 +371,7 @@ impl PartitionState {
             return Ok(Outcome::Duplicate);
         }
         let pairs = l.context.pairs();
-        let x = Impression {
-            ad: &l.ad_id,
-            campaign: &l.campaign_id,
-            position: u32::try_from(l.position).unwrap_or(0),
-            context: &pairs,
-            ts_ms: l.ts_ms,
-        };
+        let x = impression(l, &pairs);
         x.validate()?;
         let outcome = match l.kind {
             LabelKind::LateClick if !policy.learn => Outcome::CorrectionGuarded,
@@ -341,24 +380,24 @@ impl PartitionState {
                 Outcome::Corrected
             }
             LabelKind::Label if !policy.learn => Outcome::Guarded { clicked: l.clicked },
+            // Clicks are never shed: they are rare and carry most of the information. They
+            // wait for the negatives of their time (see `hold`).
+            LabelKind::Label if l.clicked => {
+                self.held.hold(l.clone());
+                Outcome::Held
+            }
             LabelKind::Label => {
-                // Clicks are never shed: they are rare and carry most of the information.
-                let weight = if l.clicked {
-                    Some(1.0)
-                } else {
-                    self.sampler.keep_negative(
-                        &l.ad_id,
-                        f64::from(policy.thinned.max(1)),
-                        policy.negative_rate,
-                    )
-                };
-                match weight {
+                match self.sampler.keep_negative(
+                    &l.ad_id,
+                    f64::from(policy.thinned.max(1)),
+                    policy.negative_rate,
+                ) {
                     Some(weight) => {
-                        self.models.learn(&x, l.clicked, weight)?;
+                        self.models.learn(&x, false, weight)?;
                         self.newest_ms = self.newest_ms.max(l.ts_ms);
                         Outcome::Learned {
                             weight,
-                            clicked: l.clicked,
+                            clicked: false,
                         }
                     }
                     None => Outcome::Shed,
@@ -376,15 +415,50 @@ impl PartitionState {
         self.models.maintain(self.newest_ms.saturating_sub(idle_ms))
     }
 
-    /// The state in the project's snapshot container.
+    /// The state in the project's snapshot container, format [`CHECKPOINT_FORMAT`].
     pub fn snapshot(&self) -> Vec<u8> {
-        ctr_models::snapshot::encode(self)
+        snapshot::encode_version(self, CHECKPOINT_FORMAT)
     }
 
-    /// Restores [`PartitionState::snapshot`]'s output. The sampler restarts (it is load
+    /// Restores [`PartitionState::snapshot`]'s output, or a checkpoint of format 1 (before
+    /// clicks were held: it restores with none held). The sampler restarts (it is load
     /// shedding's bookkeeping, not model state).
-    pub fn restore(bytes: &[u8]) -> Result<Self, ctr_models::snapshot::SnapshotError> {
-        ctr_models::snapshot::decode(bytes)
+    pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        match snapshot::open(bytes)? {
+            (CHECKPOINT_FORMAT, body) => snapshot::decode_body(body),
+            (1, body) => snapshot::decode_body::<StateV1>(body).map(StateV1::into_current),
+            (found, _) => Err(SnapshotError::UnsupportedVersion {
+                found,
+                supported: CHECKPOINT_FORMAT,
+            }),
+        }
+    }
+}
+
+/// Format of the checkpoint body: 2 added the held clicks.
+pub const CHECKPOINT_FORMAT: u16 = 2;
+
+/// A checkpoint body of format 1.
+#[derive(Deserialize)]
+struct StateV1 {
+    next_offset: Option<i64>,
+    models: ModelSet,
+    dedupe: Dedupe,
+    totals: HashMap64<Total>,
+    newest_ms: i64,
+}
+
+impl StateV1 {
+    fn into_current(self) -> PartitionState {
+        PartitionState {
+            next_offset: self.next_offset,
+            models: self.models,
+            dedupe: self.dedupe,
+            totals: self.totals,
+            newest_ms: self.newest_ms,
+            sampler: Sampler::default(),
+            held: Held::default(),
+        }
     }
 }
 
@@ -438,14 +512,16 @@ mod tests {
     #[test]
     fn a_replayed_label_changes_nothing() {
         let mut st = state();
-        let l = label("s1:a", "a", true, 10);
+        let l = label("s1:a", "a", false, 10);
         assert!(matches!(
-            st.apply(&l, &l.context.key(), Policy::NORMAL).unwrap(),
+            st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap(),
             Outcome::Learned { .. }
         ));
         let before = st.models().clone();
         assert_eq!(
-            st.apply(&l, &l.context.key(), Policy::NORMAL).unwrap(),
+            st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap(),
             Outcome::Duplicate
         );
         assert_eq!(st.models(), &before);
@@ -462,14 +538,14 @@ mod tests {
         for i in 0..10_000 {
             let clicked = i % 50 == 0;
             let l = label(&format!("s{i}:a"), "a", clicked, i);
-            match st.apply(&l, &l.context.key(), policy).unwrap() {
+            match st
+                .apply(&l, &l.context.key(), policy, &mut Vec::new())
+                .unwrap()
+            {
+                Outcome::Held => clicks += 1,
                 Outcome::Learned { weight, clicked } => {
-                    if clicked {
-                        clicks += 1;
-                        assert_eq!(weight, 1.0);
-                    } else {
-                        kept_weight += weight;
-                    }
+                    assert!(!clicked, "clicks are held, then learned with weight 1");
+                    kept_weight += weight;
                 }
                 Outcome::Shed => shed += 1,
                 other => panic!("unexpected {other:?}"),
@@ -506,9 +582,11 @@ mod tests {
             ..Policy::NORMAL
         };
         let neg = label("s1:a", "a", false, 1);
-        st.apply(&neg, &neg.context.key(), thinned).unwrap();
+        st.apply(&neg, &neg.context.key(), thinned, &mut Vec::new())
+            .unwrap();
         let pos = label("s2:a", "a", true, 2);
-        st.apply(&pos, &pos.context.key(), thinned).unwrap();
+        st.apply(&pos, &pos.context.key(), thinned, &mut Vec::new())
+            .unwrap();
         assert_eq!(
             st.total("a", None),
             Total {
@@ -527,7 +605,9 @@ mod tests {
         };
         let before = st.models().clone();
         let l = label("s1:a", "a", true, 1);
-        let o = st.apply(&l, &l.context.key(), off).unwrap();
+        let o = st
+            .apply(&l, &l.context.key(), off, &mut Vec::new())
+            .unwrap();
         assert_eq!(o, Outcome::Guarded { clicked: true });
         assert_eq!(o.count_delta(), Some((1, 1)));
         assert_eq!(st.models(), &before);
@@ -537,17 +617,22 @@ mod tests {
     fn a_late_click_adds_a_click_not_an_impression() {
         let mut st = state();
         let first = label("s1:a", "a", false, 1);
-        st.apply(&first, &first.context.key(), Policy::NORMAL)
-            .unwrap();
+        st.apply(
+            &first,
+            &first.context.key(),
+            Policy::NORMAL,
+            &mut Vec::new(),
+        )
+        .unwrap();
         let mut late = label("s1:a:late", "a", true, 1);
         late.kind = LabelKind::LateClick;
         let o = st
-            .apply(&late, &late.context.key(), Policy::NORMAL)
+            .apply(&late, &late.context.key(), Policy::NORMAL, &mut Vec::new())
             .unwrap();
         assert_eq!(o, Outcome::Corrected);
         assert_eq!(o.count_delta(), Some((0, 1)));
         assert_eq!(
-            st.apply(&late, &late.context.key(), Policy::NORMAL)
+            st.apply(&late, &late.context.key(), Policy::NORMAL, &mut Vec::new())
                 .unwrap(),
             Outcome::Duplicate
         );
@@ -558,7 +643,8 @@ mod tests {
         let mut a = state();
         for i in 0..2_000 {
             let l = label(&format!("s{i}:a"), "a", i % 9 == 0, i);
-            a.apply(&l, &l.context.key(), Policy::NORMAL).unwrap();
+            a.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap();
         }
         a.next_offset = Some(2_000);
         let mut b = PartitionState::restore(&a.snapshot()).unwrap();
@@ -567,18 +653,94 @@ mod tests {
         assert_eq!(b.dedupe(), a.dedupe());
         for i in 2_000..3_000 {
             let l = label(&format!("s{i}:a"), "a", i % 9 == 0, i);
-            a.apply(&l, &l.context.key(), Policy::NORMAL).unwrap();
-            b.apply(&l, &l.context.key(), Policy::NORMAL).unwrap();
+            a.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap();
+            b.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap();
         }
         assert_eq!(b.models(), a.models());
         // A label from before the snapshot is still known as a duplicate after it.
         let old = label("s5:a", "a", false, 5);
         assert_eq!(
-            b.apply(&old, &old.context.key(), Policy::NORMAL).unwrap(),
+            b.apply(&old, &old.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap(),
             Outcome::Duplicate
         );
         assert_eq!(b.total("a", None), a.total("a", None));
         assert_eq!(b.total("a", None).imps, 3_000);
+    }
+
+    #[test]
+    fn a_click_is_counted_at_once_and_learned_with_the_negatives_of_its_time() {
+        let mut st = state();
+        let mut released = Vec::new();
+        let click = label("s10:a", "a", true, 10_000);
+        let o = st
+            .apply(&click, &click.context.key(), Policy::NORMAL, &mut released)
+            .unwrap();
+        assert_eq!(o, Outcome::Held);
+        assert_eq!(st.total("a", None), Total { imps: 1, clicks: 1 });
+        // A negative of an earlier serve: the click's own time has not been covered yet.
+        let early = label("s9:b", "b", false, 9_000);
+        st.apply(&early, &early.context.key(), Policy::NORMAL, &mut released)
+            .unwrap();
+        assert!(released.is_empty());
+        assert_eq!(st.held(), 1);
+        assert_eq!(st.models().examples(), 1, "only the negative is learned");
+        let covering = label("s11:c", "c", false, 11_000);
+        st.apply(
+            &covering,
+            &covering.context.key(),
+            Policy::NORMAL,
+            &mut released,
+        )
+        .unwrap();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].label_id, "s10:a");
+        assert_eq!(st.held(), 0);
+        assert_eq!(st.models().examples(), 3);
+    }
+
+    #[test]
+    fn a_checkpoint_of_format_1_restores_with_no_click_held() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            next_offset: Option<i64>,
+            models: &'a ModelSet,
+            dedupe: &'a Dedupe,
+            totals: &'a HashMap64<Total>,
+            newest_ms: i64,
+        }
+        let mut st = state();
+        for i in 0..500 {
+            let l = label(&format!("s{i}:a"), "a", false, i);
+            st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap();
+        }
+        st.next_offset = Some(500);
+        let v1 = snapshot::encode_version(
+            &V1 {
+                next_offset: st.next_offset,
+                models: &st.models,
+                dedupe: &st.dedupe,
+                totals: &st.totals,
+                newest_ms: st.newest_ms,
+            },
+            1,
+        );
+        let restored = PartitionState::restore(&v1).unwrap();
+        assert_eq!(restored.next_offset, Some(500));
+        assert_eq!(restored.models(), st.models());
+        assert_eq!(restored.total("a", None), st.total("a", None));
+        assert_eq!(restored.held(), 0);
+        let future = snapshot::encode_version(&1u8, CHECKPOINT_FORMAT + 1);
+        assert!(matches!(
+            PartitionState::restore(&future),
+            Err(SnapshotError::UnsupportedVersion {
+                found: 3,
+                supported: 2
+            })
+        ));
     }
 
     #[test]
@@ -587,7 +749,10 @@ mod tests {
         let mut l = label("s1:a", "a", false, 1);
         l.position = 0;
         let before = st.models().clone();
-        assert!(st.apply(&l, &l.context.key(), Policy::NORMAL).is_err());
+        assert!(
+            st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .is_err()
+        );
         assert_eq!(st.models(), &before);
     }
 }

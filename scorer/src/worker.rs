@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::ScorerConfig;
 use crate::consumer::ScorerContext;
-use crate::load::{Control, PartitionReport};
+use crate::load::{AdHealth, Control, Counted, PartitionReport};
 use crate::publish::{Published, Publisher, ad_context_key, ad_key};
 use crate::state::{Outcome, PartitionState, Policy};
 
@@ -109,6 +109,23 @@ struct Dirty {
     ads: HashMap<String, (String, HashMap<String, Context>)>,
 }
 
+impl Dirty {
+    fn mark(&mut self, l: LabeledImpression) {
+        let key = l.context.key();
+        self.mark_keyed(l, key);
+    }
+
+    /// [`Dirty::mark`] of a label whose context key is known.
+    fn mark_keyed(&mut self, l: LabeledImpression, context_key: String) {
+        self.ads
+            .entry(l.ad_id)
+            .or_insert_with(|| (l.campaign_id, HashMap::new()))
+            .1
+            .entry(context_key)
+            .or_insert(l.context);
+    }
+}
+
 struct Owned {
     state: PartitionState,
     /// Records consumed since the last publish, and the last one's offset.
@@ -130,7 +147,7 @@ pub struct Worker {
     pending: usize,
     /// Records per outcome since the counters were last exported (a registry lookup per
     /// record would cost as much as decoding it).
-    tally: [u64; OUTCOMES.len()],
+    tally: [u64; Counted::ALL.len()],
 }
 
 impl std::fmt::Debug for Worker {
@@ -142,16 +159,14 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// Labels of the records counter, indexed by [`outcome_index`].
-const OUTCOMES: [&str; 5] = ["learned", "shed", "guarded", "corrected", "duplicate"];
-
-fn outcome_index(o: &Outcome) -> usize {
+fn counted_as(o: &Outcome) -> Counted {
     match o {
-        Outcome::Learned { .. } => 0,
-        Outcome::Shed => 1,
-        Outcome::Guarded { .. } | Outcome::CorrectionGuarded => 2,
-        Outcome::Corrected => 3,
-        Outcome::Duplicate => 4,
+        // A held click is learned once the negatives of its time arrive.
+        Outcome::Learned { .. } | Outcome::Held => Counted::Learned,
+        Outcome::Shed => Counted::Shed,
+        Outcome::Guarded { .. } | Outcome::CorrectionGuarded => Counted::Guarded,
+        Outcome::Corrected => Counted::Corrected,
+        Outcome::Duplicate => Counted::Duplicate,
     }
 }
 
@@ -173,7 +188,7 @@ impl Worker {
             store,
             parts: HashMap::new(),
             pending: 0,
-            tally: [0; OUTCOMES.len()],
+            tally: [0; Counted::ALL.len()],
         }
     }
 
@@ -324,6 +339,7 @@ impl Worker {
         own.state.next_offset = Some(offset + 1);
         own.changed = true;
         let started = Instant::now();
+        let mut released = Vec::new();
         let result = match payload {
             None => Err(Poison::Empty),
             Some(bytes) => decode::<LabeledImpression>(bytes)
@@ -332,40 +348,37 @@ impl Worker {
                 .and_then(|l| {
                     let ctx_key = l.context.key();
                     own.state
-                        .apply(&l, &ctx_key, policy)
+                        .apply(&l, &ctx_key, policy, &mut released)
                         .map(|o| (l, ctx_key, o))
                         .map_err(Poison::from)
                 }),
         };
-        let mut counted = None;
-        match result {
+        // Clicks learned now that their negatives arrived: their ads' estimates changed.
+        for l in released {
+            own.dirty.mark(l);
+        }
+        let counted = match result {
             Ok((l, ctx_key, outcome)) => {
-                counted = Some(outcome_index(&outcome));
                 if offset % 64 == 0 {
                     metrics::histogram!("ctr_scorer_update_seconds")
                         .record(started.elapsed().as_secs_f64());
                 }
                 if outcome.count_delta().is_some() {
-                    let entry = own
-                        .dirty
-                        .ads
-                        .entry(l.ad_id)
-                        .or_insert_with(|| (l.campaign_id, HashMap::new()));
-                    entry.1.entry(ctx_key).or_insert(l.context);
+                    own.dirty.mark_keyed(l, ctx_key);
                 }
+                counted_as(&outcome)
             }
             Err(reason) => {
                 metrics::counter!("ctr_scorer_poison_total", "reason" => reason.label())
                     .increment(1);
                 warn!(partition = p, offset, %reason, "skipping a poison labeled impression");
+                Counted::Poison
             }
-        }
+        };
         own.pending += 1;
         own.last_offset = Some(offset);
         self.pending += 1;
-        if let Some(i) = counted {
-            self.tally[i] += 1;
-        }
+        self.tally[counted as usize] += 1;
         Ok(())
     }
 
@@ -413,11 +426,8 @@ impl Worker {
         for p in parts {
             self.publish(p).await?;
         }
-        for (n, label) in self.tally.iter_mut().zip(OUTCOMES) {
-            if *n > 0 {
-                metrics::counter!("ctr_scorer_records_total", "outcome" => label).increment(*n);
-                *n = 0;
-            }
+        for (n, what) in self.tally.iter_mut().zip(Counted::ALL) {
+            self.control.count(what, std::mem::take(n));
         }
         Ok(())
     }
@@ -451,7 +461,9 @@ impl Worker {
         own.pending = 0;
         self.pending -= records;
         self.parts.insert(p, own);
-        if result? {
+        let applied = result?;
+        self.control.published_now();
+        if applied {
             metrics::counter!("ctr_scorer_applied_total").increment(records as u64);
         } else {
             metrics::counter!("ctr_scorer_replayed_total").increment(records as u64);
@@ -520,10 +532,8 @@ impl Worker {
     fn report(&self) {
         let mut reports = self.control.reports.lock().expect("reports");
         for (&p, own) in &self.parts {
-            let models = own
-                .state
-                .models()
-                .variants()
+            let variants = own.state.models().variants();
+            let models = variants
                 .iter()
                 .map(|v| {
                     (
@@ -533,7 +543,39 @@ impl Worker {
                     )
                 })
                 .collect();
-            reports.insert(p, PartitionReport { models });
+            let ads = own
+                .state
+                .models()
+                .variant(&self.cfg.serve_model)
+                .map(|v| {
+                    v.slices()
+                        .busiest_ads(ADS_REPORTED)
+                        .into_iter()
+                        .map(|(ad, m)| {
+                            let total = own.state.total(ad, None);
+                            AdHealth {
+                                ad_id: ad.to_string(),
+                                impressions: total.imps,
+                                clicks: total.clicks,
+                                mean_pctr: m.mean_prediction(),
+                                observed_ctr: m.observed_ctr(),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let newest = own.state.newest_ms();
+            reports.insert(
+                p,
+                PartitionReport {
+                    models,
+                    ads,
+                    newest_event_ms: (newest > 0).then_some(newest),
+                },
+            );
         }
     }
 }
+
+/// Busiest ads each partition reports to the dashboard.
+const ADS_REPORTED: usize = 10;
