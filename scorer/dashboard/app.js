@@ -47,7 +47,7 @@ function timeChart(id, xs, series, columns, yRange) {
     if (charts[id]) charts[id].plot.destroy();
     const opts = {
       width,
-      height: 240,
+      height: 220,
       legend: { live: false },
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: yRange ? { range: yRange } : {} },
@@ -171,7 +171,8 @@ function render(data) {
   learning.parentElement.className = "tile " + (view.learning && !view.joiner.stalled ? "good" : "bad");
   text($("t-guard"), view.guard_reason || view.joiner.reason || "click stream healthy");
   text($("t-publish"), ago(view.publish_age_ms));
-  text($("t-event-age"), "newest event " + ago(view.event_age_ms) + " old");
+  // Labels arrive once their serve's attribution window has closed, so this runs ~35 s.
+  text($("t-event-age"), "newest learned event " + ago(view.event_age_ms) + " old");
   const maxLag = view.partitions.reduce((m, p) => Math.max(m, p.lag), 0);
   text($("t-lag"), count(maxLag));
 
@@ -187,7 +188,13 @@ function render(data) {
     ],
     [h.events_in, h.labeled, h.learned, h.shed],
   );
-  timeChart("c-lag", xs, [{ label: "max lag", color: COLORS[1] }], [h.max_lag]);
+  const partitions = Object.keys(h.lag).sort((a, b) => a - b);
+  timeChart(
+    "c-lag",
+    xs,
+    partitions.map((p, i) => ({ label: "partition " + p, color: COLORS[i % COLORS.length] })),
+    partitions.map((p) => h.lag[p]),
+  );
   for (const [id, metric] of [
     ["c-ne", "ne"],
     ["c-logloss", "log_loss"],
@@ -211,6 +218,8 @@ function render(data) {
           m.cumulative.auc === null ? "–" : `${fmt(m.cumulative.auc, 4)} ±${fmt(m.cumulative.auc_error, 4)}`,
           fmt(m.cumulative.calibration, 3),
           fmt(m.cumulative.reliability_error, 3),
+          pct(m.cumulative.mean_pctr, 2),
+          pct(m.cumulative.observed_ctr, 2),
           fmt(m.window.ne, 4),
           fmt(m.window.calibration, 3),
         ],

@@ -288,7 +288,7 @@ pub struct SystemView {
 pub struct Point {
     pub ts_ms: i64,
     pub rates: Rates,
-    pub max_lag: i64,
+    pub lag: BTreeMap<i32, i64>,
     pub models: Vec<(String, Scores, Scores)>,
 }
 
@@ -300,7 +300,8 @@ pub struct History {
     pub labeled: Vec<f64>,
     pub learned: Vec<f64>,
     pub shed: Vec<f64>,
-    pub max_lag: Vec<i64>,
+    /// Consumer lag per partition (`null` while the partition had no owner reporting).
+    pub lag: BTreeMap<i32, Vec<Option<i64>>>,
     /// Per model: cumulative and window series of each metric (`null` where undefined).
     pub models: BTreeMap<String, ModelSeries>,
 }
@@ -355,9 +356,18 @@ impl Monitor {
             h.labeled.push(p.rates.labeled);
             h.learned.push(p.rates.learned);
             h.shed.push(p.rates.shed);
-            h.max_lag.push(p.max_lag);
         }
         let n = state.history.len();
+        for (i, p) in state.history.iter().enumerate() {
+            for (&partition, &lag) in &p.lag {
+                let col = h.lag.entry(partition).or_insert_with(|| vec![None; i]);
+                col.resize(i, None);
+                col.push(Some(lag));
+            }
+        }
+        for col in h.lag.values_mut() {
+            col.resize(n, None);
+        }
         for (i, p) in state.history.iter().enumerate() {
             for (name, c, w) in &p.models {
                 let s = h.models.entry(name.clone()).or_insert_with(|| {
@@ -411,7 +421,11 @@ impl Monitor {
         let point = Point {
             ts_ms: view.ts_ms,
             rates: view.rates,
-            max_lag: view.partitions.iter().map(|p| p.lag).max().unwrap_or(0),
+            lag: view
+                .partitions
+                .iter()
+                .map(|p| (p.partition, p.lag))
+                .collect(),
             models: view
                 .models
                 .iter()
@@ -811,5 +825,6 @@ mod tests {
         assert_eq!(h.models["counts"].ne.len(), 3);
         assert!(h.models["counts"].ne[2].is_none());
         assert!(h.models["ftrl"].ne[0].is_none() && h.models["ftrl"].ne[1].is_some());
+        assert_eq!(h.lag[&1], [Some(7), Some(7), Some(7)]);
     }
 }

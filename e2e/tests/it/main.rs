@@ -2,6 +2,7 @@
 
 mod backtest;
 mod broker;
+mod dashboard;
 mod ingest;
 mod joiner;
 mod pipeline;
