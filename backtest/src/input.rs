@@ -48,12 +48,22 @@ pub trait Source {
 /// What [`Source::next_labeled`] returns.
 pub type Next = Result<Option<LabeledImpression>, Result<BadLine, std::io::Error>>;
 
-/// A line that could not be used, with its number (from 1).
+/// A record that could not be used, with where it was: `line 17` (from 1) in a file,
+/// `partition 2 offset 4711` in a topic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {problem}")]
+#[error("{at}: {problem}")]
 pub struct BadLine {
-    pub line: u64,
+    pub at: String,
     pub problem: String,
+}
+
+impl BadLine {
+    pub fn line(line: u64, problem: String) -> Self {
+        Self {
+            at: format!("line {line}"),
+            problem,
+        }
+    }
 }
 
 /// Labeled impressions from JSON lines, one at a time.
@@ -79,12 +89,7 @@ impl<R: BufRead> Source for LabeledJsonl<R> {
         if !next_line(&mut self.reader, &mut self.buf, &mut self.line).map_err(Err)? {
             return Ok(None);
         }
-        let bad = |problem: String| {
-            Err(Ok(BadLine {
-                line: self.line,
-                problem,
-            }))
-        };
+        let bad = |problem: String| Err(Ok(BadLine::line(self.line, problem)));
         let l: LabeledLine = match serde_json::from_str(&self.buf) {
             Ok(l) => l,
             Err(e) => return bad(e.to_string()),
@@ -217,7 +222,7 @@ impl<R: BufRead> Source for EventsJsonl<R> {
                 self.take_emitted();
                 continue;
             }
-            let bad = |line, problem| Err(Ok(BadLine { line, problem }));
+            let bad = |line, problem| Err(Ok(BadLine::line(line, problem)));
             let value = match serde_json::from_str(&self.buf) {
                 Ok(v) => v,
                 Err(e) => return bad(self.line, e.to_string()),

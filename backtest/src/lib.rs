@@ -6,17 +6,20 @@
 //! scorer's model settings ([`ctr_scorer::config::parse_models`]), with progressive
 //! validation, deterministically (no clock, no randomness: shedding is off).
 //!
-//! - [`input`]: labeled impressions as JSON lines, streamed.
+//! - [`input`]: labeled impressions as JSON lines, and raw events labeled by the joiner's
+//!   state machine, streamed.
+//! - [`topic`]: a range of the labeled topic, read back from Kafka.
 //! - [`run`]: the replay loop and per-variant timing.
 //! - [`report`]: `report.json`, `report.md`, `timeline.json`, `calibration.svg`, `metrics.svg`.
 //!
-//! Inputs: labeled impressions (JSON lines), or raw serves and clicks (JSON lines of the ingest
-//! format) labeled by the joiner's own state machine. Not yet supported (issue #7 continues):
-//! a Kafka topic range.
+//! Inputs: labeled impressions (JSON lines), raw serves and clicks (JSON lines of the ingest
+//! format) labeled by the joiner's own state machine, or a range (offsets or times) of the
+//! labeled topic.
 
 pub mod input;
 pub mod report;
 pub mod run;
+pub mod topic;
 
 use std::fs::File;
 use std::io::BufReader;
@@ -30,12 +33,14 @@ pub enum Format {
     /// Raw serves and clicks per line (the ingest adapter's JSON format), labeled by the
     /// joiner's state machine.
     EventsJsonl,
+    /// A range of the labeled topic (Avro), `--input` naming the topic; see `--from`, `--to`.
+    LabeledTopic,
 }
 
 /// Settings of `ctr-backtest`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BacktestArgs {
-    /// The recorded traffic.
+    /// The recorded traffic: a file, or with `--format labeled-topic` the topic's name.
     #[arg(long)]
     pub input: PathBuf,
     #[arg(long, value_enum, default_value_t = Format::LabeledJsonl)]
@@ -67,6 +72,20 @@ pub struct BacktestArgs {
     /// Bounded out-of-orderness of event times, ms.
     #[arg(long, default_value_t = 2_000)]
     pub max_out_of_order_ms: i64,
+    /// `labeled-topic`: Kafka bootstrap servers.
+    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    /// `labeled-topic`: first record: beginning, offset:N, time:T (Unix ms or RFC 3339).
+    #[arg(long, default_value = "beginning")]
+    pub from: topic::Bound,
+    /// `labeled-topic`: end of the range, exclusive: end (what the topic holds now, read until
+    /// it goes quiet), offset:N, time:T.
+    #[arg(long, default_value = "end")]
+    pub to: topic::Bound,
+    /// `labeled-topic`: only these partitions (comma-separated); one partition replays exactly
+    /// what its live owner learned from.
+    #[arg(long, value_delimiter = ',')]
+    pub partitions: Option<Vec<i32>>,
     /// Skip and count unusable lines (the report lists the first ten) instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
@@ -89,6 +108,8 @@ pub enum Error {
     Run(#[from] run::RunError),
     #[error(transparent)]
     Report(#[from] report::ReportError),
+    #[error("reading the topic: {0}")]
+    Topic(#[from] topic::TopicError),
 }
 
 /// Runs a backtest and writes its report; returns `report.json`'s content.
@@ -100,6 +121,48 @@ pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
             "need sample_every >= 1, dedupe_horizon_ms >= 1000, idle_ms > 0".into(),
         ));
     }
+    let cfg = run::RunConfig {
+        models,
+        dedupe_horizon_ms: args.dedupe_horizon_ms,
+        idle_ms: args.idle_ms,
+        sample_every: args.sample_every,
+        skip_invalid: args.skip_invalid,
+    };
+    let (outcome, input) = match args.format {
+        Format::LabeledTopic => from_topic(args, &cfg)?,
+        Format::LabeledJsonl | Format::EventsJsonl => {
+            (from_file(args, &cfg)?, args.input.display().to_string())
+        }
+    };
+    Ok(report::write_all(&args.report, &input, &outcome)?)
+}
+
+/// Replays a range of the labeled topic; returns the outcome and how to name the input.
+fn from_topic(
+    args: &BacktestArgs,
+    cfg: &run::RunConfig,
+) -> Result<(run::RunOutcome, String), Error> {
+    let range = topic::TopicRange {
+        brokers: args.brokers.clone(),
+        topic: args.input.display().to_string(),
+        partitions: args.partitions.clone(),
+        from: args.from,
+        to: args.to,
+        idle: std::time::Duration::from_millis(1_500),
+    };
+    let source = topic::LabeledTopic::open(&range)?;
+    let bar = ctr_ingest::replay::progress_bar(source.records_in_range(), args.no_progress);
+    let outcome = run::run(source, cfg, |n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    let name = format!(
+        "topic {} from {:?} to {:?}",
+        range.topic, range.from, range.to
+    );
+    Ok((outcome, name))
+}
+
+/// Replays a JSON-lines file, streamed, with a progress bar over its bytes.
+fn from_file(args: &BacktestArgs, cfg: &run::RunConfig) -> Result<run::RunOutcome, Error> {
     let open = |source| Error::Open {
         path: args.input.clone(),
         source,
@@ -108,40 +171,28 @@ pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
     let size = file.metadata().map_err(open)?.len();
     let bar = ctr_ingest::replay::progress_bar(size, args.no_progress);
     let reader = BufReader::with_capacity(1 << 16, bar.wrap_read(file));
-    let cfg = run::RunConfig {
-        models,
-        dedupe_horizon_ms: args.dedupe_horizon_ms,
-        idle_ms: args.idle_ms,
-        sample_every: args.sample_every,
-        skip_invalid: args.skip_invalid,
-    };
     let progress = |n: u64| {
         if n % (64 * 1024) < 1024 {
             bar.set_message(format!("{n} records"));
         }
     };
-    let outcome = match args.format {
-        Format::LabeledJsonl => run::run_labeled(reader, &cfg, progress)?,
-        Format::EventsJsonl => {
-            let join = ctr_feedback::join::JoinConfig {
-                window_ms: args.window_ms,
-                grace_ms: args.grace_ms,
-                late_horizon_ms: args.late_horizon_ms,
-                max_out_of_order_ms: args.max_out_of_order_ms,
-                ..Default::default()
-            };
-            if join.window_ms <= 0 || join.grace_ms < 0 || join.late_horizon_ms < 0 {
-                return Err(Error::Settings(
-                    "need window_ms > 0, grace_ms >= 0, late_horizon_ms >= 0".into(),
-                ));
-            }
-            run::run(input::EventsJsonl::new(reader, join), &cfg, progress)?
+    let outcome = if args.format == Format::EventsJsonl {
+        let join = ctr_feedback::join::JoinConfig {
+            window_ms: args.window_ms,
+            grace_ms: args.grace_ms,
+            late_horizon_ms: args.late_horizon_ms,
+            max_out_of_order_ms: args.max_out_of_order_ms,
+            ..Default::default()
+        };
+        if join.window_ms <= 0 || join.grace_ms < 0 || join.late_horizon_ms < 0 {
+            return Err(Error::Settings(
+                "need window_ms > 0, grace_ms >= 0, late_horizon_ms >= 0".into(),
+            ));
         }
+        run::run(input::EventsJsonl::new(reader, join), cfg, progress)?
+    } else {
+        run::run_labeled(reader, cfg, progress)?
     };
     bar.finish_and_clear();
-    Ok(report::write_all(
-        &args.report,
-        &args.input.display().to_string(),
-        &outcome,
-    )?)
+    Ok(outcome)
 }

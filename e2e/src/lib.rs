@@ -19,6 +19,13 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
+/// The wall clock in Unix ms.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 pub fn brokers() -> String {
     std::env::var("CTR_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }

@@ -65,6 +65,10 @@ fn args(input: &Path, report: &Path) -> BacktestArgs {
         grace_ms: 5_000,
         late_horizon_ms: 300_000,
         max_out_of_order_ms: 2_000,
+        brokers: String::new(),
+        from: ctr_backtest::topic::Bound::Beginning,
+        to: ctr_backtest::topic::Bound::End,
+        partitions: None,
         skip_invalid: false,
         no_progress: true,
     }

@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::time::Duration;
 
+use ctr_backtest::input::Source;
+use ctr_backtest::topic::{Bound, LabeledTopic, TopicRange};
 use ctr_e2e::*;
 use ctr_schemas::LabeledImpression;
 
@@ -83,18 +85,140 @@ fn live_scorer_and_backtest_end_in_identical_model_state() {
         skip_invalid: false,
     };
     let reader = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
-    let bt = ctr_backtest::run::run_labeled(reader, &cfg, |_| {}).expect("backtest");
-    assert!(bt.duplicates > 0, "the stream repeats some corrections");
-    for run in &bt.runs {
-        let offline = &run.state.models().variants()[0];
-        let online = live.models().variant(&run.name).expect("live variant");
-        assert!(
-            online == offline,
-            "variant {}: live and backtest states differ (live {} examples, backtest {})",
-            run.name,
-            online.metrics().weight(),
-            offline.metrics().weight()
-        );
-        assert!(offline.metrics().weight() > 19_000.0);
+    let from_file = ctr_backtest::run::run_labeled(reader, &cfg, |_| {}).expect("backtest");
+    // And from the topic itself, the whole range.
+    let from_topic = ctr_backtest::run::run(
+        LabeledTopic::open(&range(&topic, Bound::Beginning, Bound::End, None)).unwrap(),
+        &cfg,
+        |_| {},
+    )
+    .expect("backtest of the topic");
+    for bt in [&from_file, &from_topic] {
+        assert!(bt.duplicates > 0, "the stream repeats some corrections");
+        assert_eq!(bt.events as usize, n);
+        for run in &bt.runs {
+            let offline = &run.state.models().variants()[0];
+            let online = live.models().variant(&run.name).expect("live variant");
+            assert!(
+                online == offline,
+                "variant {}: live and backtest states differ (live {} examples, backtest {})",
+                run.name,
+                online.metrics().weight(),
+                offline.metrics().weight()
+            );
+            assert!(offline.metrics().weight() > 19_000.0);
+        }
     }
+}
+
+fn range(topic: &str, from: Bound, to: Bound, partitions: Option<Vec<i32>>) -> TopicRange {
+    TopicRange {
+        brokers: brokers(),
+        topic: topic.to_string(),
+        partitions,
+        from,
+        to,
+        idle: Duration::from_millis(1_500),
+    }
+}
+
+/// Records a topic range replays: (count, records per partition, whether they came in event
+/// time order).
+fn replayed(r: &TopicRange) -> (u64, Vec<(i32, u64)>, bool) {
+    let mut src = LabeledTopic::open(r).expect("range opens");
+    let (mut n, mut last_ts, mut ordered) = (0, i64::MIN, true);
+    while let Some(l) = src.next_labeled().expect("a valid label") {
+        ordered &= l.ts_ms >= last_ts;
+        last_ts = l.ts_ms;
+        n += 1;
+    }
+    (n, src.read(), ordered)
+}
+
+#[test]
+fn a_topic_range_by_offsets_times_and_partitions() {
+    let topic = format!("{}.labeled", unique("btr"));
+    create_topics(&[(&topic, 4)]);
+    let first = labeled_stream_with(&topic, 4_000, 20, 5, false);
+    first.produce(None, |_| {});
+    std::thread::sleep(Duration::from_millis(1_500));
+    let between = now_ms();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let second = labeled_stream_with(&topic, 2_000, 20, 6, false);
+    second.produce(None, |_| {});
+    let total = (first.records.len() + second.records.len()) as u64;
+
+    let (all, per, _) = replayed(&range(&topic, Bound::Beginning, Bound::End, None));
+    assert_eq!(all, total);
+    assert_eq!(per.len(), 4);
+    // By broker time: the records produced after `between` are exactly the second batch, and
+    // within a batch (event times rising) the partitions merge in event-time order.
+    let (later, _, ordered) = replayed(&range(&topic, Bound::Time(between), Bound::End, None));
+    assert_eq!(later, second.records.len() as u64);
+    assert!(ordered, "merged by event time");
+    let (earlier, _, ordered) =
+        replayed(&range(&topic, Bound::Beginning, Bound::Time(between), None));
+    assert_eq!(earlier, first.records.len() as u64);
+    assert!(ordered, "merged by event time");
+    // By offsets, the same in every partition: [100, 300) is 200 records per partition.
+    let (middle, per, _) = replayed(&range(&topic, Bound::Offset(100), Bound::Offset(300), None));
+    assert_eq!(middle, 800);
+    assert!(per.iter().all(|&(_, n)| n == 200), "{per:?}");
+    // One partition alone.
+    let (one, per, _) = replayed(&range(&topic, Bound::Beginning, Bound::End, Some(vec![2])));
+    assert_eq!(per, [(2, one)]);
+    assert!(one > 0 && one < total);
+    // The command line, as an analyst scripts it.
+    let report = std::env::temp_dir().join(unique("btr-report"));
+    let out = std::process::Command::new(bin("ctr-backtest"))
+        .args([
+            "--format",
+            "labeled-topic",
+            "--input",
+            &topic,
+            "--brokers",
+            &brokers(),
+        ])
+        .args([
+            "--from",
+            "offset:100",
+            "--to",
+            "offset:300",
+            "--no-progress",
+        ])
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["events"], 800);
+    let bad = std::process::Command::new(bin("ctr-backtest"))
+        .args([
+            "--format",
+            "labeled-topic",
+            "--input",
+            &topic,
+            "--from",
+            "yesterday",
+        ])
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("expected beginning, end, offset:N or time:T")
+    );
+    // A partition the topic does not have is a clear error.
+    let err = LabeledTopic::open(&range(&topic, Bound::Beginning, Bound::End, Some(vec![9])))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no partition 9"), "{err}");
 }
