@@ -7,7 +7,8 @@ it. Features are equivalent hashed features: the ad, the position, each context 
 ad crossed with each context field. Printed side by side: log loss, normalized entropy, AUC,
 calibration (sum p / sum y) and examples per second of the learning loop alone (examples are
 built before the clock starts, for the peers as for ours, whose figure is the backtest's
-model-only rate).
+model-only rate). Then the second half alone: a linfa-logistic batch model fitted on the first
+half (ctr-backtest --batch-baseline) against every online learner over the same examples.
 
     backtest/peers/compare.py --input labeled.jsonl            # uses target/release/ctr-backtest
     backtest/peers/compare.py --generate 200000 --input /tmp/l.jsonl   # writes a synthetic stream first
@@ -118,8 +119,8 @@ def run_river(rows):
 
 def run_ours(path, binary):
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([binary, "--input", str(path), "--report", out, "--no-progress"], check=True,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run([binary, "--input", str(path), "--report", out, "--no-progress", "--batch-baseline"],
+                       check=True, stderr=subprocess.DEVNULL)
         return json.loads(pathlib.Path(out, "report.json").read_text())
 
 
@@ -139,14 +140,34 @@ def main():
     ours = run_ours(args.input, args.binary)
     for m in ours["models"]:
         results[f"ours: {m['name']}"] = {k: m[k] for k in ("log_loss", "ne", "auc", "calibration", "events_per_sec")}
-    p, secs = run_vw(rows)
-    results["Vowpal Wabbit (logistic, -b 22)"] = metrics(p, y, secs)
-    p, secs = run_river(rows)
-    results["River (LogisticRegression, FTRL-Proximal)"] = metrics(p, y, secs)
+    peer_preds = {
+        "Vowpal Wabbit (logistic, -b 22)": run_vw(rows),
+        "River (LogisticRegression, FTRL-Proximal)": run_river(rows),
+    }
+    for name, (p, secs) in peer_preds.items():
+        results[name] = metrics(p, y, secs)
     print(f"{len(rows)} examples, observed CTR {np.mean(y):.4f}")
     print(f"{'learner':44} {'log loss':>9} {'NE':>7} {'AUC':>7} {'calib':>7} {'examples/s':>11}")
-    for name, m in results.items():
+    for name, m in list(results.items()):
         print(f"{name:44} {m['log_loss']:9.5f} {m['ne']:7.4f} {m['auc']:7.4f} {m['calibration']:7.4f} {m['events_per_sec']:11.0f}")
+    base = ours.get("baseline")
+    if base:
+        b = base["batch"]
+        half = len(rows) - b["split_at"]
+        # The peers over the same second half, from their progressive predictions.
+        second = {}
+        for name, (p, _) in peer_preds.items():
+            second[name] = metrics(p[b["split_at"]:], y[b["split_at"]:], 1.0)
+        print(f"\nSecond half only ({half} examples): the batch baseline fitted on the first half "
+              f"({b['train_rows']} rows, {b['features']} features, {b['fit_seconds']:.1f} s) against "
+              f"every online learner's progressive predictions over the same examples")
+        print(f"{'learner':44} {'log loss':>9} {'NE':>7} {'AUC':>7} {'calib':>7}")
+        for m in base["online_after_split"]:
+            print(f"{'ours: ' + m['name']:44} {m['log_loss']:9.5f} {m['ne']:7.4f} {m['auc']:7.4f} {m['calibration']:7.4f}")
+        for name, m in second.items():
+            print(f"{name:44} {m['log_loss']:9.5f} {m['ne']:7.4f} {m['auc']:7.4f} {m['calibration']:7.4f}")
+        print(f"{b['name']:44} {b['log_loss']:9.5f} {b['ne']:7.4f} {b['auc']:7.4f} {b['calibration']:7.4f}")
+        results["second_half"] = {"batch": b, "ours": base["online_after_split"], "peers": second}
     if args.json_out:
         pathlib.Path(args.json_out).write_text(json.dumps({"examples": len(rows), "results": results}, indent=2))
     return 0

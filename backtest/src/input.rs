@@ -45,6 +45,16 @@ pub trait Source {
     }
 }
 
+impl<S: Source + ?Sized> Source for Box<S> {
+    fn next_labeled(&mut self) -> Next {
+        (**self).next_labeled()
+    }
+
+    fn notes(&self) -> Vec<String> {
+        (**self).notes()
+    }
+}
+
 /// What [`Source::next_labeled`] returns.
 pub type Next = Result<Option<LabeledImpression>, Result<BadLine, std::io::Error>>;
 

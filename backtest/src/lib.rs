@@ -10,12 +10,14 @@
 //!   state machine, streamed.
 //! - [`topic`]: a range of the labeled topic, read back from Kafka.
 //! - [`run`]: the replay loop and per-variant timing.
+//! - [`baseline`]: the `linfa-logistic` batch baseline (fit on the first half, score the rest).
 //! - [`report`]: `report.json`, `report.md`, `timeline.json`, `calibration.svg`, `metrics.svg`.
 //!
 //! Inputs: labeled impressions (JSON lines), raw serves and clicks (JSON lines of the ingest
 //! format) labeled by the joiner's own state machine, or a range (offsets or times) of the
 //! labeled topic.
 
+pub mod baseline;
 pub mod input;
 pub mod report;
 pub mod run;
@@ -86,6 +88,11 @@ pub struct BacktestArgs {
     /// what its live owner learned from.
     #[arg(long, value_delimiter = ',')]
     pub partitions: Option<Vec<i32>>,
+    /// Also fit a `linfa-logistic` logistic regression on the first half of the input and
+    /// score the second half, beside every variant's metrics over that second half (reads the
+    /// input three times: to count, to replay, to fit and score).
+    #[arg(long)]
+    pub batch_baseline: bool,
     /// Skip and count unusable lines (the report lists the first ten) instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
@@ -121,20 +128,88 @@ pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
             "need sample_every >= 1, dedupe_horizon_ms >= 1000, idle_ms > 0".into(),
         ));
     }
-    let cfg = run::RunConfig {
+    let mut cfg = run::RunConfig {
         models,
         dedupe_horizon_ms: args.dedupe_horizon_ms,
         idle_ms: args.idle_ms,
         sample_every: args.sample_every,
         skip_invalid: args.skip_invalid,
+        split_at: None,
     };
+    if args.batch_baseline {
+        // A first pass counts the records, so both halves are known before the online run.
+        let mut source = plain_source(args)?;
+        let mut n = 0u64;
+        loop {
+            match source.next_labeled() {
+                Ok(Some(_)) => n += 1,
+                Ok(None) => break,
+                Err(Ok(_)) => {}
+                Err(Err(io)) => return Err(run::RunError::Io(io).into()),
+            }
+        }
+        cfg.split_at = Some(n / 2);
+    }
     let (outcome, input) = match args.format {
         Format::LabeledTopic => from_topic(args, &cfg)?,
         Format::LabeledJsonl | Format::EventsJsonl => {
             (from_file(args, &cfg)?, args.input.display().to_string())
         }
     };
-    Ok(report::write_all(&args.report, &input, &outcome)?)
+    let baseline = match cfg.split_at {
+        Some(split) => Some(baseline::run(plain_source(args)?, split)?),
+        None => None,
+    };
+    Ok(report::write_all(
+        &args.report,
+        &input,
+        &outcome,
+        baseline.as_ref(),
+    )?)
+}
+
+/// The input again, without a progress bar (the batch baseline's extra passes).
+fn plain_source(args: &BacktestArgs) -> Result<Box<dyn input::Source>, Error> {
+    if args.format == Format::LabeledTopic {
+        return Ok(Box::new(topic::LabeledTopic::open(&topic_range(args))?));
+    }
+    let file = File::open(&args.input).map_err(|source| Error::Open {
+        path: args.input.clone(),
+        source,
+    })?;
+    let reader = BufReader::with_capacity(1 << 16, file);
+    Ok(match args.format {
+        Format::EventsJsonl => Box::new(input::EventsJsonl::new(reader, join_config(args)?)),
+        _ => Box::new(input::LabeledJsonl::new(reader)),
+    })
+}
+
+fn topic_range(args: &BacktestArgs) -> topic::TopicRange {
+    topic::TopicRange {
+        brokers: args.brokers.clone(),
+        topic: args.input.display().to_string(),
+        partitions: args.partitions.clone(),
+        from: args.from,
+        to: args.to,
+        idle: std::time::Duration::from_millis(1_500),
+    }
+}
+
+/// The joiner's settings for `events-jsonl`, checked.
+fn join_config(args: &BacktestArgs) -> Result<ctr_feedback::join::JoinConfig, Error> {
+    let join = ctr_feedback::join::JoinConfig {
+        window_ms: args.window_ms,
+        grace_ms: args.grace_ms,
+        late_horizon_ms: args.late_horizon_ms,
+        max_out_of_order_ms: args.max_out_of_order_ms,
+        ..Default::default()
+    };
+    if join.window_ms <= 0 || join.grace_ms < 0 || join.late_horizon_ms < 0 {
+        return Err(Error::Settings(
+            "need window_ms > 0, grace_ms >= 0, late_horizon_ms >= 0".into(),
+        ));
+    }
+    Ok(join)
 }
 
 /// Replays a range of the labeled topic; returns the outcome and how to name the input.
@@ -142,14 +217,7 @@ fn from_topic(
     args: &BacktestArgs,
     cfg: &run::RunConfig,
 ) -> Result<(run::RunOutcome, String), Error> {
-    let range = topic::TopicRange {
-        brokers: args.brokers.clone(),
-        topic: args.input.display().to_string(),
-        partitions: args.partitions.clone(),
-        from: args.from,
-        to: args.to,
-        idle: std::time::Duration::from_millis(1_500),
-    };
+    let range = topic_range(args);
     let source = topic::LabeledTopic::open(&range)?;
     let bar = ctr_ingest::replay::progress_bar(source.records_in_range(), args.no_progress);
     let outcome = run::run(source, cfg, |n| bar.set_position(n))?;
@@ -177,19 +245,11 @@ fn from_file(args: &BacktestArgs, cfg: &run::RunConfig) -> Result<run::RunOutcom
         }
     };
     let outcome = if args.format == Format::EventsJsonl {
-        let join = ctr_feedback::join::JoinConfig {
-            window_ms: args.window_ms,
-            grace_ms: args.grace_ms,
-            late_horizon_ms: args.late_horizon_ms,
-            max_out_of_order_ms: args.max_out_of_order_ms,
-            ..Default::default()
-        };
-        if join.window_ms <= 0 || join.grace_ms < 0 || join.late_horizon_ms < 0 {
-            return Err(Error::Settings(
-                "need window_ms > 0, grace_ms >= 0, late_horizon_ms >= 0".into(),
-            ));
-        }
-        run::run(input::EventsJsonl::new(reader, join), cfg, progress)?
+        run::run(
+            input::EventsJsonl::new(reader, join_config(args)?),
+            cfg,
+            progress,
+        )?
     } else {
         run::run_labeled(reader, cfg, progress)?
     };

@@ -10,6 +10,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 
+use crate::baseline::BaselineReport;
 use crate::run::RunOutcome;
 
 /// One model's line in `report.json`.
@@ -29,6 +30,26 @@ pub struct ModelReport {
 pub struct Report {
     pub events: u64,
     pub models: Vec<ModelReport>,
+    /// With `--batch-baseline`: the batch model and every variant over the second half.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<BaselineSection>,
+}
+
+/// The batch baseline beside the online variants, all over the records after the split.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BaselineSection {
+    pub batch: BaselineReport,
+    pub online_after_split: Vec<Scores>,
+}
+
+/// A model's metrics over part of the input.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scores {
+    pub name: String,
+    pub log_loss: Option<f64>,
+    pub ne: Option<f64>,
+    pub auc: Option<f64>,
+    pub calibration: Option<f64>,
 }
 
 /// Why the report could not be written.
@@ -44,8 +65,25 @@ pub enum ReportError {
 }
 
 impl Report {
-    pub fn of(outcome: &RunOutcome) -> Self {
+    pub fn of(outcome: &RunOutcome, baseline: Option<&BaselineReport>) -> Self {
         Self {
+            baseline: baseline.map(|b| BaselineSection {
+                batch: b.clone(),
+                online_after_split: outcome
+                    .runs
+                    .iter()
+                    .filter_map(|r| {
+                        let m = r.after_split()?;
+                        Some(Scores {
+                            name: r.name.clone(),
+                            log_loss: m.log_loss(),
+                            ne: m.normalized_entropy(),
+                            auc: m.auc(),
+                            calibration: m.calibration(),
+                        })
+                    })
+                    .collect(),
+            }),
             events: outcome.events,
             models: outcome
                 .runs
@@ -75,12 +113,17 @@ fn fmt(x: Option<f64>) -> String {
 }
 
 /// Writes every report file into `dir` (created if missing); returns `report.json`'s content.
-pub fn write_all(dir: &Path, input: &str, outcome: &RunOutcome) -> Result<Report, ReportError> {
+pub fn write_all(
+    dir: &Path,
+    input: &str,
+    outcome: &RunOutcome,
+    baseline: Option<&BaselineReport>,
+) -> Result<Report, ReportError> {
     std::fs::create_dir_all(dir).map_err(|source| ReportError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let report = Report::of(outcome);
+    let report = Report::of(outcome, baseline);
     let json = serde_json::to_vec_pretty(&report).expect("a report serializes");
     write(dir.join("report.json"), &json)?;
     let timeline: Vec<serde_json::Value> = outcome
@@ -148,6 +191,40 @@ fn markdown(input: &str, outcome: &RunOutcome, report: &Report) -> String {
          entropy is the log loss divided by the entropy of the observed click rate (below 1 \
          beats predicting the average).\n"
     );
+    if let Some(b) = &report.baseline {
+        let t = &b.batch;
+        let _ = writeln!(
+            md,
+            "## Batch baseline\n\n{}: fitted on {} labels of the first {} records ({} one-hot \
+             features, {:.1} s), scoring the {} labels after them ({:.0} rows/s). The online \
+             variants over the same records, each scored before it learned from it:\n",
+            t.name, t.train_rows, t.split_at, t.features, t.fit_seconds, t.scored, t.events_per_sec
+        );
+        let _ = writeln!(
+            md,
+            "| model (second half) | log loss | normalized entropy | AUC | calibration |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        let batch = Scores {
+            name: t.name.clone(),
+            log_loss: t.log_loss,
+            ne: t.ne,
+            auc: t.auc,
+            calibration: t.calibration,
+        };
+        for m in b.online_after_split.iter().chain([&batch]) {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                m.name,
+                fmt(m.log_loss),
+                fmt(m.ne),
+                fmt(m.auc),
+                fmt(m.calibration)
+            );
+        }
+        let _ = writeln!(md);
+    }
     if !outcome.first_bad.is_empty() {
         let _ = writeln!(md, "Skipped lines (first {}):\n", outcome.first_bad.len());
         for b in &outcome.first_bad {

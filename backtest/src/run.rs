@@ -35,6 +35,9 @@ pub struct RunConfig {
     pub sample_every: u64,
     /// Skip (and count) unusable lines instead of stopping at the first.
     pub skip_invalid: bool,
+    /// Take a copy of every variant's metrics once this many records have been read (the
+    /// batch baseline's split), so the report can give the metrics of the records after it.
+    pub split_at: Option<u64>,
 }
 
 /// Why a backtest stopped.
@@ -46,6 +49,8 @@ pub enum RunError {
     Bad(BadLine),
     #[error("model settings: {0}")]
     Models(ctr_models::ModelError),
+    #[error("the batch baseline: {0}")]
+    Baseline(String),
 }
 
 /// The cumulative progressive metrics of one variant at some point of the input.
@@ -66,6 +71,8 @@ pub struct ModelRun {
     /// Time spent in this variant's learning path (apply and maintenance).
     pub busy: Duration,
     pub timeline: Vec<Point>,
+    /// The variant's cumulative metrics at [`RunConfig::split_at`].
+    pub at_split: Option<ctr_models::Metrics>,
 }
 
 impl ModelRun {
@@ -78,6 +85,12 @@ impl ModelRun {
             auc: m.auc(),
             calibration: m.calibration(),
         }
+    }
+
+    /// The variant's metrics over the records after [`RunConfig::split_at`].
+    pub fn after_split(&self) -> Option<ctr_models::Metrics> {
+        let now = self.state.models().variants()[0].metrics();
+        self.at_split.as_ref().map(|then| now.since(then))
     }
 
     /// Records per second of this variant's learning path alone.
@@ -130,6 +143,7 @@ pub fn run(
                 ),
                 busy: Duration::ZERO,
                 timeline: Vec::new(),
+                at_split: None,
             })
         })
         .collect::<Result<Vec<_>, RunError>>()?;
@@ -138,11 +152,15 @@ pub fn run(
     let mut refused = vec![false; CHUNK];
     let mut done = false;
     let mut first_bad = Vec::new();
+    // Records read, and whether the metrics were copied at the split.
+    let (mut read, mut split_taken) = (0u64, cfg.split_at.is_none());
     while !done {
         chunk.clear();
-        while chunk.len() < CHUNK {
+        // A chunk ends at the split, so the copy is taken exactly there.
+        while chunk.len() < CHUNK && (split_taken || cfg.split_at != Some(read)) {
             match input.next_labeled() {
                 Ok(Some(l)) => {
+                    read += 1;
                     let key = l.context.key();
                     chunk.push((l, key));
                 }
@@ -187,6 +205,12 @@ pub fn run(
                 run.state.maintain(cfg.idle_ms);
                 run.busy += t.elapsed();
             }
+        }
+        if !split_taken && cfg.split_at == Some(read) {
+            for run in &mut runs {
+                run.at_split = Some(run.state.models().variants()[0].metrics().clone());
+            }
+            split_taken = true;
         }
         if before / cfg.sample_every != events / cfg.sample_every || (done && events > before) {
             for run in &mut runs {

@@ -165,6 +165,31 @@ impl Metrics {
         }
     }
 
+    /// The metrics of what was recorded after `earlier`, a copy of these metrics taken then:
+    /// the sums minus the earlier sums (same AUC resolution). Metrics are sums, so this is the
+    /// exact metrics of the later records alone.
+    pub fn since(&self, earlier: &Metrics) -> Metrics {
+        let mut out = self.clone();
+        out.weight -= earlier.weight;
+        out.loss -= earlier.loss;
+        out.sum_p -= earlier.sum_p;
+        out.sum_y -= earlier.sum_y;
+        if earlier.pos.len() == out.pos.len() {
+            for (a, b) in out.pos.iter_mut().zip(&earlier.pos) {
+                *a -= b;
+            }
+            for (a, b) in out.neg.iter_mut().zip(&earlier.neg) {
+                *a -= b;
+            }
+        }
+        for (a, b) in out.reliability.iter_mut().zip(&earlier.reliability) {
+            a.0 -= b.0;
+            a.1 -= b.1;
+            a.2 -= b.2;
+        }
+        out
+    }
+
     pub fn weight(&self) -> f64 {
         self.weight
     }
@@ -508,6 +533,28 @@ mod tests {
         assert!((m.calibration().unwrap() - 1.0).abs() < 1e-9);
         assert!((m.reliability_error().unwrap() - 0.5).abs() < 1e-9);
         assert_eq!(Metrics::default().reliability_error(), None);
+    }
+
+    #[test]
+    fn since_is_the_metrics_of_the_later_records() {
+        let (mut all, mut later) = (Metrics::default(), Metrics::default());
+        for i in 0..2_000 {
+            let (p, y) = (0.01 + (i % 7) as f64 * 0.01, i % 13 == 0);
+            all.record(p, y, 1.0);
+            if i == 999 {
+                let earlier = all.clone();
+                for j in 1_000..2_000 {
+                    let (p, y) = (0.01 + (j % 7) as f64 * 0.01, j % 13 == 0);
+                    all.record(p, y, 1.0);
+                    later.record(p, y, 1.0);
+                }
+                let d = all.since(&earlier);
+                assert!((d.log_loss().unwrap() - later.log_loss().unwrap()).abs() < 1e-9);
+                assert!((d.calibration().unwrap() - later.calibration().unwrap()).abs() < 1e-9);
+                assert!((d.auc().unwrap() - later.auc().unwrap()).abs() < 1e-9);
+                return;
+            }
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ fn args(input: &Path, report: &Path) -> BacktestArgs {
         from: ctr_backtest::topic::Bound::Beginning,
         to: ctr_backtest::topic::Bound::End,
         partitions: None,
+        batch_baseline: false,
         skip_invalid: false,
         no_progress: true,
     }
@@ -245,4 +246,55 @@ fn raw_events_are_labeled_by_the_joiner_logic() {
     let expect = format!("{in_window} clicks joined, {late} late clicks");
     assert!(md.contains(&expect), "{expect:?} in {md}");
     assert!(md.contains("5 orphan clicks"), "{md}");
+}
+
+/// The batch baseline fits `linfa-logistic` on the first half and scores the second; the
+/// online variants are reported over the same second half (issue #7).
+#[test]
+fn the_batch_baseline_is_scored_on_the_second_half_beside_the_online_variants() {
+    let d = dir("baseline");
+    let input = d.join("labeled.jsonl");
+    write_input(&input, 60_000, None);
+    let mut a = args(&input, &d.join("r"));
+    a.batch_baseline = true;
+    let report = backtest(&a).expect("backtest with baseline");
+    let b = report.baseline.as_ref().expect("a baseline section");
+    assert_eq!(b.batch.split_at, 30_000);
+    assert_eq!(b.batch.train_rows, 30_000);
+    assert_eq!(b.batch.scored, 30_000);
+    // 40 ads × 2 devices × positions: the one-hot vocabulary holds ad, position, each field
+    // value and each ad × field value.
+    assert!(b.batch.features > 100, "{}", b.batch.features);
+    let (ne, cal, auc) = (
+        b.batch.ne.unwrap(),
+        b.batch.calibration.unwrap(),
+        b.batch.auc.unwrap(),
+    );
+    assert!(
+        ne < 0.97 && auc > 0.65,
+        "the batch model learned the structure: NE {ne}, AUC {auc}"
+    );
+    assert!((cal - 1.0).abs() < 0.1, "calibration {cal}");
+    assert_eq!(b.online_after_split.len(), 3);
+    for m in &b.online_after_split {
+        // Over the second half the online models are past their warm-up: no worse than over
+        // the whole input.
+        let whole = report.models.iter().find(|w| w.name == m.name).unwrap();
+        assert!(
+            m.ne.unwrap() <= whole.ne.unwrap() + 1e-3,
+            "{}: {:?} vs {:?}",
+            m.name,
+            m.ne,
+            whole.ne
+        );
+        assert!((m.calibration.unwrap() - 1.0).abs() < 0.1);
+    }
+    let md = std::fs::read_to_string(d.join("r/report.md")).unwrap();
+    assert!(
+        md.contains("## Batch baseline") && md.contains("linfa-logistic"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("r/report.json")).unwrap()).unwrap();
+    assert_eq!(json["baseline"]["batch"]["scored"], 30_000);
 }

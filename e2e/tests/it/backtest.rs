@@ -83,6 +83,7 @@ fn live_scorer_and_backtest_end_in_identical_model_state() {
         idle_ms: 3_600_000,
         sample_every: 10_000,
         skip_invalid: false,
+        split_at: None,
     };
     let reader = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
     let from_file = ctr_backtest::run::run_labeled(reader, &cfg, |_| {}).expect("backtest");
