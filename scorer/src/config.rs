@@ -16,6 +16,9 @@ pub struct ScorerArgs {
     /// Topic of labeled impressions (keyed by ad).
     #[arg(long, env = "CTR_LABELED_TOPIC", default_value = "ctr.labeled")]
     pub labeled_topic: String,
+    /// Topic poison labeled impressions go to, with the reason in the `ctr.reason` header.
+    #[arg(long, env = "CTR_DEADLETTER_TOPIC", default_value = "ctr.deadletter")]
+    pub deadletter_topic: String,
     /// Consumer group shared by all scorer processes.
     #[arg(long, env = "CTR_SCORER_GROUP", default_value = "ctr-scorer")]
     pub group: String,
@@ -102,6 +105,7 @@ pub struct ScorerArgs {
 pub struct ScorerConfig {
     pub brokers: String,
     pub labeled_topic: String,
+    pub deadletter_topic: String,
     pub group: String,
     pub redis_url: String,
     pub redis_prefix: String,
@@ -221,6 +225,7 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
         Ok(Self {
             brokers: a.brokers,
             labeled_topic: a.labeled_topic,
+            deadletter_topic: a.deadletter_topic,
             group: a.group,
             redis_url: a.redis_url,
             redis_prefix: a.redis_prefix,

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::Result;
 use crate::checkpoint::CheckpointStore;
 use crate::config::ScorerConfig;
+use crate::deadletter::DeadLetters;
 use crate::load::{Control, Counted};
 use crate::publish::Publisher;
 use crate::state::Thinning;
@@ -199,6 +200,7 @@ pub async fn run(
     consumer.subscribe(&[&cfg.labeled_topic])?;
     let mut queues = Vec::new();
     let mut workers = tokio::task::JoinSet::new();
+    let dead_letters = crate::deadletter::producer(&cfg.brokers)?;
     for id in 0..cfg.workers {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         queues.push(tx);
@@ -209,6 +211,7 @@ pub async fn run(
             Arc::clone(&control),
             Publisher::new(redis.clone(), &cfg.redis_prefix),
             CheckpointStore::new(redis.clone(), &cfg.redis_prefix, &cfg.labeled_topic),
+            DeadLetters::new(dead_letters.clone(), &cfg.deadletter_topic),
         );
         workers.spawn(worker.run(rx));
     }

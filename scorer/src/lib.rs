@@ -7,6 +7,7 @@
 //! - [`consumer`]: the Kafka consumer-group loop that feeds the workers.
 //! - [`publish`]: the Redis key layout and the atomic, offset-fenced apply of a batch.
 //! - [`checkpoint`]: durable per-partition snapshots with their offsets.
+//! - [`deadletter`]: poison records to the dead-letter topic, delivered before checkpoints.
 //! - [`load`]: load shedding and the learning guard.
 //! - [`api`]: the HTTP API (`POST /v1/rank`, `GET /v1/ctr`, OpenAPI, health, metrics).
 //! - [`monitor`]: model health reports and the system-wide view of them.
@@ -18,6 +19,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod consumer;
 pub mod dashboard;
+pub mod deadletter;
 pub mod hold;
 pub mod load;
 pub mod monitor;

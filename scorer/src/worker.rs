@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::ScorerConfig;
 use crate::consumer::ScorerContext;
+use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::load::{AdHealth, Control, Counted, PartitionReport};
 use crate::publish::{Published, Publisher, ad_context_key, ad_key};
 use crate::state::{Outcome, PartitionState, Policy};
@@ -78,6 +79,8 @@ pub enum WorkerError {
         partition: i32,
         source: redis::RedisError,
     },
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 /// A record that is not used.
@@ -143,6 +146,7 @@ pub struct Worker {
     control: Arc<Control>,
     publisher: Publisher,
     store: CheckpointStore,
+    dead_letters: DeadLetters,
     parts: HashMap<i32, Owned>,
     pending: usize,
     /// Records per outcome since the counters were last exported (a registry lookup per
@@ -178,6 +182,7 @@ impl Worker {
         control: Arc<Control>,
         publisher: Publisher,
         store: CheckpointStore,
+        dead_letters: DeadLetters,
     ) -> Self {
         Self {
             id,
@@ -186,6 +191,7 @@ impl Worker {
             control,
             publisher,
             store,
+            dead_letters,
             parts: HashMap::new(),
             pending: 0,
             tally: [0; Counted::ALL.len()],
@@ -371,10 +377,19 @@ impl Worker {
             Err(reason) => {
                 metrics::counter!("ctr_scorer_poison_total", "reason" => reason.label())
                     .increment(1);
-                warn!(partition = p, offset, %reason, "skipping a poison labeled impression");
+                warn!(partition = p, offset, %reason, "dead-lettering a poison labeled impression");
+                self.dead_letters
+                    .send(
+                        (&self.cfg.labeled_topic, p, offset),
+                        None,
+                        payload,
+                        &reason.to_string(),
+                    )
+                    .await?;
                 Counted::Poison
             }
         };
+        let own = self.parts.get_mut(&p).expect("owned above");
         own.pending += 1;
         own.last_offset = Some(offset);
         self.pending += 1;
@@ -484,8 +499,10 @@ impl Worker {
         self.checkpoint(&parts, mode).await
     }
 
-    /// Checkpoints `parts` (already published), then commits their offsets.
+    /// Checkpoints `parts` (already published), then commits their offsets. Every dead letter
+    /// is delivered first: the checkpoint moves past the poison records behind them.
     async fn checkpoint(&mut self, parts: &[i32], mode: CommitMode) -> Result<(), WorkerError> {
+        self.dead_letters.flush().await?;
         let mut offsets = TopicPartitionList::new();
         for &p in parts {
             let Some(own) = self.parts.get_mut(&p) else {

@@ -6,4 +6,5 @@ mod dashboard;
 mod ingest;
 mod joiner;
 mod pipeline;
+mod reliability;
 mod scorer;

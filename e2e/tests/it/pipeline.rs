@@ -8,8 +8,8 @@ use ctr_e2e::*;
 pub(crate) struct Topics {
     pub(crate) serves: String,
     pub(crate) clicks: String,
-    labeled: String,
-    deadletter: String,
+    pub(crate) labeled: String,
+    pub(crate) deadletter: String,
 }
 
 pub(crate) fn topics(tag: &str) -> Topics {
@@ -29,7 +29,7 @@ pub(crate) fn topics(tag: &str) -> Topics {
     t
 }
 
-fn simulate(t: &Topics, serves: u64, counts_out: &std::path::Path) -> Service {
+pub(crate) fn simulate(t: &Topics, serves: u64, counts_out: &std::path::Path) -> Service {
     Service::start(
         "simulate",
         "ctr-ingest",
@@ -79,6 +79,7 @@ pub(crate) fn scorer(t: &Topics, prefix: &str, port: u16) -> Service {
         &[
             format!("--brokers={}", brokers()),
             format!("--labeled-topic={}", t.labeled),
+            format!("--deadletter-topic={}", t.deadletter),
             format!("--group={}-scorer", t.labeled),
             format!("--redis-url={}", redis_url()),
             format!("--redis-prefix={prefix}"),

@@ -1,0 +1,164 @@
+//! Reliability (issue #8): poison on every topic, faults, overload.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ctr_e2e::*;
+use ctr_schemas::{AdShown, Click, Context, Encoder, LabelKind, LabeledImpression, Serve};
+
+use crate::pipeline::{assert_published_exactly, expected, feedback, scorer, simulate, topics};
+
+fn context() -> Context {
+    Context {
+        query_category: "q".into(),
+        geo: "US".into(),
+        device: "mobile".into(),
+        extra: Default::default(),
+    }
+}
+
+/// The four kinds of poison for one topic: garbage bytes, an unknown schema ID, a truncated
+/// datum, and valid Avro whose values break the contract; plus a record with no payload.
+fn poison_for(valid: Vec<u8>, invalid_values: Vec<u8>) -> Vec<(&'static str, Option<Vec<u8>>)> {
+    let truncated = valid[..valid.len() / 2].to_vec();
+    vec![
+        ("garbage", Some(b"definitely not avro".to_vec())),
+        ("unknown schema", Some(vec![0, 0, 0, 0, 99, 1, 2, 3])),
+        ("truncated", Some(truncated)),
+        ("invalid values", Some(invalid_values)),
+        ("no payload", None),
+    ]
+}
+
+#[test]
+fn poison_on_every_topic_is_dead_lettered_with_its_reason_and_nothing_else_is_lost() {
+    let t = topics("poison");
+    let dir = std::env::temp_dir().join(unique("poison"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let counts = dir.join("counts.json");
+
+    let serve = Serve {
+        serve_id: 77,
+        ts_ms: 1_760_000_000_000,
+        context: context(),
+        ads: vec![AdShown {
+            ad_id: "ad-poison".into(),
+            campaign_id: "c".into(),
+            position: 1,
+            bid: 1.0,
+        }],
+    };
+    let mut nan_bid = serve.clone();
+    nan_bid.ads[0].bid = f64::NAN;
+    let click = Click {
+        click_id: 78,
+        serve_id: 77,
+        ad_id: "ad-poison".into(),
+        ts_ms: 1_760_000_000_100,
+    };
+    let mut no_ad = click.clone();
+    no_ad.ad_id = String::new();
+    let label = LabeledImpression {
+        label_id: "77:ad-poison".into(),
+        serve_id: 77,
+        ad_id: "ad-poison".into(),
+        campaign_id: "c".into(),
+        position: 1,
+        context: context(),
+        clicked: false,
+        ts_ms: 1_760_000_000_000,
+        click_ts_ms: None,
+        kind: LabelKind::Label,
+    };
+    let mut position_zero = label.clone();
+    position_zero.position = 0;
+    let (mut se, mut ce, mut le) = (
+        Encoder::<Serve>::new(),
+        Encoder::<Click>::new(),
+        Encoder::<LabeledImpression>::new(),
+    );
+    let cases = [
+        (
+            t.serves.clone(),
+            poison_for(se.encode(&serve).unwrap(), se.encode(&nan_bid).unwrap()),
+        ),
+        (
+            t.clicks.clone(),
+            poison_for(ce.encode(&click).unwrap(), ce.encode(&no_ad).unwrap()),
+        ),
+        (
+            t.labeled.clone(),
+            poison_for(
+                le.encode(&label).unwrap(),
+                le.encode(&position_zero).unwrap(),
+            ),
+        ),
+    ];
+    let producer = producer();
+    let mut sent = 0;
+    for (topic, poison) in &cases {
+        for (_, payload) in poison {
+            let mut r =
+                rdkafka::producer::BaseRecord::<[u8], [u8]>::to(topic).key(b"77".as_slice());
+            if let Some(p) = payload {
+                r = r.payload(p.as_slice());
+            }
+            producer
+                .send(r)
+                .map_err(|(e, _)| e)
+                .expect("poison produced");
+            sent += 1;
+        }
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+
+    // The pipeline runs over the poison and real traffic behind it.
+    let prefix = format!("{}:", unique("ctr"));
+    let port = free_port();
+    let feedback = feedback(&t);
+    let scorer = scorer(&t, &prefix, port);
+    simulate(&t, 3_000, &counts).wait_success(Duration::from_secs(120));
+    // Exact per-ad totals: the poison changed nothing, the real events all count.
+    let want = expected(&counts);
+    assert_published_exactly(&prefix, &want, &[&feedback, &scorer]);
+
+    let dead = read_topic(&t.deadletter);
+    let header =
+        |r: &Record, name: &str| r.headers.iter().find(|h| h.0 == name).map(|h| h.1.clone());
+    let mut by_topic: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &dead {
+        let reason = header(r, "ctr.reason").expect("a reason");
+        if reason.starts_with("orphan") {
+            continue; // the simulator's orphan clicks
+        }
+        by_topic
+            .entry(header(r, "ctr.source_topic").expect("a source topic"))
+            .or_default()
+            .push(reason);
+    }
+    for (topic, poison) in &cases {
+        let reasons = by_topic.get(topic).cloned().unwrap_or_default();
+        assert_eq!(reasons.len(), poison.len(), "{topic}: {reasons:?}");
+        assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
+    }
+    // The scorer says where each came from.
+    let labeled_dead: Vec<&Record> = dead
+        .iter()
+        .filter(|r| header(r, "ctr.source_topic").as_deref() == Some(&t.labeled))
+        .collect();
+    assert!(
+        labeled_dead
+            .iter()
+            .all(|r| header(r, "ctr.source_offset").is_some())
+    );
+    // And they are counted.
+    let scorer_metrics = http_get(&format!("http://127.0.0.1:{port}/metrics")).unwrap();
+    assert_eq!(
+        metric_sum(&scorer_metrics, "ctr_scorer_poison_total", ""),
+        Some(5.0),
+        "{scorer_metrics}"
+    );
+    assert_eq!(sent, 15);
+    scorer.stop();
+    feedback.stop();
+}
