@@ -26,6 +26,8 @@ pub struct FeedbackArgs {
     #[arg(
         long,
         env = "CTR_REDIS_URL",
+        // The URL may carry a password (redis://user:password@host/): never print it.
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:16379/"
     )]
     pub redis_url: String,

@@ -22,10 +22,13 @@ pub struct ScorerArgs {
     /// Consumer group shared by all scorer processes.
     #[arg(long, env = "CTR_SCORER_GROUP", default_value = "ctr-scorer")]
     pub group: String,
-    /// Redis URL, e.g. redis://127.0.0.1:16379/
+    /// Redis URL: redis://[user:password@]host:port/ (an ACL user and its password, or just
+    /// :password for AUTH), e.g. redis://127.0.0.1:16379/
     #[arg(
         long,
         env = "CTR_REDIS_URL",
+        // The URL may carry a password (redis://user:password@host/): never print it.
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:16379/"
     )]
     pub redis_url: String,

@@ -2,6 +2,7 @@
 
 mod backtest;
 mod broker;
+mod chaos;
 mod dashboard;
 mod ingest;
 mod joiner;
