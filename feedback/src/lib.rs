@@ -28,9 +28,15 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), FeedbackError> {
+    let client = redis::Client::open(cfg.redis_url.as_str())?;
+    // One plain connection first: refused credentials or an unreachable Redis are an error at
+    // start, where the reconnecting manager below would retry them silently.
+    let _: String = redis::cmd("PING")
+        .query_async(&mut client.get_multiplexed_async_connection().await?)
+        .await?;
     // Checkpoints can be large: allow them more than redis-rs's default 500 ms response
     // timeout, which a busy Redis writing its append-only file can exceed.
-    let redis = redis::Client::open(cfg.redis_url.as_str())?
+    let redis = client
         .get_connection_manager_with_config(
             redis::aio::ConnectionManagerConfig::new()
                 .set_response_timeout(Some(std::time::Duration::from_secs(10))),

@@ -64,6 +64,11 @@ pub async fn run(
 ) -> Result<()> {
     let config = Arc::new(config);
     let redis = redis::Client::open(config.redis_url.as_str())?;
+    // One plain connection first: refused credentials or an unreachable Redis are an error at
+    // start, where the reconnecting manager below would retry them silently.
+    let _: String = redis::cmd("PING")
+        .query_async(&mut redis.get_multiplexed_async_connection().await?)
+        .await?;
     // Checkpoints are megabytes: allow them more than redis-rs's default 500 ms response
     // timeout, which a busy Redis writing its append-only file can exceed.
     let conn = redis

@@ -51,6 +51,11 @@ pub(crate) fn simulate(t: &Topics, serves: u64, counts_out: &std::path::Path) ->
 }
 
 pub(crate) fn feedback(t: &Topics) -> Service {
+    feedback_at(t, &redis_url())
+}
+
+/// [`feedback`] with its own Redis URL (an ACL user, say).
+pub(crate) fn feedback_at(t: &Topics, redis_url: &str) -> Service {
     Service::start(
         "feedback",
         "ctr-feedback",
@@ -61,7 +66,7 @@ pub(crate) fn feedback(t: &Topics) -> Service {
             format!("--labeled-topic={}", t.labeled),
             format!("--deadletter-topic={}", t.deadletter),
             format!("--group={}-feedback", t.serves),
-            format!("--redis-url={}", redis_url()),
+            format!("--redis-url={redis_url}"),
             format!("--redis-prefix={}:", t.serves),
             format!("--http-addr=127.0.0.1:{}", free_port()),
             "--window-ms=5000".into(),
@@ -73,6 +78,11 @@ pub(crate) fn feedback(t: &Topics) -> Service {
 }
 
 pub(crate) fn scorer(t: &Topics, prefix: &str, port: u16) -> Service {
+    scorer_at(t, prefix, port, &redis_url())
+}
+
+/// [`scorer`] with its own Redis URL.
+pub(crate) fn scorer_at(t: &Topics, prefix: &str, port: u16, redis_url: &str) -> Service {
     Service::start(
         &format!("scorer:{port}"),
         "ctr-scorer",
@@ -81,7 +91,7 @@ pub(crate) fn scorer(t: &Topics, prefix: &str, port: u16) -> Service {
             format!("--labeled-topic={}", t.labeled),
             format!("--deadletter-topic={}", t.deadletter),
             format!("--group={}-scorer", t.labeled),
-            format!("--redis-url={}", redis_url()),
+            format!("--redis-url={redis_url}"),
             format!("--redis-prefix={prefix}"),
             format!("--http-addr=127.0.0.1:{port}"),
         ],

@@ -6,7 +6,9 @@ use std::time::Duration;
 use ctr_e2e::*;
 use ctr_schemas::{AdShown, Click, Context, Encoder, LabelKind, LabeledImpression, Serve};
 
-use crate::pipeline::{assert_published_exactly, expected, feedback, scorer, simulate, topics};
+use crate::pipeline::{
+    assert_published_exactly, expected, feedback, feedback_at, scorer, scorer_at, simulate, topics,
+};
 
 fn context() -> Context {
     Context {
@@ -161,4 +163,77 @@ fn poison_on_every_topic_is_dead_lettered_with_its_reason_and_nothing_else_is_lo
     assert_eq!(sent, 15);
     scorer.stop();
     feedback.stop();
+}
+
+/// Redis AUTH with an ACL user confined to the deployment's key prefixes runs the whole
+/// pipeline exactly, a wrong password stops a service with a clear error, and the password
+/// never shows: not in logs, metrics, the monitoring view or `--help` (issue #8).
+#[test]
+fn an_acl_user_runs_the_pipeline_and_its_password_never_shows() {
+    let t = topics("acl");
+    let prefix = format!("{}:", unique("acl"));
+    let user = unique("ctr-acl");
+    let password = format!("pw-{}", unique("secret"));
+    let mut admin = redis();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("resetkeys")
+        .arg(format!("~{prefix}*"))
+        .arg(format!("~{}:*", t.serves))
+        .arg("resetchannels")
+        .arg("+@all")
+        .arg("-@dangerous")
+        .query(&mut admin)
+        .expect("ACL SETUSER");
+    let url = redis_url().replacen("redis://", &format!("redis://{user}:{password}@"), 1);
+
+    // A wrong password: a clear error, at once, without the password.
+    let wrong = redis_url().replacen("redis://", &format!("redis://{user}:not-{password}@"), 1);
+    let bad = scorer_at(&t, &prefix, free_port(), &wrong);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut bad = bad;
+    assert!(!bad.is_running(), "a scorer that cannot authenticate stops");
+    let said = bad.output();
+    assert!(
+        said.to_lowercase().contains("wrongpass") || said.to_lowercase().contains("auth"),
+        "{said}"
+    );
+    assert!(!said.contains(&password), "the password leaked: {said}");
+
+    let dir = std::env::temp_dir().join(unique("acl"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let counts = dir.join("counts.json");
+    let port = free_port();
+    let feedback = feedback_at(&t, &url);
+    let scorer = scorer_at(&t, &prefix, port, &url);
+    simulate(&t, 2_000, &counts).wait_success(Duration::from_secs(120));
+    assert_published_exactly(&prefix, &expected(&counts), &[&feedback, &scorer]);
+
+    // Nowhere to be seen.
+    std::thread::sleep(Duration::from_secs(3));
+    let pages = [
+        http_get(&format!("http://127.0.0.1:{port}/metrics")).unwrap(),
+        http_get(&format!("http://127.0.0.1:{port}/v1/monitor")).unwrap(),
+        http_get(&format!("http://127.0.0.1:{port}/readyz")).unwrap_or_default(),
+        scorer.output(),
+        feedback.output(),
+    ];
+    for page in &pages {
+        assert!(!page.contains(&password), "the password shows in:\n{page}");
+    }
+    let help = std::process::Command::new(bin("ctr-scorer"))
+        .arg("--help")
+        .env("CTR_REDIS_URL", &url)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains(&password));
+    scorer.stop();
+    feedback.stop();
+    let _: redis::RedisResult<()> = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query(&mut admin);
 }
