@@ -422,6 +422,14 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     Ok(value)
 }
 
+/// Parses and checks a `POST /v1/rank` body: the request and its context, or the error the
+/// client gets (the handler's whole input handling, pure, so it can be fuzzed).
+pub fn parse_rank(body: &[u8]) -> Result<(RankRequest, Context), ApiError> {
+    let req: RankRequest = parse_json(body)?;
+    let ctx = check_rank(&req)?;
+    Ok((req, ctx))
+}
+
 /// Checks a ranking request; returns its context.
 fn check_rank(req: &RankRequest) -> Result<Context, ApiError> {
     let ctx = context_from(&req.context, "context")?;
@@ -470,8 +478,7 @@ fn check_rank(req: &RankRequest) -> Result<Context, ApiError> {
 )]
 async fn rank(State(mut s): State<ApiState>, body: Bytes) -> Result<Json<RankResponse>, ApiError> {
     let started = Instant::now();
-    let req: RankRequest = parse_json(&body)?;
-    let ctx = check_rank(&req)?;
+    let (req, ctx) = parse_rank(&body)?;
     let context_key = ctx.key();
     let mut keys = Vec::with_capacity(2 * req.candidates.len());
     for c in &req.candidates {
