@@ -214,13 +214,15 @@ fn rank_orders_by_bid_times_pctr_and_rejects_bad_requests() {
     s.stop();
 }
 
-/// Starts a scorer with one worker, tuned for freshness (a Redis write every 25 records), and
+/// Starts a scorer with one worker, tuned for freshness (a Redis write every 5 records), and
 /// waits for its 4 partitions. Its capacity is low enough that this two-core machine, which
-/// also runs the broker and the load generator, can feed it three times as much.
+/// also runs the broker and the load generator, can feed it five times as much (with a write
+/// every 25 records it reached 57k labels/s once the models got faster, and five times that is
+/// beyond what the machine can produce and drop).
 fn single_worker_scorer(topic: &str, tag: &str, extra: &[&str]) -> (Service, u16, String) {
     let port = free_port();
     let prefix = format!("{}:", unique(tag));
-    let mut args = vec!["--workers=1", "--batch-size=25"];
+    let mut args = vec!["--workers=1", "--batch-size=5"];
     args.extend_from_slice(extra);
     let s = start_scorer(topic, &format!("{prefix}g"), &prefix, port, &args);
     eventually(
@@ -253,7 +255,7 @@ fn published_pctr(prefix: &str) -> BTreeMap<String, f64> {
 
 #[test]
 #[ignore = "load test: it measures capacity, so it runs alone (scripts/test runs it after the others)"]
-fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
+fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     // 1. Capacity without shedding: one worker over a backlog.
     let calib = format!("{}.labeled", unique("calib"));
     create_topics(&[(&calib, 4)]);
@@ -271,10 +273,10 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
     let capacity = n / t.elapsed().as_secs_f64();
     s.stop();
 
-    // 2. Input at (up to) three times that for 8 s of load, into a shedding scorer.
+    // 2. Input at (up to) five times that for 8 s of load, into a shedding scorer.
     let topic = format!("{}.labeled", unique("shed"));
     create_topics(&[(&topic, 4)]);
-    let rate = 3.0 * capacity;
+    let rate = 5.0 * capacity;
     // No re-emitted duplicates here: records dropped unread by stage-two shedding escape
     // dedupe (documented in `ctr_scorer::load`); dedupe is tested with SIGKILL above.
     let stream = std::sync::Arc::new(labeled_stream_with(
@@ -305,10 +307,13 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
         })
     };
     let mut lags = Vec::new();
+    let rss_before = s.rss_bytes().unwrap_or(0);
+    let mut rss_peak = rss_before;
     while !producer.is_finished() {
         std::thread::sleep(Duration::from_millis(500));
         let done = scorer_records(port).unwrap_or(0.0);
         lags.push(produced.load(std::sync::atomic::Ordering::Relaxed) as f64 - done);
+        rss_peak = rss_peak.max(s.rss_bytes().unwrap_or(0));
     }
     let took = producer.join().unwrap().as_secs_f64();
     let achieved = total / took;
@@ -324,12 +329,22 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
         + metric_sum(&p, "ctr_scorer_records_total", "dropped").unwrap_or(0.0);
     s.stop();
     eprintln!(
-        "capacity {capacity:.0}/s; input {achieved:.0}/s for {took:.1} s; shed {shed:.0}; lag samples {lags:?}"
+        "capacity {capacity:.0}/s; input {achieved:.0}/s for {took:.1} s; shed {shed:.0}; lag samples {lags:?}; scorer RSS {} MiB before, {} MiB peak",
+        rss_before >> 20,
+        rss_peak >> 20
     );
-    // The load aims at 3x; this machine's producer reaches 2.6-2.9x (docs/BENCHMARKS.md).
+    // The load aims at 5x; the producer shares the machine and may fall a little short.
     assert!(
-        achieved >= 2.3 * capacity,
+        achieved >= 4.0 * capacity,
         "the test could not overload the scorer ({achieved:.0}/s vs capacity {capacity:.0}/s)"
+    );
+    // Memory: the queues are bounded and shed records are not kept, so overload does not grow
+    // the scorer beyond what its models and its bounded queues hold.
+    assert!(
+        rss_peak < rss_before + (256 << 20),
+        "the scorer grew from {} to {} MiB under overload",
+        rss_before >> 20,
+        rss_peak >> 20
     );
     assert!(shed > 0.1 * total, "shedding engaged: {shed} of {total}");
     let peak = lags.iter().copied().fold(0.0, f64::max);
@@ -351,18 +366,39 @@ fn shedding_at_three_times_capacity_bounds_lag_and_keeps_estimates() {
     std::thread::sleep(Duration::from_secs(1));
     s.stop();
     let (shed_p, ref_p) = (published_pctr(&shed_prefix), published_pctr(&ref_prefix));
-    let mut checked = 0;
-    for (ad, (imps, _)) in &stream.expected {
-        if *imps >= 1_000 {
-            let rel = shed_p[ad] / ref_p[ad] - 1.0;
-            assert!(
-                rel.abs() <= 0.05,
-                "{ad} ({imps} impressions): pCTR {:.5} with shedding vs {:.5} without",
-                shed_p[ad],
-                ref_p[ad]
-            );
-            checked += 1;
-        }
+    // Shedding keeps estimates unbiased, not exact: a negative kept by stage-two thinning stands
+    // for its ad's dropped ones but carries only its own position (hence examination units) and
+    // context, so an ad's estimate is noisy by a few percent at a few thousand impressions,
+    // shrinking as 1/sqrt(n): measured over four runs, sigma ~ 1.55 / sqrt(n) (2% at 6,000
+    // impressions). So: no bias over the ads (mean within 1.5%), and every ad within four sigma
+    // of its own noise (at least 3%). A flat 5% for every ad from 1,000 impressions failed about
+    // one run in four for an ad of a few thousand impressions.
+    let rel: Vec<(&String, u64, f64)> = stream
+        .expected
+        .iter()
+        .filter(|(_, (imps, _))| *imps >= 1_000)
+        .map(|(ad, (imps, _))| (ad, *imps, shed_p[ad] / ref_p[ad] - 1.0))
+        .collect();
+    eprintln!(
+        "shed/unshed pCTR: {:?}",
+        rel.iter()
+            .map(|(ad, n, r)| format!("{ad}:{n}:{r:+.3}"))
+            .collect::<Vec<_>>()
+    );
+    let checked = rel.len();
+    let mean = rel.iter().map(|r| r.2).sum::<f64>() / checked.max(1) as f64;
+    assert!(
+        mean.abs() <= 0.015,
+        "biased by shedding: mean relative error {mean:+.4}"
+    );
+    for (ad, imps, r) in &rel {
+        let bound = (4.0 * 1.55 / (*imps as f64).sqrt()).max(0.03);
+        assert!(
+            r.abs() <= bound,
+            "{ad} ({imps} impressions): pCTR {:.5} with shedding vs {:.5} without ({r:+.3}, bound {bound:.3})",
+            shed_p[*ad],
+            ref_p[*ad]
+        );
     }
     assert!(checked >= 20, "only {checked} ads with 1,000+ impressions");
 }
