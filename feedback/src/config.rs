@@ -31,6 +31,10 @@ pub struct FeedbackArgs {
         default_value = "redis://127.0.0.1:16379/"
     )]
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` URL
+    /// (without it the system's trusted roots verify the server).
+    #[arg(long, env = "CTR_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Prefix of the Redis keys (checkpoints under `<prefix>feedback:`, signal at
     /// `<prefix>signal:joiner`).
     #[arg(long, env = "CTR_REDIS_PREFIX", default_value = "ctr:")]
@@ -80,6 +84,7 @@ pub struct FeedbackConfig {
     pub deadletter_topic: String,
     pub group: String,
     pub redis_url: String,
+    pub redis_ca_file: Option<std::path::PathBuf>,
     pub redis_prefix: String,
     pub http_addr: SocketAddr,
     pub join: JoinConfig,
@@ -159,6 +164,7 @@ impl TryFrom<FeedbackArgs> for FeedbackConfig {
             deadletter_topic: a.deadletter_topic,
             group: a.group,
             redis_url: a.redis_url,
+            redis_ca_file: a.redis_ca_file,
             redis_prefix: a.redis_prefix,
             http_addr: a.http_addr,
         })

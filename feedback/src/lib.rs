@@ -22,13 +22,35 @@ pub use config::{FeedbackArgs, FeedbackConfig};
 pub use service::FeedbackError;
 
 /// Runs the joiner and its `/metrics` + `/healthz` endpoint until `shutdown` resolves.
+/// The Redis client for `url`: a `rediss://` URL is verified against `ca_file` (PEM) if given,
+/// else against the system's trusted roots.
+fn redis_client(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<redis::Client, FeedbackError> {
+    // rustls needs a process-wide crypto provider; a second install is refused, harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(path) = ca_file else {
+        return Ok(redis::Client::open(url)?);
+    };
+    let pem = std::fs::read(path).map_err(|source| FeedbackError::RedisCa {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    Ok(redis::Client::build_with_tls(url, certs)?)
+}
+
 pub async fn run(
     cfg: FeedbackConfig,
     listener: TcpListener,
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), FeedbackError> {
-    let client = redis::Client::open(cfg.redis_url.as_str())?;
+    let client = redis_client(&cfg.redis_url, cfg.redis_ca_file.as_deref())?;
     // One plain connection first: refused credentials or an unreachable Redis are an error at
     // start, where the reconnecting manager below would retry them silently.
     let _: String = redis::cmd("PING")

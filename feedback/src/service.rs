@@ -46,6 +46,11 @@ pub enum FeedbackError {
     Kafka(#[from] KafkaError),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("reading the Redis CA file {path}: {source}")]
+    RedisCa {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error("producing to {topic} failed: {source}")]

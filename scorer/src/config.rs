@@ -32,6 +32,10 @@ pub struct ScorerArgs {
         default_value = "redis://127.0.0.1:16379/"
     )]
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` URL
+    /// (without it the system's trusted roots verify the server).
+    #[arg(long, env = "CTR_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Prefix of every Redis key this scorer writes (lets deployments share a Redis).
     #[arg(long, env = "CTR_REDIS_PREFIX", default_value = "ctr:")]
     pub redis_prefix: String,
@@ -111,6 +115,7 @@ pub struct ScorerConfig {
     pub deadletter_topic: String,
     pub group: String,
     pub redis_url: String,
+    pub redis_ca_file: Option<std::path::PathBuf>,
     pub redis_prefix: String,
     pub http_addr: SocketAddr,
     pub batch_size: usize,
@@ -231,6 +236,7 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             deadletter_topic: a.deadletter_topic,
             group: a.group,
             redis_url: a.redis_url,
+            redis_ca_file: a.redis_ca_file,
             redis_prefix: a.redis_prefix,
             http_addr: a.http_addr,
             batch_size: a.batch_size,

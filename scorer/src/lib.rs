@@ -63,7 +63,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = Arc::new(config);
-    let redis = redis::Client::open(config.redis_url.as_str())?;
+    let redis = redis_client(&config.redis_url, config.redis_ca_file.as_deref())?;
     // One plain connection first: refused credentials or an unreachable Redis are an error at
     // start, where the reconnecting manager below would retry them silently.
     let _: String = redis::cmd("PING")
@@ -117,6 +117,23 @@ pub async fn run(
     let _ = reporting.await;
     a?;
     c
+}
+
+/// The Redis client for `url`: a `rediss://` URL is verified against `ca_file` (PEM) if given,
+/// else against the system's trusted roots.
+fn redis_client(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client> {
+    // rustls needs a process-wide crypto provider; a second install is refused, harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(path) = ca_file else {
+        return Ok(redis::Client::open(url)?);
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::Config(format!("redis_ca_file {}: {e}", path.display())))?;
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    Ok(redis::Client::build_with_tls(url, certs)?)
 }
 
 /// Exports progressive-validation metrics per model, merged over the owned partitions.

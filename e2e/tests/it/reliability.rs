@@ -397,3 +397,148 @@ end
     assert!(metric_sum(&page, "ctr_api_rejected_total", "overload").unwrap_or(0.0) > 0.0);
     scorer.stop();
 }
+
+/// Redis over TLS (issue #8): with `rediss://` and `--redis-ca-file`, the scorer verifies the
+/// server against that CA and works; against another CA it refuses to start, saying why. Uses
+/// its own `redis-server` on a TLS-only port with throwaway certificates.
+#[test]
+fn a_tls_redis_is_verified_against_the_configured_ca() {
+    let dir = std::env::temp_dir().join(unique("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    let tls_port = free_port();
+    let mut redis_tls = std::process::Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--tls-port",
+            &tls_port.to_string(),
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+        ])
+        .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    std::thread::sleep(Duration::from_millis(500));
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let topic = format!("{}.labeled", unique("tls"));
+    create_topics(&[(&topic, 1)]);
+    let start = |ca: &str, port: u16| {
+        Service::start(
+            "scorer-tls",
+            "ctr-scorer",
+            &[
+                format!("--brokers={}", brokers()),
+                format!("--labeled-topic={topic}"),
+                format!("--group={}", unique("tls-g")),
+                format!("--redis-url={url}"),
+                format!("--redis-ca-file={}", dir.join(ca).display()),
+                format!("--redis-prefix={}:", unique("tls")),
+                format!("--http-addr=127.0.0.1:{port}"),
+            ],
+        )
+    };
+    let mut refused = start("other-ca.crt", free_port());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refused.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !refused.is_running(),
+        "a server signed by another CA is refused at start"
+    );
+    assert!(
+        refused.output().to_lowercase().contains("certificate"),
+        "{}",
+        refused.output()
+    );
+
+    let port = free_port();
+    let scorer = start("ca.crt", port);
+    let body = eventually(
+        Duration::from_secs(30),
+        "the scorer over TLS",
+        || {
+            http_get(&format!(
+                "http://127.0.0.1:{port}/v1/ctr?ad_id=a&query_category=q&geo=US&device=mobile"
+            ))
+        },
+        || scorer.output(),
+    );
+    assert!(body.contains("\"source\":\"prior\""), "{body}");
+    assert!(http_ok(&format!("http://127.0.0.1:{port}/readyz")));
+    scorer.stop();
+    let _ = redis_tls.kill();
+    let _ = redis_tls.wait();
+}
+
+fn http_ok(url: &str) -> bool {
+    matches!(ureq::get(url).call(), Ok(r) if r.status() == 200)
+}
