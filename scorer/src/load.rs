@@ -333,16 +333,33 @@ pub async fn govern(
     }
 }
 
-/// One joiner's entry in the signal hash (fields the guard needs).
+/// One joiner's entry in the signal hash (`<prefix>signal:joiner`, written by `ctr-feedback`):
+/// the fields the guard and the monitoring view read; others are ignored.
 #[derive(Debug, Deserialize)]
-struct JoinerSignal {
-    stalled: bool,
-    reason: Option<String>,
-    updated_ms: i64,
+pub(crate) struct JoinerSignal {
+    pub stalled: bool,
+    pub reason: Option<String>,
+    pub updated_ms: i64,
+    /// The joiner process's counts since it started (absent from older joiners).
+    #[serde(default)]
+    pub totals: Option<JoinerTotals>,
+}
+
+/// The counts a joiner reports (a subset of its `JoinStats`).
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub(crate) struct JoinerTotals {
+    pub serves: u64,
+    pub clicks: u64,
+    pub positives: u64,
+    pub negatives: u64,
+    pub late_clicks: u64,
+    pub orphan_clicks: u64,
+    pub duplicate_clicks: u64,
+    pub invalid_clicks: u64,
 }
 
 /// A signal older than this is ignored (its joiner is gone).
-const SIGNAL_FRESH_MS: i64 = 30_000;
+pub(crate) const SIGNAL_FRESH_MS: i64 = 30_000;
 
 /// Whether any fresh joiner signal reports a stall; the first reason found.
 fn stalled(entries: &HashMap<String, String>, now_ms: i64) -> (bool, Option<String>) {

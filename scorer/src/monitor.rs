@@ -26,7 +26,10 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::config::ScorerConfig;
-use crate::load::{AdHealth, Control, merged_models, next_tick, unix_ms};
+use crate::load::{
+    AdHealth, Control, JoinerSignal, JoinerTotals, SIGNAL_FRESH_MS, merged_models, next_tick,
+    unix_ms,
+};
 use crate::publish::ad_key;
 
 /// AUC resolution of the metrics in a report: 256 bins of logit keep a report small (a few
@@ -474,31 +477,6 @@ async fn read(
     Ok((reports, signals))
 }
 
-/// The joiner-signal fields the view uses.
-#[derive(Debug, Deserialize)]
-struct Signal {
-    stalled: bool,
-    reason: Option<String>,
-    updated_ms: i64,
-    #[serde(default)]
-    totals: Option<SignalTotals>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-struct SignalTotals {
-    serves: u64,
-    clicks: u64,
-    positives: u64,
-    negatives: u64,
-    late_clicks: u64,
-    orphan_clicks: u64,
-    duplicate_clicks: u64,
-    invalid_clicks: u64,
-}
-
-/// Joiner signals older than this are ignored (their process is gone).
-const SIGNAL_FRESH_MS: i64 = 30_000;
-
 /// Merges reports and signals into the system view (pure, apart from the clock value given).
 fn merge(
     now_ms: i64,
@@ -562,9 +540,9 @@ fn merge(
     busiest_first(&mut ads);
 
     let mut joiner = JoinerView::default();
-    let mut t = SignalTotals::default();
+    let mut t = JoinerTotals::default();
     for (instance, json) in signals {
-        let Ok(s) = serde_json::from_str::<Signal>(json) else {
+        let Ok(s) = serde_json::from_str::<JoinerSignal>(json) else {
             continue;
         };
         if now_ms - s.updated_ms > SIGNAL_FRESH_MS {
