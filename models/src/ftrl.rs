@@ -139,11 +139,17 @@ impl Ftrl {
             l2,
             ..
         } = self.cfg;
-        let (z, n) = (f64::from(c.z), f64::from(c.n));
+        Self::weight_at(c, f64::from(c.n).sqrt(), alpha, beta, l1, l2)
+    }
+
+    /// [`Ftrl::weight`] with `sqrt_n` = √n already computed (the update needs it too).
+    #[inline(always)]
+    fn weight_at(c: &Coord, sqrt_n: f64, alpha: f64, beta: f64, l1: f64, l2: f64) -> f64 {
+        let z = f64::from(c.z);
         if z.abs() <= l1 {
             0.0
         } else {
-            -(z - z.signum() * l1) / ((beta + n.sqrt()) / alpha + l2)
+            -(z - z.signum() * l1) / ((beta + sqrt_n) / alpha + l2)
         }
     }
 
@@ -220,17 +226,28 @@ impl Ftrl {
         self.coords.reserve(features.len());
         let mut at = [Found::Absent; N];
         self.locate(features, &mut at);
+        let FtrlConfig {
+            alpha,
+            beta,
+            l1,
+            l2,
+            ..
+        } = self.cfg;
         let mut w = [0.0f64; N];
+        // n and √n of each located coordinate, √n reused by its update (0 for an absent one).
+        let mut n_seen = [0.0f32; N];
+        let mut sqrt_n = [0.0f64; N];
         let mut logit = 0.0;
         for (i, f) in features.iter().enumerate() {
             if let Some(c) = self.coords.at(at[i]) {
-                w[i] = self.weight(c);
+                n_seen[i] = c.n;
+                sqrt_n[i] = f64::from(c.n).sqrt();
+                w[i] = Self::weight_at(c, sqrt_n[i], alpha, beta, l1, l2);
                 logit += w[i] * f.value;
             }
         }
         let p = sigmoid(logit);
         let g0 = (p - f64::from(u8::from(clicked))) * weight;
-        let alpha = self.cfg.alpha;
         for (i, f) in features.iter().enumerate() {
             let g = g0 * f.value;
             let c = match at[i] {
@@ -256,7 +273,14 @@ impl Ftrl {
                 found => self.coords.at_mut(found).expect("located above"),
             };
             let n = f64::from(c.n);
-            let sigma = ((n + g * g).sqrt() - n.sqrt()) / alpha;
+            // √n from the first pass unless an earlier duplicate of this feature in the same
+            // example moved n since (then as before: the current n).
+            let root_n = if c.n == n_seen[i] {
+                sqrt_n[i]
+            } else {
+                n.sqrt()
+            };
+            let sigma = ((n + g * g).sqrt() - root_n) / alpha;
             c.z = (f64::from(c.z) + g - sigma * w[i]) as f32;
             c.n = (n + g * g) as f32;
             c.last_ms = c.last_ms.max(ts_ms);

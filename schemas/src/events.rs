@@ -9,6 +9,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Context fields held inline by [`Context::pairs`] before it spills to the heap.
+pub const INLINE_PAIRS: usize = 8;
+
+/// [`Context::pairs`]: `(name, value)` sorted by name.
+pub type ContextPairs<'a> = smallvec::SmallVec<[(&'a str, &'a str); INLINE_PAIRS]>;
+
 /// Where and how a page was shown. `extra` holds further free-form fields (schema v2+).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Context {
@@ -39,14 +45,18 @@ impl Context {
     }
 
     /// Every field as `(name, value)`, sorted by name: the fixed fields and the extra ones.
-    pub fn pairs(&self) -> Vec<(&str, &str)> {
-        let mut parts: Vec<(&str, &str)> = vec![
-            ("device", &self.device),
-            ("geo", &self.geo),
-            ("query_category", &self.query_category),
+    /// Inline up to [`INLINE_PAIRS`] fields (no allocation on the scoring path).
+    pub fn pairs(&self) -> ContextPairs<'_> {
+        // The fixed fields, in name order.
+        let mut parts: ContextPairs<'_> = smallvec::smallvec![
+            ("device", self.device.as_str()),
+            ("geo", self.geo.as_str()),
+            ("query_category", self.query_category.as_str()),
         ];
-        parts.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        parts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        if !self.extra.is_empty() {
+            parts.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            parts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        }
         parts
     }
 

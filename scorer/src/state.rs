@@ -110,7 +110,17 @@ impl Dedupe {
             return Seen::Unchecked;
         }
         let id = hash_str(LABEL_ID_NS, label_id);
-        if !self.buckets.entry(bucket).or_default().insert(id) {
+        // A new bucket starts at the size of the newest one, so it does not grow by rehashing
+        // through every power of two as it fills.
+        let size_hint = self
+            .buckets
+            .last_key_value()
+            .map_or(0, |(_, ids)| ids.len());
+        let ids = self
+            .buckets
+            .entry(bucket)
+            .or_insert_with(|| HashSet64::with_capacity_and_hasher(size_hint, Default::default()));
+        if !ids.insert(id) {
             return Seen::Duplicate;
         }
         if ts_ms > self.newest_ms {
@@ -156,10 +166,16 @@ impl Sampler {
     /// negatives (more than 1 after stage-two thinning), `None` to shed it.
     pub fn keep_negative(&mut self, ad: &str, stands_for: f64, rate: f64) -> Option<f64> {
         let group = 1.0 / rate.clamp(1e-6, 1.0);
-        let pending = self.skipped.entry(hash_str(SAMPLER_NS, ad)).or_insert(0.0);
+        // No ad has a group open (always so at rate 1): this negative completes its own.
+        if self.skipped.is_empty() && stands_for + 1e-9 >= group {
+            return Some(stands_for);
+        }
+        let key = hash_str(SAMPLER_NS, ad);
+        let pending = self.skipped.entry(key).or_insert(0.0);
         *pending += stands_for;
         if *pending + 1e-9 >= group {
-            Some(std::mem::take(pending))
+            // A completed group leaves nothing open, so the map holds only open groups.
+            self.skipped.remove(&key)
         } else {
             None
         }
@@ -347,13 +363,14 @@ impl PartitionState {
             self.held.saw_negative(l.ts_ms);
         }
         while let Some(p) = self.held.pop_due() {
-            let pairs = p.context.pairs();
             // Validated when it was held, and the models reject only what validation rejects.
-            if self
-                .models
-                .learn(&impression(&p, &pairs), true, 1.0)
-                .is_ok()
-            {
+            let learned = {
+                let pairs = p.context.pairs();
+                self.models
+                    .learn(&impression(&p, &pairs), true, 1.0)
+                    .is_ok()
+            };
+            if learned {
                 self.newest_ms = self.newest_ms.max(p.ts_ms);
             }
             released.push(p);
