@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::example::field_key;
 
+/// Ad slices, keyed by the ad's name, with a fast fixed-seed string hash (the default SipHash
+/// cost more than the slice's own sums; a fixed seed also makes iteration order reproducible).
+type AdSlices = HashMap<String, Metrics, foldhash::fast::FixedState>;
+
 /// Field slices are keyed by [`field_key`], already a hash.
 type FieldSlices = HashMap<u64, (String, String, Metrics), BuildHasherDefault<NoHashHasher<u64>>>;
 
@@ -61,10 +65,6 @@ pub struct ReliabilityBin {
     pub observed: f64,
 }
 
-fn logit(p: f64) -> f64 {
-    (p / (1.0 - p)).ln()
-}
-
 /// One valid prediction with what every set of sums needs from it, computed once: the
 /// logarithms are most of the cost of recording, and a prediction is recorded in several places
 /// (cumulative, window, slices).
@@ -89,13 +89,16 @@ impl Scored {
             return None;
         }
         let p = p.clamp(1e-15, 1.0 - 1e-15);
+        // Two logarithms give the loss, the logit and log10(p).
+        let (ln_p, ln_q) = (p.ln(), (1.0 - p).ln());
         Some(Self {
             w,
             clicked,
             p,
-            loss: w * if clicked { p.ln() } else { (1.0 - p).ln() },
-            auc_x: (logit(p) + LOGIT_RANGE) / (2.0 * LOGIT_RANGE),
-            reliability_bin: ((p.log10() + 4.0) / 4.0 * RELIABILITY_BINS as f64)
+            loss: w * if clicked { ln_p } else { ln_q },
+            auc_x: (ln_p - ln_q + LOGIT_RANGE) / (2.0 * LOGIT_RANGE),
+            reliability_bin: ((ln_p * std::f64::consts::LOG10_E + 4.0) / 4.0
+                * RELIABILITY_BINS as f64)
                 .clamp(0.0, RELIABILITY_BINS as f64 - 1.0) as usize,
         })
     }
@@ -342,7 +345,7 @@ impl WindowedMetrics {
 pub struct SlicedMetrics {
     max_slices: usize,
     auc_bins: usize,
-    by_ad: HashMap<String, Metrics>,
+    by_ad: AdSlices,
     /// Keyed by the field's hash ([`crate::example::field_key`]) so recording allocates nothing;
     /// the names are kept for reports.
     by_field: FieldSlices,
@@ -355,7 +358,7 @@ impl SlicedMetrics {
         Self {
             max_slices,
             auc_bins,
-            by_ad: HashMap::new(),
+            by_ad: AdSlices::default(),
             by_field: FieldSlices::default(),
             overflow: Metrics::with_auc_bins(auc_bins),
         }
