@@ -19,6 +19,15 @@
 //! [`KeyMap`], which is between 1/4 and 1/2 full, so 48–96 bytes per key (`bytes_per_key`
 //! reports the live figure; docs/BENCHMARKS.md has measured values). An impression touches
 //! 3 + (number of context fields) keys: campaign, ad, ad × each field, ad × the full context.
+//!
+//! Bounded memory: with decay on, [`CountModel::evict_faded`] (called at each maintenance
+//! step, as FTRL's idle eviction is) drops the keys whose decayed impressions and clicks have
+//! both fallen below [`FADED_UNITS`]. Such a key weighs under 1/50,000 of its level's prior
+//! strength in its estimate, so dropping it moves that estimate by less than about 2·10⁻⁵ of
+//! itself; what changes is the reported [`Level`] (a faded exact context reads as backed off,
+//! which is what it has become). With the default 6 h half-life, one impression fades after
+//! about 42 h without another, a key of a million after about 7.5 days. Without decay nothing
+//! fades, and the tables grow with the distinct keys seen.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +61,10 @@ impl LevelKeys {
         &self.fields[..self.len]
     }
 }
+
+/// Decayed examination units (and clicks) under which a key has faded and is dropped by
+/// [`CountModel::evict_faded`].
+pub const FADED_UNITS: f64 = 1e-3;
 
 /// Most positions tracked separately; lower slots share the last one.
 pub const MAX_POSITIONS: usize = 16;
@@ -326,6 +339,27 @@ impl CountModel {
         }
     }
 
+    /// Drops every campaign, ad, field and context key whose decayed impressions and clicks
+    /// are both below [`FADED_UNITS`] at the clock's time (see the module docs); returns how
+    /// many. Deterministic: depends only on the state. A no-op without decay. The global and
+    /// per-position counters are never dropped.
+    pub fn evict_faded(&mut self) -> usize {
+        if self.cfg.half_life_ms.is_none() {
+            return 0;
+        }
+        let scale = self.clock.read_scale();
+        let before = self.keys();
+        for m in [
+            &mut self.campaigns,
+            &mut self.ads,
+            &mut self.fields,
+            &mut self.contexts,
+        ] {
+            m.retain(|_, c| c.imps * scale >= FADED_UNITS || c.clicks * scale >= FADED_UNITS);
+        }
+        before - self.keys()
+    }
+
     /// Number of keys stored.
     pub fn keys(&self) -> usize {
         self.campaigns.len() + self.ads.len() + self.fields.len() + self.contexts.len()
@@ -397,6 +431,84 @@ mod tests {
                 .add_late_click(&imp("a", 0, &ctx, 1), 1.0)
                 .is_err()
         );
+    }
+
+    const HOUR: i64 = 3_600_000;
+
+    #[test]
+    fn faded_keys_are_dropped_and_estimates_barely_move() {
+        let mut m = CountModel::new(CountsConfig::default()).unwrap();
+        let (old, busy) = ([("geo", "FR")], [("geo", "US")]);
+        for i in 0..2_000 {
+            m.update(&imp("a", 1, &old, i), i % 20 == 0, 1.0).unwrap();
+        }
+        let keys_with_old = m.keys();
+        // Three days of the other context only: 12 half-lives for the old one.
+        for i in 0..3_000 {
+            m.update(&imp("a", 1, &busy, i * 24 * HOUR / 1_000), i % 25 == 0, 1.0)
+                .unwrap();
+        }
+        let before = m.predict(&imp("a", 1, &old, 72 * HOUR));
+        assert_eq!(before.level, Level::Exact);
+        assert_eq!(
+            m.evict_faded(),
+            0,
+            "2,000 impressions / 2^12 have not faded yet"
+        );
+        // Four more days (28 half-lives since the old context was seen): it has faded.
+        m.update(&imp("a", 1, &busy, 168 * HOUR), false, 1.0)
+            .unwrap();
+        let before = m.predict(&imp("a", 1, &old, 168 * HOUR));
+        let dropped = m.evict_faded();
+        assert_eq!(
+            dropped, 2,
+            "the ad x geo=FR field key and its full-context key"
+        );
+        assert_eq!(m.keys(), keys_with_old);
+        let after = m.predict(&imp("a", 1, &old, 168 * HOUR));
+        assert_eq!(after.level, Level::BackedOff);
+        assert!(
+            (after.p / before.p - 1.0).abs() < 1e-4,
+            "{} vs {}",
+            after.p,
+            before.p
+        );
+        // The busy context and the ad itself are untouched.
+        assert_eq!(
+            m.predict(&imp("a", 1, &busy, 168 * HOUR)).level,
+            Level::Exact
+        );
+    }
+
+    #[test]
+    fn keys_stay_bounded_when_contexts_never_repeat() {
+        let mut m = CountModel::new(CountsConfig::default()).unwrap();
+        let mut most = 0;
+        // A new context value every minute for 30 days, evicting hourly.
+        for minute in 0..30 * 24 * 60 {
+            let value = format!("q{minute}");
+            let ctx = [("query_category", value.as_str())];
+            m.update(&imp("a", 1, &ctx, minute * 60_000), minute % 9 == 0, 1.0)
+                .unwrap();
+            if minute % 60 == 59 {
+                m.evict_faded();
+                most = most.max(m.keys());
+            }
+        }
+        // One impression fades after log2(1000) = 10 half-lives (60 h): about 3,600 contexts
+        // of two keys each are alive at a time, against 86,400 seen.
+        assert!(most < 2 * 3_700 + 10, "{most} keys");
+        assert!(most > 2 * 3_500, "{most} keys: evicting too early");
+    }
+
+    #[test]
+    fn nothing_fades_without_decay() {
+        let mut m = CountModel::new(no_decay()).unwrap();
+        m.update(&imp("a", 1, &[("geo", "US")], 0), false, 1.0)
+            .unwrap();
+        m.update(&imp("a", 1, &[("geo", "FR")], 365 * 24 * HOUR), false, 1.0)
+            .unwrap();
+        assert_eq!(m.evict_faded(), 0);
     }
 
     #[test]

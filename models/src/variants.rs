@@ -270,11 +270,15 @@ impl Variant {
         }
     }
 
-    /// Bounds memory: drops FTRL coordinates idle since `cutoff_ms` and enforces the cap.
+    /// Bounds memory: drops FTRL coordinates idle since `cutoff_ms` and enforces the cap, and
+    /// the count keys that have faded ([`crate::counts::CountModel::evict_faded`]). Returns
+    /// how many entries were dropped.
     pub fn maintain(&mut self, cutoff_ms: i64) -> usize {
-        self.ftrl
+        let ftrl = self
+            .ftrl
             .as_mut()
-            .map_or(0, |f| f.evict_idle(cutoff_ms) + f.enforce_cap())
+            .map_or(0, |f| f.evict_idle(cutoff_ms) + f.enforce_cap());
+        ftrl + self.counts.as_mut().map_or(0, CountModel::evict_faded)
     }
 }
 

@@ -424,7 +424,8 @@ impl PartitionState {
         Ok(outcome)
     }
 
-    /// Bounds model memory: FTRL coordinates idle for `idle_ms` of event time are dropped.
+    /// Bounds model memory: FTRL coordinates idle for `idle_ms` of event time are dropped, and
+    /// count keys that have decayed to nothing (`ctr_models::counts::FADED_UNITS`).
     pub fn maintain(&mut self, idle_ms: i64) -> usize {
         if self.newest_ms == i64::MIN {
             return 0;
