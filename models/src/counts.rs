@@ -34,30 +34,36 @@ use serde::{Deserialize, Serialize};
 use crate::decay::{Counter, DecayClock};
 use crate::error::{Result, check_weight, config};
 use crate::example::{Impression, Keys, MAX_CONTEXT_FIELDS, combine};
-use crate::keymap::KeyMap;
+use crate::keymap::{Found, KeyMap};
 use crate::smoothing::BetaPrior;
 
-/// The keys of the levels under the ad: ad × each context field, ad × the whole context.
-struct LevelKeys {
-    fields: [u64; MAX_CONTEXT_FIELDS],
+/// Every count key of one impression (campaign, ad, ad × each context field, ad × the whole
+/// context) and where each is in its table: found once, then read by the prediction and
+/// written by the update of the same learning step ([`CountModel::locate`]). Filled in place,
+/// so the arrays are never copied.
+#[derive(Debug)]
+pub struct Located {
+    campaign: (u64, Found),
+    ad: (u64, Found),
+    fields: [(u64, Found); MAX_CONTEXT_FIELDS],
     len: usize,
-    context: u64,
+    context: (u64, Found),
 }
 
-impl LevelKeys {
-    fn of(keys: &Keys) -> Self {
-        let mut fields = [0; MAX_CONTEXT_FIELDS];
-        for (slot, f) in fields.iter_mut().zip(keys.fields()) {
-            *slot = combine(keys.ad, *f);
-        }
+impl Default for Located {
+    fn default() -> Self {
         Self {
-            fields,
-            len: keys.fields().len(),
-            context: combine(keys.ad, keys.context),
+            campaign: (0, Found::Absent),
+            ad: (0, Found::Absent),
+            fields: [(0, Found::Absent); MAX_CONTEXT_FIELDS],
+            len: 0,
+            context: (0, Found::Absent),
         }
     }
+}
 
-    fn fields(&self) -> &[u64] {
+impl Located {
+    fn fields(&self) -> &[(u64, Found)] {
         &self.fields[..self.len]
     }
 }
@@ -215,17 +221,44 @@ impl CountModel {
 
     /// [`CountModel::predict`] with `x`'s keys already computed.
     pub fn predict_keys(&self, x: &Impression<'_>, keys: &Keys) -> Estimate {
+        let mut at = Located::default();
+        self.find(keys, &mut at);
+        self.predict_located(x, &at)
+    }
+
+    /// Finds where each of `keys`' count keys is, into `at`, after making room for all of them
+    /// to be new, so the locations stay valid through [`CountModel::update_located`]'s
+    /// inserts. Locating once serves the prediction and the update of one learning step.
+    pub fn locate(&mut self, keys: &Keys, at: &mut Located) {
+        self.campaigns.reserve(1);
+        self.ads.reserve(1);
+        self.fields.reserve(keys.fields().len());
+        self.contexts.reserve(1);
+        self.find(keys, at);
+    }
+
+    /// Every key is hashed before the first lookup, so the lookups' cache misses overlap.
+    fn find(&self, keys: &Keys, at: &mut Located) {
+        at.len = keys.fields().len();
+        for (slot, f) in at.fields.iter_mut().zip(keys.fields()) {
+            slot.0 = combine(keys.ad, *f);
+        }
+        at.context.0 = combine(keys.ad, keys.context);
+        at.campaign = (keys.campaign, self.campaigns.find(keys.campaign));
+        at.ad = (keys.ad, self.ads.find(keys.ad));
+        for slot in &mut at.fields[..at.len] {
+            slot.1 = self.fields.find(slot.0);
+        }
+        at.context.1 = self.contexts.find(at.context.0);
+    }
+
+    /// [`CountModel::predict`] at keys from [`CountModel::locate`] (nothing changed since).
+    pub fn predict_located(&self, x: &Impression<'_>, at: &Located) -> Estimate {
         let scale = self.clock.read_scale();
         let global = self.global_rate(scale);
-        let levels = LevelKeys::of(keys);
-        // Every key is known before the first lookup, so the lookups' cache misses overlap.
-        let campaign = self.campaigns.get(keys.campaign).copied();
-        let ad_counter = self.ads.get(keys.ad).copied();
-        let mut field_counters = [Counter::default(); MAX_CONTEXT_FIELDS];
-        for (c, k) in field_counters.iter_mut().zip(levels.fields()) {
-            *c = self.fields.get(*k).copied().unwrap_or_default();
-        }
-        let ctx_counter = self.contexts.get(levels.context).copied();
+        let campaign = self.campaigns.at(at.campaign.1).copied();
+        let ad_counter = self.ads.at(at.ad.1).copied();
+        let ctx_counter = self.contexts.at(at.context.1).copied();
 
         let (p_campaign, _) = smooth(
             campaign.unwrap_or_default(),
@@ -239,13 +272,16 @@ impl CountModel {
             p_campaign,
             self.cfg.ad_strength,
         );
-        let fields = &field_counters[..levels.len];
+        let fields = at.fields();
         let parent = if fields.is_empty() {
             p_ad
         } else {
             let sum: f64 = fields
                 .iter()
-                .map(|c| smooth(*c, scale, p_ad, self.cfg.field_strength).0)
+                .map(|(_, f)| {
+                    let c = self.fields.at(*f).copied().unwrap_or_default();
+                    smooth(c, scale, p_ad, self.cfg.field_strength).0
+                })
                 .sum();
             sum / fields.len() as f64
         };
@@ -286,6 +322,17 @@ impl CountModel {
         self.add(x, keys, weight, 1.0, f64::from(u8::from(clicked)))
     }
 
+    /// [`CountModel::update_keys`] at keys from [`CountModel::locate`] (nothing changed since).
+    pub fn update_located(
+        &mut self,
+        x: &Impression<'_>,
+        at: &Located,
+        clicked: bool,
+        weight: f64,
+    ) -> Result<()> {
+        self.add_located(x, at, weight, 1.0, f64::from(u8::from(clicked)))
+    }
+
     /// Adds a click to an impression already learned as a negative (a late-click correction
     /// from the joiner): clicks grow at every level, impressions do not.
     pub fn add_late_click(&mut self, x: &Impression<'_>, weight: f64) -> Result<()> {
@@ -303,6 +350,23 @@ impl CountModel {
     ) -> Result<()> {
         check_weight(weight)?;
         x.validate()?;
+        let mut at = Located::default();
+        self.locate(keys, &mut at);
+        self.add_located(x, &at, weight, imps, y)
+    }
+
+    /// [`CountModel::add`] at located keys. Rescaling (a landmark move) changes values in
+    /// place, never locations.
+    fn add_located(
+        &mut self,
+        x: &Impression<'_>,
+        at: &Located,
+        weight: f64,
+        imps: f64,
+        y: f64,
+    ) -> Result<()> {
+        check_weight(weight)?;
+        x.validate()?;
         if let Some(f) = self.clock.observe(x.ts_ms) {
             self.rescale(f);
         }
@@ -314,15 +378,22 @@ impl CountModel {
         let scale = self.clock.read_scale();
         let e = imps * self.position_bias_at(x.position, scale, self.global_rate(scale));
         self.global.add(g, e, y);
-        // All hashing is done before the first table access: the updates below do not depend
-        // on each other, so their cache misses overlap.
-        let levels = LevelKeys::of(keys);
-        self.campaigns.entry_or_default(keys.campaign).add(g, e, y);
-        self.ads.entry_or_default(keys.ad).add(g, e, y);
-        for &k in levels.fields() {
-            self.fields.entry_or_default(k).add(g, e, y);
+        // A key absent when located is inserted now (looked up again: an earlier level of
+        // this impression may have inserted the same key); a present one is where it was found.
+        fn slot(m: &mut KeyMap<Counter>, (key, found): (u64, Found)) -> &mut Counter {
+            match found {
+                Found::Absent => m.entry_or_default(key),
+                found => m
+                    .at_mut(found)
+                    .expect("located, and the table has not grown since"),
+            }
         }
-        self.contexts.entry_or_default(levels.context).add(g, e, y);
+        slot(&mut self.campaigns, at.campaign).add(g, e, y);
+        slot(&mut self.ads, at.ad).add(g, e, y);
+        for &f in at.fields() {
+            slot(&mut self.fields, f).add(g, e, y);
+        }
+        slot(&mut self.contexts, at.context).add(g, e, y);
         Ok(())
     }
 

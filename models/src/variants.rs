@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::Platt;
-use crate::counts::{CountModel, CountsConfig, Level};
+use crate::counts::{CountModel, CountsConfig, Estimate, Level, Located};
 use crate::error::{ModelError, Result, check_weight};
 use crate::eval::{Metrics, Scored, SlicedMetrics, WindowedMetrics};
 use crate::example::{COUNT_FEATURE_KEY, Feature, FeatureSpec, Impression, Keys, extract_keys};
@@ -168,14 +168,9 @@ impl Variant {
         self.ftrl.as_ref()
     }
 
-    /// Fills `features` for `x`; returns the count estimate used, if any.
-    fn features(
-        &self,
-        x: &Impression<'_>,
-        keys: &Keys,
-        features: &mut Vec<Feature>,
-    ) -> Option<crate::counts::Estimate> {
-        let est = self.counts.as_ref().map(|c| c.predict_keys(x, keys));
+    /// Fills `features` with FTRL's features of an impression (and the count estimate `est` as
+    /// one, for a combined variant).
+    fn features(&self, keys: &Keys, est: Option<Estimate>, features: &mut Vec<Feature>) {
         if self.ftrl.is_some() {
             extract_keys(&self.cfg.features, keys, features);
             if let Some(e) = est {
@@ -185,13 +180,14 @@ impl Variant {
                 });
             }
         }
-        est
     }
 
     /// The variant's prediction for `x`, without learning.
     pub fn predict(&self, x: &Impression<'_>) -> Prediction {
         let mut features = Vec::with_capacity(32);
-        let est = self.features(x, &Keys::of(x), &mut features);
+        let keys = Keys::of(x);
+        let est = self.counts.as_ref().map(|c| c.predict_keys(x, &keys));
+        self.features(&keys, est, &mut features);
         let raw = match &self.ftrl {
             Some(f) => f.predict(&features),
             None => est.map_or(0.5, |e| e.p),
@@ -220,8 +216,14 @@ impl Variant {
     ) -> Result<Prediction> {
         check_weight(weight)?;
         x.validate()?;
+        // The count keys are located once, for the prediction and for the update below.
+        let mut at = Located::default();
+        let est = self.counts.as_mut().map(|c| {
+            c.locate(keys, &mut at);
+            c.predict_located(x, &at)
+        });
         let mut features = std::mem::take(&mut self.scratch);
-        let est = self.features(x, keys, &mut features);
+        self.features(keys, est, &mut features);
         let raw = match &mut self.ftrl {
             Some(f) => f.learn(&features, clicked, weight, x.ts_ms),
             None => Ok(est.map_or(0.5, |e| e.p)),
@@ -232,7 +234,7 @@ impl Variant {
         self.scratch = features;
         let raw = raw?;
         if let Some(c) = &mut self.counts {
-            c.update_keys(x, keys, clicked, weight)?;
+            c.update_located(x, &at, clicked, weight)?;
         }
         let p = match &mut self.platt {
             Some(c) => {
