@@ -132,25 +132,7 @@ impl Ftrl {
     }
 
     fn weight(&self, c: &Coord) -> f64 {
-        let FtrlConfig {
-            alpha,
-            beta,
-            l1,
-            l2,
-            ..
-        } = self.cfg;
-        Self::weight_at(c, f64::from(c.n).sqrt(), alpha, beta, l1, l2)
-    }
-
-    /// [`Ftrl::weight`] with `sqrt_n` = √n already computed (the update needs it too).
-    #[inline(always)]
-    fn weight_at(c: &Coord, sqrt_n: f64, alpha: f64, beta: f64, l1: f64, l2: f64) -> f64 {
-        let z = f64::from(c.z);
-        if z.abs() <= l1 {
-            0.0
-        } else {
-            -(z - z.signum() * l1) / ((beta + sqrt_n) / alpha + l2)
-        }
+        weight_at(&self.cfg, c, f64::from(c.n).sqrt())
     }
 
     /// Probability of a click for these features.
@@ -226,13 +208,7 @@ impl Ftrl {
         self.coords.reserve(features.len());
         let mut at = [Found::Absent; N];
         self.locate(features, &mut at);
-        let FtrlConfig {
-            alpha,
-            beta,
-            l1,
-            l2,
-            ..
-        } = self.cfg;
+        let cfg = self.cfg;
         let mut w = [0.0f64; N];
         // n and √n of each located coordinate, √n reused by its update (0 for an absent one).
         let mut n_seen = [0.0f32; N];
@@ -242,7 +218,7 @@ impl Ftrl {
             if let Some(c) = self.coords.at(at[i]) {
                 n_seen[i] = c.n;
                 sqrt_n[i] = f64::from(c.n).sqrt();
-                w[i] = Self::weight_at(c, sqrt_n[i], alpha, beta, l1, l2);
+                w[i] = weight_at(&cfg, c, sqrt_n[i]);
                 logit += w[i] * f.value;
             }
         }
@@ -280,7 +256,7 @@ impl Ftrl {
             } else {
                 n.sqrt()
             };
-            let sigma = ((n + g * g).sqrt() - root_n) / alpha;
+            let sigma = ((n + g * g).sqrt() - root_n) / cfg.alpha;
             c.z = (f64::from(c.z) + g - sigma * w[i]) as f32;
             c.n = (n + g * g) as f32;
             c.last_ms = c.last_ms.max(ts_ms);
@@ -328,6 +304,17 @@ impl Ftrl {
 
     pub fn filter_bytes(&self) -> usize {
         self.filter.len()
+    }
+}
+
+/// A coordinate's weight, with `sqrt_n` = √n already computed (the update needs it too).
+#[inline(always)]
+fn weight_at(cfg: &FtrlConfig, c: &Coord, sqrt_n: f64) -> f64 {
+    let z = f64::from(c.z);
+    if z.abs() <= cfg.l1 {
+        0.0
+    } else {
+        -(z - z.signum() * cfg.l1) / ((cfg.beta + sqrt_n) / cfg.alpha + cfg.l2)
     }
 }
 
