@@ -11,30 +11,11 @@
 
 use std::io::Write;
 
-/// xorshift64*: enough for test data, and no dependency.
-struct Rng(u64);
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
 
-impl Rng {
-    fn unit(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-const GEOS: [&str; 6] = ["US", "DE", "FR", "JP", "BR", "IN"];
-const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
-const CATS: [&str; 8] = [
-    "travel",
-    "electronics",
-    "finance",
-    "fashion",
-    "autos",
-    "health",
-    "food",
-    "sports",
-];
+// The live simulator's vocabulary, so the two streams describe the same marketplace.
+use ctr_ingest::sim::{CATEGORIES, DEVICES, GEOS};
 
 fn main() -> std::io::Result<()> {
     let n: u64 = std::env::args()
@@ -46,7 +27,7 @@ fn main() -> std::io::Result<()> {
         .and_then(|a| a.parse().ok())
         .filter(|h| (1..=24).contains(h))
         .unwrap_or(24);
-    let mut rng = Rng(0x5eed_1abe_11ed_0001);
+    let mut rng = Pcg64Mcg::seed_from_u64(0x5eed_1abe_11ed_0001);
     let ads = 10_000usize;
     let ctr: Vec<f64> = (0..ads)
         .map(|i| 0.01 + 0.02 * ((i * 37) % 100) as f64 / 100.0)
@@ -54,15 +35,15 @@ fn main() -> std::io::Result<()> {
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, out.lock());
     for i in 0..n {
-        let ad = (rng.unit().powi(3) * ads as f64) as usize;
-        let pos = 1 + (rng.unit() * 4.0) as usize;
-        let geo = GEOS[(rng.unit() * 6.0) as usize];
-        let device = DEVICES[(rng.unit() * 3.0) as usize];
-        let cat = CATS[(rng.unit() * 8.0) as usize];
+        let ad = (rng.random::<f64>().powi(3) * ads as f64) as usize;
+        let pos = 1 + (rng.random::<f64>() * 4.0) as usize;
+        let geo = GEOS[(rng.random::<f64>() * GEOS.len() as f64) as usize];
+        let device = DEVICES[(rng.random::<f64>() * DEVICES.len() as f64) as usize];
+        let cat = CATEGORIES[(rng.random::<f64>() * CATEGORIES.len() as f64) as usize];
         let hour = (i / 720_000) % hours; // an hour of event time is 720,000 records at 5 ms
         let p =
             ctr[ad] * [1.0, 0.7, 0.5, 0.35][pos - 1] * if device == "mobile" { 1.2 } else { 0.9 };
-        let clicked = rng.unit() < p;
+        let clicked = rng.random::<f64>() < p;
         writeln!(
             out,
             r#"{{"ts_ms":{},"ad_id":"ad-{ad:05}","campaign_id":"camp-{:03}","label_id":"{i}:ad-{ad:05}","position":{pos},"context":{{"query_category":"{cat}","geo":"{geo}","device":"{device}","hour":"{hour}"}},"clicked":{clicked}}}"#,

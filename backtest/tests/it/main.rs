@@ -3,31 +3,21 @@
 use std::path::{Path, PathBuf};
 
 use ctr_backtest::{BacktestArgs, Format, backtest};
-
-/// xorshift64*: a seeded stream, enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn unit(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
 
 /// `n` labeled impressions: 40 ads with CTRs from 1% to 9%, halved below position 1, doubled
 /// for an ad's favourite device; clicks drawn from the true probability.
 fn write_input(path: &Path, n: usize, bad_line_at: Option<usize>) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Pcg64Mcg::seed_from_u64(0x9e37_79b9_7f4a_7c15);
     let mut out = String::new();
     for i in 0..n {
         if Some(i) == bad_line_at {
             out.push_str("{\"ts_ms\": 1, \"ad_id\": \"broken\"\n");
         }
-        let ad = (rng.unit() * 40.0) as usize;
-        let position = 1 + (rng.unit() * 3.0) as usize;
-        let device = ["mobile", "desktop"][(rng.unit() * 2.0) as usize];
+        let ad = (rng.random::<f64>() * 40.0) as usize;
+        let position = 1 + (rng.random::<f64>() * 3.0) as usize;
+        let device = ["mobile", "desktop"][(rng.random::<f64>() * 2.0) as usize];
         let mut p = 0.01 + 0.002 * ad as f64;
         if position > 1 {
             p /= 2.0;
@@ -35,7 +25,7 @@ fn write_input(path: &Path, n: usize, bad_line_at: Option<usize>) {
         if ad.is_multiple_of(2) == (device == "mobile") {
             p *= 2.0;
         }
-        let clicked = rng.unit() < p;
+        let clicked = rng.random::<f64>() < p;
         out.push_str(&format!(
             "{{\"ts_ms\":{},\"ad_id\":\"ad-{ad}\",\"position\":{position},\"context\":{{\"query_category\":\"q{}\",\"geo\":\"US\",\"device\":\"{device}\"}},\"clicked\":{clicked},\"ignored\":[1,2]}}\n",
             1_760_000_000_000i64 + i as i64 * 20,
@@ -177,7 +167,7 @@ fn raw_events_are_labeled_by_the_joiner_logic() {
     let input = d.join("events.jsonl");
     let t0 = 1_760_000_000_000i64;
     let mut lines = Vec::new();
-    let mut rng = Rng(7);
+    let mut rng = Pcg64Mcg::seed_from_u64(7);
     let (mut impressions, mut in_window, mut late) = (0u64, 0u64, 0u64);
     let mut pending: Vec<(i64, String)> = Vec::new();
     for i in 0..5_000i64 {
@@ -206,8 +196,12 @@ fn raw_events_are_labeled_by_the_joiner_logic() {
             shown.join(",")
         ));
         impressions += ads.len() as u64;
-        if rng.unit() < 0.1 {
-            let delay = if rng.unit() < 0.2 { 60_000 } else { 2_000 };
+        if rng.random::<f64>() < 0.1 {
+            let delay = if rng.random::<f64>() < 0.2 {
+                60_000
+            } else {
+                2_000
+            };
             if delay > 35_000 {
                 late += 1
             } else {
