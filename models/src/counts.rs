@@ -308,21 +308,10 @@ impl CountModel {
     /// Learns from one labeled impression with importance weight `weight` (1 normally; 1/r for
     /// an event kept with probability r when sampling).
     pub fn update(&mut self, x: &Impression<'_>, clicked: bool, weight: f64) -> Result<()> {
-        self.update_keys(x, &Keys::of(x), clicked, weight)
+        self.add(x, &Keys::of(x), weight, 1.0, f64::from(u8::from(clicked)))
     }
 
-    /// [`CountModel::update`] with `x`'s keys already computed.
-    pub fn update_keys(
-        &mut self,
-        x: &Impression<'_>,
-        keys: &Keys,
-        clicked: bool,
-        weight: f64,
-    ) -> Result<()> {
-        self.add(x, keys, weight, 1.0, f64::from(u8::from(clicked)))
-    }
-
-    /// [`CountModel::update_keys`] at keys from [`CountModel::locate`] (nothing changed since).
+    /// [`CountModel::update`] at keys from [`CountModel::locate`] (nothing changed since).
     pub fn update_located(
         &mut self,
         x: &Impression<'_>,
