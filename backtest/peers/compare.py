@@ -120,9 +120,10 @@ def run_river(rows):
     return preds, time.perf_counter() - start
 
 
-def run_ours(path, binary, baseline):
+def run_ours(path, binary, baseline, layout_partitions):
     with tempfile.TemporaryDirectory() as out:
-        cmd = [binary, "--input", str(path), "--report", out, "--no-progress"]
+        cmd = [binary, "--input", str(path), "--report", out, "--no-progress",
+               "--layout-partitions", str(layout_partitions)]
         if baseline:
             cmd.append("--batch-baseline")
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
@@ -144,6 +145,8 @@ def main():
     ap.add_argument("--binary", default=str(repo / "target" / "release" / "ctr-backtest"))
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs per learner, interleaved; the best rate is kept")
+    ap.add_argument("--layout-partitions", type=int, default=1,
+                    help="ours in the layout of an N-partition labeled topic, as production learns (default 1: one state)")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -157,7 +160,7 @@ def main():
     ours = None
     for rep in range(args.repeat):
         # The batch baseline (a slow fit) only once: it does not touch the online rates.
-        run = run_ours(args.input, args.binary, baseline=rep == 0)
+        run = run_ours(args.input, args.binary, rep == 0, args.layout_partitions)
         ours = ours or run
         for m in run["models"]:
             name = f"ours: {m['name']}"
@@ -177,6 +180,8 @@ def main():
         results[name]["events_per_sec_runs"] = r
     vw_rate, river_rate = results[vw_name]["events_per_sec"], results[river_name]["events_per_sec"]
     print(f"{len(rows)} examples, observed CTR {np.mean(y):.4f}; rates are the best of {args.repeat} interleaved runs")
+    if args.layout_partitions > 1:
+        print(f"ours: in the layout of a {args.layout_partitions}-partition labeled topic (each partition learns alone)")
     print(f"{'learner':44} {'log loss':>9} {'NE':>7} {'AUC':>7} {'calib':>7} {'examples/s':>11} {'vs VW':>7} {'vs River':>8}")
     for name, m in list(results.items()):
         rate = m["events_per_sec"]

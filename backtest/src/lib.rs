@@ -27,6 +27,9 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::PathBuf;
 
+/// Most partitions `--layout-partitions` takes (each holds a full set of models).
+pub const MAX_LAYOUT_PARTITIONS: u32 = 1_024;
+
 /// The input's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -88,6 +91,12 @@ pub struct BacktestArgs {
     /// what its live owner learned from.
     #[arg(long, value_delimiter = ',')]
     pub partitions: Option<Vec<i32>>,
+    /// Replay the layout of a labeled topic with this many partitions: each record learned in
+    /// the partition its ad ID is produced to, each partition alone, as its live owner learns
+    /// (use the production topic's count to replay what production learned). 1: one state
+    /// learns from everything.
+    #[arg(long, default_value_t = 1)]
+    pub layout_partitions: u32,
     /// Also fit a `linfa-logistic` logistic regression on the first half of the input and
     /// score the second half, beside every variant's metrics over that second half (reads the
     /// input three times: to count, to replay, to fit and score).
@@ -128,13 +137,18 @@ pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
             "need sample_every >= 1, dedupe_horizon_ms >= 1000, idle_ms > 0".into(),
         ));
     }
+    if !(1..=MAX_LAYOUT_PARTITIONS).contains(&args.layout_partitions) {
+        return Err(Error::Settings(format!(
+            "need 1 <= layout_partitions <= {MAX_LAYOUT_PARTITIONS}"
+        )));
+    }
     let mut cfg = run::RunConfig {
-        models,
         dedupe_horizon_ms: args.dedupe_horizon_ms,
         idle_ms: args.idle_ms,
         sample_every: args.sample_every,
         skip_invalid: args.skip_invalid,
-        split_at: None,
+        partitions: args.layout_partitions,
+        ..run::RunConfig::new(models)
     };
     if args.batch_baseline {
         // A first pass counts the records, so both halves are known before the online run.

@@ -89,7 +89,7 @@ impl Report {
                 .runs
                 .iter()
                 .map(|r| {
-                    let m = r.state.models().variants()[0].metrics();
+                    let m = r.metrics();
                     ModelReport {
                         name: r.name.clone(),
                         log_loss: m.log_loss(),
@@ -170,7 +170,7 @@ fn markdown(input: &str, outcome: &RunOutcome, report: &Report) -> String {
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     for (m, run) in report.models.iter().zip(&outcome.runs) {
-        let bound = run.state.models().variants()[0]
+        let bound = run
             .metrics()
             .auc_error_bound()
             .map_or(String::new(), |b| format!(" ± {b:.1e}"));
@@ -274,8 +274,7 @@ fn plot_calibration(path: &Path, outcome: &RunOutcome) -> Result<(), ReportError
         .runs
         .iter()
         .map(|r| {
-            r.state.models().variants()[0]
-                .metrics()
+            r.metrics()
                 .reliability()
                 .iter()
                 .map(|b| (b.mean_predicted, b.observed))

@@ -3,10 +3,22 @@
 //! shedding, learning on), with progressive validation (every example is scored before the
 //! model learns from it; the variants record it).
 //!
-//! Each variant runs in its own partition state so its cost can be timed apart; variants never
-//! interact, so its state is the one it would have beside the others. Records are handled in
-//! chunks of [`CHUNK`]: one clock reading per chunk and variant keeps the timing honest and
-//! cheap. Memory is bounded by the models (FTRL coordinates idle for `idle_ms` of event time
+//! Each variant runs in its own partition states so its cost can be timed apart; variants never
+//! interact, so its state is the one it would have beside the others.
+//!
+//! The layout is the live one's: with [`RunConfig::partitions`] = N, each record goes to the
+//! partition the producers' partitioner gives its key, the ad ID, in an N-partition labeled
+//! topic ([`partition_of`]), and each partition learns alone, as its live owner does. So a
+//! backtest with the production partition count ends with every partition in the state its
+//! live owner reaches. With N = 1 (the default) one state learns from everything, as the
+//! owner of a one-partition topic does. Metrics are summed over the partitions. Partitions
+//! learn one after another on this thread: learning them on several threads was tried and
+//! was slower, because each record then crosses cores from the thread that parsed it (see
+//! docs/BENCHMARKS.md).
+//!
+//! Records are handled in chunks of [`CHUNK`]: one clock reading per chunk and variant keeps
+//! the timing honest and cheap, and a chunk is small enough that its records, read once per
+//! variant, are still in the cache (16k records per chunk cost a third of the rate). Memory is bounded by the models (FTRL coordinates idle for `idle_ms` of event time
 //! are evicted every [`MAINTAIN_EVERY`] records, as the scorer does at each checkpoint) and
 //! the label-ID dedupe horizon, never by the input's length.
 
@@ -38,6 +50,34 @@ pub struct RunConfig {
     /// Take a copy of every variant's metrics once this many records have been read (the
     /// batch baseline's split), so the report can give the metrics of the records after it.
     pub split_at: Option<u64>,
+    /// Partitions of the labeled topic whose layout is replayed (at least 1).
+    pub partitions: u32,
+}
+
+impl RunConfig {
+    /// The scorer's defaults for `models`: one partition, no split.
+    pub fn new(models: Vec<VariantConfig>) -> Self {
+        Self {
+            models,
+            dedupe_horizon_ms: 900_000,
+            idle_ms: 3_600_000,
+            sample_every: 10_000,
+            skip_invalid: false,
+            split_at: None,
+            partitions: 1,
+        }
+    }
+}
+
+/// Seed of Kafka's murmur2 partitioner (`org.apache.kafka.common.utils.Utils.murmur2`, which
+/// librdkafka's `murmur2_random` reproduces).
+const KAFKA_MURMUR2_SEED: u32 = 0x9747_b28c;
+
+/// The partition of a labeled topic with `partitions` partitions that the project's producers
+/// (`murmur2_random`, Java-compatible) give a record keyed `ad_id`: where its ad is learned
+/// live.
+pub fn partition_of(ad_id: &str, partitions: u32) -> u32 {
+    (murmur2::murmur2(ad_id.as_bytes(), KAFKA_MURMUR2_SEED) & 0x7fff_ffff) % partitions.max(1)
 }
 
 /// Why a backtest stopped.
@@ -67,7 +107,8 @@ pub struct Point {
 #[derive(Debug)]
 pub struct ModelRun {
     pub name: String,
-    pub state: PartitionState,
+    /// The variant's state in each partition (partition `p` at index `p`).
+    pub states: Vec<PartitionState>,
     /// Time spent in this variant's learning path (apply and maintenance).
     pub busy: Duration,
     pub timeline: Vec<Point>,
@@ -76,8 +117,19 @@ pub struct ModelRun {
 }
 
 impl ModelRun {
+    /// The variant's cumulative metrics, summed over the partitions.
+    pub fn metrics(&self) -> ctr_models::Metrics {
+        let mut states = self
+            .states
+            .iter()
+            .map(|s| s.models().variants()[0].metrics());
+        let mut sum = states.next().cloned().unwrap_or_default();
+        states.for_each(|m| sum.merge(m));
+        sum
+    }
+
     fn point(&self, events: u64) -> Point {
-        let m = self.state.models().variants()[0].metrics();
+        let m = self.metrics();
         Point {
             events,
             log_loss: m.log_loss(),
@@ -89,7 +141,7 @@ impl ModelRun {
 
     /// The variant's metrics over the records after [`RunConfig::split_at`].
     pub fn after_split(&self) -> Option<ctr_models::Metrics> {
-        let now = self.state.models().variants()[0].metrics();
+        let now = self.metrics();
         self.at_split.as_ref().map(|then| now.since(then))
     }
 
@@ -123,6 +175,47 @@ pub fn run_labeled(
     run(LabeledJsonl::new(reader), cfg, progress)
 }
 
+/// One record of a chunk: the label, its context key and its partition.
+struct Record {
+    label: LabeledImpression,
+    context_key: String,
+    partition: u32,
+}
+
+/// What one chunk did to one variant's partitions.
+#[derive(Default)]
+struct Applied {
+    duplicates: u64,
+    /// Indices (in the chunk) of the records a model refused.
+    refused: Vec<usize>,
+}
+
+/// Applies the records of a chunk to one variant's partition states (`by_partition[p]`: the
+/// indices of partition `p`'s records, in order).
+fn apply_partitions(
+    states: &mut [PartitionState],
+    chunk: &[Record],
+    by_partition: &[Vec<usize>],
+) -> Applied {
+    let mut applied = Applied::default();
+    let mut released = Vec::new();
+    for (state, indices) in states.iter_mut().zip(by_partition) {
+        for &i in indices {
+            let r = &chunk[i];
+            // Clicks released by this record: the live scorer republishes their ads; a
+            // backtest has nothing to republish.
+            released.clear();
+            match state.apply(&r.label, &r.context_key, Policy::NORMAL, &mut released) {
+                Ok(ctr_scorer::state::Outcome::Duplicate) => applied.duplicates += 1,
+                Ok(_) => {}
+                // A model refused the example (nothing changed): like the scorer's poison.
+                Err(_) => applied.refused.push(i),
+            }
+        }
+    }
+    applied
+}
+
 /// Replays `source` through every variant. `progress` is called after each chunk with the
 /// number of records so far.
 pub fn run(
@@ -131,23 +224,25 @@ pub fn run(
     mut progress: impl FnMut(u64),
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
+    let partitions = cfg.partitions.max(1);
     let mut runs = cfg
         .models
         .iter()
         .map(|m| {
+            let set = ModelSet::new(vec![m.clone()]).map_err(RunError::Models)?;
             Ok(ModelRun {
                 name: m.name.clone(),
-                state: PartitionState::new(
-                    ModelSet::new(vec![m.clone()]).map_err(RunError::Models)?,
-                    cfg.dedupe_horizon_ms,
-                ),
+                states: (0..partitions)
+                    .map(|_| PartitionState::new(set.clone(), cfg.dedupe_horizon_ms))
+                    .collect(),
                 busy: Duration::ZERO,
                 timeline: Vec::new(),
                 at_split: None,
             })
         })
         .collect::<Result<Vec<_>, RunError>>()?;
-    let mut chunk: Vec<(LabeledImpression, String)> = Vec::with_capacity(CHUNK);
+    let mut chunk: Vec<Record> = Vec::with_capacity(CHUNK);
+    let mut by_partition: Vec<Vec<usize>> = vec![Vec::new(); partitions as usize];
     let (mut events, mut skipped, mut duplicates) = (0u64, 0u64, 0u64);
     let mut refused = vec![false; CHUNK];
     let mut done = false;
@@ -159,10 +254,13 @@ pub fn run(
         // A chunk ends at the split, so the copy is taken exactly there.
         while chunk.len() < CHUNK && (split_taken || cfg.split_at != Some(read)) {
             match input.next_labeled() {
-                Ok(Some(l)) => {
+                Ok(Some(label)) => {
                     read += 1;
-                    let key = l.context.key();
-                    chunk.push((l, key));
+                    chunk.push(Record {
+                        context_key: label.context.key(),
+                        partition: partition_of(&label.ad_id, partitions),
+                        label,
+                    });
                 }
                 Ok(None) => {
                     done = true;
@@ -178,22 +276,22 @@ pub fn run(
                 Err(Err(io)) => return Err(RunError::Io(io)),
             }
         }
+        by_partition.iter_mut().for_each(Vec::clear);
+        for (i, r) in chunk.iter().enumerate() {
+            by_partition[r.partition as usize].push(i);
+        }
         refused.iter_mut().for_each(|r| *r = false);
-        let mut released = Vec::new();
         for (v, run) in runs.iter_mut().enumerate() {
             let t = Instant::now();
-            for (i, (l, key)) in chunk.iter().enumerate() {
-                // Clicks released by this record: the live scorer republishes their ads; a
-                // backtest has nothing to republish.
-                released.clear();
-                match run.state.apply(l, key, Policy::NORMAL, &mut released) {
-                    Ok(ctr_scorer::state::Outcome::Duplicate) if v == 0 => duplicates += 1,
-                    Ok(_) => {}
-                    // A model refused the example (nothing changed): like the scorer's poison.
-                    Err(_) => refused[i] = true,
-                }
-            }
+            let applied = apply_partitions(&mut run.states, &chunk, &by_partition);
             run.busy += t.elapsed();
+            // Every variant sees the same duplicates: count them once.
+            if v == 0 {
+                duplicates += applied.duplicates;
+            }
+            for i in applied.refused {
+                refused[i] = true;
+            }
         }
         let refused_now = refused[..chunk.len()].iter().filter(|r| **r).count() as u64;
         skipped += refused_now;
@@ -202,13 +300,15 @@ pub fn run(
         if before / MAINTAIN_EVERY != events / MAINTAIN_EVERY {
             for run in &mut runs {
                 let t = Instant::now();
-                run.state.maintain(cfg.idle_ms);
+                for state in &mut run.states {
+                    state.maintain(cfg.idle_ms);
+                }
                 run.busy += t.elapsed();
             }
         }
         if !split_taken && cfg.split_at == Some(read) {
             for run in &mut runs {
-                run.at_split = Some(run.state.models().variants()[0].metrics().clone());
+                run.at_split = Some(run.metrics());
             }
             split_taken = true;
         }
@@ -229,4 +329,40 @@ pub fn run(
         wall: started.elapsed(),
         notes: input.notes(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_kafkas_murmur2_partitions() {
+        // Kafka's own murmur2 test vectors (`UtilsTest.testMurmur2`), as the partitioner takes
+        // them: the sign bit cleared, then modulo the partition count.
+        let cases: [(&str, i32); 5] = [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+        ];
+        for (key, hash) in cases {
+            let positive = (hash as u32) & 0x7fff_ffff;
+            for n in [1, 2, 4, 7, 12] {
+                assert_eq!(partition_of(key, n), positive % n, "{key} in {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_partition_takes_everything() {
+        assert!(
+            ["ad-1", "ad-2", "x"]
+                .iter()
+                .all(|a| partition_of(a, 1) == 0)
+        );
+    }
 }

@@ -59,6 +59,7 @@ fn args(input: &Path, report: &Path) -> BacktestArgs {
         from: ctr_backtest::topic::Bound::Beginning,
         to: ctr_backtest::topic::Bound::End,
         partitions: None,
+        layout_partitions: 1,
         batch_baseline: false,
         skip_invalid: false,
         no_progress: true,
@@ -291,4 +292,51 @@ fn the_batch_baseline_is_scored_on_the_second_half_beside_the_online_variants() 
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("r/report.json")).unwrap()).unwrap();
     assert_eq!(json["baseline"]["batch"]["scored"], 30_000);
+}
+
+#[test]
+fn a_partitioned_layout_learns_each_ad_in_its_partition_alone() {
+    use ctr_backtest::run::{RunConfig, partition_of, run_labeled};
+    let d = dir("layout");
+    let input = d.join("labeled.jsonl");
+    write_input(&input, 30_000, None);
+    let replay = |partitions| {
+        let cfg = RunConfig {
+            partitions,
+            ..RunConfig::new(ctr_scorer::config::parse_models("counts,ftrl,combined").unwrap())
+        };
+        let file = std::io::BufReader::new(std::fs::File::open(&input).unwrap());
+        run_labeled(file, &cfg, |_| {}).unwrap()
+    };
+    let (whole, split, again) = (replay(1), replay(4), replay(4));
+    assert_eq!(split.events, 30_000);
+    // Records per partition, as the producers would place them.
+    let mut per_partition = [0u64; 4];
+    for line in std::fs::read_to_string(&input).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        per_partition[partition_of(v["ad_id"].as_str().unwrap(), 4) as usize] += 1;
+    }
+    assert!(per_partition.iter().all(|&n| n > 0), "{per_partition:?}");
+    for ((one, s), a2) in whole.runs.iter().zip(&split.runs).zip(&again.runs) {
+        assert_eq!((one.states.len(), s.states.len()), (1, 4));
+        for (part, (a, b)) in s.states.iter().zip(&a2.states).enumerate() {
+            // Deterministic.
+            assert!(a.models() == b.models(), "{}: partition {part}", one.name);
+            // Each partition learned from its own ads' records alone.
+            let w = a.models().variants()[0].metrics().weight();
+            assert_eq!(
+                w, per_partition[part] as f64,
+                "{}: partition {part}",
+                one.name
+            );
+            for ad in 0..40 {
+                let ad = format!("ad-{ad}");
+                let here = a.total(&ad, None).imps > 0;
+                assert_eq!(here, partition_of(&ad, 4) as usize == part, "{ad}");
+            }
+        }
+        // Summed over the partitions, every record is scored once, as in one partition.
+        assert_eq!(s.metrics().weight(), one.metrics().weight());
+        assert_eq!(s.metrics().observed_ctr(), one.metrics().observed_ctr());
+    }
 }

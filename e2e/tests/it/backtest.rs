@@ -11,8 +11,20 @@ use ctr_schemas::LabeledImpression;
 
 #[test]
 fn live_scorer_and_backtest_end_in_identical_model_state() {
+    identical_model_state(1, 1);
+}
+
+/// With the production layout (four partitions, two workers live), every
+/// partition's state is the same live and offline: the backtest places each ad where the
+/// producers' partitioner does, and the partitions learn alone on either side.
+#[test]
+fn live_scorer_and_backtest_agree_partition_by_partition() {
+    identical_model_state(4, 2);
+}
+
+fn identical_model_state(partitions: u32, workers: usize) {
     let topic = format!("{}.labeled", unique("bt"));
-    create_topics(&[(&topic, 1)]);
+    create_topics(&[(&topic, partitions as i32)]);
     // 20,000 labels with late-click corrections and their duplicates.
     let stream = labeled_stream(&topic, 20_000, 30, 11);
     let n = stream.records.len();
@@ -41,7 +53,7 @@ fn live_scorer_and_backtest_end_in_identical_model_state() {
     file.flush().unwrap();
     drop(file);
 
-    // Live: one scorer, no shedding, checkpointing often.
+    // Live: no shedding, checkpointing often.
     stream.produce(None, |_| {});
     let prefix = format!("{}:", unique("bt"));
     let port = free_port();
@@ -50,40 +62,53 @@ fn live_scorer_and_backtest_end_in_identical_model_state() {
         &unique("bt-group"),
         &prefix,
         port,
-        &["--shedding=false", "--checkpoint-ms=300", "--workers=1"],
+        &[
+            "--shedding=false",
+            "--checkpoint-ms=300",
+            &format!("--workers={workers}"),
+        ],
     );
     let mut con = redis();
-    let ckpt = format!("{prefix}scorer:ckpt:{topic}:0");
-    let state: Vec<u8> = eventually(
+    // Every partition's checkpoint, once together they cover every record (a fresh topic's
+    // offsets start at 0, so a partition's next offset is its record count).
+    let checkpoints: Vec<Vec<u8>> = eventually(
         Duration::from_secs(120),
-        "a checkpoint covering every record",
+        "checkpoints covering every record",
         || {
-            let next: Option<i64> = redis::cmd("HGET")
-                .arg(&ckpt)
-                .arg("next")
-                .query(&mut con)
-                .ok()?;
-            (next? >= n as i64).then(|| {
-                redis::cmd("HGET")
+            let mut covered = 0i64;
+            let mut states = Vec::new();
+            for p in 0..partitions {
+                let ckpt = format!("{prefix}scorer:ckpt:{topic}:{p}");
+                let next: Option<i64> = redis::cmd("HGET")
                     .arg(&ckpt)
-                    .arg("state")
+                    .arg("next")
                     .query(&mut con)
-                    .unwrap()
-            })
+                    .ok()?;
+                covered += next?;
+                states.push(
+                    redis::cmd("HGET")
+                        .arg(&ckpt)
+                        .arg("state")
+                        .query(&mut con)
+                        .ok()?,
+                );
+            }
+            (covered >= n as i64).then_some(states)
         },
         || scorer.output(),
     );
     scorer.stop();
-    let live = ctr_scorer::state::PartitionState::restore(&state).expect("a checkpoint decodes");
+    let live: Vec<_> = checkpoints
+        .iter()
+        .map(|s| ctr_scorer::state::PartitionState::restore(s).expect("a checkpoint decodes"))
+        .collect();
 
-    // Offline: the backtest's replay loop over the file.
+    // Offline: the backtest's replay loop over the file, in the same layout.
     let cfg = ctr_backtest::run::RunConfig {
-        models: ctr_scorer::config::parse_models("counts,ftrl,combined").unwrap(),
-        dedupe_horizon_ms: 900_000,
-        idle_ms: 3_600_000,
-        sample_every: 10_000,
-        skip_invalid: false,
-        split_at: None,
+        partitions,
+        ..ctr_backtest::run::RunConfig::new(
+            ctr_scorer::config::parse_models("counts,ftrl,combined").unwrap(),
+        )
     };
     let reader = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
     let from_file = ctr_backtest::run::run_labeled(reader, &cfg, |_| {}).expect("backtest");
@@ -98,16 +123,23 @@ fn live_scorer_and_backtest_end_in_identical_model_state() {
         assert!(bt.duplicates > 0, "the stream repeats some corrections");
         assert_eq!(bt.events as usize, n);
         for run in &bt.runs {
-            let offline = &run.state.models().variants()[0];
-            let online = live.models().variant(&run.name).expect("live variant");
-            assert!(
-                online == offline,
-                "variant {}: live and backtest states differ (live {} examples, backtest {})",
-                run.name,
-                online.metrics().weight(),
-                offline.metrics().weight()
-            );
-            assert!(offline.metrics().weight() > 19_000.0);
+            assert_eq!(run.states.len(), live.len());
+            for (p, (offline, live)) in run.states.iter().zip(&live).enumerate() {
+                let offline = &offline.models().variants()[0];
+                let online = live.models().variant(&run.name).expect("live variant");
+                assert!(
+                    online == offline,
+                    "variant {}, partition {p}: live and backtest states differ (live {} \
+                     examples, backtest {})",
+                    run.name,
+                    online.metrics().weight(),
+                    offline.metrics().weight()
+                );
+                if partitions > 1 {
+                    assert!(offline.metrics().weight() > 0.0, "partition {p} learned");
+                }
+            }
+            assert!(run.metrics().weight() > 19_000.0);
         }
     }
 }
