@@ -69,16 +69,8 @@ impl RunConfig {
     }
 }
 
-/// Seed of Kafka's murmur2 partitioner (`org.apache.kafka.common.utils.Utils.murmur2`, which
-/// librdkafka's `murmur2_random` reproduces).
-const KAFKA_MURMUR2_SEED: u32 = 0x9747_b28c;
-
-/// The partition of a labeled topic with `partitions` partitions that the project's producers
-/// (`murmur2_random`, Java-compatible) give a record keyed `ad_id`: where its ad is learned
-/// live.
-pub fn partition_of(ad_id: &str, partitions: u32) -> u32 {
-    (murmur2::murmur2(ad_id.as_bytes(), KAFKA_MURMUR2_SEED) & 0x7fff_ffff) % partitions.max(1)
-}
+/// The partition of the labeled topic an ad is learned in (the contract's partitioner).
+pub use ctr_schemas::partition::partition_of;
 
 /// Why a backtest stopped.
 #[derive(Debug, thiserror::Error)]
@@ -329,40 +321,4 @@ pub fn run(
         wall: started.elapsed(),
         notes: input.notes(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partitions_are_kafkas_murmur2_partitions() {
-        // Kafka's own murmur2 test vectors (`UtilsTest.testMurmur2`), as the partitioner takes
-        // them: the sign bit cleared, then modulo the partition count.
-        let cases: [(&str, i32); 5] = [
-            ("21", -973_932_308),
-            ("foobar", -790_332_482),
-            ("a-little-bit-long-string", -985_981_536),
-            ("a-little-bit-longer-string", -1_486_304_829),
-            (
-                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58_897_971,
-            ),
-        ];
-        for (key, hash) in cases {
-            let positive = (hash as u32) & 0x7fff_ffff;
-            for n in [1, 2, 4, 7, 12] {
-                assert_eq!(partition_of(key, n), positive % n, "{key} in {n}");
-            }
-        }
-    }
-
-    #[test]
-    fn one_partition_takes_everything() {
-        assert!(
-            ["ad-1", "ad-2", "x"]
-                .iter()
-                .all(|a| partition_of(a, 1) == 0)
-        );
-    }
 }

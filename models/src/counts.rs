@@ -133,6 +133,43 @@ pub struct Estimate {
     pub evidence: f64,
 }
 
+/// The count model's key tables (a key's table is part of its identity in a [`CountsDelta`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Table {
+    Campaigns,
+    Ads,
+    Fields,
+    Contexts,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [Table::Campaigns, Table::Ads, Table::Fields, Table::Contexts];
+}
+
+/// A count model as its owner holds it after a batch: the counters the batch touched, with
+/// their absolute values, the keys maintenance dropped, and the clock, global and position
+/// counters (a few hundred bytes, always sent). A replica holding the owner's model as of the
+/// batch's start holds it as of its end after [`CountModel::apply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CountsDelta {
+    clock: DecayClock,
+    global: Counter,
+    positions: [Counter; MAX_POSITIONS],
+    set: Vec<(Table, u64, Counter)>,
+    removed: Vec<(Table, u64)>,
+}
+
+impl CountsDelta {
+    /// Counters set plus counters removed.
+    pub fn len(&self) -> usize {
+        self.set.len() + self.removed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The count model's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CountModel {
@@ -404,20 +441,109 @@ impl CountModel {
     /// many. Deterministic: depends only on the state. A no-op without decay. The global and
     /// per-position counters are never dropped.
     pub fn evict_faded(&mut self) -> usize {
+        let mut dropped = Vec::new();
+        self.evict_faded_into(&mut dropped);
+        dropped.len()
+    }
+
+    /// [`CountModel::evict_faded`], adding each dropped key (with its table) to `dropped`.
+    pub fn evict_faded_into(&mut self, dropped: &mut Vec<(Table, u64)>) {
         if self.cfg.half_life_ms.is_none() {
-            return 0;
+            return;
         }
         let scale = self.clock.read_scale();
-        let before = self.keys();
-        for m in [
-            &mut self.campaigns,
-            &mut self.ads,
-            &mut self.fields,
-            &mut self.contexts,
-        ] {
-            m.retain(|_, c| c.imps * scale >= FADED_UNITS || c.clicks * scale >= FADED_UNITS);
+        for table in Table::ALL {
+            self.table_mut(table).retain(|k, c| {
+                let keep = c.imps * scale >= FADED_UNITS || c.clicks * scale >= FADED_UNITS;
+                if !keep {
+                    dropped.push((table, k));
+                }
+                keep
+            });
         }
-        before - self.keys()
+    }
+
+    fn table(&self, t: Table) -> &KeyMap<Counter> {
+        match t {
+            Table::Campaigns => &self.campaigns,
+            Table::Ads => &self.ads,
+            Table::Fields => &self.fields,
+            Table::Contexts => &self.contexts,
+        }
+    }
+
+    fn table_mut(&mut self, t: Table) -> &mut KeyMap<Counter> {
+        match t {
+            Table::Campaigns => &mut self.campaigns,
+            Table::Ads => &mut self.ads,
+            Table::Fields => &mut self.fields,
+            Table::Contexts => &mut self.contexts,
+        }
+    }
+
+    /// Adds the count keys of an impression with `keys` to `out`, each with its table: what a
+    /// learning step or a late click on it changes (beside the global and position counters,
+    /// which every delta carries).
+    pub fn touched_keys(keys: &Keys, out: &mut impl Extend<(Table, u64)>) {
+        out.extend([
+            (Table::Campaigns, keys.campaign),
+            (Table::Ads, keys.ad),
+            (Table::Contexts, combine(keys.ad, keys.context)),
+        ]);
+        out.extend(
+            keys.fields()
+                .iter()
+                .map(|f| (Table::Fields, combine(keys.ad, *f))),
+        );
+    }
+
+    /// The model's counters at `keys` as they are now (absent ones left out), with the clock,
+    /// the global and position counters, and the keys maintenance dropped: see [`CountsDelta`].
+    pub fn delta(
+        &self,
+        keys: impl IntoIterator<Item = (Table, u64)>,
+        evicted: &[(Table, u64)],
+    ) -> CountsDelta {
+        let set = keys
+            .into_iter()
+            .filter_map(|(t, k)| self.table(t).get(k).map(|c| (t, k, *c)))
+            .collect();
+        CountsDelta {
+            clock: self.clock,
+            global: self.global,
+            positions: self.positions,
+            set,
+            removed: evicted.to_vec(),
+        }
+    }
+
+    /// Applies a delta from [`CountModel::delta`] of a model with the same settings. When the
+    /// owner's decay landmark moved, every counter here is first rescaled by the same factor
+    /// (bit-identical to the owner's, unless the landmark moved twice within one delta:
+    /// 512 half-lives of event time in one batch).
+    pub fn apply(&mut self, delta: &CountsDelta) {
+        if let Some(f) = self.clock.rescale_factor_to(&delta.clock) {
+            self.rescale(f);
+        }
+        self.clock = delta.clock;
+        self.global = delta.global;
+        self.positions = delta.positions;
+        if !delta.removed.is_empty() {
+            for table in Table::ALL {
+                let gone: std::collections::HashSet<u64> = delta
+                    .removed
+                    .iter()
+                    .filter(|(t, _)| *t == table)
+                    .map(|(_, k)| *k)
+                    .collect();
+                if !gone.is_empty() {
+                    self.table_mut(table).retain(|k, _| !gone.contains(&k));
+                }
+            }
+        }
+        for &(t, k, c) in &delta.set {
+            *self.table_mut(t).entry_or_default(k) = c;
+        }
     }
 
     /// Number of keys stored.

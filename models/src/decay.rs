@@ -79,6 +79,19 @@ impl DecayClock {
         self.landmark_ms = self.now_ms;
         Some(factor)
     }
+
+    /// The factor [`DecayClock::observe`] applied to every stored value when the landmark moved
+    /// from this clock's to `newer`'s, computed the same way (so a replica that multiplies by it
+    /// holds bit-identical values); `None` when the landmark did not move or no value is stored
+    /// under this clock yet.
+    pub fn rescale_factor_to(&self, newer: &DecayClock) -> Option<f64> {
+        let h = self.half_life_ms?;
+        if self.landmark_ms == i64::MIN || newer.landmark_ms == self.landmark_ms {
+            return None;
+        }
+        let exponent = (newer.landmark_ms.saturating_sub(self.landmark_ms)) as f64 / h;
+        Some((-exponent).exp2())
+    }
 }
 
 /// A forward-decayed (impressions, clicks) pair: the value of one counter key.

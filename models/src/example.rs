@@ -177,6 +177,31 @@ pub fn extract_keys(spec: &FeatureSpec, keys: &Keys, out: &mut Vec<Feature>) {
     }
 }
 
+/// The keys of the features [`extract_keys`] gives an impression with `keys` at any position,
+/// except those every impression shares ([`shared_feature_keys`]): what learning from that ad
+/// in that context may have changed, whatever slot it was shown in.
+pub fn impression_feature_keys(spec: &FeatureSpec, keys: &Keys, out: &mut impl Extend<u64>) {
+    let ad = keys.ad;
+    out.extend([ad, keys.campaign]);
+    for &f in keys.fields() {
+        out.extend([f]);
+        if spec.ad_crosses {
+            out.extend([combine(ns::CROSS ^ ad, f)]);
+        }
+    }
+    if spec.ad_position_cross {
+        out.extend((1..=16u64).map(|p| combine(ns::CROSS ^ ad, combine(ns::POSITION, p))));
+    }
+}
+
+/// The keys of the features every impression may have: the bias, each position (positions
+/// past 16 share the last key) and the count feature of a combined variant.
+pub fn shared_feature_keys() -> impl Iterator<Item = u64> {
+    [ns::BIAS, ns::COUNT_FEATURE]
+        .into_iter()
+        .chain((1..=16u64).map(|p| combine(ns::POSITION, p)))
+}
+
 /// The key of the real-valued feature that carries another model's estimate (see
 /// [`crate::variants`]).
 pub const COUNT_FEATURE_KEY: u64 = ns::COUNT_FEATURE;
@@ -244,6 +269,33 @@ mod tests {
         };
         assert_eq!(x.validate(), Err(ModelError::ContextFields(33)));
         assert_eq!(Keys::of(&x).fields().len(), MAX_CONTEXT_FIELDS);
+    }
+
+    #[test]
+    fn the_keys_of_any_position_cover_every_position_s_features() {
+        let ctx = [("geo", "US"), ("device", "mobile")];
+        let spec = FeatureSpec {
+            ad_crosses: true,
+            ad_position_cross: true,
+        };
+        let mut any: std::collections::HashSet<u64> = shared_feature_keys().collect();
+        let first = Impression {
+            ad: "a",
+            campaign: "c",
+            position: 1,
+            context: &ctx,
+            ts_ms: 0,
+        };
+        impression_feature_keys(&spec, &Keys::of(&first), &mut any);
+        for position in [1, 2, 7, 16, 40] {
+            let x = Impression { position, ..first };
+            let mut out = vec![];
+            extract(&spec, &x, &mut out);
+            assert!(
+                out.iter().all(|f| any.contains(&f.key)),
+                "position {position}"
+            );
+        }
     }
 
     #[test]

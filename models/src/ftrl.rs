@@ -73,6 +73,27 @@ struct Coord {
     last_ms: i64,
 }
 
+/// FTRL coordinates as one owner holds them after a batch: the coordinates the batch touched,
+/// with their absolute values, and the keys maintenance dropped. A replica holding the
+/// owner's coordinates as of the batch's start holds them as of its end after
+/// [`Ftrl::apply`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FtrlDelta {
+    set: Vec<(u64, Coord)>,
+    removed: Vec<u64>,
+}
+
+impl FtrlDelta {
+    /// Coordinates set plus coordinates removed.
+    pub fn len(&self) -> usize {
+        self.set.len() + self.removed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The learner's full state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ftrl {
@@ -266,29 +287,85 @@ impl Ftrl {
 
     /// Drops coordinates last updated before `cutoff_ms`; returns how many.
     pub fn evict_idle(&mut self, cutoff_ms: i64) -> usize {
-        let before = self.coords.len();
-        self.coords.retain(|_, c| c.last_ms >= cutoff_ms);
-        before - self.coords.len()
+        let mut dropped = Vec::new();
+        self.evict_idle_into(cutoff_ms, &mut dropped);
+        dropped.len()
+    }
+
+    /// [`Ftrl::evict_idle`], adding the dropped keys to `dropped`.
+    fn evict_idle_into(&mut self, cutoff_ms: i64, dropped: &mut Vec<u64>) {
+        self.coords.retain(|k, c| {
+            let keep = c.last_ms >= cutoff_ms;
+            if !keep {
+                dropped.push(k);
+            }
+            keep
+        });
+    }
+
+    /// [`Ftrl::evict_idle`] then [`Ftrl::enforce_cap`], adding every dropped key to `dropped`
+    /// (what a replica must drop too, [`FtrlDelta`]).
+    pub fn maintain_into(&mut self, cutoff_ms: i64, dropped: &mut Vec<u64>) {
+        self.evict_idle_into(cutoff_ms, dropped);
+        self.enforce_cap_into(dropped);
+    }
+
+    /// The coordinates of `keys` as they are now (absent ones as removed), for a replica.
+    pub fn delta(&self, keys: impl IntoIterator<Item = u64>, evicted: &[u64]) -> FtrlDelta {
+        let mut delta = FtrlDelta {
+            set: Vec::new(),
+            removed: evicted.to_vec(),
+        };
+        // A key without a coordinate is not admitted yet: its weight is 0 here and at the
+        // replica alike.
+        for k in keys {
+            if let Some(c) = self.coords.get(k) {
+                delta.set.push((k, *c));
+            }
+        }
+        delta
+    }
+
+    /// Applies a delta from [`Ftrl::delta`]: afterwards every coordinate it names is the
+    /// owner's. The admission filter is not replicated (a replica does not learn).
+    pub fn apply(&mut self, delta: &FtrlDelta) {
+        if !delta.removed.is_empty() {
+            let removed: std::collections::HashSet<u64> = delta.removed.iter().copied().collect();
+            self.coords.retain(|k, _| !removed.contains(&k));
+        }
+        for (k, c) in &delta.set {
+            *self.coords.entry_or_default(*k) = *c;
+        }
+    }
+
+    /// Whether the two hold the same coordinates (the admission filters may differ).
+    pub fn same_coordinates(&self, other: &Ftrl) -> bool {
+        self.coords == other.coords
     }
 
     /// If more than `max_coordinates` are stored, drops the least recently updated (all
     /// coordinates older than the cut-off that brings the count to at most 90% of the cap, so
     /// trimming is rare). Deterministic: the result depends only on the state.
     pub fn enforce_cap(&mut self) -> usize {
+        let mut dropped = Vec::new();
+        self.enforce_cap_into(&mut dropped);
+        dropped.len()
+    }
+
+    fn enforce_cap_into(&mut self, dropped: &mut Vec<u64>) {
         if self.coords.len() <= self.cfg.max_coordinates {
-            return 0;
+            return;
         }
         let keep = self.cfg.max_coordinates * 9 / 10;
         let mut times: Vec<i64> = self.coords.values().map(|c| c.last_ms).collect();
         let drop = times.len() - keep;
         let (_, cutoff, _) = times.select_nth_unstable(drop);
         let cutoff = *cutoff;
-        let mut dropped = self.evict_idle(cutoff);
+        self.evict_idle_into(cutoff, dropped);
         if self.coords.len() > self.cfg.max_coordinates {
             // Many coordinates share the cut-off time: drop those too.
-            dropped += self.evict_idle(cutoff.saturating_add(1));
+            self.evict_idle_into(cutoff.saturating_add(1), dropped);
         }
-        dropped
     }
 
     pub fn coordinates(&self) -> usize {

@@ -35,4 +35,6 @@ pub use example::{Feature, FeatureSpec, Impression};
 pub use ftrl::{Ftrl, FtrlConfig};
 pub use smoothing::{BetaPrior, PriorError};
 pub use snapshot::SnapshotError;
-pub use variants::{ModelSet, Prediction, Variant, VariantConfig, VariantKind};
+pub use variants::{
+    Evicted, ModelSet, Prediction, Touched, Variant, VariantConfig, VariantDelta, VariantKind,
+};

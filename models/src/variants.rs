@@ -14,15 +14,28 @@
 //! its own progressive-validation metrics: cumulative, over a sliding event-time window, and
 //! sliced by ad and context field. [`ModelSet`] runs variants side by side: every example is
 //! scored by every variant, recorded, and only then learned from.
+//!
+//! Replication. A serving replica holds a copy of one variant and follows its owner through
+//! [`VariantDelta`]s: after a batch the owner sends the absolute values of every parameter
+//! the batch may have changed ([`Variant::touch`] collects their keys from the impressions
+//! learned) and the keys its maintenance dropped; [`Variant::apply`] makes the copy's
+//! parameters equal to the owner's, so both predict the same for any impression, seen or not.
 
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
+
+use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::Platt;
-use crate::counts::{CountModel, CountsConfig, Estimate, Level, Located};
+use crate::counts::{CountModel, CountsConfig, CountsDelta, Estimate, Level, Located, Table};
 use crate::error::{ModelError, Result, check_weight};
 use crate::eval::{Metrics, Scored, SlicedMetrics, WindowedMetrics};
-use crate::example::{COUNT_FEATURE_KEY, Feature, FeatureSpec, Impression, Keys, extract_keys};
-use crate::ftrl::{Ftrl, FtrlConfig};
+use crate::example::{
+    COUNT_FEATURE_KEY, Feature, FeatureSpec, Impression, Keys, extract_keys,
+    impression_feature_keys, shared_feature_keys,
+};
+use crate::ftrl::{Ftrl, FtrlConfig, FtrlDelta};
 use crate::snapshot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,13 +287,170 @@ impl Variant {
 
     /// Bounds memory: drops FTRL coordinates idle since `cutoff_ms` and enforces the cap, and
     /// the count keys that have faded ([`crate::counts::CountModel::evict_faded`]). Returns
-    /// how many entries were dropped.
-    pub fn maintain(&mut self, cutoff_ms: i64) -> usize {
-        let ftrl = self
-            .ftrl
-            .as_mut()
-            .map_or(0, |f| f.evict_idle(cutoff_ms) + f.enforce_cap());
-        ftrl + self.counts.as_mut().map_or(0, CountModel::evict_faded)
+    /// what was dropped (a replica must drop it too: [`Variant::delta`]).
+    pub fn maintain(&mut self, cutoff_ms: i64) -> Evicted {
+        let mut evicted = Evicted::default();
+        if let Some(f) = &mut self.ftrl {
+            f.maintain_into(cutoff_ms, &mut evicted.ftrl);
+        }
+        if let Some(c) = &mut self.counts {
+            c.evict_faded_into(&mut evicted.counts);
+        }
+        evicted
+    }
+
+    /// Adds to `touched` every parameter that learning from `x` (at any position) or a late
+    /// click on it may change: the owner of a batch calls this for each impression the batch
+    /// learned from, then [`Variant::delta`].
+    pub fn touch(&self, x: &Impression<'_>, touched: &mut Touched) {
+        let keys = Keys::of(x);
+        if self.counts.is_some() {
+            CountModel::touched_keys(&keys, &mut touched.counts);
+        }
+        if self.ftrl.is_some() {
+            impression_feature_keys(&self.cfg.features, &keys, &mut touched.ftrl);
+        }
+    }
+
+    /// The parameters in `touched` as they are now, and what maintenance `evicted`: applied
+    /// ([`Variant::apply`]) to a replica that held this variant's parameters as of the first
+    /// touch, it makes every prediction of the replica equal to this variant's.
+    pub fn delta(&self, touched: &Touched, evicted: &Evicted) -> VariantDelta {
+        VariantDelta {
+            counts: self
+                .counts
+                .as_ref()
+                .map(|c| c.delta(touched.counts.iter(), &evicted.counts)),
+            // The features every impression shares are always sent: 18 coordinates.
+            ftrl: self.ftrl.as_ref().map(|f| {
+                let keys = touched.ftrl.iter().copied().chain(shared_feature_keys());
+                f.delta(keys, &evicted.ftrl)
+            }),
+            platt: self.platt,
+        }
+    }
+
+    /// Applies an owner's [`Variant::delta`]. The delta must come from a variant of the same
+    /// kind (same learners): otherwise nothing changes and the error says so. The metrics are
+    /// the owner's business and are not replicated.
+    pub fn apply(&mut self, delta: &VariantDelta) -> Result<()> {
+        if delta.counts.is_some() != self.counts.is_some()
+            || delta.ftrl.is_some() != self.ftrl.is_some()
+            || delta.platt.is_some() != self.platt.is_some()
+        {
+            return Err(ModelError::Config {
+                name: "delta",
+                problem: "comes from a variant of another kind",
+            });
+        }
+        if let (Some(c), Some(d)) = (&mut self.counts, &delta.counts) {
+            c.apply(d);
+        }
+        if let (Some(f), Some(d)) = (&mut self.ftrl, &delta.ftrl) {
+            f.apply(d);
+        }
+        self.platt = delta.platt;
+        Ok(())
+    }
+
+    /// Whether `other` holds the same parameters: every prediction of the two is the same.
+    /// (Metrics and FTRL's admission filter, which no prediction reads, may differ.)
+    pub fn same_parameters(&self, other: &Variant) -> bool {
+        let ftrl = match (&self.ftrl, &other.ftrl) {
+            (Some(a), Some(b)) => a.same_coordinates(b),
+            (None, None) => true,
+            _ => false,
+        };
+        ftrl && self.counts == other.counts && self.platt == other.platt && self.cfg == other.cfg
+    }
+}
+
+/// What one variant's maintenance dropped ([`Variant::maintain`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evicted {
+    counts: Vec<(Table, u64)>,
+    ftrl: Vec<u64>,
+}
+
+impl Evicted {
+    /// Entries dropped.
+    pub fn len(&self) -> usize {
+        self.counts.len() + self.ftrl.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `other`'s (a later maintenance of the same variant).
+    pub fn extend(&mut self, other: Evicted) {
+        self.counts.extend(other.counts);
+        self.ftrl.extend(other.ftrl);
+    }
+}
+
+/// Keys that are already uniform hashes need no hashing again.
+type KeySet = HashSet<u64, BuildHasherDefault<NoHashHasher<u64>>>;
+
+/// The parameters a batch of learning may have changed, per learner ([`Variant::touch`]), less
+/// the few that every impression shares (every delta carries those).
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    counts: TouchedCounts,
+    ftrl: KeySet,
+}
+
+/// Count keys per table.
+#[derive(Debug, Clone, Default)]
+struct TouchedCounts([KeySet; 4]);
+
+impl Extend<(Table, u64)> for TouchedCounts {
+    fn extend<I: IntoIterator<Item = (Table, u64)>>(&mut self, keys: I) {
+        for (t, k) in keys {
+            self.0[t as usize].insert(k);
+        }
+    }
+}
+
+impl TouchedCounts {
+    fn iter(&self) -> impl Iterator<Item = (Table, u64)> + '_ {
+        Table::ALL
+            .into_iter()
+            .flat_map(move |t| self.0[t as usize].iter().map(move |k| (t, *k)))
+    }
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.counts.0.iter().all(KeySet::is_empty) && self.ftrl.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.counts.0.iter_mut().for_each(KeySet::clear);
+        self.ftrl.clear();
+    }
+}
+
+/// One variant's parameters as its owner holds them after a batch, for a replica
+/// ([`Variant::delta`], [`Variant::apply`]): absolute values of what changed, never
+/// increments, so applying a delta twice, or a delta whose batch the replica's state already
+/// partly covers, gives the same result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantDelta {
+    counts: Option<CountsDelta>,
+    ftrl: Option<FtrlDelta>,
+    platt: Option<Platt>,
+}
+
+impl VariantDelta {
+    /// Parameters set or removed.
+    pub fn len(&self) -> usize {
+        self.counts.as_ref().map_or(0, CountsDelta::len)
+            + self.ftrl.as_ref().map_or(0, FtrlDelta::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -355,12 +525,12 @@ impl ModelSet {
         self.variants.iter().find(|v| v.name() == name)
     }
 
-    /// See [`Variant::maintain`].
-    pub fn maintain(&mut self, cutoff_ms: i64) -> usize {
+    /// [`Variant::maintain`] of every variant, in order.
+    pub fn maintain(&mut self, cutoff_ms: i64) -> Vec<Evicted> {
         self.variants
             .iter_mut()
             .map(|v| v.maintain(cutoff_ms))
-            .sum()
+            .collect()
     }
 
     /// The full state as a snapshot (see [`crate::snapshot`]).
@@ -375,5 +545,137 @@ impl ModelSet {
             v.scratch = Vec::with_capacity(32);
         }
         Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GEOS: [&str; 5] = ["US", "DE", "FR", "JP", "BR"];
+    const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
+
+    /// A small deterministic stream: (ad, campaign, position, geo, device, ts, clicked).
+    fn stream(n: usize) -> Vec<(String, String, u32, usize, usize, i64, bool)> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        (0..n)
+            .map(|i| {
+                let ad = next() % 40;
+                let r = next();
+                (
+                    format!("ad-{ad}"),
+                    format!("camp-{}", ad % 6),
+                    1 + (r % 4) as u32,
+                    (r >> 8) as usize % GEOS.len(),
+                    (r >> 16) as usize % DEVICES.len(),
+                    // 11 hours of event time: 666 half-lives of the decay below (its landmark
+                    // moves twice) and long enough for the idle eviction.
+                    i as i64 * 5_000,
+                    (r >> 32) % 100 < 3 + ad % 7,
+                )
+            })
+            .collect()
+    }
+
+    fn variant(kind: VariantKind, platt: bool) -> Variant {
+        let mut cfg = VariantConfig::of(kind);
+        cfg.platt_rate = platt.then_some(0.2);
+        // Decay fast enough that counts fade within the stream, so eviction is exercised.
+        cfg.counts.half_life_ms = Some(60_000.0);
+        cfg.ftrl.admit_after = 2;
+        Variant::new(cfg).unwrap()
+    }
+
+    #[test]
+    fn a_replica_following_deltas_predicts_as_its_owner_for_any_impression() {
+        for (kind, platt) in [
+            (VariantKind::Counts, false),
+            (VariantKind::Ftrl, false),
+            (VariantKind::Combined, false),
+            (VariantKind::Combined, true),
+        ] {
+            let mut owner = variant(kind, platt);
+            let records = stream(8_000);
+            let mut replica = None;
+            let mut touched = Touched::default();
+            let mut evicted = Evicted::default();
+            let (mut deltas, mut dropped) = (0, 0);
+            for (i, (ad, campaign, position, g, d, ts, clicked)) in records.iter().enumerate() {
+                let ctx = [("geo", GEOS[*g]), ("device", DEVICES[*d])];
+                let x = Impression {
+                    ad,
+                    campaign,
+                    position: *position,
+                    context: &ctx,
+                    ts_ms: *ts,
+                };
+                owner.learn(&x, *clicked, 1.0).unwrap();
+                owner.touch(&x, &mut touched);
+                if i % 500 == 499 {
+                    // Maintenance as the owner runs it, with an idle cut-off that drops.
+                    let e = owner.maintain(*ts - 600_000);
+                    dropped += e.len();
+                    evicted.extend(e);
+                }
+                if i == 1_000 {
+                    // The replica starts from the owner's state here (a checkpoint).
+                    replica = Some(owner.clone());
+                    touched.clear();
+                    evicted = Evicted::default();
+                } else if i % 97 == 0
+                    && let Some(r) = &mut replica
+                {
+                    r.apply(&owner.delta(&touched, &evicted)).unwrap();
+                    touched.clear();
+                    evicted = Evicted::default();
+                    deltas += 1;
+                }
+            }
+            let mut replica = replica.unwrap();
+            replica.apply(&owner.delta(&touched, &evicted)).unwrap();
+            assert!(deltas > 50);
+            assert!(
+                dropped > 0,
+                "{kind:?}: maintenance dropped nothing to replicate"
+            );
+            assert!(
+                replica.same_parameters(&owner),
+                "{kind:?} platt={platt}: parameters differ"
+            );
+            // Any impression, including ads and contexts never seen and positions never used.
+            for ad in ["ad-3", "ad-17", "ad-new"] {
+                for campaign in ["camp-3", "camp-none"] {
+                    for geo in ["US", "JP", "XX"] {
+                        let ctx = [("geo", geo), ("device", "tablet"), ("hour", "7")];
+                        for position in [1, 3, 9] {
+                            let x = Impression {
+                                ad,
+                                campaign,
+                                position,
+                                context: &ctx,
+                                ts_ms: 0,
+                            };
+                            assert_eq!(replica.predict(&x), owner.predict(&x), "{kind:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_of_another_kind_is_refused_and_changes_nothing() {
+        let mut counts = variant(VariantKind::Counts, false);
+        let ftrl = variant(VariantKind::Ftrl, false);
+        let before = counts.clone();
+        let delta = ftrl.delta(&Touched::default(), &Evicted::default());
+        assert!(counts.apply(&delta).is_err());
+        assert_eq!(counts, before);
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! The Avro files in `schemas/avro/` are the source of truth; this crate holds the matching Rust
 //! types ([`events`]), the Confluent wire framing with an in-code schema registry ([`wire`]), and
-//! the 64-bit ID generator every producer uses ([`id`]). It depends on nothing else in the
+//! the 64-bit ID generator every producer uses ([`id`]), and the partitioner every producer uses
+//! ([`partition`]). It depends on nothing else in the
 //! workspace and does no I/O, so any service, test or backtest can use it.
 
 pub mod events;
 pub mod id;
+pub mod partition;
 pub mod wire;
 
 pub use events::{
