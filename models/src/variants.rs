@@ -525,6 +525,11 @@ impl ModelSet {
         self.variants.iter().find(|v| v.name() == name)
     }
 
+    /// The variant `name`, taken out of the set (a serving replica keeps only that one).
+    pub fn take_variant(self, name: &str) -> Option<Variant> {
+        self.variants.into_iter().find(|v| v.name() == name)
+    }
+
     /// [`Variant::maintain`] of every variant, in order.
     pub fn maintain(&mut self, cutoff_ms: i64) -> Vec<Evicted> {
         self.variants

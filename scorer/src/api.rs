@@ -1,13 +1,14 @@
 //! The HTTP API the search frontend calls: `POST /v1/rank`, `GET /v1/ctr`, the OpenAPI
 //! document at `/openapi.json`, `/healthz`, `/readyz`, `/metrics`.
 //!
-//! Reads come from Redis (the partition owners' writes, [`crate::publish`]) through a local
-//! cache that keeps each answer for `api_cache_ms`, so any number of API processes can serve
-//! reads while the owners write (Dada's split of reads from writes). The `/v1` routes share
-//! one concurrency limit: a request beyond it gets `503` with `Retry-After: 1` at once instead
-//! of waiting in a queue, and a request over its deadline gets `503` too. Errors are JSON
-//! `{"error": "..."}` naming the problem (the JSON path of a bad field); internal detail (a
-//! Redis error) goes to the log, and the client gets a 503.
+//! Answers come from the process's model replica ([`crate::replica`]): the serving variant of
+//! every partition, evaluated per candidate for the request's context, so any context and any
+//! ad get the model's answer (the count model's back-off levels, FTRL's crossed weights, a new
+//! ad's campaign), with no Redis round trip per request. The `/v1` routes share one
+//! concurrency limit: a request beyond it gets `503` with `Retry-After: 1` at once instead of
+//! waiting in a queue, and a request over its deadline gets `503` too; until the replica has
+//! caught up with the owners they answer `503` as well. Errors are JSON `{"error": "..."}`
+//! naming the problem (the JSON path of a bad field).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -23,8 +24,6 @@ use axum::{BoxError, Json, Router};
 use ctr_schemas::Context;
 use ctr_schemas::events::check_token;
 use metrics_exporter_prometheus::PrometheusHandle;
-use moka::sync::Cache;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,33 +33,21 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::config::ScorerConfig;
 use crate::load::Control;
-use crate::publish::{ad_context_key, ad_key};
+use crate::replica::Replica;
+use crate::serving::{Answer, Evidence};
 
 /// Most candidates in one ranking request.
 pub const MAX_CANDIDATES: usize = 1_000;
 /// Largest request body, bytes.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// What Redis holds for one key (the fields the API uses).
-#[derive(Debug, Clone, PartialEq)]
-struct Stored {
-    pctr: f64,
-    source: Source,
-    model_version: String,
-    impressions: u64,
-    clicks: u64,
-}
-
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    redis: ConnectionManager,
-    prefix: String,
-    prior_mean: f64,
+    replica: Arc<Replica>,
     metrics: Option<PrometheusHandle>,
-    control: Arc<Control>,
-    /// Key → what Redis held (`None`: nothing), kept for the cache TTL.
-    cache: Option<Cache<String, Option<Arc<Stored>>>>,
+    /// The learning side's switches; `None` in a serving-only process.
+    control: Option<Arc<Control>>,
     limits: (usize, Duration),
     monitor: Arc<crate::monitor::Monitor>,
 }
@@ -68,7 +55,7 @@ pub struct ApiState {
 impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiState")
-            .field("prefix", &self.prefix)
+            .field("model", &self.replica.model())
             .finish()
     }
 }
@@ -76,48 +63,54 @@ impl std::fmt::Debug for ApiState {
 impl ApiState {
     pub fn new(
         cfg: &ScorerConfig,
-        redis: ConnectionManager,
+        replica: Arc<Replica>,
         metrics: Option<PrometheusHandle>,
-        control: Arc<Control>,
+        control: Option<Arc<Control>>,
         monitor: Arc<crate::monitor::Monitor>,
     ) -> Self {
-        let cache = (!cfg.api_cache_ttl.is_zero()).then(|| {
-            Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(cfg.api_cache_ttl)
-                .build()
-        });
         Self {
-            redis,
-            prefix: cfg.redis_prefix.clone(),
-            prior_mean: cfg.prior.mean(),
+            replica,
             metrics,
             control,
-            cache,
             limits: (cfg.api_max_concurrency, cfg.api_timeout),
             monitor,
         }
     }
+
+    /// The replica's answer for one candidate, with its `model@version`.
+    fn answer(
+        &self,
+        ad: &str,
+        campaign: Option<&str>,
+        pairs: &[(&str, &str)],
+        context_key: &str,
+    ) -> (Answer, Option<String>) {
+        let (answer, version) = self.replica.answer(ad, campaign, pairs, context_key);
+        let model_version = version.map(|v| format!("{}@{v}", self.replica.model()));
+        (answer, model_version)
+    }
 }
 
-/// How an estimate was obtained.
+/// The evidence behind an estimate (the serving model evaluates every case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
-    /// From this ad in exactly this context.
+    /// This ad has been seen in exactly this context.
     Exact,
-    /// This context is unseen for the ad: the ad's evidence over all contexts.
+    /// The ad is known, but not in this full context: the model's back-off (the count
+    /// model's ad × field levels, FTRL's ad and crossed weights).
     BackedOff,
-    /// Nothing known about the ad: the prior.
+    /// Nothing is known about the ad: its campaign's rate (if the request or the model knows
+    /// the campaign), else the global rate.
     Prior,
 }
 
-impl Source {
-    fn parse(s: &str) -> Self {
-        match s {
-            "exact" => Source::Exact,
-            "backed_off" => Source::BackedOff,
-            _ => Source::Prior,
+impl From<Evidence> for Source {
+    fn from(e: Evidence) -> Self {
+        match e {
+            Evidence::Exact => Source::Exact,
+            Evidence::BackedOff => Source::BackedOff,
+            Evidence::Prior => Source::Prior,
         }
     }
 }
@@ -129,11 +122,13 @@ pub struct CtrResponse {
     pub context_key: String,
     /// Calibrated click probability at the top slot.
     pub pctr: f64,
-    /// Exact totals behind the key that answered (0 for the prior).
+    /// Exact totals behind the evidence: the ad in this context, else the ad over all
+    /// contexts (0 for an unknown ad).
     pub impressions: u64,
     pub clicks: u64,
     pub source: Source,
-    /// `model@offset` of the estimate; absent for the prior.
+    /// `model@offset`: the serving variant and the last offset of the ad's partition the
+    /// replica reflects; absent before the partition's first record.
     pub model_version: Option<String>,
 }
 
@@ -144,6 +139,8 @@ pub struct Candidate {
     pub ad_id: String,
     /// Bid per click, any currency unit; finite and >= 0.
     pub bid: f64,
+    /// The ad's campaign: a new ad is estimated from it. Without it the campaign the model
+    /// last saw for the ad is used.
     #[serde(default)]
     pub campaign_id: Option<String>,
 }
@@ -153,7 +150,8 @@ pub struct Candidate {
 #[serde(deny_unknown_fields)]
 pub struct RankRequest {
     /// The query context: `query_category`, `geo` and `device` are required; any other field
-    /// is an extra context field.
+    /// is an extra context field, evaluated as the model learned it (a field it never saw
+    /// adds nothing).
     pub context: BTreeMap<String, String>,
     /// 1 to 1000 candidates with distinct ad IDs.
     pub candidates: Vec<Candidate>,
@@ -302,21 +300,32 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     }
 }
 
-/// Ready when the estimate store answers. Also says whether learning is paused.
-async fn readyz(State(mut s): State<ApiState>) -> Response {
-    let ping: redis::RedisResult<String> = tokio::time::timeout(
-        Duration::from_secs(1),
-        redis::cmd("PING").query_async(&mut s.redis),
-    )
-    .await
-    .unwrap_or_else(|_| Err(redis::RedisError::from(std::io::Error::other("timeout"))));
-    let learning = s.control.learning();
-    match ping {
-        Ok(_) => Json(serde_json::json!({ "ready": true, "learning": learning })).into_response(),
-        Err(e) => {
-            warn!(error = %e, "readiness: Redis unreachable");
-            ApiError::unavailable("estimate store unreachable").into_response()
-        }
+/// Ready when the replica has caught up with the owners (see [`crate::replica`]); says how
+/// far behind and how old its model is, and whether this process's learning is paused.
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let status = s.replica.status();
+    let learning = s.control.as_ref().map(|c| c.learning());
+    let body = serde_json::json!({
+        "ready": status.ready,
+        "learning": learning,
+        "replica": status,
+    });
+    let code = if body["ready"] == true {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// `503` until the replica has caught up: an answer from a half-restored model is wrong.
+fn check_ready(s: &ApiState) -> Result<(), ApiError> {
+    if s.replica.ready() {
+        Ok(())
+    } else {
+        Err(ApiError::unavailable(
+            "the model replica is catching up; retry shortly",
+        ))
     }
 }
 
@@ -328,80 +337,6 @@ fn context_from(fields: &BTreeMap<String, String>, path: &str) -> Result<Context
     Context::from_fields(fields).map_err(|e| {
         let field = e.field.strip_prefix("context").unwrap_or(e.field);
         ApiError::bad(format!("{path}{field}: {}", e.problem))
-    })
-}
-
-impl ApiState {
-    /// What Redis holds for `keys`, through the cache; one pipelined round trip for misses.
-    async fn lookup(&mut self, keys: &[String]) -> Result<Vec<Option<Arc<Stored>>>, ApiError> {
-        let mut out: Vec<Option<Option<Arc<Stored>>>> = keys
-            .iter()
-            .map(|k| self.cache.as_ref().and_then(|c| c.get(k)))
-            .collect();
-        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
-        metrics::counter!("ctr_api_cache_hits_total")
-            .increment((keys.len() - missing.len()) as u64);
-        metrics::counter!("ctr_api_cache_misses_total").increment(missing.len() as u64);
-        if !missing.is_empty() {
-            let mut pipe = redis::pipe();
-            for &i in &missing {
-                pipe.cmd("HMGET")
-                    .arg(&keys[i])
-                    .arg(&["pctr", "src", "model", "ver", "imps", "clicks"]);
-            }
-            type Fields = Vec<Option<String>>;
-            let rows: Vec<Fields> = pipe.query_async(&mut self.redis).await.map_err(|e| {
-                warn!(error = %e, "Redis read failed");
-                ApiError::unavailable("estimate store unavailable; retry")
-            })?;
-            for (&i, row) in missing.iter().zip(rows) {
-                let stored = parse_stored(&row).map(Arc::new);
-                if let Some(c) = &self.cache {
-                    c.insert(keys[i].clone(), stored.clone());
-                }
-                out[i] = Some(stored);
-            }
-        }
-        Ok(out.into_iter().map(Option::flatten).collect())
-    }
-
-    /// The estimate for `ad` in `ctx_key`: the exact key, else the ad's, else the prior.
-    fn answer(
-        &self,
-        exact: Option<&Arc<Stored>>,
-        whole: Option<&Arc<Stored>>,
-    ) -> (f64, Source, Option<String>, u64, u64) {
-        match (exact, whole) {
-            (Some(s), _) => (
-                s.pctr,
-                s.source,
-                Some(s.model_version.clone()),
-                s.impressions,
-                s.clicks,
-            ),
-            (None, Some(s)) => (
-                s.pctr,
-                Source::BackedOff,
-                Some(s.model_version.clone()),
-                s.impressions,
-                s.clicks,
-            ),
-            (None, None) => (self.prior_mean, Source::Prior, None, 0, 0),
-        }
-    }
-}
-
-/// Parses an HMGET row; `None` when the key holds no estimate yet.
-fn parse_stored(row: &[Option<String>]) -> Option<Stored> {
-    let get = |i: usize| row.get(i).and_then(|v| v.as_deref());
-    let pctr = get(0)?.parse::<f64>().ok().filter(|p| p.is_finite())?;
-    let num = |i: usize| get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Some(Stored {
-        pctr,
-        source: Source::parse(get(1).unwrap_or("")),
-        model_version: format!("{}@{}", get(2).unwrap_or("unknown"), get(3).unwrap_or("0")),
-        impressions: num(4),
-        clicks: num(5),
     })
 }
 
@@ -473,31 +408,27 @@ fn check_rank(req: &RankRequest) -> Result<Context, ApiError> {
         (status = 200, description = "Candidates by descending bid × pCTR", body = RankResponse),
         (status = 400, description = "Malformed request; the message names the field", body = ErrorBody),
         (status = 413, description = "Body larger than 1 MiB"),
-        (status = 503, description = "Overloaded or estimate store unavailable; see Retry-After", body = ErrorBody)
+        (status = 503, description = "Overloaded, or the model replica is catching up; see Retry-After", body = ErrorBody)
     )
 )]
-async fn rank(State(mut s): State<ApiState>, body: Bytes) -> Result<Json<RankResponse>, ApiError> {
+async fn rank(State(s): State<ApiState>, body: Bytes) -> Result<Json<RankResponse>, ApiError> {
     let started = Instant::now();
     let (req, ctx) = parse_rank(&body)?;
+    check_ready(&s)?;
     let context_key = ctx.key();
-    let mut keys = Vec::with_capacity(2 * req.candidates.len());
-    for c in &req.candidates {
-        keys.push(ad_context_key(&s.prefix, &c.ad_id, &context_key));
-        keys.push(ad_key(&s.prefix, &c.ad_id));
-    }
-    let found = s.lookup(&keys).await?;
+    let pairs = ctx.pairs();
     let mut ranked: Vec<Ranked> = req
         .candidates
         .into_iter()
-        .zip(found.chunks(2))
-        .map(|(c, f)| {
-            let (pctr, source, model_version, _, _) = s.answer(f[0].as_ref(), f[1].as_ref());
+        .map(|c| {
+            let (a, model_version) =
+                s.answer(&c.ad_id, c.campaign_id.as_deref(), &pairs, &context_key);
             Ranked {
-                score: c.bid * pctr,
+                score: c.bid * a.pctr,
                 ad_id: c.ad_id,
                 bid: c.bid,
-                pctr,
-                source,
+                pctr: a.pctr,
+                source: a.evidence.into(),
                 model_version,
             }
         })
@@ -524,15 +455,16 @@ async fn rank(State(mut s): State<ApiState>, body: Bytes) -> Result<Json<RankRes
         ("query_category" = String, Query, description = "Context field"),
         ("geo" = String, Query, description = "Context field"),
         ("device" = String, Query, description = "Context field"),
+        ("campaign_id" = Option<String>, Query, description = "The ad's campaign (a new ad is estimated from it)"),
     ),
     responses(
         (status = 200, description = "The estimate; other query parameters are extra context fields", body = CtrResponse),
         (status = 400, description = "Malformed request", body = ErrorBody),
-        (status = 503, description = "Overloaded or estimate store unavailable", body = ErrorBody)
+        (status = 503, description = "Overloaded, or the model replica is catching up", body = ErrorBody)
     )
 )]
 async fn get_ctr(
-    State(mut s): State<ApiState>,
+    State(s): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<CtrResponse>, ApiError> {
     let started = Instant::now();
@@ -541,25 +473,25 @@ async fn get_ctr(
         .cloned()
         .ok_or_else(|| ApiError::bad("missing query parameter `ad_id`"))?;
     check_token("ad_id", &ad_id).map_err(|e| ApiError::bad(e.to_string()))?;
-    let fields: BTreeMap<String, String> = q.into_iter().collect();
+    let campaign = q.get("campaign_id").cloned();
+    if let Some(c) = &campaign {
+        check_token("campaign_id", c).map_err(|e| ApiError::bad(e.to_string()))?;
+    }
+    let mut fields: BTreeMap<String, String> = q.into_iter().collect();
+    fields.remove("campaign_id");
     let ctx = context_from(&fields, "query")?;
+    check_ready(&s)?;
     let context_key = ctx.key();
-    let keys = [
-        ad_context_key(&s.prefix, &ad_id, &context_key),
-        ad_key(&s.prefix, &ad_id),
-    ];
-    let found = s.lookup(&keys).await?;
-    let (pctr, source, model_version, impressions, clicks) =
-        s.answer(found[0].as_ref(), found[1].as_ref());
+    let (a, model_version) = s.answer(&ad_id, campaign.as_deref(), &ctx.pairs(), &context_key);
     metrics::histogram!("ctr_api_request_seconds", "route" => "ctr")
         .record(started.elapsed().as_secs_f64());
     Ok(Json(CtrResponse {
         ad_id,
         context_key,
-        pctr,
-        impressions,
-        clicks,
-        source,
+        pctr: a.pctr,
+        impressions: a.total.imps,
+        clicks: a.total.clicks,
+        source: a.evidence.into(),
         model_version,
     }))
 }
@@ -636,24 +568,6 @@ mod tests {
         }
         let bytes = [0xff, 0xfe, b'{'];
         assert!(parse_json::<RankRequest>(&bytes).is_err());
-    }
-
-    #[test]
-    fn stored_rows_parse_or_are_absent() {
-        let row = |v: &[Option<&str>]| v.iter().map(|x| x.map(String::from)).collect::<Vec<_>>();
-        let s = parse_stored(&row(&[
-            Some("0.05"),
-            Some("exact"),
-            Some("counts"),
-            Some("42"),
-            Some("100"),
-            Some("5"),
-        ]))
-        .unwrap();
-        assert_eq!(s.model_version, "counts@42");
-        assert_eq!(s.source, Source::Exact);
-        assert!(parse_stored(&row(&[None, None, None, None, Some("3"), Some("1")])).is_none());
-        assert!(parse_stored(&row(&[Some("NaN"), None, None, None, None, None])).is_none());
     }
 
     #[test]

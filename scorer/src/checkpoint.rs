@@ -18,6 +18,11 @@
 //! after it, and the Redis fence skips the totals already applied. Writes are fenced too: a
 //! checkpoint behind the stored one (from an owner that lost the partition and has not noticed)
 //! is not written.
+//!
+//! A checkpoint also trims the partition's model stream (the deltas replicas follow,
+//! [`crate::publish`]) to the entries after the previous checkpoint, so the stream holds at
+//! most two checkpoint intervals of deltas, and a replica that restores the latest checkpoint
+//! finds every delta after it.
 
 use redis::Script;
 use redis::aio::ConnectionManager;
@@ -36,10 +41,14 @@ pub enum CheckpointError {
 }
 
 const SAVE_LUA: &str = r#"
--- KEYS[1] checkpoint key; ARGV[1] next offset, ARGV[2] state bytes.
+-- KEYS[1] checkpoint key, KEYS[2] the partition's model stream; ARGV[1] next offset,
+-- ARGV[2] state bytes, ARGV[3] the owner's wall clock (Unix ms).
 local old = tonumber(redis.call('HGET', KEYS[1], 'next') or '-1')
 if tonumber(ARGV[1]) < old then return 0 end
-redis.call('HSET', KEYS[1], 'next', ARGV[1], 'state', ARGV[2])
+redis.call('HSET', KEYS[1], 'next', ARGV[1], 'state', ARGV[2], 't', ARGV[3])
+-- Stream entries below ID `old` end before the previous checkpoint: no replica that restores
+-- this checkpoint or follows from the previous one needs them.
+if old > 0 then redis.call('XTRIM', KEYS[2], 'MINID', old) end
 return 1
 "#;
 
@@ -47,6 +56,8 @@ return 1
 pub struct CheckpointStore {
     conn: ConnectionManager,
     key_prefix: String,
+    redis_prefix: String,
+    topic: String,
     save: Script,
 }
 
@@ -63,6 +74,8 @@ impl CheckpointStore {
         Self {
             conn,
             key_prefix: format!("{redis_prefix}scorer:ckpt:{topic}:"),
+            redis_prefix: redis_prefix.to_string(),
+            topic: topic.to_string(),
             save: Script::new(SAVE_LUA),
         }
     }
@@ -75,15 +88,25 @@ impl CheckpointStore {
         &mut self,
         partition: i32,
     ) -> Result<Option<PartitionState>, CheckpointError> {
+        Ok(self.load_saved(partition).await?.map(|(state, _)| state))
+    }
+
+    /// [`CheckpointStore::load`], with the owner's wall clock when it was saved (Unix ms;
+    /// `None` for a checkpoint written before the time was recorded).
+    pub async fn load_saved(
+        &mut self,
+        partition: i32,
+    ) -> Result<Option<(PartitionState, Option<i64>)>, CheckpointError> {
         let key = self.key(partition);
-        let state: Option<Vec<u8>> = redis::cmd("HGET")
+        let (state, saved): (Option<Vec<u8>>, Option<i64>) = redis::cmd("HMGET")
             .arg(&key)
             .arg("state")
+            .arg("t")
             .query_async(&mut self.conn)
             .await?;
         let Some(bytes) = state else { return Ok(None) };
         PartitionState::restore(&bytes)
-            .map(Some)
+            .map(|st| Some((st, saved)))
             .map_err(|e| CheckpointError::Corrupt {
                 key,
                 reason: e.to_string(),
@@ -101,8 +124,14 @@ impl CheckpointStore {
         let written: i32 = self
             .save
             .key(self.key(partition))
+            .key(crate::publish::model_stream_key(
+                &self.redis_prefix,
+                &self.topic,
+                partition,
+            ))
             .arg(state.next_offset.unwrap_or(-1))
             .arg(&bytes)
+            .arg(crate::wall_ms())
             .invoke_async(&mut self.conn)
             .await?;
         Ok((written == 1, bytes.len()))

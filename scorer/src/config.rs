@@ -48,10 +48,11 @@ pub struct ScorerArgs {
     /// Longest a batch waits to fill, ms (bounds publish latency under light load).
     #[arg(long, env = "CTR_SCORER_BATCH_MS", default_value_t = 20)]
     pub batch_ms: u64,
-    /// Prior mean CTR for ads and contexts with no data.
+    /// Prior mean CTR of the count model's global rate (what an ad nothing is known about
+    /// starts from). Part of a partition's state: it applies to partitions started afresh.
     #[arg(long, env = "CTR_PRIOR_MEAN", default_value_t = 0.02)]
     pub prior_mean: f64,
-    /// Prior weight, in pseudo-impressions.
+    /// Weight of that prior, in pseudo-impressions.
     #[arg(long, env = "CTR_PRIOR_STRENGTH", default_value_t = 100.0)]
     pub prior_strength: f64,
     /// Model variants learning side by side: comma-separated kinds (counts, ftrl, combined),
@@ -62,9 +63,15 @@ pub struct ScorerArgs {
         default_value = "counts,ftrl,combined"
     )]
     pub models: String,
-    /// The variant whose estimates are published to Redis and ranked by.
-    #[arg(long, env = "CTR_SCORER_SERVE_MODEL", default_value = "counts")]
+    /// The variant that serves: the API evaluates it, and its estimates are published to
+    /// Redis. Any of `models`; `combined` leads every backtest (docs/BENCHMARKS.md).
+    #[arg(long, env = "CTR_SCORER_SERVE_MODEL", default_value = "combined")]
     pub serve_model: String,
+    /// Serve only: run the model replica and the HTTP API, learn nothing (no consumer group,
+    /// no writes). For a fleet of API processes beside the learning scorers; give it the
+    /// learners' --redis-prefix, --labeled-topic, --models and --serve-model.
+    #[arg(long, env = "CTR_SCORER_SERVE_ONLY", default_value_t = false)]
+    pub serve_only: bool,
     /// Worker tasks; partition p is owned by worker p mod workers.
     #[arg(long, env = "CTR_SCORER_WORKERS", default_value_t = 2)]
     pub workers: usize,
@@ -102,9 +109,6 @@ pub struct ScorerArgs {
     /// Ranking API: deadline of one request, ms.
     #[arg(long, env = "CTR_API_TIMEOUT_MS", default_value_t = 250)]
     pub api_timeout_ms: u64,
-    /// Ranking API: how long an estimate read from Redis is reused, ms (0 = no cache).
-    #[arg(long, env = "CTR_API_CACHE_MS", default_value_t = 1_000)]
-    pub api_cache_ms: u64,
 }
 
 /// Checked settings.
@@ -123,6 +127,7 @@ pub struct ScorerConfig {
     pub prior: BetaPrior,
     pub models: Vec<VariantConfig>,
     pub serve_model: String,
+    pub serve_only: bool,
     pub workers: usize,
     pub queue_capacity: usize,
     pub checkpoint_every: Duration,
@@ -134,7 +139,6 @@ pub struct ScorerConfig {
     pub max_thinning: u32,
     pub api_max_concurrency: usize,
     pub api_timeout: Duration,
-    pub api_cache_ttl: Duration,
 }
 
 fn check(ok: bool, name: &str, problem: &str) -> Result<(), crate::Error> {
@@ -194,7 +198,11 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             "redis_prefix",
             "must not be empty",
         )?;
-        let models = parse_models(&a.models)?;
+        let mut models = parse_models(&a.models)?;
+        for m in &mut models {
+            m.counts.global_prior_mean = prior.mean();
+            m.counts.global_prior_strength = a.prior_strength;
+        }
         check(
             models.iter().any(|m| m.name == a.serve_model),
             "serve_model",
@@ -244,6 +252,7 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             prior,
             models,
             serve_model: a.serve_model,
+            serve_only: a.serve_only,
             workers: a.workers,
             queue_capacity: a.queue_capacity,
             checkpoint_every: Duration::from_millis(a.checkpoint_ms),
@@ -255,7 +264,6 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             max_thinning: a.max_thinning,
             api_max_concurrency: a.api_max_concurrency,
             api_timeout: Duration::from_millis(a.api_timeout_ms),
-            api_cache_ttl: Duration::from_millis(a.api_cache_ms),
         })
     }
 }

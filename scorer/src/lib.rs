@@ -9,7 +9,11 @@
 //! - [`checkpoint`]: durable per-partition snapshots with their offsets.
 //! - [`deadletter`]: poison records to the dead-letter topic, delivered before checkpoints.
 //! - [`load`]: load shedding and the learning guard.
-//! - [`api`]: the HTTP API (`POST /v1/rank`, `GET /v1/ctr`, OpenAPI, health, metrics).
+//! - [`serving`]: what a serving replica holds of a partition, the owners' deltas that keep it
+//!   current, and its answer for any ad in any context (pure).
+//! - [`replica`]: the model replica of every API process: checkpoints, then the model streams.
+//! - [`api`]: the HTTP API (`POST /v1/rank`, `GET /v1/ctr`, OpenAPI, health, metrics),
+//!   answered from the replica.
 //! - [`monitor`]: model health reports and the system-wide view of them.
 //! - [`dashboard`]: the monitoring page and `GET /v1/monitor`.
 //! - [`run`]: wires them together; `main.rs` only parses settings and calls it.
@@ -24,6 +28,8 @@ pub mod hold;
 pub mod load;
 pub mod monitor;
 pub mod publish;
+pub mod replica;
+pub mod serving;
 pub mod state;
 pub mod worker;
 
@@ -54,8 +60,8 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Runs the consumer, the workers, the guard and the HTTP API until `shutdown` resolves or
-/// one of them fails.
+/// Runs the consumer, the workers, the guard, the model replica and the HTTP API until
+/// `shutdown` resolves or one of them fails; with `serve_only`, just the replica and the API.
 pub async fn run(
     config: ScorerConfig,
     listener: TcpListener,
@@ -71,17 +77,53 @@ pub async fn run(
         .await?;
     // Checkpoints are megabytes: allow them more than redis-rs's default 500 ms response
     // timeout, which a busy Redis writing its append-only file can exceed.
+    let manager_config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(10)));
     let conn = redis
-        .get_connection_manager_with_config(
-            redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(Some(Duration::from_secs(10))),
-        )
+        .get_connection_manager_with_config(manager_config.clone())
         .await?;
+    let partitions = labeled_partitions(&config).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let replica = Arc::new(replica::Replica::new(
+        &config.models,
+        &config.serve_model,
+        partitions,
+    ));
+    // The replica's blocking stream reads get a connection of their own: on a shared
+    // multiplexed connection they would hold up every command queued behind them.
+    let following = tokio::spawn(replica::follow(
+        Arc::clone(&replica),
+        redis
+            .get_connection_manager_with_config(manager_config)
+            .await?,
+        checkpoint::CheckpointStore::new(conn.clone(), &config.redis_prefix, &config.labeled_topic),
+        config.redis_prefix.clone(),
+        config.labeled_topic.clone(),
+        stop_rx.clone(),
+    ));
+    let view = Arc::new(monitor::Monitor::default());
+    tokio::spawn(monitor::collect(
+        Arc::clone(&config),
+        Arc::clone(&view),
+        conn.clone(),
+        stop_rx.clone(),
+    ));
+    info!(addr = %listener.local_addr()?, partitions, model = %config.serve_model,
+          serve_only = config.serve_only, "HTTP API listening (dashboard at /dashboard/)");
+    if config.serve_only {
+        let api = api::serve(
+            listener,
+            api::ApiState::new(&config, Arc::clone(&replica), metrics, None, view),
+            stop_rx.clone(),
+        );
+        let (a, f) = tokio::join!(api, following);
+        f.map_err(|e| Error::Worker(format!("the model replica stopped: {e}")))?;
+        return a;
+    }
     let control = Arc::new(load::Control::default());
     tokio::spawn(load::guard(
         Arc::clone(&control),
@@ -98,25 +140,57 @@ pub async fn run(
         instance,
         stop_rx.clone(),
     ));
-    let view = Arc::new(monitor::Monitor::default());
-    tokio::spawn(monitor::collect(
-        Arc::clone(&config),
-        Arc::clone(&view),
-        conn.clone(),
-        stop_rx.clone(),
-    ));
-    info!(addr = %listener.local_addr()?, "HTTP API listening (dashboard at /dashboard/)");
     let api = api::serve(
         listener,
-        api::ApiState::new(&config, conn.clone(), metrics, Arc::clone(&control), view),
+        api::ApiState::new(
+            &config,
+            Arc::clone(&replica),
+            metrics,
+            Some(Arc::clone(&control)),
+            view,
+        ),
         stop_rx.clone(),
     );
     let consume = consumer::run(Arc::clone(&config), conn, control, stop_rx);
     let (a, c) = tokio::join!(api, consume);
     // The report leaves the dashboard's view as the process stops.
     let _ = reporting.await;
+    let _ = following.await;
     a?;
     c
+}
+
+/// Partitions of the labeled topic, from the broker's metadata: the replica holds each.
+async fn labeled_partitions(config: &ScorerConfig) -> Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()?;
+    let topic = config.labeled_topic.clone();
+    let metadata = tokio::task::spawn_blocking(move || {
+        consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| Error::Worker(format!("reading the topic's metadata: {e}")))??;
+    let partitions = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map_or(0, |t| t.partitions().len());
+    if partitions == 0 {
+        return Err(Error::Config(format!(
+            "labeled topic `{}` not found on the broker (or it has no partitions)",
+            config.labeled_topic
+        )));
+    }
+    Ok(partitions)
+}
+
+/// The wall clock, Unix ms (ages and freshness; never part of the models' state).
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The Redis client for `url`: a `rediss://` URL is verified against `ca_file` (PEM) if given,

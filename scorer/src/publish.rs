@@ -9,6 +9,7 @@
 //! | `P` `adctx:` ad_id `:` context_key | hash | the same for the ad in one full context |
 //! | `P` `offset:` topic `:` partition | string | last Kafka offset applied to Redis |
 //! | `P` `scorer:ckpt:` topic `:` partition | hash | the partition's checkpoint (see [`crate::checkpoint`]) |
+//! | `P` `model:` topic `:` partition | stream | the serving variant's deltas, for replicas (below) |
 //!
 //! `pctr` is calibrated and position-normalized: the click probability at the top slot (a
 //! frontend ranks by `bid × pctr`; the position effect is common to all candidates of a slot).
@@ -36,6 +37,18 @@
 //! skips batches that end at or below it), and a key's value in a written batch is its value
 //! after its last change up to that batch's end.
 //!
+//! The model stream. The same script appends the batch's [`crate::serving::PartitionDelta`] of
+//! the serving variant to the partition's stream, with entry ID `last + 1` (stream IDs must
+//! be above 0-0) and fields `prev` (the fence before this batch), `last`, `m` (the variant),
+//! `t` (the owner's wall clock, ms) and `d` (the delta in the project's snapshot container).
+//! So the stream is fenced exactly as the estimates are: an entry is written only with the
+//! batch it describes, IDs increase, and consecutive entries chain (`prev` of one is `last` of
+//! the one before). Replicas restore a checkpoint and read the stream from its offset
+//! ([`crate::replica`]); each checkpoint trims the entries the checkpoint before it covered
+//! ([`crate::checkpoint`]). The fence and the stream belong together: deleting the offset key
+//! but not the stream makes the next batch's entry ID too low, and the script then refuses the
+//! batch (an error the worker reports) rather than write estimates replicas would not see.
+//!
 //! The script names keys in its arguments rather than `KEYS`, so it needs a single Redis (or a
 //! cluster with the keys of a partition in one slot); the stack runs a single Redis.
 
@@ -46,12 +59,17 @@ use redis::aio::ConnectionManager;
 use crate::state::Total;
 
 const APPLY_LUA: &str = r#"
--- KEYS[1]: offset key of the partition. ARGV[1]: the batch's last offset; ARGV[2]: model
--- name. Then 5 per key: key, pctr, source, impressions, clicks.
+-- KEYS[1]: offset key of the partition; KEYS[2]: its model stream. ARGV[1]: the batch's last
+-- offset; ARGV[2]: model name; ARGV[3]: the encoded model delta; ARGV[4]: the owner's wall
+-- clock, Unix ms. Then 5 per key: key, pctr, source, impressions, clicks.
 local applied = tonumber(redis.call('GET', KEYS[1]) or '-1')
 local last = tonumber(ARGV[1])
 if last <= applied then return 0 end
-for i = 3, #ARGV, 5 do
+-- First, so that a refused entry (a stream whose newest ID is not below this batch's: see
+-- the module docs) fails the script before anything is written.
+redis.call('XADD', KEYS[2], (last + 1) .. '-0', 'prev', applied, 'last', last, 'm', ARGV[2],
+           't', ARGV[4], 'd', ARGV[3])
+for i = 5, #ARGV, 5 do
   redis.call('HSET', ARGV[i], 'pctr', ARGV[i + 1], 'src', ARGV[i + 2], 'imps', ARGV[i + 3],
              'clicks', ARGV[i + 4], 'model', ARGV[2], 'ver', last)
 end
@@ -107,11 +125,12 @@ impl Publisher {
     }
 
     pub fn offset_key(&self, topic: &str, partition: i32) -> String {
-        format!("{}offset:{topic}:{partition}", self.prefix)
+        offset_key(&self.prefix, topic, partition)
     }
 
-    /// Writes one partition's batch (everything up to `last_offset`) atomically, unless a
-    /// write at or beyond `last_offset` happened already; returns whether it was written.
+    /// Writes one partition's batch (everything up to `last_offset`) atomically, with the
+    /// serving variant's `delta` for replicas, unless a write at or beyond `last_offset`
+    /// happened already; returns whether it was written.
     pub async fn apply(
         &mut self,
         topic: &str,
@@ -119,9 +138,14 @@ impl Publisher {
         last_offset: i64,
         estimates: &[Published],
         model: &str,
+        delta: &[u8],
     ) -> redis::RedisResult<bool> {
         let mut inv = self.script.key(self.offset_key(topic, partition));
-        inv.arg(last_offset).arg(model);
+        inv.key(model_stream_key(&self.prefix, topic, partition));
+        inv.arg(last_offset)
+            .arg(model)
+            .arg(delta)
+            .arg(crate::wall_ms());
         for e in estimates {
             inv.arg(&e.key)
                 .arg(format!("{:.8}", e.pctr))
@@ -132,6 +156,17 @@ impl Publisher {
         let written: i32 = inv.invoke_async(&mut self.conn).await?;
         Ok(written == 1)
     }
+}
+
+/// Key of a partition's write fence: the last offset applied to Redis.
+pub fn offset_key(prefix: &str, topic: &str, partition: i32) -> String {
+    format!("{prefix}offset:{topic}:{partition}")
+}
+
+/// Key of a partition's model stream: the serving variant's deltas, one entry per written
+/// batch, for replicas ([`crate::replica`]).
+pub fn model_stream_key(prefix: &str, topic: &str, partition: i32) -> String {
+    format!("{prefix}model:{topic}:{partition}")
 }
 
 /// Key of an ad's totals.

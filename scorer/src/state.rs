@@ -50,7 +50,7 @@ pub struct Total {
 /// Key of an ad's totals, or of the ad in one context (`context_key`), in [`PartitionState`].
 /// Hashes, not strings: 24 bytes per key (plus the table's slack); 64-bit collisions are
 /// negligible at the millions of keys one partition holds.
-fn total_key(ad: &str, context_key: Option<&str>) -> u64 {
+pub fn total_key(ad: &str, context_key: Option<&str>) -> u64 {
     let ad_hash = hash_str(TOTAL_AD_NS, ad);
     match context_key {
         None => ad_hash,
@@ -286,9 +286,13 @@ pub struct PartitionState {
     newest_ms: i64,
     #[serde(skip)]
     sampler: Sampler,
-    /// Clicks waiting for the negatives of their time. Last, so that the checkpoint body of
-    /// format 1 is this layout without it.
+    /// Clicks waiting for the negatives of their time. After the fields of the checkpoint
+    /// body of format 1, which is this layout without it and what follows.
     held: Held,
+    /// Each ad's campaign (by [`ad_total_key`]), as its latest label named it: a serving
+    /// replica asked about a known ad without its campaign uses it. Last: format 2 is this
+    /// layout without it.
+    campaigns: HashMap64<String>,
 }
 
 /// The impression the models see for label `l`, whose context pairs are `pairs`.
@@ -312,6 +316,7 @@ impl PartitionState {
             newest_ms: i64::MIN,
             sampler: Sampler::default(),
             held: Held::default(),
+            campaigns: HashMap64::default(),
         }
     }
 
@@ -329,10 +334,29 @@ impl PartitionState {
 
     /// Exact totals of `ad` (over all contexts when `context_key` is `None`).
     pub fn total(&self, ad: &str, context_key: Option<&str>) -> Total {
-        self.totals
-            .get(&total_key(ad, context_key))
-            .copied()
-            .unwrap_or_default()
+        self.total_at(total_key(ad, context_key))
+    }
+
+    /// Exact totals of the key [`total_key`] gives.
+    pub fn total_at(&self, key: u64) -> Total {
+        self.totals.get(&key).copied().unwrap_or_default()
+    }
+
+    /// The campaign of `ad` as its latest label named it.
+    pub fn campaign_of(&self, ad: &str) -> Option<&str> {
+        self.campaigns.get(&total_key(ad, None)).map(String::as_str)
+    }
+
+    /// What a serving replica keeps of this state: the variant `model`, the exact totals and
+    /// the ads' campaigns (`None` if no variant has that name).
+    pub fn into_serving(self, model: &str) -> Option<crate::serving::ServingState> {
+        let variant = self.models.take_variant(model)?;
+        Some(crate::serving::ServingState::new(
+            variant,
+            self.totals,
+            self.campaigns,
+            self.next_offset.map(|n| n - 1),
+        ))
     }
 
     /// Applies one valid labeled impression whose context key is `context_key`. Positives
@@ -350,10 +374,11 @@ impl PartitionState {
         let outcome = self.learn(l, policy)?;
         if let Some((imps, clicks)) = outcome.count_delta() {
             let stands_for = if l.clicked { 1 } else { policy.thinned.max(1) };
-            for key in [
-                total_key(&l.ad_id, None),
-                total_key(&l.ad_id, Some(context_key)),
-            ] {
+            let ad_key = total_key(&l.ad_id, None);
+            if self.campaigns.get(&ad_key) != Some(&l.campaign_id) {
+                self.campaigns.insert(ad_key, l.campaign_id.clone());
+            }
+            for key in [ad_key, total_key(&l.ad_id, Some(context_key))] {
                 let t = self.totals.entry(key).or_default();
                 t.imps += u64::from(imps) * u64::from(stands_for);
                 t.clicks += u64::from(clicks);
@@ -425,10 +450,11 @@ impl PartitionState {
     }
 
     /// Bounds model memory: FTRL coordinates idle for `idle_ms` of event time are dropped, and
-    /// count keys that have decayed to nothing (`ctr_models::counts::FADED_UNITS`).
-    pub fn maintain(&mut self, idle_ms: i64) -> usize {
+    /// count keys that have decayed to nothing (`ctr_models::counts::FADED_UNITS`). Returns
+    /// what each variant dropped, in order (a replica of a variant must drop it too).
+    pub fn maintain(&mut self, idle_ms: i64) -> Vec<ctr_models::Evicted> {
         if self.newest_ms == i64::MIN {
-            return 0;
+            return Vec::new();
         }
         self.models.maintain(self.newest_ms.saturating_sub(idle_ms))
     }
@@ -438,13 +464,17 @@ impl PartitionState {
         snapshot::encode_version(self, CHECKPOINT_FORMAT)
     }
 
-    /// Restores [`PartitionState::snapshot`]'s output, or a checkpoint of format 1 (before
-    /// clicks were held: it restores with none held). The sampler restarts (it is load
-    /// shedding's bookkeeping, not model state).
+    /// Restores [`PartitionState::snapshot`]'s output, or a checkpoint of format 2 (before
+    /// the ads' campaigns were kept: it restores with none known, and each ad's next label
+    /// names it again) or 1 (before clicks were held: none held either). The sampler restarts
+    /// (it is load shedding's bookkeeping, not model state).
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
         match snapshot::open(bytes)? {
             (CHECKPOINT_FORMAT, body) => snapshot::decode_body(body),
-            (1, body) => snapshot::decode_body::<StateV1>(body).map(StateV1::into_current),
+            (2, body) => snapshot::decode_body::<StateV2>(body).map(StateV2::into_current),
+            (1, body) => snapshot::decode_body::<StateV1>(body)
+                .map(StateV1::into_v2)
+                .map(StateV2::into_current),
             (found, _) => Err(SnapshotError::UnsupportedVersion {
                 found,
                 supported: CHECKPOINT_FORMAT,
@@ -453,8 +483,34 @@ impl PartitionState {
     }
 }
 
-/// Format of the checkpoint body: 2 added the held clicks.
-pub const CHECKPOINT_FORMAT: u16 = 2;
+/// Format of the checkpoint body: 2 added the held clicks, 3 the ads' campaigns.
+pub const CHECKPOINT_FORMAT: u16 = 3;
+
+/// A checkpoint body of format 2.
+#[derive(Deserialize)]
+struct StateV2 {
+    next_offset: Option<i64>,
+    models: ModelSet,
+    dedupe: Dedupe,
+    totals: HashMap64<Total>,
+    newest_ms: i64,
+    held: Held,
+}
+
+impl StateV2 {
+    fn into_current(self) -> PartitionState {
+        PartitionState {
+            next_offset: self.next_offset,
+            models: self.models,
+            dedupe: self.dedupe,
+            totals: self.totals,
+            newest_ms: self.newest_ms,
+            sampler: Sampler::default(),
+            held: self.held,
+            campaigns: HashMap64::default(),
+        }
+    }
+}
 
 /// A checkpoint body of format 1.
 #[derive(Deserialize)]
@@ -467,14 +523,13 @@ struct StateV1 {
 }
 
 impl StateV1 {
-    fn into_current(self) -> PartitionState {
-        PartitionState {
+    fn into_v2(self) -> StateV2 {
+        StateV2 {
             next_offset: self.next_offset,
             models: self.models,
             dedupe: self.dedupe,
             totals: self.totals,
             newest_ms: self.newest_ms,
-            sampler: Sampler::default(),
             held: Held::default(),
         }
     }
@@ -755,10 +810,50 @@ mod tests {
         assert!(matches!(
             PartitionState::restore(&future),
             Err(SnapshotError::UnsupportedVersion {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             })
         ));
+    }
+
+    #[test]
+    fn a_checkpoint_of_format_2_restores_with_no_campaign_known_until_the_next_label() {
+        #[derive(Serialize)]
+        struct V2<'a> {
+            next_offset: Option<i64>,
+            models: &'a ModelSet,
+            dedupe: &'a Dedupe,
+            totals: &'a HashMap64<Total>,
+            newest_ms: i64,
+            held: &'a Held,
+        }
+        let mut st = state();
+        for i in 0..100 {
+            let l = label(&format!("s{i}:a"), "a", i % 10 == 0, i);
+            st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap();
+        }
+        assert_eq!(st.campaign_of("a"), Some("c1"));
+        let v2 = snapshot::encode_version(
+            &V2 {
+                next_offset: Some(100),
+                models: &st.models,
+                dedupe: &st.dedupe,
+                totals: &st.totals,
+                newest_ms: st.newest_ms,
+                held: &st.held,
+            },
+            2,
+        );
+        let mut restored = PartitionState::restore(&v2).unwrap();
+        assert_eq!(restored.models(), st.models());
+        assert_eq!(restored.held(), st.held());
+        assert_eq!(restored.campaign_of("a"), None);
+        let l = label("s100:a", "a", false, 100);
+        restored
+            .apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+            .unwrap();
+        assert_eq!(restored.campaign_of("a"), Some("c1"));
     }
 
     #[test]

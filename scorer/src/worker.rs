@@ -6,14 +6,16 @@
 //! from the consumer. Per record it decodes, drops duplicates, learns (or sheds, or holds off
 //! under the learning guard) and notes the record's effect on the exact totals and which
 //! estimates changed. Every `batch_ms` or `batch_size` records it publishes each partition's
-//! batch atomically ([`crate::publish`]); every `checkpoint_every` it checkpoints each
-//! partition ([`crate::checkpoint`]) and only then commits the offsets to Kafka.
+//! batch atomically ([`crate::publish`]), with the serving variant's delta for replicas
+//! ([`crate::serving`]); every `checkpoint_every` it runs each partition's maintenance
+//! (eviction) before its next publish, so replicas drop what the owner dropped, checkpoints
+//! each partition ([`crate::checkpoint`]) and only then commits the offsets to Kafka.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ctr_models::{Impression, Level, ModelError};
+use ctr_models::{Evicted, Impression, Level, ModelError, Touched};
 use ctr_schemas::{Context, DecodeError, LabeledImpression, ValidationError, decode};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -26,7 +28,8 @@ use crate::consumer::ScorerContext;
 use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::load::{AdHealth, Control, Counted, PartitionReport};
 use crate::publish::{Published, Publisher, ad_context_key, ad_key};
-use crate::state::{Outcome, PartitionState, Policy};
+use crate::serving::PartitionDelta;
+use crate::state::{Outcome, PartitionState, Policy, total_key};
 
 /// Awaits a Redis operation of partition `$partition`, retrying the errors matching
 /// `$retryable` (which binds the error to `$err`: a restart, a failover, a slow append-only file) with
@@ -81,6 +84,14 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     DeadLetter(#[from] DeadLetterError),
+    #[error(
+        "the checkpoint of partition {partition} holds the variants {found:?}, not the serving variant `{serving}`: serve one of those (--serve-model), or delete the partition's checkpoint to start it afresh"
+    )]
+    ServingVariantMissing {
+        partition: i32,
+        found: Vec<String>,
+        serving: String,
+    },
 }
 
 /// A record that is not used.
@@ -131,6 +142,11 @@ impl Dirty {
 
 struct Owned {
     state: PartitionState,
+    /// Maintenance (eviction) is due before the next publish: it runs only there, so what it
+    /// drops reaches replicas with the batch (see [`Worker::publish`]).
+    maintain_due: bool,
+    /// What the serving variant's maintenance dropped and no written delta has carried yet.
+    evicted: Evicted,
     /// Records consumed since the last publish, and the last one's offset.
     pending: usize,
     last_offset: Option<i64>,
@@ -238,6 +254,9 @@ impl Worker {
                     break;
                 }
                 if last_checkpoint.elapsed() >= self.cfg.checkpoint_every {
+                    for own in self.parts.values_mut() {
+                        own.maintain_due = true;
+                    }
                     self.publish_all().await?;
                     self.checkpoint_all(CommitMode::Async).await?;
                     last_checkpoint = Instant::now();
@@ -275,7 +294,8 @@ impl Worker {
             }
             Work::Assign(p) => self.owned(p).await.map(|_| ()),
             Work::Revoke(p, done) => {
-                if self.parts.contains_key(&p) {
+                if let Some(own) = self.parts.get_mut(&p) {
+                    own.maintain_due = true;
                     self.publish(p).await?;
                     self.checkpoint(&[p], CommitMode::Sync).await?;
                     self.parts.remove(&p);
@@ -298,6 +318,18 @@ impl Worker {
                 Err(CheckpointError::Redis(e)) => e
             )? {
                 Some(st) => {
+                    if st.models().variant(&self.cfg.serve_model).is_none() {
+                        return Err(WorkerError::ServingVariantMissing {
+                            partition: p,
+                            found: st
+                                .models()
+                                .variants()
+                                .iter()
+                                .map(|v| v.name().to_string())
+                                .collect(),
+                            serving: self.cfg.serve_model.clone(),
+                        });
+                    }
                     info!(partition = p, next_offset = ?st.next_offset, examples = st.models().examples(),
                           "restored partition state from checkpoint");
                     metrics::counter!("ctr_scorer_restores_total").increment(1);
@@ -313,6 +345,8 @@ impl Worker {
                 p,
                 Owned {
                     state,
+                    maintain_due: false,
+                    evicted: Evicted::default(),
                     pending: 0,
                     last_offset: None,
                     dirty: Dirty::default(),
@@ -397,6 +431,46 @@ impl Worker {
         Ok(())
     }
 
+    /// The encoded [`PartitionDelta`] of `own`'s batch for replicas: the serving variant's
+    /// parameters that the dirty ads' learning may have changed, their exact totals and
+    /// campaigns, and what maintenance dropped.
+    fn delta(&self, own: &Owned) -> Vec<u8> {
+        let state = &own.state;
+        let model = state.models().variant(&self.cfg.serve_model).expect(
+            "a partition's state has the serving variant (checked at start-up and restore)",
+        );
+        let mut touched = Touched::default();
+        let mut totals = Vec::new();
+        let mut campaigns = Vec::new();
+        for (ad, (campaign, contexts)) in &own.dirty.ads {
+            let ad_key = total_key(ad, None);
+            let campaign = state.campaign_of(ad).unwrap_or(campaign);
+            totals.push((ad_key, state.total_at(ad_key)));
+            campaigns.push((ad_key, campaign.to_string()));
+            for (ctx_key, ctx) in contexts {
+                let pairs = ctx.pairs();
+                model.touch(
+                    &Impression {
+                        ad,
+                        campaign,
+                        position: 1,
+                        context: &pairs,
+                        ts_ms: 0,
+                    },
+                    &mut touched,
+                );
+                let key = total_key(ad, Some(ctx_key));
+                totals.push((key, state.total_at(key)));
+            }
+        }
+        PartitionDelta {
+            model: model.delta(&touched, &own.evicted),
+            totals,
+            campaigns,
+        }
+        .encode()
+    }
+
     /// The serving variant's estimates for every dirty key of `own`.
     fn estimates(&self, own: &mut Owned) -> Vec<Published> {
         let prefix = self.publisher.prefix();
@@ -458,13 +532,27 @@ impl Worker {
             return Ok(());
         };
         let started = Instant::now();
+        if own.maintain_due {
+            own.maintain_due = false;
+            let serving = own
+                .state
+                .models()
+                .variants()
+                .iter()
+                .position(|v| v.name() == self.cfg.serve_model);
+            let evicted = own.state.maintain(self.cfg.idle_ms);
+            if let Some(e) = serving.and_then(|i| evicted.into_iter().nth(i)) {
+                own.evicted.extend(e);
+            }
+        }
+        let delta = self.delta(&own);
         let estimates = self.estimates(&mut own);
         let topic = self.cfg.labeled_topic.clone();
         let result = retry!(
             "Redis publish",
             p,
             self.publisher
-                .apply(&topic, p, last_offset, &estimates, &self.cfg.serve_model)
+                .apply(&topic, p, last_offset, &estimates, &self.cfg.serve_model, &delta)
                 .instrument(info_span!("publish", partition = p)),
             Err(e) => e
         )
@@ -479,6 +567,9 @@ impl Worker {
         let applied = result?;
         self.control.published_now();
         if applied {
+            if let Some(own) = self.parts.get_mut(&p) {
+                own.evicted = Evicted::default();
+            }
             metrics::counter!("ctr_scorer_applied_total").increment(records as u64);
         } else {
             metrics::counter!("ctr_scorer_replayed_total").increment(records as u64);
@@ -486,6 +577,7 @@ impl Worker {
         metrics::histogram!("ctr_scorer_publish_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("ctr_scorer_publish_batch_records").record(records as f64);
         metrics::histogram!("ctr_scorer_publish_batch_estimates").record(estimates.len() as f64);
+        metrics::histogram!("ctr_scorer_publish_delta_bytes").record(delta.len() as f64);
         Ok(())
     }
 
@@ -510,7 +602,6 @@ impl Worker {
             };
             debug_assert!(own.pending == 0, "checkpoint before publish");
             let started = Instant::now();
-            own.state.maintain(self.cfg.idle_ms);
             let (written, bytes) = retry!(
                 "checkpoint save",
                 p,
