@@ -451,6 +451,16 @@ pub fn metric_sum(page: &str, name: &str, filter: &str) -> Option<f64> {
     found
 }
 
+/// The number of the first `"field":` in a JSON text, parsed by Rust's correctly rounded
+/// `f64` parser: serde_json's default float parsing may be one ulp off, and exactness tests
+/// compare the digits a server printed (shortest round-trip form) bit for bit.
+pub fn json_f64(body: &str, field: &str) -> Option<f64> {
+    let at = body.find(&format!("\"{field}\":"))? + field.len() + 3;
+    let rest = &body[at..];
+    let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
 /// What an HTTP call answered; status 0 when it got no answer at all.
 #[derive(Debug, Clone)]
 pub struct Reply {

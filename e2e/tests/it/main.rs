@@ -9,3 +9,4 @@ mod joiner;
 mod pipeline;
 mod reliability;
 mod scorer;
+mod serving;

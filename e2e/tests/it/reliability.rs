@@ -239,10 +239,12 @@ fn an_acl_user_runs_the_pipeline_and_its_password_never_shows() {
 }
 
 /// The ranking API driven far past capacity (issue #8): wrk with 1,024 connections against a
-/// scorer that admits 16 requests at a time and reads Redis for every one (no cache). Beyond
-/// its capacity it answers `503` at once (the latency of the whole run stays far under the
-/// 250 ms deadline), its memory stays bounded, nothing else goes wrong, and once the load
-/// drops it answers every request again.
+/// scorer that admits one request at a time. The API evaluates its in-memory replica, so a
+/// request holds no I/O and the runtime's threads are the capacity: a request that finds the
+/// one slot taken (the other thread is in a request) gets `503` at once, everything else is
+/// answered, the latency of the whole run stays far under the 250 ms deadline, memory stays
+/// bounded, nothing else goes wrong, and once the load drops every request is answered again.
+/// (Before the replica, a request waited for Redis, and with 16 slots most were shed.)
 #[test]
 #[ignore = "load test: it saturates the machine, so it runs alone (scripts/test)"]
 fn the_ranking_api_far_past_capacity_sheds_fast_stays_bounded_and_recovers() {
@@ -254,32 +256,6 @@ fn the_ranking_api_far_past_capacity_sheds_fast_stays_bounded_and_recovers() {
         "wrk is needed: scripts/test installs it"
     );
     let prefix = format!("{}:", unique("overload"));
-    let mut con = redis();
-    let ctx = "device=mobile|geo=US|query_category=travel";
-    let mut pipe = redis::pipe();
-    for i in 0..1_000 {
-        pipe.cmd("HSET").arg(format!("{prefix}ad:ad-{i:04}")).arg(&[
-            "pctr",
-            "0.02",
-            "src",
-            "backed_off",
-            "model",
-            "counts",
-            "ver",
-            "1",
-            "imps",
-            "100",
-            "clicks",
-            "2",
-        ]);
-        pipe.cmd("HSET")
-            .arg(format!("{prefix}adctx:ad-{i:04}:{ctx}"))
-            .arg(&[
-                "pctr", "0.03", "src", "exact", "model", "counts", "ver", "1", "imps", "50",
-                "clicks", "1",
-            ]);
-    }
-    let _: () = pipe.query(&mut con).unwrap();
     let topic = format!("{}.labeled", unique("overload"));
     create_topics(&[(&topic, 1)]);
     let port = free_port();
@@ -288,7 +264,7 @@ fn the_ranking_api_far_past_capacity_sheds_fast_stays_bounded_and_recovers() {
         &unique("overload-g"),
         &prefix,
         port,
-        &["--api-max-concurrency=16", "--api-cache-ms=0"],
+        &["--api-max-concurrency=1"],
     );
     let base = format!("http://127.0.0.1:{port}");
     let body = r#"{"context":{"query_category":"travel","geo":"US","device":"mobile"},"candidates":[{"ad_id":"ad-0001","bid":1.0},{"ad_id":"ad-0002","bid":2.0},{"ad_id":"ad-0003","bid":0.5}],"k":2}"#;
@@ -362,8 +338,8 @@ end
         statuses.get("503").and_then(|v| v.as_u64()).unwrap_or(0),
     );
     assert!(
-        ok > 0 && shed > ok,
-        "far past capacity most requests are shed: {statuses:?}"
+        ok > 0 && shed > 0,
+        "far past capacity, requests beyond the limit are shed: {statuses:?}"
     );
     assert!(
         statuses.keys().all(|k| k == "200" || k == "503"),

@@ -124,69 +124,84 @@ fn rank_orders_by_bid_times_pctr_and_rejects_bad_requests() {
     let topic = format!("{}.labeled", unique("rank"));
     create_topics(&[(&topic, 1)]);
     let prefix = format!("{}:", unique("rank"));
-    let ctx = "device=mobile|geo=US|query_category=travel";
-    let mut con = redis();
-    let set = |con: &mut redis::Connection, key: String, pctr: &str, src: &str| {
-        let _: () = redis::cmd("HSET")
-            .arg(key)
-            .arg(&[
-                ("pctr", pctr),
-                ("src", src),
-                ("model", "counts"),
-                ("ver", "41"),
-                ("imps", "1000"),
-                ("clicks", "50"),
-            ])
-            .query(con)
-            .unwrap();
-    };
-    set(&mut con, format!("{prefix}adctx:a1:{ctx}"), "0.10", "exact");
-    set(&mut con, format!("{prefix}ad:a1"), "0.08", "backed_off");
-    set(&mut con, format!("{prefix}ad:a2"), "0.05", "backed_off");
-    set(&mut con, format!("{prefix}adctx:a4:{ctx}"), "0.20", "exact");
     let port = free_port();
-    let s = start_scorer(
-        &topic,
-        &format!("{topic}-g"),
-        &prefix,
-        port,
-        &["--prior-mean=0.02"],
-    );
+    let s = start_scorer(&topic, &format!("{topic}-g"), &prefix, port, &[]);
     let base = format!("http://127.0.0.1:{port}");
+    let stream = labeled_stream_with(&topic, 4_000, 12, 5, false);
+    produce_all(&stream.records);
+    // The API answers once its replica reflects the whole partition.
+    let last = stream.records.len() as i64 - 1;
     eventually(
-        Duration::from_secs(30),
-        "the API to be ready",
-        || http_get(&format!("{base}/readyz")).filter(|b| b.contains("\"ready\":true")),
+        Duration::from_secs(60),
+        "the replica to reflect the stream",
+        || {
+            let body = http_get(&format!("{base}/readyz"))?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (v["ready"] == true && v["replica"]["partitions"][0]["version"] == last).then_some(())
+        },
         || s.output(),
     );
+    let ctr = |ad: &str, extra: &str| -> (serde_json::Value, f64) {
+        let body = http_get(&format!(
+            "{base}/v1/ctr?ad_id={ad}&query_category=travel&geo=US&device=mobile{extra}"
+        ))
+        .unwrap();
+        (
+            serde_json::from_str(&body).unwrap(),
+            json_f64(&body, "pctr").unwrap(),
+        )
+    };
     let body = r#"{"context":{"query_category":"travel","geo":"US","device":"mobile"},
-        "candidates":[{"ad_id":"a1","bid":1.0},{"ad_id":"a2","bid":3.0},
-                      {"ad_id":"a3","bid":4.0,"campaign_id":"c9"},{"ad_id":"a4","bid":0.3}],"k":3}"#;
+        "candidates":[{"ad_id":"ad-001","bid":1.0},{"ad_id":"ad-002","bid":3.0},
+                      {"ad_id":"new-ad","bid":4.0,"campaign_id":"camp-3"},{"ad_id":"ad-007","bid":0.3}],"k":3}"#;
     let (status, text) = http_post_json(&format!("{base}/v1/rank"), body);
     assert_eq!(status, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ranked = v["ranked"].as_array().unwrap();
-    let got: Vec<(&str, f64, &str)> = ranked
-        .iter()
-        .map(|r| {
-            (
-                r["ad_id"].as_str().unwrap(),
-                r["pctr"].as_f64().unwrap(),
-                r["source"].as_str().unwrap(),
-            )
-        })
+    assert_eq!(ranked.len(), 3, "k = 3: {text}");
+    // Each candidate's pCTR is the model's, as GET /v1/ctr answers it, and the order is by
+    // bid × pCTR.
+    let mut want: Vec<(String, f64, f64, String)> = [
+        ("ad-001", 1.0, ""),
+        ("ad-002", 3.0, ""),
+        ("new-ad", 4.0, "&campaign_id=camp-3"),
+        ("ad-007", 0.3, ""),
+    ]
+    .iter()
+    .map(|(ad, bid, extra)| {
+        let (a, pctr) = ctr(ad, extra);
+        (
+            ad.to_string(),
+            pctr,
+            bid * pctr,
+            a["source"].as_str().unwrap().into(),
+        )
+    })
+    .collect();
+    want.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let ranked_pctr: Vec<f64> = text
+        .split("\"ad_id\"")
+        .skip(1)
+        .map(|r| json_f64(r, "pctr").unwrap())
         .collect();
-    // Scores: a2 3.0×0.05 = 0.15, a1 1.0×0.10 = 0.10, a3 4.0×0.02 = 0.08, a4 0.3×0.20 = 0.06.
-    assert_eq!(
-        got,
-        vec![
-            ("a2", 0.05, "backed_off"),
-            ("a1", 0.10, "exact"),
-            ("a3", 0.02, "prior")
-        ]
-    );
-    assert_eq!(ranked[1]["model_version"], "counts@41");
-    assert!((ranked[0]["score"].as_f64().unwrap() - 0.15).abs() < 1e-12);
+    for ((r, (ad, pctr, score, source)), got) in ranked.iter().zip(&want).zip(&ranked_pctr) {
+        assert_eq!(r["ad_id"], ad.as_str(), "{text}");
+        assert_eq!(got, pctr, "{text}");
+        assert!(
+            (r["score"].as_f64().unwrap() - score).abs() < 1e-15,
+            "{text}"
+        );
+        assert_eq!(r["source"], source.as_str(), "{text}");
+        assert_eq!(
+            r["model_version"],
+            format!("combined@{last}").as_str(),
+            "{text}"
+        );
+    }
+    assert_eq!(ctr("ad-001", "").0["source"], "exact");
+    assert_eq!(ctr("new-ad", "&campaign_id=camp-3").0["source"], "prior");
+    let busy = ctr("ad-001", "").1;
+    assert!(busy > 0.0 && busy < 0.2, "a sane estimate: {busy}");
 
     let bad = [
         (r#"{"context":{"query_category":"travel","geo":"US","device":"mobile"},"candidates":[{"ad_id":"a1"}]}"#.to_string(), "candidates[0]"),
