@@ -134,11 +134,28 @@ fn calibrated_and_close_to_the_oracle_after_warm_up() {
     }
 }
 
+/// Load shedding's sampling, for every kind of variant (the scorer serves any): A learns every
+/// example; B all positives and 10% of negatives with weight 10; C the same sample without
+/// weights, corrected afterwards with q = p / (p + (1 - p) / w). Issue 16 found the combined
+/// variant 8% over-calibrated under shedding (its FTRL part counted a weighted example's
+/// squared gradient as w² repeats, not w); this guards the fix.
 #[test]
 fn importance_weighted_negative_sampling_keeps_calibration() {
-    // A: every example. B: all positives, 10% of negatives with weight 10. C: the same sample
-    // without weights, corrected afterwards with q = p / (p + (1 - p) / w).
-    let kinds = || vec![stationary(VariantKind::Counts)];
+    for kind in [
+        VariantKind::Counts,
+        VariantKind::Ftrl,
+        VariantKind::Combined,
+    ] {
+        // 10%: stage one's sampling alone; 2%: its lowest rate (0.2) with stage-two thinning
+        // by 10, each kept negative standing for 50.
+        for keep in [0.1, 0.02] {
+            weighted_sampling_keeps_calibration(kind, keep);
+        }
+    }
+}
+
+fn weighted_sampling_keeps_calibration(kind: VariantKind, keep: f64) {
+    let kinds = || vec![stationary(kind)];
     let (mut a, mut b, mut c) = (
         ModelSet::new(kinds()).unwrap(),
         ModelSet::new(kinds()).unwrap(),
@@ -149,8 +166,8 @@ fn importance_weighted_negative_sampling_keeps_calibration() {
     for _ in 0..1_000_000 {
         let e = truth.next();
         truth.with(&e, |x| a.learn(x, e.clicked, 1.0)).unwrap();
-        if e.clicked || sampler.random_bool(0.1) {
-            let w = if e.clicked { 1.0 } else { 10.0 };
+        if e.clicked || sampler.random_bool(keep) {
+            let w = if e.clicked { 1.0 } else { 1.0 / keep };
             truth.with(&e, |x| b.learn(x, e.clicked, w)).unwrap();
             truth.with(&e, |x| c.learn(x, e.clicked, 1.0)).unwrap();
         }
@@ -169,7 +186,7 @@ fn importance_weighted_negative_sampling_keeps_calibration() {
         ma.record(pa, e.clicked, 1.0);
         mb.record(pb, e.clicked, 1.0);
         raw_c.record(pc, e.clicked, 1.0);
-        mc.record(correct_downsampling(pc, 0.1).unwrap(), e.clicked, 1.0);
+        mc.record(correct_downsampling(pc, keep).unwrap(), e.clicked, 1.0);
     }
     let (ca, cb, cc) = (
         ma.calibration().unwrap(),
@@ -177,12 +194,26 @@ fn importance_weighted_negative_sampling_keeps_calibration() {
         mc.calibration().unwrap(),
     );
     eprintln!(
-        "calibration: all {ca:.4}, weighted sample {cb:.4}, corrected sample {cc:.4}, uncorrected {:.4}",
-        raw_c.calibration().unwrap()
+        "{kind:?} keeping {keep}: calibration all {ca:.4}, weighted sample {cb:.4}, corrected sample {cc:.4}, uncorrected {:.4}; NE all {:.4}, weighted {:.4}",
+        raw_c.calibration().unwrap(),
+        ma.normalized_entropy().unwrap(),
+        mb.normalized_entropy().unwrap()
     );
-    assert!((ca - 1.0).abs() <= 0.02, "{ca}");
-    assert!((cb - ca).abs() <= 0.02, "weighted sample {cb} vs all {ca}");
-    assert!((cc - ca).abs() <= 0.03, "corrected sample {cc} vs all {ca}");
+    if kind == VariantKind::Counts {
+        // (FTRL's own calibration on this stream is a matter of its regularization, not of
+        // sampling: what sampling must not change is the difference to learning from all.)
+        assert!((ca - 1.0).abs() <= 0.02, "{kind:?}: {ca}");
+    }
+    assert!(
+        (cb - ca).abs() <= 0.02,
+        "{kind:?} keeping {keep}: weighted sample {cb} vs all {ca}"
+    );
+    if keep >= 0.1 {
+        assert!(
+            (cc - ca).abs() <= 0.03,
+            "{kind:?}: corrected sample {cc} vs all {ca}"
+        );
+    }
     assert!(
         raw_c.calibration().unwrap() > 3.0,
         "without weights or correction the sample over-predicts"

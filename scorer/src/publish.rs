@@ -5,8 +5,8 @@
 //!
 //! | key | type | fields |
 //! |-----|------|--------|
-//! | `P` `ad:` ad_id | hash | `imps`, `clicks`: exact totals over distinct labels (a late click adds a click); `pctr`: the serving model's estimate over all contexts; `src`; `model`; `ver` |
-//! | `P` `adctx:` ad_id `:` context_key | hash | the same for the ad in one full context |
+//! | `P` `ad:` ad_id | hash | `imps`, `clicks`: exact totals over distinct labels (a late click adds a click); `pctr`: the ad's rate over all contexts (the serving variant's count model at the ad level; an FTRL-only variant's prediction with no context fields); `src`; `model`; `ver` |
+//! | `P` `adctx:` ad_id `:` context_key | hash | the same for the ad in one full context: the serving variant's prediction, written when the key sees an impression |
 //! | `P` `offset:` topic `:` partition | string | last Kafka offset applied to Redis |
 //! | `P` `scorer:ckpt:` topic `:` partition | hash | the partition's checkpoint (see [`crate::checkpoint`]) |
 //! | `P` `model:` topic `:` partition | stream | the serving variant's deltas, for replicas (below) |

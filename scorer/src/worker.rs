@@ -490,11 +490,29 @@ impl Worker {
                     ts_ms,
                 })
             };
-            let whole = predict(&[]);
+            // The ad over all contexts: the count model's ad level where the variant has one
+            // (FTRL evaluated with no context fields is not an average over contexts: it
+            // leaves out every field's weight).
+            let whole = match model.counts() {
+                Some(c) => {
+                    let e = c.predict(&Impression {
+                        ad: &ad,
+                        campaign: &campaign,
+                        position: 1,
+                        context: &[],
+                        ts_ms,
+                    });
+                    (e.p, e.level)
+                }
+                None => {
+                    let p = predict(&[]);
+                    (p.p, p.level.unwrap_or(Level::BackedOff))
+                }
+            };
             out.push(Published {
                 key: ad_key(prefix, &ad),
-                pctr: whole.p,
-                level: whole.level.unwrap_or(Level::BackedOff),
+                pctr: whole.0,
+                level: whole.1,
                 total: state.total(&ad, None),
             });
             for (ctx_key, ctx) in contexts {

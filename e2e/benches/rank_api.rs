@@ -1,0 +1,249 @@
+//! The ranking API answered from the model replica (issue 16): `POST /v1/rank` throughput
+//! against the same process's `/healthz` in the same run, latency at half that load, and
+//! freshness through the API (a label produced → the API's answer reflects it).
+//!
+//! Run (stack up, release binaries built: `cargo build --release --workspace --bins`):
+//! `cargo bench -p ctr-e2e --bench rank_api` (needs wrk: `apt-get install wrk`).
+//!
+//! The model: 200,000 labels over 500 ads on 4 partitions, learned by a `ctr-scorer` with its
+//! defaults (counts, FTRL and combined; combined serves). The load: wrk on loopback, sharing
+//! the two cores with the server, the broker and Redis; each `/v1/rank` request has 10
+//! candidates drawn from 600 ads (100 of them never seen, half of those with a campaign) in a
+//! context drawn from 30 query categories × 12 geos × 3 devices × 24 hours (the model's
+//! traffic had 3 × 3 × 2 contexts: nearly every request is a context the model never saw).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ctr_e2e::*;
+use ctr_schemas::{Context, Encoder, LabelKind, LabeledImpression};
+use rdkafka::producer::{BaseRecord, Producer};
+
+const RANK_LUA: &str = r#"
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local cats, geos, devices = 30, 12, {"mobile", "desktop", "tablet"}
+math.randomseed(7)
+request = function()
+  local c = {}
+  for i = 1, 10 do
+    local n = math.random(0, 599)
+    if n < 500 then
+      c[#c + 1] = string.format('{"ad_id":"ad-%03d","bid":%d.5}', n, i % 4 + 1)
+    elseif n < 550 then
+      c[#c + 1] = string.format('{"ad_id":"new-%03d","bid":1.5,"campaign_id":"camp-%d"}', n, n % 7)
+    else
+      c[#c + 1] = string.format('{"ad_id":"new-%03d","bid":1.5}', n)
+    end
+  end
+  local ctx = string.format('{"query_category":"q%d","geo":"g%d","device":"%s","hour":"%d"}',
+    math.random(1, cats), math.random(1, geos), devices[math.random(1, 3)], math.random(0, 23))
+  return wrk.format(nil, nil, nil, '{"context":' .. ctx .. ',"candidates":[' .. table.concat(c, ",") .. '],"k":3}')
+end
+"#;
+
+/// wrk's summary of one run: (requests/s, p50 ms, p99 ms, non-2xx answers).
+fn wrk(url: &str, connections: u32, script: Option<&std::path::Path>) -> (f64, f64, f64, u64) {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", &format!("-c{connections}"), "-d10s", "--latency"]);
+    if let Some(s) = script {
+        cmd.arg("-s").arg(s);
+    }
+    let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+            .unwrap_or_else(|| panic!("no `{prefix}` in wrk's output:\n{text}"))
+    };
+    let ms = |v: String| -> f64 {
+        if let Some(us) = v.strip_suffix("us") {
+            us.parse::<f64>().unwrap() / 1e3
+        } else if let Some(ms) = v.strip_suffix("ms") {
+            ms.parse().unwrap()
+        } else {
+            v.trim_end_matches('s').parse::<f64>().unwrap() * 1e3
+        }
+    };
+    let non2xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    (
+        field("Requests/sec:").parse().unwrap(),
+        ms(field("50%")),
+        ms(field("99%")),
+        non2xx,
+    )
+}
+
+fn label(i: i64, ad: &str, clicked: bool) -> LabeledImpression {
+    let ts = LABELS_T0 + 10_000_000 + i * 1_000;
+    LabeledImpression {
+        label_id: format!("{}:{ad}", 95_000_000 + i),
+        serve_id: 95_000_000 + i,
+        ad_id: ad.into(),
+        campaign_id: "camp-1".into(),
+        position: 1,
+        context: Context {
+            query_category: "travel".into(),
+            geo: "US".into(),
+            device: "mobile".into(),
+            extra: Default::default(),
+        },
+        clicked,
+        ts_ms: ts,
+        click_ts_ms: clicked.then_some(ts + 100),
+        kind: LabelKind::Label,
+    }
+}
+
+/// Produces one label at a time (a negative: learned at once; or a click: counted at once,
+/// learned once the negatives of its time arrive) at a steady background load, and measures
+/// from the send until the API's answer for its ad and context reflects it: its exact
+/// `impressions` (a negative: the same replica update carries the pCTR it moved) or `clicks`
+/// (a click) move. Only this label moves them; background traffic moves shared parameters.
+fn freshness(topic: &str, port: u16, clicks: bool) -> (Vec<f64>, Vec<f64>) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bg = {
+        let (topic, stop) = (topic.to_string(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                produce_all(&labeled_stream_with(&topic, 200, 50, 300 + i, false).records);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut enc = Encoder::<LabeledImpression>::new();
+    let producer = producer();
+    let (mut delays, mut acks) = (Vec::new(), Vec::new());
+    let base = if clicks { 0 } else { 1_000 };
+    for i in 0..200i64 {
+        let ad = format!("fresh-{}", i % 8);
+        let url = format!(
+            "http://127.0.0.1:{port}/v1/ctr?ad_id={ad}&query_category=travel&geo=US&device=mobile"
+        );
+        let read = || {
+            let body = http_get(&url).expect("GET /v1/ctr");
+            let field = if clicks { "clicks" } else { "impressions" };
+            json_f64(&body, field).expect("a number")
+        };
+        let before = read();
+        let payload = enc.encode(&label(base + i, &ad, clicks)).unwrap();
+        let started = Instant::now();
+        producer
+            .send(BaseRecord::to(topic).key(&ad).payload(&payload))
+            .expect("enqueue");
+        while producer.in_flight_count() > 0 {
+            producer.poll(Duration::from_millis(1));
+            assert!(started.elapsed() < Duration::from_secs(10), "no ack");
+        }
+        acks.push(started.elapsed().as_secs_f64() * 1e3);
+        while read() == before {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the API never reflected label {i}"
+            );
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        delays.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    bg.join().unwrap();
+    delays.sort_by(f64::total_cmp);
+    acks.sort_by(f64::total_cmp);
+    (delays, acks)
+}
+
+fn q(v: &[f64], f: f64) -> f64 {
+    v[((v.len() as f64 - 1.0) * f) as usize]
+}
+
+fn main() {
+    let topic = format!("{}.labeled", unique("rankbench"));
+    create_topics(&[(&topic, 4)]);
+    let stream = labeled_stream_with(&topic, 200_000, 500, 17, false);
+    produce_all(&stream.records);
+    let port = free_port();
+    let prefix = format!("{}:", unique("rankbench"));
+    let s = start_scorer(&topic, &format!("{prefix}g"), &prefix, port, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(
+        Duration::from_secs(600),
+        "the replica to reflect the whole stream",
+        || {
+            let body = http_get(&format!("{base}/readyz"))?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let versions: i64 = v["replica"]["partitions"]
+                .as_array()?
+                .iter()
+                .map(|p| p["version"].as_i64().unwrap_or(-1) + 1)
+                .sum();
+            (v["ready"] == true && versions as usize >= stream.records.len()).then_some(())
+        },
+        || s.output(),
+    );
+    let dir = std::env::temp_dir().join(unique("rankbench"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lua = dir.join("rank.lua");
+    std::fs::write(&lua, RANK_LUA).unwrap();
+    println!(
+        "machine: {} cores; the model: {} labels over 500 ads, 4 partitions; RSS {} MiB",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        stream.records.len(),
+        s.rss_bytes().unwrap_or(0) >> 20
+    );
+    for connections in [16, 64] {
+        let health = wrk(&format!("{base}/healthz"), connections, None);
+        let rank = wrk(&format!("{base}/v1/rank"), connections, Some(&lua));
+        println!(
+            "{connections} connections: /healthz {:.0} req/s (p99 {:.2} ms); /v1/rank {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-2xx {}; ratio rank/healthz {:.2}",
+            health.0,
+            health.2,
+            rank.0,
+            rank.1,
+            rank.2,
+            rank.3,
+            rank.0 / health.0
+        );
+    }
+    // Half the rank rate measured above at 64 connections, paced by wrk's `delay()`: each
+    // of 32 connections waits between its requests so that together they offer that rate.
+    let full = wrk(&format!("{base}/v1/rank"), 64, Some(&lua)).0;
+    let half = full / 2.0;
+    let paced = dir.join("paced.lua");
+    let per_conn_ms = 32.0 * 1e3 / half;
+    std::fs::write(
+        &paced,
+        format!("{RANK_LUA}\nfunction delay() return {per_conn_ms:.3} end\n"),
+    )
+    .unwrap();
+    let at_half = wrk(&format!("{base}/v1/rank"), 32, Some(&paced));
+    println!(
+        "at half load (offered {half:.0} req/s, achieved {:.0}): p50 {:.2} ms, p99 {:.2} ms, non-2xx {}",
+        at_half.0, at_half.1, at_half.2, at_half.3
+    );
+    for clicks in [false, true] {
+        let (delays, acks) = freshness(&topic, port, clicks);
+        println!(
+            "freshness through the API ({}), ~2,000 labels/s background: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (the producer's acknowledgement: p50 {:.1} ms, p99 {:.1} ms)",
+            if clicks {
+                "click label produced -> the API's exact clicks move"
+            } else {
+                "negative label produced -> the API's answer moves"
+            },
+            q(&delays, 0.5),
+            q(&delays, 0.99),
+            q(&delays, 1.0),
+            q(&acks, 0.5),
+            q(&acks, 0.99)
+        );
+    }
+    println!(
+        "replica memory: scorer RSS {} MiB after the run",
+        s.rss_bytes().unwrap_or(0) >> 20
+    );
+    s.stop();
+}
