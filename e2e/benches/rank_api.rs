@@ -10,7 +10,9 @@
 //! the two cores with the server, the broker and Redis; each `/v1/rank` request has 10
 //! candidates drawn from 600 ads (100 of them never seen, half of those with a campaign) in a
 //! context drawn from 30 query categories × 12 geos × 3 devices × 24 hours (the model's
-//! traffic had 3 × 3 × 2 contexts: nearly every request is a context the model never saw).
+//! traffic had 3 × 3 × 2 contexts: nearly every request is a context the model never saw);
+//! each wrk thread makes 4,096 such requests at its start and cycles through them (the
+//! server keeps no answer between requests, so a repeated body costs it the same).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,11 +25,16 @@ const RANK_LUA: &str = r#"
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local cats, geos, devices = 30, 12, {"mobile", "desktop", "tablet"}
-math.randomseed(7)
-request = function()
-  local c = {}
+-- 4,096 distinct requests, made once per thread: building a body per request in Lua costs
+-- wrk more CPU than the server's answer, on the two cores they share.
+local bodies, next_body = {}, 0
+local function make()
+  local c, seen = {}, {}
   for i = 1, 10 do
     local n = math.random(0, 599)
+    -- Distinct candidates: a request naming an ad twice is a 400.
+    while seen[n] do n = math.random(0, 599) end
+    seen[n] = true
     if n < 500 then
       c[#c + 1] = string.format('{"ad_id":"ad-%03d","bid":%d.5}', n, i % 4 + 1)
     elseif n < 550 then
@@ -39,6 +46,14 @@ request = function()
   local ctx = string.format('{"query_category":"q%d","geo":"g%d","device":"%s","hour":"%d"}',
     math.random(1, cats), math.random(1, geos), devices[math.random(1, 3)], math.random(0, 23))
   return wrk.format(nil, nil, nil, '{"context":' .. ctx .. ',"candidates":[' .. table.concat(c, ",") .. '],"k":3}')
+end
+function init(args)
+  math.randomseed(7 + math.floor(os.clock() * 1e6))
+  for i = 1, 4096 do bodies[i] = make() end
+end
+request = function()
+  next_body = next_body % #bodies + 1
+  return bodies[next_body]
 end
 "#;
 
@@ -241,9 +256,36 @@ fn main() {
             q(&acks, 0.99)
         );
     }
+    // The replica alone: a serving-only process over the same learners' state.
+    let server_port = free_port();
+    let server = start_scorer(
+        &topic,
+        &format!("{prefix}unused"),
+        &prefix,
+        server_port,
+        &["--serve-only"],
+    );
+    let page = eventually(
+        Duration::from_secs(120),
+        "the serving-only process to be ready and report its size",
+        || {
+            http_get(&format!("http://127.0.0.1:{server_port}/readyz"))
+                .filter(|b| b.contains("\"ready\":true"))?;
+            std::thread::sleep(Duration::from_secs(2));
+            http_get(&format!("http://127.0.0.1:{server_port}/metrics"))
+                .filter(|p| p.contains("ctr_scorer_replica_parameters"))
+        },
+        || server.output(),
+    );
+    let parameters = metric(&page, "ctr_scorer_replica_parameters").unwrap_or(0.0);
+    let totals = metric(&page, "ctr_scorer_replica_total_keys").unwrap_or(0.0);
+    let rss = server.rss_bytes().unwrap_or(0) as f64;
     println!(
-        "replica memory: scorer RSS {} MiB after the run",
+        "replica memory: serving-only RSS {:.1} MiB for {parameters:.0} parameters and {totals:.0} exact-total keys: {:.0} bytes per entry, the process's fixed cost included (learner + replica RSS {} MiB)",
+        rss / (1u64 << 20) as f64,
+        rss / (parameters + totals).max(1.0),
         s.rss_bytes().unwrap_or(0) >> 20
     );
+    server.stop();
     s.stop();
 }

@@ -120,6 +120,16 @@ impl Keys {
         }
     }
 
+    /// These keys for another ad and campaign in the same context and position: the context's
+    /// hashes are reused (a server ranking many candidates in one context hashes it once).
+    pub fn with_ad(&self, ad: &str, campaign: &str) -> Self {
+        Self {
+            ad: ad_key(ad),
+            campaign: campaign_key(campaign),
+            ..*self
+        }
+    }
+
     /// [`field_key`] of each context field, in the impression's order.
     pub fn fields(&self) -> &[u64] {
         &self.fields[..self.len]
@@ -255,6 +265,17 @@ mod tests {
             combine(ns::POSITION, 16),
             "positions past 16 share a key"
         );
+        let other = Impression {
+            ad: "b",
+            campaign: "d",
+            ..x
+        };
+        let (a, b) = (k.with_ad("b", "d"), Keys::of(&other));
+        assert_eq!(
+            (a.ad, a.campaign, a.position, a.context),
+            (b.ad, b.campaign, b.position, b.context)
+        );
+        assert_eq!(a.fields(), b.fields());
     }
 
     #[test]

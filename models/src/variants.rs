@@ -197,12 +197,21 @@ impl Variant {
 
     /// The variant's prediction for `x`, without learning.
     pub fn predict(&self, x: &Impression<'_>) -> Prediction {
-        let mut features = Vec::with_capacity(32);
-        let keys = Keys::of(x);
-        let est = self.counts.as_ref().map(|c| c.predict_keys(x, &keys));
-        self.features(&keys, est, &mut features);
+        self.predict_keys(x, &Keys::of(x), &mut Vec::with_capacity(32))
+    }
+
+    /// [`Variant::predict`] with `x`'s keys already computed, using `features` as scratch
+    /// space (a server asking for many candidates in one context reuses both).
+    pub fn predict_keys(
+        &self,
+        x: &Impression<'_>,
+        keys: &Keys,
+        features: &mut Vec<Feature>,
+    ) -> Prediction {
+        let est = self.counts.as_ref().map(|c| c.predict_keys(x, keys));
+        self.features(keys, est, features);
         let raw = match &self.ftrl {
-            Some(f) => f.predict(&features),
+            Some(f) => f.predict(features),
             None => est.map_or(0.5, |e| e.p),
         };
         let p = self.platt.as_ref().map_or(raw, |c| c.calibrate(raw));

@@ -10,7 +10,7 @@
 //! caught up with the owners they answer `503` as well. Errors are JSON `{"error": "..."}`
 //! naming the problem (the JSON path of a bad field).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::config::ScorerConfig;
 use crate::load::Control;
 use crate::replica::Replica;
-use crate::serving::{Answer, Evidence};
+use crate::serving::{Answer, Evidence, RequestContext};
 
 /// Most candidates in one ranking request.
 pub const MAX_CANDIDATES: usize = 1_000;
@@ -75,19 +75,6 @@ impl ApiState {
             limits: (cfg.api_max_concurrency, cfg.api_timeout),
             monitor,
         }
-    }
-
-    /// The replica's answer for one candidate, with its `model@version`.
-    fn answer(
-        &self,
-        ad: &str,
-        campaign: Option<&str>,
-        pairs: &[(&str, &str)],
-        context_key: &str,
-    ) -> (Answer, Option<String>) {
-        let (answer, version) = self.replica.answer(ad, campaign, pairs, context_key);
-        let model_version = version.map(|v| format!("{}@{v}", self.replica.model()));
-        (answer, model_version)
     }
 }
 
@@ -331,8 +318,7 @@ fn check_ready(s: &ApiState) -> Result<(), ApiError> {
 
 /// Builds a context from `name → value` fields (`ad_id` excluded: it names the ad, as a query
 /// parameter of `GET /v1/ctr`): the three fixed ones are required.
-fn context_from(fields: &BTreeMap<String, String>, path: &str) -> Result<Context, ApiError> {
-    let mut fields = fields.clone();
+fn context_from(mut fields: BTreeMap<String, String>, path: &str) -> Result<Context, ApiError> {
     fields.remove("ad_id");
     Context::from_fields(fields).map_err(|e| {
         let field = e.field.strip_prefix("context").unwrap_or(e.field);
@@ -340,8 +326,13 @@ fn context_from(fields: &BTreeMap<String, String>, path: &str) -> Result<Context
     })
 }
 
-/// Parses a JSON body; the error names the path of the offending field.
+/// Parses a JSON body; the error names the path of the offending field. A body that parses
+/// is parsed once, untracked (path tracking wraps every value the parser visits); only a
+/// failing one is parsed again to find where it failed.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -359,31 +350,45 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 
 /// Parses and checks a `POST /v1/rank` body: the request and its context, or the error the
 /// client gets (the handler's whole input handling, pure, so it can be fuzzed).
+/// The request's `context` map is moved into the returned [`Context`].
 pub fn parse_rank(body: &[u8]) -> Result<(RankRequest, Context), ApiError> {
-    let req: RankRequest = parse_json(body)?;
-    let ctx = check_rank(&req)?;
+    let mut req: RankRequest = parse_json(body)?;
+    let ctx = check_rank(&mut req)?;
     Ok((req, ctx))
 }
 
-/// Checks a ranking request; returns its context.
-fn check_rank(req: &RankRequest) -> Result<Context, ApiError> {
-    let ctx = context_from(&req.context, "context")?;
+/// Checks a ranking request; moves its context out, checked.
+fn check_rank(req: &mut RankRequest) -> Result<Context, ApiError> {
+    let ctx = context_from(std::mem::take(&mut req.context), "context")?;
     if req.candidates.is_empty() || req.candidates.len() > MAX_CANDIDATES {
         return Err(ApiError::bad(format!(
             "candidates: need 1 to {MAX_CANDIDATES}, got {}",
             req.candidates.len()
         )));
     }
-    let mut seen = HashSet::new();
+    // The first candidate whose ad an earlier one named: sorted by (ad, position), it is the
+    // smallest position that follows an equal ad.
+    let mut order: Vec<(&str, usize)> = req
+        .candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.ad_id.as_str(), i))
+        .collect();
+    order.sort_unstable();
+    if let Some(i) = order
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1)
+        .min()
+    {
+        return Err(ApiError::bad(format!(
+            "candidates[{i}].ad_id: `{}` appears twice",
+            req.candidates[i].ad_id
+        )));
+    }
     for (i, c) in req.candidates.iter().enumerate() {
         check_token("ad_id", &c.ad_id)
             .map_err(|e| ApiError::bad(format!("candidates[{i}]: {e}")))?;
-        if !seen.insert(c.ad_id.as_str()) {
-            return Err(ApiError::bad(format!(
-                "candidates[{i}].ad_id: `{}` appears twice",
-                c.ad_id
-            )));
-        }
         if !(c.bid.is_finite() && c.bid >= 0.0) {
             return Err(ApiError::bad(format!(
                 "candidates[{i}].bid: must be a finite number >= 0"
@@ -415,36 +420,59 @@ async fn rank(State(s): State<ApiState>, body: Bytes) -> Result<Json<RankRespons
     let started = Instant::now();
     let (req, ctx) = parse_rank(&body)?;
     check_ready(&s)?;
+    let response = rank_with(&s.replica, req, &ctx);
+    metrics::histogram!("ctr_api_request_seconds", "route" => "rank")
+        .record(started.elapsed().as_secs_f64());
+    Ok(Json(response))
+}
+
+/// Ranks a checked request's candidates with `replica`: by descending bid × pCTR (ties by
+/// ad ID), the top `k`. Pure but for reading the replica.
+pub fn rank_with(replica: &Replica, req: RankRequest, ctx: &Context) -> RankResponse {
     let context_key = ctx.key();
     let pairs = ctx.pairs();
-    let mut ranked: Vec<Ranked> = req
+    let request_ctx = RequestContext::new(&pairs, &context_key);
+    let mut features = Vec::with_capacity(64);
+    let mut scored: Vec<(Candidate, Answer, Option<i64>)> = req
         .candidates
         .into_iter()
         .map(|c| {
-            let (a, model_version) =
-                s.answer(&c.ad_id, c.campaign_id.as_deref(), &pairs, &context_key);
-            Ranked {
-                score: c.bid * a.pctr,
-                ad_id: c.ad_id,
-                bid: c.bid,
-                pctr: a.pctr,
-                source: a.evidence.into(),
-                model_version,
-            }
+            let (a, version) = replica.answer(
+                &c.ad_id,
+                c.campaign_id.as_deref(),
+                &request_ctx,
+                &mut features,
+            );
+            (c, a, version)
         })
         .collect();
-    ranked.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then_with(|| a.ad_id.cmp(&b.ad_id))
+    let score = |(c, a, _): &(Candidate, Answer, Option<i64>)| c.bid * a.pctr;
+    scored.sort_by(|a, b| {
+        score(b)
+            .total_cmp(&score(a))
+            .then_with(|| a.0.ad_id.cmp(&b.0.ad_id))
     });
-    ranked.truncate(req.k.unwrap_or(usize::MAX));
-    metrics::histogram!("ctr_api_request_seconds", "route" => "rank")
-        .record(started.elapsed().as_secs_f64());
-    Ok(Json(RankResponse {
+    scored.truncate(req.k.unwrap_or(usize::MAX));
+    let ranked = scored
+        .into_iter()
+        .map(|(c, a, version)| Ranked {
+            score: c.bid * a.pctr,
+            ad_id: c.ad_id,
+            bid: c.bid,
+            pctr: a.pctr,
+            source: a.evidence.into(),
+            model_version: model_version(replica, version),
+        })
+        .collect();
+    RankResponse {
         context_key,
         ranked,
-    }))
+    }
+}
+
+/// `model@version` of an answer.
+fn model_version(replica: &Replica, version: Option<i64>) -> Option<String> {
+    version.map(|v| format!("{}@{v}", replica.model()))
 }
 
 #[utoipa::path(
@@ -479,10 +507,17 @@ async fn get_ctr(
     }
     let mut fields: BTreeMap<String, String> = q.into_iter().collect();
     fields.remove("campaign_id");
-    let ctx = context_from(&fields, "query")?;
+    let ctx = context_from(fields, "query")?;
     check_ready(&s)?;
     let context_key = ctx.key();
-    let (a, model_version) = s.answer(&ad_id, campaign.as_deref(), &ctx.pairs(), &context_key);
+    let pairs = ctx.pairs();
+    let (a, version) = s.replica.answer(
+        &ad_id,
+        campaign.as_deref(),
+        &RequestContext::new(&pairs, &context_key),
+        &mut Vec::new(),
+    );
+    let model_version = model_version(&s.replica, version);
     metrics::histogram!("ctr_api_request_seconds", "route" => "ctr")
         .record(started.elapsed().as_secs_f64());
     Ok(Json(CtrResponse {
@@ -501,8 +536,8 @@ mod tests {
     use super::*;
 
     fn req(json: &str) -> Result<Context, ApiError> {
-        let r: RankRequest = parse_json(json.as_bytes())?;
-        check_rank(&r)
+        let mut r: RankRequest = parse_json(json.as_bytes())?;
+        check_rank(&mut r)
     }
 
     const CTX: &str = r#""context":{"query_category":"travel","geo":"US","device":"mobile"}"#;

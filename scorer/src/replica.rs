@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ctr_models::{Variant, VariantConfig};
+use ctr_models::{Feature, Variant, VariantConfig};
 use ctr_schemas::partition::partition_of;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint::CheckpointStore;
 use crate::publish::{model_stream_key, offset_key};
-use crate::serving::{Answer, ApplyError, PartitionDelta, ServingState};
+use crate::serving::{Answer, ApplyError, PartitionDelta, RequestContext, ServingState};
 
 /// Entries read per partition per round trip.
 const READ_COUNT: usize = 64;
@@ -150,21 +150,27 @@ impl Replica {
         partition_of(ad, self.parts.len() as u32) as usize
     }
 
-    /// The serving variant's answer for `ad` in a context, and the version it reflects (see
-    /// [`ServingState::answer`]).
+    /// The serving variant's answer for `ad` in a request's context, and the version it
+    /// reflects (see [`ServingState::answer`]).
     pub fn answer(
         &self,
         ad: &str,
         campaign: Option<&str>,
-        pairs: &[(&str, &str)],
-        context_key: &str,
+        ctx: &RequestContext<'_>,
+        features: &mut Vec<Feature>,
     ) -> (Answer, Option<i64>) {
         let part = &self.parts[self.partition_of(ad)];
         let state = part.state.read().expect("replica state lock");
-        (
-            state.answer(ad, campaign, pairs, context_key, 0),
-            state.version(),
-        )
+        (state.answer(ad, campaign, ctx, features), state.version())
+    }
+
+    /// Puts `state` in place as partition `p`'s, loaded and caught up, as [`follow`] would
+    /// after restoring and reading (for tests and benchmarks that build states in process).
+    pub fn install(&self, p: usize, state: ServingState) {
+        let part = &self.parts[p];
+        *part.state.write().expect("replica state lock") = state;
+        part.loaded.store(true, Ordering::Release);
+        part.caught_up.store(true, Ordering::Release);
     }
 
     /// Ready: every partition loaded and caught up once, none broken.
@@ -436,14 +442,15 @@ async fn read_fences(replica: &Replica, conn: &mut ConnectionManager, fences: &[
 
 fn report_metrics(replica: &Replica) {
     let now = crate::wall_ms();
+    let (mut parameters, mut totals) = (0, 0);
     for (p, part) in replica.parts.iter().enumerate() {
         let label = p.to_string();
-        let version = part
-            .state
-            .read()
-            .expect("replica state lock")
-            .version()
-            .unwrap_or(-1);
+        let version = {
+            let state = part.state.read().expect("replica state lock");
+            parameters += state.parameters();
+            totals += state.total_keys();
+            state.version().unwrap_or(-1)
+        };
         metrics::gauge!("ctr_scorer_replica_version", "partition" => label.clone())
             .set(version as f64);
         let owners = part.owners.load(Ordering::Acquire);
@@ -457,4 +464,6 @@ fn report_metrics(replica: &Replica) {
                 .set((now - updated).max(0) as f64 / 1e3);
         }
     }
+    metrics::gauge!("ctr_scorer_replica_parameters").set(parameters as f64);
+    metrics::gauge!("ctr_scorer_replica_total_keys").set(totals as f64);
 }

@@ -20,12 +20,13 @@
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
+use ctr_models::example::Keys;
 use ctr_models::snapshot::{self, SnapshotError};
-use ctr_models::{Impression, ModelError, Variant, VariantDelta};
+use ctr_models::{Feature, Impression, ModelError, Variant, VariantDelta};
 use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Total, total_key};
+use crate::state::{Total, context_total_hash, total_key_in};
 
 type HashMap64<V> = HashMap<u64, V, BuildHasherDefault<NoHashHasher<u64>>>;
 
@@ -76,6 +77,34 @@ pub struct Answer {
     pub evidence: Evidence,
     /// Exact totals behind the evidence (the ad in this context, the ad, or none).
     pub total: Total,
+}
+
+/// A request's context, hashed once for all its candidates.
+#[derive(Debug)]
+pub struct RequestContext<'a> {
+    pairs: &'a [(&'a str, &'a str)],
+    /// The impression keys of the context at the top slot (ad and campaign filled per
+    /// candidate).
+    keys: Keys,
+    total_hash: u64,
+}
+
+impl<'a> RequestContext<'a> {
+    /// The context with these `pairs`, whose [`ctr_schemas::Context::key`] is `context_key`.
+    pub fn new(pairs: &'a [(&'a str, &'a str)], context_key: &str) -> Self {
+        let keys = Keys::of(&Impression {
+            ad: "",
+            campaign: "",
+            position: 1,
+            context: pairs,
+            ts_ms: 0,
+        });
+        Self {
+            pairs,
+            keys,
+            total_hash: context_total_hash(context_key),
+        }
+    }
 }
 
 /// Why a delta was not applied.
@@ -139,6 +168,17 @@ impl ServingState {
         &self.variant
     }
 
+    /// Model parameters held: count keys plus FTRL coordinates.
+    pub fn parameters(&self) -> usize {
+        self.variant.counts().map_or(0, |c| c.keys())
+            + self.variant.ftrl().map_or(0, |f| f.coordinates())
+    }
+
+    /// Exact-total keys held (ads and ads in full contexts).
+    pub fn total_keys(&self) -> usize {
+        self.totals.len()
+    }
+
     /// Applies the owner's delta of the batch `(prev, last]` (see the module docs).
     pub fn apply(
         &mut self,
@@ -168,29 +208,31 @@ impl ServingState {
         Ok(Applied::Applied)
     }
 
-    /// The serving variant's answer for `ad` in the context with these `pairs` (whose key is
-    /// `context_key`), at the top slot. `campaign` is the request's; without it the ad's
-    /// known campaign is used (a new ad without one gets the global rate's back-off).
+    /// The serving variant's answer for `ad` in the request context `ctx`, at the top slot.
+    /// `campaign` is the request's; without it the ad's known campaign is used (a new ad
+    /// without one gets the global rate's back-off). `features` is scratch space.
     pub fn answer(
         &self,
         ad: &str,
         campaign: Option<&str>,
-        pairs: &[(&str, &str)],
-        context_key: &str,
-        ts_ms: i64,
+        ctx: &RequestContext<'_>,
+        features: &mut Vec<Feature>,
     ) -> Answer {
-        let ad_key = total_key(ad, None);
+        let ad_key = total_key_in(ad, None);
         let campaign = campaign
             .or_else(|| self.campaigns.get(&ad_key).map(String::as_str))
             .unwrap_or("");
-        let prediction = self.variant.predict(&Impression {
+        let x = Impression {
             ad,
             campaign,
             position: 1,
-            context: pairs,
-            ts_ms,
-        });
-        let exact = self.total_of(total_key(ad, Some(context_key)));
+            context: ctx.pairs,
+            ts_ms: 0,
+        };
+        let prediction = self
+            .variant
+            .predict_keys(&x, &ctx.keys.with_ad(ad, campaign), features);
+        let exact = self.total_of(total_key_in(ad, Some(ctx.total_hash)));
         let whole = self.total_of(ad_key);
         let (evidence, total) = if exact.imps > 0 {
             (Evidence::Exact, exact)
@@ -214,7 +256,7 @@ impl ServingState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{PartitionState, Policy};
+    use crate::state::{PartitionState, Policy, total_key};
     use ctr_models::{ModelSet, Touched, VariantConfig, VariantKind};
     use ctr_schemas::{Context, LabelKind, LabeledImpression};
 
@@ -340,7 +382,13 @@ mod tests {
                     .collect(),
             };
             let pairs = ctx.pairs();
-            let got = r.answer(ad, campaign, &pairs, &ctx.key(), 0);
+            let key = ctx.key();
+            let got = r.answer(
+                ad,
+                campaign,
+                &RequestContext::new(&pairs, &key),
+                &mut Vec::new(),
+            );
             let want = owner_variant.predict(&Impression {
                 ad,
                 campaign: campaign.or(owner.campaign_of(ad)).unwrap_or(""),
@@ -357,7 +405,13 @@ mod tests {
             assert_eq!(got.evidence, expected, "{ad}");
         }
         let seen = label(1, "bb", "DE");
-        let a = r.answer("bb", None, &seen.context.pairs(), &seen.context.key(), 0);
+        let (pairs, key) = (seen.context.pairs(), seen.context.key());
+        let a = r.answer(
+            "bb",
+            None,
+            &RequestContext::new(&pairs, &key),
+            &mut Vec::new(),
+        );
         assert_eq!(a.evidence, Evidence::Exact);
         assert_eq!(a.total, owner.total("bb", Some(&seen.context.key())));
     }

@@ -54,8 +54,20 @@ pub fn total_key(ad: &str, context_key: Option<&str>) -> u64 {
     let ad_hash = hash_str(TOTAL_AD_NS, ad);
     match context_key {
         None => ad_hash,
-        Some(c) => ctr_models::example::combine(ad_hash, hash_str(TOTAL_CTX_NS, c)),
+        Some(c) => ctr_models::example::combine(ad_hash, context_total_hash(c)),
     }
+}
+
+/// The context's part of [`total_key`], to compute once for many ads in one context.
+pub fn context_total_hash(context_key: &str) -> u64 {
+    hash_str(TOTAL_CTX_NS, context_key)
+}
+
+/// [`total_key`] of `ad` in the context whose [`context_total_hash`] is `context_hash`
+/// (`None`: over all contexts).
+pub fn total_key_in(ad: &str, context_hash: Option<u64>) -> u64 {
+    let ad_hash = hash_str(TOTAL_AD_NS, ad);
+    context_hash.map_or(ad_hash, |c| ctr_models::example::combine(ad_hash, c))
 }
 
 /// Memory of the label IDs seen in the last `horizon_ms` of event time.

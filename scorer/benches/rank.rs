@@ -1,0 +1,138 @@
+//! The ranking API's work per request, in process (issue 16): parse and check a `/v1/rank`
+//! body with 10 candidates, evaluate the serving variant (combined) for each from the
+//! replica, rank, and serialize the answer: everything the handler does but HTTP.
+//!
+//! `cargo bench -p ctr-scorer --bench rank`; instruction counts (the figure the shared machine
+//! cannot blur): `valgrind --tool=callgrind target/release/deps/rank-* --bench --profile-time 5`.
+//!
+//! The replica's state: 200,000 labels over 500 ads in 4 partitions (3 query categories × 3
+//! geos × 2 devices), learned by the scorer's own partition state; each request is one of
+//! 1,024 with a context mostly never seen and 10 distinct candidates of 600 ads (100 new).
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ctr_schemas::partition::partition_of;
+use ctr_schemas::{Context, LabelKind, LabeledImpression};
+use ctr_scorer::api::{parse_rank, rank_with};
+use ctr_scorer::config::parse_models;
+use ctr_scorer::replica::Replica;
+use ctr_scorer::state::{PartitionState, Policy};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+
+const PARTITIONS: usize = 4;
+
+fn replica() -> Replica {
+    let models = parse_models("counts,ftrl,combined").unwrap();
+    let mut states: Vec<PartitionState> = (0..PARTITIONS)
+        .map(|_| PartitionState::new(ctr_models::ModelSet::new(models.clone()).unwrap(), 900_000))
+        .collect();
+    let mut rng = Pcg64Mcg::seed_from_u64(3);
+    let pick = |rng: &mut Pcg64Mcg, v: &[&str]| v[rng.random_range(0..v.len())].to_string();
+    for i in 0..200_000i64 {
+        let ad = rng.random_range(0..500);
+        let ad_id = format!("ad-{ad:03}");
+        let clicked = rng.random_bool(0.01 + 0.06 * f64::from(ad % 10) / 10.0);
+        let l = LabeledImpression {
+            label_id: format!("{i}:{ad_id}"),
+            serve_id: i,
+            campaign_id: format!("camp-{}", ad % 7),
+            position: rng.random_range(1..=4),
+            context: Context {
+                query_category: pick(&mut rng, &["travel", "shoes", "news"]),
+                geo: pick(&mut rng, &["US", "DE", "FR"]),
+                device: pick(&mut rng, &["mobile", "desktop"]),
+                extra: Default::default(),
+            },
+            clicked,
+            ts_ms: 1_760_000_000_000 + i * 20,
+            click_ts_ms: clicked.then_some(1_760_000_000_000 + i * 20 + 500),
+            kind: LabelKind::Label,
+            ad_id,
+        };
+        let st = &mut states[partition_of(&l.ad_id, PARTITIONS as u32) as usize];
+        st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+            .unwrap();
+        st.next_offset = Some(i + 1);
+    }
+    let replica = Replica::new(&models, "combined", PARTITIONS);
+    for (p, st) in states.into_iter().enumerate() {
+        replica.install(p, st.into_serving("combined").unwrap());
+    }
+    replica
+}
+
+fn bodies() -> Vec<Vec<u8>> {
+    let mut rng = Pcg64Mcg::seed_from_u64(9);
+    (0..1_024)
+        .map(|_| {
+            let mut ads: Vec<u32> = Vec::new();
+            while ads.len() < 10 {
+                let n = rng.random_range(0..600);
+                if !ads.contains(&n) {
+                    ads.push(n);
+                }
+            }
+            let candidates: Vec<String> = ads
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| match n {
+                    0..500 => format!(r#"{{"ad_id":"ad-{n:03}","bid":{}.5}}"#, i % 4 + 1),
+                    500..550 => format!(
+                        r#"{{"ad_id":"new-{n:03}","bid":1.5,"campaign_id":"camp-{}"}}"#,
+                        n % 7
+                    ),
+                    _ => format!(r#"{{"ad_id":"new-{n:03}","bid":1.5}}"#),
+                })
+                .collect();
+            format!(
+                r#"{{"context":{{"query_category":"q{}","geo":"g{}","device":"{}","hour":"{}"}},"candidates":[{}],"k":3}}"#,
+                rng.random_range(1..=30),
+                rng.random_range(1..=12),
+                ["mobile", "desktop", "tablet"][rng.random_range(0..3)],
+                rng.random_range(0..24),
+                candidates.join(",")
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let replica = replica();
+    let bodies = bodies();
+    let mut i = 0;
+    c.bench_function("rank: parse, 10 candidates evaluated, serialize", |b| {
+        b.iter(|| {
+            i = (i + 1) % bodies.len();
+            let (req, ctx) = parse_rank(&bodies[i]).unwrap();
+            let response = rank_with(&replica, req, &ctx);
+            black_box(serde_json::to_vec(&response).unwrap())
+        })
+    });
+    let parsed: Vec<_> = bodies.iter().map(|b| parse_rank(b).unwrap()).collect();
+    c.bench_function("rank: 10 candidates evaluated (parsed request)", |b| {
+        b.iter(|| {
+            i = (i + 1) % parsed.len();
+            let (req, ctx) = &parsed[i];
+            let req = ctr_scorer::api::RankRequest {
+                context: req.context.clone(),
+                candidates: req
+                    .candidates
+                    .iter()
+                    .map(|c| ctr_scorer::api::Candidate {
+                        ad_id: c.ad_id.clone(),
+                        bid: c.bid,
+                        campaign_id: c.campaign_id.clone(),
+                    })
+                    .collect(),
+                k: req.k,
+            };
+            black_box(rank_with(&replica, req, ctx))
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
