@@ -328,6 +328,17 @@ impl Simulator {
         &self.last_truth
     }
 
+    /// Number of ads in the market.
+    pub fn ads(&self) -> usize {
+        self.ads.len()
+    }
+
+    /// The ID, campaign and bid of ad `ad_index` (0..[`Simulator::ads`]).
+    pub fn ad(&self, ad_index: usize) -> (&str, &str, f64) {
+        let ad = &self.ads[ad_index];
+        (&ad.ad_id, &ad.campaign_id, ad.bid)
+    }
+
     /// The true click probability of `ad_index` at `position` in `ctx` at event time `ts_ms`.
     pub fn true_ctr(&self, ad_index: usize, ctx: &Context, position: i32, ts_ms: i64) -> f64 {
         let ad = &self.ads[ad_index];

@@ -103,13 +103,11 @@ pub enum SimulateError {
     },
 }
 
-/// Runs the simulation until `serves` are emitted or `shutdown` resolves, then flushes.
-pub async fn run(
-    args: SimulateArgs,
-    shutdown: impl Future<Output = ()>,
-) -> Result<EmittedCounts, SimulateError> {
+/// The marketplace `args` describe (the same settings give the same market and events: a
+/// benchmark rebuilds it to ask for the truth of impressions the run never made).
+pub fn sim_config(args: &SimulateArgs) -> SimConfig {
     let paced = args.rate > 0.0;
-    let cfg = SimConfig {
+    SimConfig {
         seed: args.seed,
         ads: args.ads,
         campaigns: args.campaigns,
@@ -128,7 +126,16 @@ pub async fn run(
         burst_factor: args.burst_factor,
         shard: args.shard,
         ..SimConfig::default()
-    };
+    }
+}
+
+/// Runs the simulation until `serves` are emitted or `shutdown` resolves, then flushes.
+pub async fn run(
+    args: SimulateArgs,
+    shutdown: impl Future<Output = ()>,
+) -> Result<EmittedCounts, SimulateError> {
+    let paced = args.rate > 0.0;
+    let cfg = sim_config(&args);
     let start_ms = cfg.start_ms;
     let mut sim = Simulator::new(cfg, (args.serves > 0).then_some(args.serves))?;
     let mut truth = match &args.truth_out {

@@ -322,8 +322,26 @@ fn the_api_serves_the_owners_model_for_unseen_pairs_and_new_ads_through_kills() 
     );
 
     // After a clean stop (a final checkpoint of every partition), a serving-only process
-    // started from nothing restores exactly that state.
+    // started from nothing restores exactly that state; the one that followed the learners
+    // keeps serving their last model and says how old it is.
     learner.stop();
+    let age = |port: u16| -> Option<f64> {
+        let body = http_get(&format!("http://127.0.0.1:{port}/readyz"))?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (v["ready"] == true).then(|| v["replica"]["age_s"].as_f64())?
+    };
+    let first = age(p4).expect("still ready, with an age, after the learners stopped");
+    std::thread::sleep(Duration::from_millis(1_500));
+    let later = age(p4).expect("still ready");
+    assert!(
+        later >= first + 1.0,
+        "the model's age grows: {first} -> {later}"
+    );
+    let kept: Vec<f64> = answers(p4, &qs).into_iter().map(|a| a.0).collect();
+    assert!(
+        kept.iter().zip(&want).all(|(k, w)| k == &w.0),
+        "the last model keeps serving"
+    );
     let p5 = free_port();
     let fresh = start_server(&topic, &prefix, p5);
     eventually(
