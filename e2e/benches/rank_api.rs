@@ -119,18 +119,7 @@ fn label(i: i64, ad: &str, clicked: bool) -> LabeledImpression {
 /// `impressions` (a negative: the same replica update carries the pCTR it moved) or `clicks`
 /// (a click) move. Only this label moves them; background traffic moves shared parameters.
 fn freshness(topic: &str, port: u16, clicks: bool) -> (Vec<f64>, Vec<f64>) {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let bg = {
-        let (topic, stop) = (topic.to_string(), std::sync::Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                produce_all(&labeled_stream_with(&topic, 200, 50, 300 + i, false).records);
-                i += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let bg = Background::start(topic, 300, false);
     let mut enc = Encoder::<LabeledImpression>::new();
     let producer = producer();
     let (mut delays, mut acks) = (Vec::new(), Vec::new());
@@ -165,8 +154,7 @@ fn freshness(topic: &str, port: u16, clicks: bool) -> (Vec<f64>, Vec<f64>) {
         }
         delays.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    bg.join().unwrap();
+    bg.stop();
     delays.sort_by(f64::total_cmp);
     acks.sort_by(f64::total_cmp);
     (delays, acks)

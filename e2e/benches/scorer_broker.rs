@@ -79,19 +79,7 @@ fn freshness() {
         || s.output(),
     );
     // Background: 2,000 labels/s of other ads from another thread.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let bg = {
-        let (topic, stop) = (topic.clone(), std::sync::Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let batch = labeled_stream(&topic, 200, 50, 100 + i);
-                produce_all(&batch.records);
-                i += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let bg = Background::start(&topic, 100, true);
     let mut enc = Encoder::<LabeledImpression>::new();
     let mut con = redis();
     let producer = producer();
@@ -154,8 +142,7 @@ fn freshness() {
         }
         delays.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    bg.join().unwrap();
+    bg.stop();
     s.stop();
     delays.sort_by(f64::total_cmp);
     acks.sort_by(f64::total_cmp);

@@ -715,6 +715,49 @@ pub fn labeled_stream_with(topic: &str, n: usize, ads: usize, seed: u64, reemit:
     }
 }
 
+/// Produces `records` in ten slices 100 ms apart, on a thread: a stream still flowing while a
+/// test kills something.
+pub fn produce_in_slices(records: Vec<(String, String, Vec<u8>)>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for slice in records.chunks(records.len() / 10 + 1) {
+            produce_all(slice);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// Steady background traffic for freshness benchmarks: 200 labels of 50 other ads every
+/// 100 ms (~2,000 labels/s) into `topic`, until [`Background::stop`].
+#[derive(Debug)]
+pub struct Background {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Background {
+    pub fn start(topic: &str, seed: u64, reemit: bool) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (topic, stop) = (topic.to_string(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let batch = labeled_stream_with(&topic, 200, 50, seed + i, reemit);
+                    produce_all(&batch.records);
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Self { stop, thread }
+    }
+
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("background producer");
+    }
+}
+
 /// Reads `total` records from partitions `0..partitions` of `topics` with a bare rdkafka
 /// consumer (no processing): the baseline the services' through-broker rates are compared
 /// with. Returns records/s.

@@ -79,13 +79,7 @@ fn sigkill_of_one_scorer_changes_no_count() {
         || s1.output(),
     );
     // SIGKILL while the second third is being produced.
-    let middle = stream.records[third..2 * third].to_vec();
-    let producing = std::thread::spawn(move || {
-        for slice in middle.chunks(middle.len() / 10 + 1) {
-            produce_all(slice);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let producing = produce_in_slices(stream.records[third..2 * third].to_vec());
     std::thread::sleep(Duration::from_millis(300));
     s1.kill9();
     producing.join().unwrap();
@@ -442,13 +436,20 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
         sorted[sorted.len() * 19 / 20]
     );
     // Each key's estimate scatters by ~9% (few impressions per ad and context; measured p5
-    // -14%, p95 +15%), so over ~1,000 keys the mean's standard error is ~0.3%: 1.5% is no
-    // bias (measured -0.3%; before the ad key took the count model's ad level, that key
-    // showed +8%, which was FTRL's extrapolation to an empty context, not shedding).
+    // -14%, p95 +15%), so the mean of the ratios carries Jensen's +0.5% (measured over five
+    // runs: -0.6% to +1.1%); bias is judged on the ratio of the sums, as calibration is. Before
+    // the ad key took the count model's ad level, that key showed +8%: FTRL's extrapolation to
+    // an empty context, not shedding.
+    let (sum_shed, sum_ref) = ref_c
+        .iter()
+        .filter_map(|(k, r)| Some((shed_c.get(k)?, r)))
+        .fold((0.0, 0.0), |(a, b), (s, r)| (a + s, b + r));
+    let aggregate = sum_shed / sum_ref - 1.0;
+    eprintln!("shed/unshed sum of per-(ad, context) pCTR: {aggregate:+.4}");
     assert!(rel_c.len() >= 500, "only {} context keys", rel_c.len());
     assert!(
-        mean_c.abs() <= 0.015,
-        "the serving variant biased by shedding: mean relative error {mean_c:+.4}"
+        aggregate.abs() <= 0.015,
+        "the serving variant biased by shedding: its per-context estimates sum {aggregate:+.4} off"
     );
 }
 

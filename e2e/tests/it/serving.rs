@@ -238,13 +238,7 @@ fn the_api_serves_the_owners_model_for_unseen_pairs_and_new_ads_through_kills() 
         || doomed.output(),
     );
     // A learner and the serving-only process die mid-stream.
-    let middle = stream.records[third..2 * third].to_vec();
-    let producing = std::thread::spawn(move || {
-        for slice in middle.chunks(middle.len() / 10 + 1) {
-            produce_all(slice);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let producing = produce_in_slices(stream.records[third..2 * third].to_vec());
     std::thread::sleep(Duration::from_millis(300));
     doomed.kill9();
     server.kill9();
