@@ -74,20 +74,13 @@ fn main() {
     let bare = bare_consume_rate(&[&serves, &clicks], 4, total);
 
     let port = free_port();
-    let joiner = Service::start(
-        "feedback",
-        "ctr-feedback",
-        &[
-            format!("--brokers={}", brokers()),
-            format!("--serves-topic={serves}"),
-            format!("--clicks-topic={clicks}"),
-            format!("--labeled-topic={labeled}"),
-            format!("--deadletter-topic={dl}"),
-            format!("--group={}", unique("g")),
-            format!("--redis-url={}", redis_url()),
-            format!("--redis-prefix={base}:"),
-            format!("--http-addr=127.0.0.1:{port}"),
-        ],
+    let joiner = start_feedback(
+        [&serves, &clicks, &labeled, &dl],
+        &unique("g"),
+        &format!("{base}:"),
+        &redis_url(),
+        port,
+        &[],
     );
     let metrics = |name: &str| {
         http_get(&format!("http://127.0.0.1:{port}/metrics")).and_then(|p| metric(&p, name))

@@ -18,8 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ctr_e2e::*;
-use ctr_schemas::{Context, Encoder, LabelKind, LabeledImpression};
-use rdkafka::producer::{BaseRecord, Producer};
+use ctr_schemas::{Encoder, LabeledImpression};
 
 const RANK_LUA: &str = r#"
 wrk.method = "POST"
@@ -92,27 +91,6 @@ fn wrk(url: &str, connections: u32, script: Option<&std::path::Path>) -> (f64, f
     )
 }
 
-fn label(i: i64, ad: &str, clicked: bool) -> LabeledImpression {
-    let ts = LABELS_T0 + 10_000_000 + i * 1_000;
-    LabeledImpression {
-        label_id: format!("{}:{ad}", 95_000_000 + i),
-        serve_id: 95_000_000 + i,
-        ad_id: ad.into(),
-        campaign_id: "camp-1".into(),
-        position: 1,
-        context: Context {
-            query_category: "travel".into(),
-            geo: "US".into(),
-            device: "mobile".into(),
-            extra: Default::default(),
-        },
-        clicked,
-        ts_ms: ts,
-        click_ts_ms: clicked.then_some(ts + 100),
-        kind: LabelKind::Label,
-    }
-}
-
 /// Produces one label at a time (a negative: learned at once; or a click: counted at once,
 /// learned once the negatives of its time arrive) at a steady background load, and measures
 /// from the send until the API's answer for its ad and context reflects it: its exact
@@ -135,16 +113,11 @@ fn freshness(topic: &str, port: u16, clicks: bool) -> (Vec<f64>, Vec<f64>) {
             json_f64(&body, field).expect("a number")
         };
         let before = read();
-        let payload = enc.encode(&label(base + i, &ad, clicks)).unwrap();
+        let ts = LABELS_T0 + 10_000_000 + (base + i) * 1_000;
+        let l = single_label(95_000_000 + base + i, &ad, "camp-1", clicks, ts);
+        let payload = enc.encode(&l).unwrap();
         let started = Instant::now();
-        producer
-            .send(BaseRecord::to(topic).key(&ad).payload(&payload))
-            .expect("enqueue");
-        while producer.in_flight_count() > 0 {
-            producer.poll(Duration::from_millis(1));
-            assert!(started.elapsed() < Duration::from_secs(10), "no ack");
-        }
-        acks.push(started.elapsed().as_secs_f64() * 1e3);
+        acks.push(send_acked(&producer, topic, &ad, &payload));
         while read() == before {
             assert!(
                 started.elapsed() < Duration::from_secs(30),

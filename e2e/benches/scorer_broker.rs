@@ -14,8 +14,7 @@
 use std::time::{Duration, Instant};
 
 use ctr_e2e::*;
-use ctr_schemas::{Context, Encoder, LabelKind, LabeledImpression};
-use rdkafka::producer::{BaseRecord, Producer};
+use ctr_schemas::{Encoder, LabeledImpression};
 
 fn scorer(topic: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
     start_scorer(topic, &format!("{prefix}g"), prefix, port, extra)
@@ -93,38 +92,10 @@ fn freshness() {
             .arg("clicks")
             .query(&mut con)
             .unwrap();
-        let ts = LABELS_T0 + i * 1_000;
-        let l = LabeledImpression {
-            label_id: format!("{}:{ad}", 90_000_000 + i),
-            serve_id: 90_000_000 + i,
-            ad_id: ad.clone(),
-            campaign_id: "c".into(),
-            position: 1,
-            context: Context {
-                query_category: "travel".into(),
-                geo: "US".into(),
-                device: "mobile".into(),
-                extra: Default::default(),
-            },
-            clicked: true,
-            ts_ms: ts,
-            click_ts_ms: Some(ts + 100),
-            kind: LabelKind::Label,
-        };
+        let l = single_label(90_000_000 + i, &ad, "c", true, LABELS_T0 + i * 1_000);
         let payload = enc.encode(&l).unwrap();
         let started = Instant::now();
-        producer
-            .send(BaseRecord::to(&topic).key(&ad).payload(&payload))
-            .expect("enqueue");
-        // Poll finely: `flush` checks at 100 ms steps, which would dominate the figure.
-        while producer.in_flight_count() > 0 {
-            producer.poll(Duration::from_millis(1));
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "no acknowledgement"
-            );
-        }
-        acks.push(started.elapsed().as_secs_f64() * 1e3);
+        acks.push(send_acked(&producer, &topic, &ad, &payload));
         loop {
             let now: Option<u64> = redis::cmd("HGET")
                 .arg(&key)

@@ -109,24 +109,13 @@ fn main() {
     );
     create_topics(&[(&serves, 4), (&clicks, 4), (&labeled, 4), (&dead, 1)]);
     let prefix = format!("{base}:");
-    let feedback = Service::start(
-        "feedback",
-        "ctr-feedback",
-        &[
-            format!("--brokers={}", brokers()),
-            format!("--serves-topic={serves}"),
-            format!("--clicks-topic={clicks}"),
-            format!("--labeled-topic={labeled}"),
-            format!("--deadletter-topic={dead}"),
-            format!("--group={base}-feedback"),
-            format!("--redis-url={}", redis_url()),
-            format!("--redis-prefix={prefix}"),
-            format!("--http-addr=127.0.0.1:{}", free_port()),
-            "--window-ms=5000".into(),
-            "--grace-ms=0".into(),
-            "--max-out-of-order-ms=500".into(),
-            "--idle-ms=1000".into(),
-        ],
+    let feedback = start_feedback(
+        [&serves, &clicks, &labeled, &dead],
+        &format!("{base}-feedback"),
+        &prefix,
+        &redis_url(),
+        free_port(),
+        &FAST_JOIN,
     );
     let port = free_port();
     let scorer = start_scorer(&labeled, &format!("{base}-scorer"), &prefix, port, &[]);

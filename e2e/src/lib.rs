@@ -715,6 +715,58 @@ pub fn labeled_stream_with(topic: &str, n: usize, ads: usize, seed: u64, reemit:
     }
 }
 
+/// Sends one record on a connected producer and waits for the broker's acknowledgement;
+/// returns how long that took, ms. Polls every millisecond: `flush` checks at 100 ms steps,
+/// which would dominate a freshness figure.
+pub fn send_acked(
+    producer: &rdkafka::producer::BaseProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> f64 {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let started = Instant::now();
+    producer
+        .send(BaseRecord::to(topic).key(key).payload(payload))
+        .expect("enqueue");
+    while producer.in_flight_count() > 0 {
+        producer.poll(Duration::from_millis(1));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no acknowledgement"
+        );
+    }
+    started.elapsed().as_secs_f64() * 1e3
+}
+
+/// One label of `ad` at the top slot in the context travel/US/mobile, as a freshness
+/// benchmark produces them one at a time (`id` makes its serve and label IDs).
+pub fn single_label(
+    id: i64,
+    ad: &str,
+    campaign: &str,
+    clicked: bool,
+    ts: i64,
+) -> LabeledImpression {
+    LabeledImpression {
+        label_id: format!("{id}:{ad}"),
+        serve_id: id,
+        ad_id: ad.into(),
+        campaign_id: campaign.into(),
+        position: 1,
+        context: Context {
+            query_category: "travel".into(),
+            geo: "US".into(),
+            device: "mobile".into(),
+            extra: Default::default(),
+        },
+        clicked,
+        ts_ms: ts,
+        click_ts_ms: clicked.then_some(ts + 100),
+        kind: LabelKind::Label,
+    }
+}
+
 /// Produces `records` in ten slices 100 ms apart, on a thread: a stream still flowing while a
 /// test kills something.
 pub fn produce_in_slices(records: Vec<(String, String, Vec<u8>)>) -> std::thread::JoinHandle<()> {
@@ -801,6 +853,41 @@ pub fn scorer_records(port: u16) -> Option<f64> {
         "",
     )
 }
+
+/// Starts `ctr-feedback` (the joiner) on the stack: serves, clicks, labeled and dead-letter
+/// topics, consumer group `group`, Redis keys under `prefix` at `redis_url`, HTTP on `port`,
+/// `extra` flags.
+pub fn start_feedback(
+    [serves, clicks, labeled, deadletter]: [&str; 4],
+    group: &str,
+    prefix: &str,
+    redis_url: &str,
+    port: u16,
+    extra: &[&str],
+) -> Service {
+    let mut args = vec![
+        format!("--brokers={}", brokers()),
+        format!("--serves-topic={serves}"),
+        format!("--clicks-topic={clicks}"),
+        format!("--labeled-topic={labeled}"),
+        format!("--deadletter-topic={deadletter}"),
+        format!("--group={group}"),
+        format!("--redis-url={redis_url}"),
+        format!("--redis-prefix={prefix}"),
+        format!("--http-addr=127.0.0.1:{port}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start("feedback", "ctr-feedback", &args)
+}
+
+/// The joiner's flags the end-to-end tests run it with: a 5 s window, no grace, and negatives
+/// emitted after 1 s without input (so a finished stream is labeled to its end).
+pub const FAST_JOIN: [&str; 4] = [
+    "--window-ms=5000",
+    "--grace-ms=0",
+    "--max-out-of-order-ms=500",
+    "--idle-ms=1000",
+];
 
 /// Starts `ctr-scorer` on the stack for `topic`, in consumer group `group`, writing Redis keys
 /// under `prefix`, serving HTTP on `port`, with `extra` flags.

@@ -366,9 +366,11 @@ pub async fn follow(
                 replica.restore(p, &mut store).await;
             }
         }
+        // Once a second, not per read: under load the reads return every few milliseconds.
         if last_fence_read.elapsed() >= Duration::from_secs(1) {
             last_fence_read = std::time::Instant::now();
             read_fences(&replica, &mut conn, &fences).await;
+            report_metrics(&replica);
         }
         let ids: Vec<String> = replica
             .parts
@@ -425,7 +427,6 @@ pub async fn follow(
             // Retried at the top of the loop; do not spin on a broken partition.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        report_metrics(&replica);
     }
 }
 

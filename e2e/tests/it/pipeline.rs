@@ -56,24 +56,13 @@ pub(crate) fn feedback(t: &Topics) -> Service {
 
 /// [`feedback`] with its own Redis URL (an ACL user, say).
 pub(crate) fn feedback_at(t: &Topics, redis_url: &str) -> Service {
-    Service::start(
-        "feedback",
-        "ctr-feedback",
-        &[
-            format!("--brokers={}", brokers()),
-            format!("--serves-topic={}", t.serves),
-            format!("--clicks-topic={}", t.clicks),
-            format!("--labeled-topic={}", t.labeled),
-            format!("--deadletter-topic={}", t.deadletter),
-            format!("--group={}-feedback", t.serves),
-            format!("--redis-url={redis_url}"),
-            format!("--redis-prefix={}:", t.serves),
-            format!("--http-addr=127.0.0.1:{}", free_port()),
-            "--window-ms=5000".into(),
-            "--grace-ms=0".into(),
-            "--max-out-of-order-ms=500".into(),
-            "--idle-ms=1000".into(),
-        ],
+    start_feedback(
+        [&t.serves, &t.clicks, &t.labeled, &t.deadletter],
+        &format!("{}-feedback", t.serves),
+        &format!("{}:", t.serves),
+        redis_url,
+        free_port(),
+        &FAST_JOIN,
     )
 }
 
