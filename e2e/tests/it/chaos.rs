@@ -5,6 +5,8 @@
 //! adapter twice: into a reference pipeline that is left alone, and into a chaos pipeline whose
 //! adapter, joiner and scorer are SIGKILLed and restarted at seeded random points while the
 //! input flows, and whose Redis is restarted (a clean restart: see RELIABILITY.md for a crash).
+//! When the stack runs its own Apache Kafka (durable log), the broker is SIGKILLed and started
+//! again too; the reference has settled before the faults begin, so it never sees one.
 //! The client resends a batch until it gets `202`, so resent events reach Kafka twice; the
 //! joiner drops duplicate serves and clicks by ID, the scorer drops re-emitted labels by ID.
 //! Both joiners run on event time alone (no idle advance by the wall clock), so a click delayed
@@ -188,7 +190,7 @@ impl Pipeline {
                     &["--checkpoint-ms=1000", "--shedding=false"],
                 ));
             }
-            Victim::Redis => {}
+            Victim::Redis | Victim::Broker => {}
         }
     }
 
@@ -197,7 +199,7 @@ impl Pipeline {
             Victim::Ingest => self.ingest.take(),
             Victim::Joiner => self.joiner.take(),
             Victim::Scorer => self.scorer.take(),
-            Victim::Redis => None,
+            Victim::Redis | Victim::Broker => None,
         };
         if let Some(s) = s {
             s.kill9();
@@ -206,7 +208,8 @@ impl Pipeline {
 
     /// Whether `v` has recovered: the adapter is ready (broker reachable), the joiner and the
     /// scorer own all four partitions again (the consumer group rebalanced to the restarted
-    /// process, which restores each partition's checkpoint on assignment), Redis answers.
+    /// process, which restores each partition's checkpoint on assignment), Redis answers; after
+    /// the broker, all three are working again.
     fn ready(&self, v: Victim) -> bool {
         let owns_all = |port: u16, gauge: &str| {
             http_get(&format!("http://127.0.0.1:{port}/metrics"))
@@ -217,6 +220,9 @@ impl Pipeline {
             Victim::Ingest => http_ok(&format!("http://127.0.0.1:{}/readyz", self.ingest_port)),
             Victim::Scorer => owns_all(self.scorer_port, "ctr_scorer_assigned_partitions"),
             Victim::Joiner => owns_all(self.joiner_port, "ctr_feedback_assigned_partitions"),
+            Victim::Broker => [Victim::Ingest, Victim::Joiner, Victim::Scorer]
+                .into_iter()
+                .all(|v| self.ready(v)),
             Victim::Redis => redis::Client::open(redis_url())
                 .and_then(|c| c.get_connection())
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
@@ -244,6 +250,7 @@ enum Victim {
     Joiner,
     Scorer,
     Redis,
+    Broker,
 }
 
 /// Sends every event through the adapter at `port`, in batches, resending a batch until it is
@@ -297,24 +304,54 @@ fn labels(topic: &str) -> BTreeMap<String, (bool, String, i32, String)> {
     out
 }
 
-/// Restarts the stack's Redis cleanly (SHUTDOWN writes the append-only file) and waits for it.
-fn restart_redis() {
-    let mut con = redis();
-    let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").query(&mut con);
+/// The pid of the stack's own Apache Kafka broker, when the tests run against one (its log is
+/// durable, so it can be killed and restarted; Tansu keeps memory only, an external cluster is
+/// not ours to kill).
+fn local_kafka_pid() -> Option<i32> {
+    let run = std::env::var("CTR_RUN_DIR").ok()?;
+    let pid = std::fs::read_to_string(PathBuf::from(run).join("pids/kafka.pid")).ok()?;
+    pid.trim().parse().ok()
+}
+
+/// Runs `scripts/stack up`, which starts again whatever of the stack is down. When the stack
+/// runs its own broker, it is told so (the tests' environment names the broker as external).
+fn stack_up(after: &str) {
     let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
-    let out = std::process::Command::new(stack)
-        .arg("up")
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new(stack);
+    cmd.arg("up");
+    if local_kafka_pid().is_some() {
+        let port = brokers().rsplit(':').next().unwrap_or("19092").to_string();
+        cmd.env_remove("CTR_KAFKA_BROKERS")
+            .env("CTR_BROKER", "kafka")
+            .env("CTR_KAFKA_PORT", port);
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "stack up: {}",
+        "stack up after {after}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
+/// SIGKILLs the stack's broker and starts it again on its data.
+fn restart_broker(pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -9 {pid}");
+    stack_up("the broker's kill");
+}
+
+/// Restarts the stack's Redis cleanly (SHUTDOWN writes the append-only file) and waits for it.
+fn restart_redis() {
+    let mut con = redis();
+    let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").query(&mut con);
+    stack_up("Redis's shutdown");
+}
+
 #[test]
-#[ignore = "restarts the shared Redis: runs alone in the load-test step (scripts/test)"]
+#[ignore = "restarts the shared Redis and broker: runs alone in the load-test step (scripts/test)"]
 fn faults_under_load_change_no_count_and_no_label() {
     let serves = env_or("CTR_CHAOS_SERVES", 4_000);
     let faults = env_or("CTR_CHAOS_FAULTS", 12);
@@ -322,9 +359,21 @@ fn faults_under_load_change_no_count_and_no_label() {
     let input = events(serves, t0);
     let pace = Duration::from_millis(60);
 
-    // Reference: the same input, no fault.
+    // Reference: the same input, no fault, settled before any fault begins.
     let mut reference = Pipeline::new("chaos-ref");
     assert_eq!(send_all(reference.ingest_port, &input, pace), 0);
+    let mut con = redis();
+    let want = eventually(
+        Duration::from_secs(120),
+        "the reference's totals to settle",
+        || {
+            let a = published_ad_counts(&mut con, &reference.prefix);
+            std::thread::sleep(Duration::from_secs(2));
+            let b = published_ad_counts(&mut con, &reference.prefix);
+            (a == b && b.contains_key("ad-sentinel")).then_some(b)
+        },
+        || reference.logs(),
+    );
 
     // Chaos: faults while the input flows.
     let chaos = Arc::new(Mutex::new(Pipeline::new("chaos")));
@@ -343,16 +392,22 @@ fn faults_under_load_change_no_count_and_no_label() {
     // (victim, down: kill to restart, recovery: restart to recovered).
     let mut recoveries: Vec<(Victim, Duration, Duration)> = Vec::new();
     let redis_at = faults / 2;
+    let broker = local_kafka_pid().is_some();
+    let broker_at = [faults / 4, (3 * faults) / 4];
     for k in 0..faults {
         std::thread::sleep(Duration::from_millis(400 + (rng.unit() * 1_200.0) as u64));
         let victim = if k == redis_at {
             Victim::Redis
+        } else if broker && broker_at.contains(&k) {
+            Victim::Broker
         } else {
             [Victim::Ingest, Victim::Joiner, Victim::Scorer][(rng.unit() * 3.0) as usize]
         };
         let killed = Instant::now();
         if victim == Victim::Redis {
             restart_redis();
+        } else if victim == Victim::Broker {
+            restart_broker(local_kafka_pid().expect("the broker's pid file"));
         } else {
             chaos.lock().unwrap().kill(victim);
             std::thread::sleep(Duration::from_millis((rng.unit() * 400.0) as u64));
@@ -368,30 +423,19 @@ fn faults_under_load_change_no_count_and_no_label() {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
-        // Redis's restart waits until it answers: its recovery is the whole outage.
-        let recovery = if victim == Victim::Redis {
-            restarted - killed
-        } else {
-            restarted.elapsed()
+        // Redis's restart waits until it answers: its recovery is the whole outage. The broker's
+        // is from its kill until the adapter, joiner and scorer are working again.
+        let recovery = match victim {
+            Victim::Redis => restarted - killed,
+            Victim::Broker => killed.elapsed(),
+            _ => restarted.elapsed(),
         };
         recoveries.push((victim, restarted - killed, recovery));
     }
     let resends = client.join().expect("the client finished");
     assert!(!sending.load(Ordering::SeqCst));
 
-    // Recovery: the chaos run's totals reach the reference's, and stay there.
-    let mut con = redis();
-    let want = eventually(
-        Duration::from_secs(120),
-        "the reference's totals to settle",
-        || {
-            let a = published_ad_counts(&mut con, &reference.prefix);
-            std::thread::sleep(Duration::from_secs(2));
-            let b = published_ad_counts(&mut con, &reference.prefix);
-            (a == b && b.contains_key("ad-sentinel")).then_some(b)
-        },
-        || reference.logs(),
-    );
+    // Recovery: the chaos run's totals reach the reference's.
     let p = chaos.lock().unwrap();
     let last = std::cell::RefCell::new(BTreeMap::new());
     let got = eventually(
