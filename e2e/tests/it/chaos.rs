@@ -340,6 +340,12 @@ fn restart_broker(pid: i32) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -9 {pid}");
+    // The signal is asynchronous: until the process is gone, `up` would find it alive.
+    let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     stack_up("the broker's kill");
 }
 
@@ -435,7 +441,9 @@ fn faults_under_load_change_no_count_and_no_label() {
     let resends = client.join().expect("the client finished");
     assert!(!sending.load(Ordering::SeqCst));
 
-    // Recovery: the chaos run's totals reach the reference's.
+    // Recovery: the chaos run's totals reach the reference's (on a new connection: Redis was
+    // restarted since the first).
+    let mut con = redis();
     let p = chaos.lock().unwrap();
     let last = std::cell::RefCell::new(BTreeMap::new());
     let got = eventually(
