@@ -155,7 +155,8 @@ fn consumer_config(cfg: &FeedbackConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         // The range assignor co-partitions the two topics (see module docs).
         .set("partition.assignment.strategy", "range")
-        // Tansu needs short group timeouts (docs/STACK.md).
+        // Short group timeouts: a dead member's partitions move after 6 s (Kafka's smallest
+        // session), and Tansu needs them to form a group at all (docs/STACK.md).
         .set("session.timeout.ms", "6000")
         .set("max.poll.interval.ms", "10000")
         .set("heartbeat.interval.ms", "1000");

@@ -54,7 +54,8 @@ fn consumer_config(cfg: &ScorerConfig) -> ClientConfig {
         .set("fetch.wait.max.ms", "20")
         // Consumer lag per partition, for the shedding governor and /metrics.
         .set("statistics.interval.ms", "1000")
-        // Tansu needs short group timeouts (see docs/STACK.md).
+        // Short group timeouts: a dead member's partitions move after 6 s (Kafka's smallest
+        // session), and Tansu needs them to form a group at all (docs/STACK.md).
         .set("session.timeout.ms", "6000")
         .set("max.poll.interval.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
