@@ -3,14 +3,22 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ctr_runtime::Policy;
+use ctr_runtime::flags::{DependencyFlags, KafkaFlags, RedisFlags};
+
 use crate::join::JoinConfig;
 
 /// Settings as given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FeedbackArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
+    #[command(flatten)]
+    pub kafka: KafkaFlags,
+    // Redis: checkpoints of the join state (under `<prefix>feedback:`), and the signal for the
+    // scorer (`<prefix>signal:joiner`).
+    #[command(flatten)]
+    pub redis: RedisFlags,
+    #[command(flatten)]
+    pub dependencies: DependencyFlags,
     #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
     pub serves_topic: String,
     #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
@@ -22,23 +30,6 @@ pub struct FeedbackArgs {
     /// Consumer group of the joiner processes.
     #[arg(long, env = "CTR_FEEDBACK_GROUP", default_value = "ctr-feedback")]
     pub group: String,
-    /// Redis URL: checkpoints of the join state, and the signals for the scorer.
-    #[arg(
-        long,
-        env = "CTR_REDIS_URL",
-        // The URL may carry a password (redis://user:password@host/): never print it.
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:16379/"
-    )]
-    pub redis_url: String,
-    /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` URL
-    /// (without it the system's trusted roots verify the server).
-    #[arg(long, env = "CTR_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<std::path::PathBuf>,
-    /// Prefix of the Redis keys (checkpoints under `<prefix>feedback:`, signal at
-    /// `<prefix>signal:joiner`).
-    #[arg(long, env = "CTR_REDIS_PREFIX", default_value = "ctr:")]
-    pub redis_prefix: String,
     /// HTTP address of /metrics and /healthz.
     #[arg(long, env = "CTR_FEEDBACK_HTTP", default_value = "127.0.0.1:8081")]
     pub http_addr: SocketAddr,
@@ -86,6 +77,8 @@ pub struct FeedbackConfig {
     pub redis_url: String,
     pub redis_ca_file: Option<std::path::PathBuf>,
     pub redis_prefix: String,
+    /// Deadlines and the outage budget of Redis and the broker.
+    pub policy: Policy,
     pub http_addr: SocketAddr,
     pub join: JoinConfig,
     pub checkpoint_every: Duration,
@@ -103,7 +96,7 @@ pub struct StallConfig {
 /// A setting that cannot work, named.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting `{0}`: {1}")]
-pub struct ConfigError(pub &'static str, pub &'static str);
+pub struct ConfigError(pub &'static str, pub String);
 
 impl TryFrom<FeedbackArgs> for FeedbackConfig {
     type Error = ConfigError;
@@ -113,7 +106,7 @@ impl TryFrom<FeedbackArgs> for FeedbackConfig {
             if ok {
                 Ok(())
             } else {
-                Err(ConfigError(name, why))
+                Err(ConfigError(name, String::from(why)))
             }
         };
         check(a.window_ms > 0, "window_ms", "must be > 0")?;
@@ -127,8 +120,12 @@ impl TryFrom<FeedbackArgs> for FeedbackConfig {
         check(a.late_horizon_ms >= 0, "late_horizon_ms", "must be >= 0")?;
         check(a.max_pending > 0, "max_pending", "must be > 0")?;
         check(a.checkpoint_ms >= 100, "checkpoint_ms", "must be >= 100")?;
+        let policy = a
+            .dependencies
+            .policy()
+            .map_err(|e| ConfigError("outage_budget_ms", e))?;
         check(
-            !a.redis_prefix.is_empty(),
+            !a.redis.redis_prefix.is_empty(),
             "redis_prefix",
             "must not be empty",
         )?;
@@ -157,15 +154,16 @@ impl TryFrom<FeedbackArgs> for FeedbackConfig {
                 min_serves: a.stall_min_serves,
                 collapse_ratio: a.stall_collapse_ratio,
             },
-            brokers: a.brokers,
+            brokers: a.kafka.brokers,
             serves_topic: a.serves_topic,
             clicks_topic: a.clicks_topic,
             labeled_topic: a.labeled_topic,
             deadletter_topic: a.deadletter_topic,
             group: a.group,
-            redis_url: a.redis_url,
-            redis_ca_file: a.redis_ca_file,
-            redis_prefix: a.redis_prefix,
+            redis_url: a.redis.redis_url,
+            redis_ca_file: a.redis.redis_ca_file,
+            redis_prefix: a.redis.redis_prefix,
+            policy,
             http_addr: a.http_addr,
         })
     }

@@ -152,60 +152,9 @@ impl LabelRef {
     }
 }
 
-/// Counters for one partition's join.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JoinStats {
-    pub serves: u64,
-    pub duplicate_serves: u64,
-    pub clicks: u64,
-    pub positives: u64,
-    pub negatives: u64,
-    pub duplicate_clicks: u64,
-    pub late_clicks: u64,
-    pub orphan_clicks: u64,
-    /// Clicks on an ad the serve did not show.
-    pub invalid_clicks: u64,
-    /// Pending serves closed early because `max_pending` was reached.
-    pub evicted: u64,
-}
-
-impl JoinStats {
-    pub fn add(&mut self, o: &JoinStats) {
-        self.serves += o.serves;
-        self.duplicate_serves += o.duplicate_serves;
-        self.clicks += o.clicks;
-        self.positives += o.positives;
-        self.negatives += o.negatives;
-        self.duplicate_clicks += o.duplicate_clicks;
-        self.late_clicks += o.late_clicks;
-        self.orphan_clicks += o.orphan_clicks;
-        self.invalid_clicks += o.invalid_clicks;
-        self.evicted += o.evicted;
-    }
-
-    /// What happened since `earlier` (a previous reading of the same counters).
-    pub fn since(&self, earlier: &JoinStats) -> JoinStats {
-        JoinStats {
-            serves: self.serves - earlier.serves,
-            duplicate_serves: self.duplicate_serves - earlier.duplicate_serves,
-            clicks: self.clicks - earlier.clicks,
-            positives: self.positives - earlier.positives,
-            negatives: self.negatives - earlier.negatives,
-            duplicate_clicks: self.duplicate_clicks - earlier.duplicate_clicks,
-            late_clicks: self.late_clicks - earlier.late_clicks,
-            orphan_clicks: self.orphan_clicks - earlier.orphan_clicks,
-            invalid_clicks: self.invalid_clicks - earlier.invalid_clicks,
-            evicted: self.evicted - earlier.evicted,
-        }
-    }
-
-    /// Share of clicks that matched a serve in time (positives), of all clicks that were not
-    /// duplicates. `None` before any click.
-    pub fn click_coverage(&self) -> Option<f64> {
-        let judged = self.positives + self.late_clicks + self.orphan_clicks + self.invalid_clicks;
-        (judged > 0).then(|| self.positives as f64 / judged as f64)
-    }
-}
+/// Counters for one partition's join: the contract's type, because the joiner's signal
+/// carries them to the scorer.
+pub use ctr_schemas::contract::JoinStats;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Tracked {

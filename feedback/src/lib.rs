@@ -3,7 +3,7 @@
 //! - [`join`]: the pure state machine of one partition pair (no I/O; a backtest may use it).
 //! - [`config`]: settings. [`checkpoint`]: durable join state with input offsets.
 //! - [`signals`]: click coverage and the stall detector the scorer acts on.
-//! - [`service`]: Kafka around it all. [`run`] adds the HTTP endpoint for metrics.
+//! - [`service`]: Kafka around it all. [`run`] supervises it beside the HTTP endpoint.
 
 pub mod checkpoint;
 pub mod config;
@@ -14,63 +14,59 @@ pub mod signals;
 use std::future::Future;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::get;
+use ctr_runtime::{Liveness, Supervisor};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 pub use config::{FeedbackArgs, FeedbackConfig};
 pub use service::FeedbackError;
 
-/// Runs the joiner and its `/metrics` + `/healthz` endpoint until `shutdown` resolves.
-/// The Redis client for `url`: a `rediss://` URL is verified against `ca_file` (PEM) if given,
-/// else against the system's trusted roots.
-fn redis_client(
-    url: &str,
-    ca_file: Option<&std::path::Path>,
-) -> Result<redis::Client, FeedbackError> {
-    // rustls needs a process-wide crypto provider; a second install is refused, harmlessly.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let Some(path) = ca_file else {
-        return Ok(redis::Client::open(url)?);
-    };
-    let pem = std::fs::read(path).map_err(|source| FeedbackError::RedisCa {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let certs = redis::TlsCertificates {
-        client_tls: None,
-        root_cert: Some(pem),
-    };
-    Ok(redis::Client::build_with_tls(url, certs)?)
+/// Why the joiner process stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Start(#[from] FeedbackError),
+    #[error(transparent)]
+    Task(#[from] ctr_runtime::TaskFailed),
 }
 
+/// Runs the joiner and its `/metrics` + `/healthz` endpoint under a supervisor until
+/// `shutdown` resolves or either fails; the joiner checkpoints everything on the way out.
 pub async fn run(
     cfg: FeedbackConfig,
     listener: TcpListener,
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), FeedbackError> {
-    let client = redis_client(&cfg.redis_url, cfg.redis_ca_file.as_deref())?;
-    // One plain connection first: refused credentials or an unreachable Redis are an error at
-    // start, where the reconnecting manager below would retry them silently.
-    let _: String = redis::cmd("PING")
-        .query_async(&mut client.get_multiplexed_async_connection().await?)
-        .await?;
-    // Checkpoints can be large: allow them more than redis-rs's default 500 ms response
-    // timeout, which a busy Redis writing its append-only file can exceed.
-    let redis = client
-        .get_connection_manager_with_config(
-            redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(Some(std::time::Duration::from_secs(10))),
-        )
-        .await?;
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+) -> Result<(), Error> {
+    let redis = ctr_runtime::redis::Redis::connect(
+        &cfg.redis_url,
+        cfg.redis_ca_file.as_deref(),
+        cfg.policy,
+    )
+    .await
+    .map_err(FeedbackError::from)?;
+    let conn = redis.manager().await.map_err(FeedbackError::from)?;
+    // Draining is the final checkpoint: it may have to ride out an outage of its own.
+    let mut supervisor = Supervisor::new(cfg.policy.outage_budget + cfg.policy.call_timeout * 2);
+    let liveness = Liveness::default();
+    // A step never waits longer than a dependency's outage budget plus one call: past that
+    // the loop is wedged, and /healthz says so.
+    let heartbeat = liveness.register("joiner", cfg.policy.outage_budget + cfg.policy.call_timeout);
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let health = liveness.check();
+                async move {
+                    match health {
+                        Ok(()) => (StatusCode::OK, "ok".to_string()),
+                        Err(stale) => (StatusCode::SERVICE_UNAVAILABLE, stale),
+                    }
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -81,14 +77,16 @@ pub async fn run(
                 async move { page }
             }),
         );
-    let mut http_stop = stop_rx.clone();
-    let http = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = http_stop.wait_for(|s| *s).await;
+    let mut http_stop = supervisor.stop_signal();
+    supervisor.spawn("HTTP endpoint", async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                ctr_runtime::process::stopped(&mut http_stop).await;
+            })
+            .await
     });
-    let joiner = service::run_joiner(cfg, redis, async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    });
-    let (h, j) = tokio::join!(http, joiner);
-    h?;
-    j
+    let stop = supervisor.stop_signal();
+    supervisor.spawn("joiner", service::run_joiner(cfg, conn, heartbeat, stop));
+    supervisor.run(shutdown).await?;
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! `ctr-feedback` entry point: parse settings, set up logs and metrics, run the joiner until
-//! SIGINT/SIGTERM.
+//! SIGINT/SIGTERM (or until it fails: then the exit code is non-zero).
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -17,19 +17,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
-        )
-        .init();
-    match run(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "ctr-feedback failed");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ctr_runtime::process::init_tracing();
+    ctr_runtime::process::exit_code("ctr-feedback", run(Cli::parse()).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -40,15 +29,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding the HTTP endpoint to {}", config.http_addr))?;
-    ctr_feedback::run(config, listener, Some(metrics), shutdown_signal()).await?;
+    ctr_feedback::run(
+        config,
+        listener,
+        Some(metrics),
+        ctr_runtime::process::shutdown_signal(),
+    )
+    .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -4,7 +4,8 @@
 //! partition `p` of *both* topics together (their partition counts must be equal, checked at
 //! start), so each [`PartitionJoin`] sees all serves and clicks of its serve IDs. Labels and
 //! corrections go out through an idempotent producer keyed by ad ID; orphan clicks and poison
-//! input go to the dead-letter topic with the reason in the `ctr.reason` header.
+//! input go to the dead-letter topic with the contract's dead-letter headers (source topic,
+//! partition, offset when read as it is, reason).
 //!
 //! Exactly-once in effect (see [`crate::checkpoint`]): every few seconds all outstanding
 //! deliveries are awaited, then each partition's state is checkpointed with the next offsets
@@ -13,25 +14,22 @@
 //! offsets is skipped. A delivery failure stops the process (non-zero exit): restarting from
 //! the last checkpoint re-derives everything after it.
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
+use ctr_runtime::kafka::{GroupContext, Membership, ProduceError, TrackedProducer};
+use ctr_runtime::{DependencyError, Heartbeat, Policy};
+use ctr_schemas::contract::{DeadLetter, headers, keys};
 use ctr_schemas::{
     Click, DecodeError, Encoder, LabelKind, LabeledImpression, Serve, ValidationError, decode,
 };
-use futures::FutureExt;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
@@ -44,19 +42,18 @@ use crate::signals::StallDetector;
 pub enum FeedbackError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("Redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("reading the Redis CA file {path}: {source}")]
-    RedisCa {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Redis(#[from] ctr_runtime::redis::RedisError),
+    #[error("publishing the joiner signal: {0}")]
+    Signal(DependencyError<redis::RedisError>),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("producing to {topic} failed: {source}")]
-    Produce { topic: String, source: KafkaError },
-    #[error("the producer dropped a delivery report")]
-    DeliveryCanceled,
+    #[error(transparent)]
+    Produce(#[from] ProduceError),
+    #[error(
+        "no Kafka broker has been reachable for {0:?}, longer than the outage budget: exiting so that a supervisor restarts the joiner (it resumes from its checkpoints)"
+    )]
+    BrokerOutage(Duration),
     #[error(
         "topics {serves} ({serves_parts} partitions) and {clicks} ({clicks_parts}) must have equal partition counts: serves and their clicks meet by partition number"
     )]
@@ -72,11 +69,7 @@ pub enum FeedbackError {
     Http(#[from] std::io::Error),
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use ctr_runtime::wall_ms as now_ms;
 
 /// A record the joiner will not use.
 #[derive(Debug, thiserror::Error)]
@@ -98,98 +91,6 @@ impl Poison {
     }
 }
 
-/// A change of partition ownership, for the main loop.
-#[derive(Debug)]
-enum Membership {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
-
-/// Queues ownership changes for the main loop: the callbacks run inside `recv`, which cannot do
-/// async work (loading or writing a checkpoint).
-struct Rebalances(Arc<Mutex<Vec<Membership>>>);
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
-    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-    parts.sort_unstable();
-    parts.dedup();
-    parts
-}
-
-impl ClientContext for Rebalances {}
-
-impl ConsumerContext for Rebalances {
-    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            info!(parts = ?partitions(tpl), "partitions revoked");
-            self.0
-                .lock()
-                .expect("membership queue")
-                .push(Membership::Revoked(partitions(tpl)));
-        }
-    }
-
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let parts = partitions(tpl);
-                metrics::gauge!("ctr_feedback_assigned_partitions").set(parts.len() as f64);
-                info!(?parts, "partitions assigned");
-                self.0
-                    .lock()
-                    .expect("membership queue")
-                    .push(Membership::Assigned(parts));
-            }
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
-        }
-    }
-}
-
-fn consumer_config(cfg: &FeedbackConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // The range assignor co-partitions the two topics (see module docs).
-        .set("partition.assignment.strategy", "range")
-        // Short group timeouts: a dead member's partitions move after 6 s (Kafka's smallest
-        // session), and Tansu needs them to form a group at all (docs/STACK.md).
-        .set("session.timeout.ms", "6000")
-        .set("max.poll.interval.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
-    c
-}
-
-fn producer_config(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000");
-    c
-}
-
-/// Where an enqueued record goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Output {
-    Labeled,
-    DeadLetter,
-}
-
-impl Output {
-    fn topic(self, cfg: &FeedbackConfig) -> &str {
-        match self {
-            Output::Labeled => &cfg.labeled_topic,
-            Output::DeadLetter => &cfg.deadletter_topic,
-        }
-    }
-}
-
 struct PartitionState {
     join: PartitionJoin,
     serves_next: Option<i64>,
@@ -201,17 +102,19 @@ struct PartitionState {
 
 struct Joiner {
     cfg: FeedbackConfig,
-    producer: FutureProducer,
+    /// Labels and dead letters awaiting the broker; settled before every checkpoint.
+    producer: TrackedProducer,
     store: CheckpointStore,
     parts: HashMap<i32, PartitionState>,
     labels: Encoder<LabeledImpression>,
     clicks: Encoder<Click>,
     out: Vec<Emit>,
+    /// Where each partition's run of `out` starts: (index, partition), in order. Orphan clicks
+    /// are dead-lettered with their partition.
+    out_parts: Vec<(usize, i32)>,
     buf: Vec<u8>,
     label_id: String,
-    in_flight: VecDeque<(Output, DeliveryFuture)>,
     totals: JoinStats,
-    membership: Arc<Mutex<Vec<Membership>>>,
     emitted: u64,
 }
 
@@ -220,12 +123,11 @@ impl Joiner {
     /// on revoke); an assigned one has its checkpoint restored *now*, not on its first message,
     /// because a partition with nothing left to read may still hold pending serves whose
     /// windows must close.
-    async fn apply_membership<C: ConsumerContext>(
+    async fn apply_membership(
         &mut self,
-        consumer: &StreamConsumer<C>,
+        consumer: &StreamConsumer<GroupContext>,
     ) -> Result<(), FeedbackError> {
-        let changes = std::mem::take(&mut *self.membership.lock().expect("membership queue"));
-        for change in changes {
+        for change in consumer.context().take_changes() {
             match change {
                 Membership::Revoked(parts) => {
                     let held: Vec<i32> = parts
@@ -300,6 +202,7 @@ impl Joiner {
         let (p, offset) = (msg.partition(), msg.offset());
         let is_serve = msg.topic() == self.cfg.serves_topic;
         let mut out = std::mem::take(&mut self.out);
+        mark_partition(&mut self.out_parts, out.len(), p);
         let st = self.state(p, offset).await?;
         let next = if is_serve {
             &mut st.serves_next
@@ -330,11 +233,16 @@ impl Joiner {
             metrics::counter!("ctr_feedback_deadletter_total", "reason" => reason.label())
                 .increment(1);
             let reason = reason.to_string();
+            let letter = DeadLetter {
+                source_topic: &topic,
+                source_partition: p,
+                source_offset: Some(offset),
+                reason: &reason,
+            };
             self.dead_letter(
-                &topic,
+                &letter,
                 msg.key().unwrap_or_default(),
                 msg.payload().unwrap_or_default(),
-                &reason,
             )
             .await?;
         }
@@ -343,73 +251,46 @@ impl Joiner {
 
     fn tick(&mut self) {
         let now = now_ms();
-        for st in self.parts.values_mut() {
+        for (&p, st) in &mut self.parts {
+            mark_partition(&mut self.out_parts, self.out.len(), p);
             st.join.advance(now, &mut self.out);
         }
     }
 
-    /// Enqueues `self.buf` in call order. When librdkafka's queue is full, waits for the
-    /// oldest delivery instead of dropping or buffering without bound.
-    async fn enqueue(
-        &mut self,
-        output: Output,
-        key: &[u8],
-        headers: Option<OwnedHeaders>,
-    ) -> Result<(), FeedbackError> {
-        loop {
-            let dest = output.topic(&self.cfg);
-            let mut record = FutureRecord::to(dest).key(key).payload(&self.buf);
-            if let Some(h) = headers.clone() {
-                record = record.headers(h);
-            }
-            match self.producer.send_result(record) {
-                Ok(f) => {
-                    self.in_flight.push_back((output, f));
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    match self.in_flight.pop_front() {
-                        Some((o, f)) => Self::check_delivery(o.topic(&self.cfg), f.await)?,
-                        None => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
-                }
-                Err((source, _)) => {
-                    return Err(FeedbackError::Produce {
-                        topic: dest.to_string(),
-                        source,
-                    });
-                }
-            }
-        }
-    }
-
+    /// Sends a record the joiner will not use to the dead-letter topic, unchanged, with where
+    /// it came from and why.
     async fn dead_letter(
         &mut self,
-        source_topic: &str,
+        letter: &DeadLetter<'_>,
         key: &[u8],
         payload: &[u8],
-        reason: &str,
     ) -> Result<(), FeedbackError> {
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "ctr.source_topic",
-                value: Some(source_topic),
-            })
-            .insert(Header {
-                key: "ctr.reason",
-                value: Some(reason),
-            });
-        self.buf.clear();
-        self.buf.extend_from_slice(payload);
-        self.enqueue(Output::DeadLetter, key, Some(headers)).await
+        let pairs = letter.headers();
+        let record = FutureRecord::to(&self.cfg.deadletter_topic)
+            .key(key)
+            .payload(payload)
+            .headers(ctr_runtime::kafka::headers(
+                pairs.iter().map(|(k, v)| (*k, v.as_str())),
+            ));
+        Ok(self.producer.send(record).await?)
     }
 
     /// Enqueues everything the joins produced.
     async fn emit(&mut self) -> Result<(), FeedbackError> {
         let out = std::mem::take(&mut self.out);
+        let out_parts = std::mem::take(&mut self.out_parts);
+        let mut runs = out_parts.iter().peekable();
+        let mut partition = -1;
         let now = now_ms();
         let (mut pos, mut neg, mut late, mut orphans) = (0u64, 0u64, 0u64, 0u64);
-        for e in &out {
+        for (i, e) in out.iter().enumerate() {
+            while let Some(&&(start, p)) = runs.peek() {
+                if start > i {
+                    break;
+                }
+                partition = p;
+                runs.next();
+            }
             match e {
                 Emit::Label(l) | Emit::Correction(l) => {
                     match (l.kind(), l.clicked()) {
@@ -428,13 +309,16 @@ impl Joiner {
                     self.labels
                         .encode_ref_into(&l.view(&self.label_id), &mut self.buf)?;
                     // The scorer may drop negatives unread when overloaded; it tells them by
-                    // this header (its `consumer::CLICKED_HEADER`).
-                    let clicked = OwnedHeaders::new_with_capacity(1).insert(Header {
-                        key: "ctr.clicked",
-                        value: Some(if l.clicked() { "1" } else { "0" }),
-                    });
-                    self.enqueue(Output::Labeled, l.ad_id().as_bytes(), Some(clicked))
-                        .await?;
+                    // this header.
+                    let clicked = ctr_runtime::kafka::headers([(
+                        headers::CLICKED,
+                        headers::clicked_value(l.clicked()),
+                    )]);
+                    let record = FutureRecord::to(&self.cfg.labeled_topic)
+                        .key(l.ad_id().as_bytes())
+                        .payload(&self.buf)
+                        .headers(clicked);
+                    self.producer.send(record).await?;
                 }
                 Emit::Orphan(c) => {
                     orphans += 1;
@@ -443,7 +327,13 @@ impl Joiner {
                     let reason =
                         format!("orphan click: serve {} unknown to the joiner", c.serve_id);
                     let topic = self.cfg.clicks_topic.clone();
-                    self.dead_letter(&topic, c.serve_id.to_string().as_bytes(), &bytes, &reason)
+                    let letter = DeadLetter {
+                        source_topic: &topic,
+                        source_partition: partition,
+                        source_offset: None,
+                        reason: &reason,
+                    };
+                    self.dead_letter(&letter, c.serve_id.to_string().as_bytes(), &bytes)
                         .await?;
                 }
             }
@@ -454,41 +344,8 @@ impl Joiner {
         metrics::counter!("ctr_feedback_deadletter_total", "reason" => "orphan").increment(orphans);
         self.out = out;
         self.out.clear();
-        Ok(())
-    }
-
-    fn check_delivery(
-        topic: &str,
-        r: Result<
-            rdkafka::producer::future_producer::OwnedDeliveryResult,
-            futures::channel::oneshot::Canceled,
-        >,
-    ) -> Result<(), FeedbackError> {
-        match r {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((source, _))) => Err(FeedbackError::Produce {
-                topic: topic.to_string(),
-                source,
-            }),
-            Err(_) => Err(FeedbackError::DeliveryCanceled),
-        }
-    }
-
-    /// Settles deliveries that have completed, without waiting.
-    fn reap(&mut self) -> Result<(), FeedbackError> {
-        while let Some((_, f)) = self.in_flight.front_mut() {
-            let Some(r) = f.now_or_never() else { break };
-            let (output, _) = self.in_flight.pop_front().expect("front exists");
-            Self::check_delivery(output.topic(&self.cfg), r)?;
-        }
-        Ok(())
-    }
-
-    /// Waits for every outstanding delivery.
-    async fn settle(&mut self) -> Result<(), FeedbackError> {
-        while let Some((output, f)) = self.in_flight.pop_front() {
-            Self::check_delivery(output.topic(&self.cfg), f.await)?;
-        }
+        self.out_parts = out_parts;
+        self.out_parts.clear();
         Ok(())
     }
 
@@ -502,14 +359,14 @@ impl Joiner {
     }
 
     /// Checkpoints `partitions` (all when `None`): settle deliveries, save, commit offsets.
-    async fn checkpoint<C: ConsumerContext>(
+    async fn checkpoint(
         &mut self,
-        consumer: &StreamConsumer<C>,
+        consumer: &StreamConsumer<GroupContext>,
         only: Option<&[i32]>,
     ) -> Result<(), FeedbackError> {
         let started = Instant::now();
         self.emit().await?;
-        self.settle().await?;
+        self.producer.settle().await?;
         let mut offsets = TopicPartitionList::new();
         let mut ids: Vec<i32> = self
             .parts
@@ -550,7 +407,7 @@ impl Joiner {
         Ok(())
     }
 
-    fn report(&mut self, detector: &mut StallDetector) -> crate::signals::Signal {
+    fn report(&mut self, detector: &mut StallDetector) -> crate::signals::JoinerSignal {
         self.account();
         let pending: usize = self.parts.values().map(|s| s.join.pending()).sum();
         let remembered: usize = self.parts.values().map(|s| s.join.remembered()).sum();
@@ -579,8 +436,18 @@ impl Joiner {
     }
 }
 
-fn check_partitions<C: ConsumerContext>(
-    consumer: &StreamConsumer<C>,
+/// Notes that what the joins emit from `out_len` on belongs to `partition`.
+fn mark_partition(out_parts: &mut Vec<(usize, i32)>, out_len: usize, partition: i32) {
+    match out_parts.last_mut() {
+        Some((_, p)) if *p == partition => {}
+        // Nothing was emitted since the last mark: it names the partition now.
+        Some((start, p)) if *start == out_len => *p = partition,
+        _ => out_parts.push((out_len, partition)),
+    }
+}
+
+fn check_partitions(
+    consumer: &StreamConsumer<GroupContext>,
     cfg: &FeedbackConfig,
 ) -> Result<(), FeedbackError> {
     let count = |topic: &str| -> Result<usize, FeedbackError> {
@@ -599,58 +466,75 @@ fn check_partitions<C: ConsumerContext>(
     Ok(())
 }
 
-/// Runs the joiner until `shutdown` resolves; checkpoints everything on the way out.
+/// Runs the joiner until `stop` turns true; checkpoints everything on the way out.
+///
+/// The loop, one step at a time: take a record (or a 200 ms tick that advances the joins'
+/// clocks), apply any ownership change first, emit what the joins produced, settle the
+/// deliveries already acknowledged; every `checkpoint_every`, [`Joiner::checkpoint`]; every
+/// second, [`publish_signal`] and check that a broker is up. Every call to Redis follows the
+/// dependency policy (`cfg.policy`): an outage shorter than the budget is ridden out (the
+/// consumer rejoins its group and restores what a rebalance took), a longer one is an error
+/// that ends the process.
 pub async fn run_joiner(
     cfg: FeedbackConfig,
     redis: ConnectionManager,
-    shutdown: impl Future<Output = ()>,
+    heartbeat: Heartbeat,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), FeedbackError> {
-    let membership = Arc::new(Mutex::new(Vec::new()));
-    let consumer: StreamConsumer<Rebalances> =
-        consumer_config(&cfg).create_with_context(Rebalances(Arc::clone(&membership)))?;
+    let consumer: StreamConsumer<GroupContext> =
+        ctr_runtime::kafka::consumer_config(&cfg.brokers, &cfg.group)
+            // The range assignor co-partitions the two topics (see module docs).
+            .set("partition.assignment.strategy", "range")
+            .create_with_context(GroupContext::new("feedback"))?;
     check_partitions(&consumer, &cfg)?;
     consumer.subscribe(&[&cfg.serves_topic, &cfg.clicks_topic])?;
-    let producer: FutureProducer = producer_config(&cfg.brokers).create()?;
+    let producer =
+        ctr_runtime::kafka::producer_config(&cfg.brokers, cfg.policy.outage_budget).create()?;
     let store = CheckpointStore::new(
         redis.clone(),
+        cfg.policy,
         &cfg.redis_prefix,
         &cfg.group,
         &cfg.serves_topic,
     );
-    let signal_key = format!("{}signal:joiner", cfg.redis_prefix);
-    let instance = format!("{}-{}", cfg.group, std::process::id());
-    let mut detector = StallDetector::new(cfg.stall);
+    let mut signal = SignalBoard {
+        key: keys::joiner_signal(&cfg.redis_prefix),
+        instance: format!("{}-{}", cfg.group, std::process::id()),
+        redis,
+        policy: cfg.policy,
+        detector: StallDetector::new(cfg.stall),
+    };
     let checkpoint_every = cfg.checkpoint_every;
     let mut joiner = Joiner {
         cfg,
-        producer,
+        // The window is librdkafka's queue: a full queue waits for the oldest delivery.
+        producer: TrackedProducer::new(producer, usize::MAX),
         store,
         parts: HashMap::new(),
         labels: Encoder::new(),
         clicks: Encoder::new(),
         out: Vec::new(),
+        out_parts: Vec::new(),
         buf: Vec::with_capacity(256),
         label_id: String::with_capacity(64),
-        in_flight: VecDeque::new(),
         totals: JoinStats::default(),
-        membership,
         emitted: 0,
     };
     info!(group = %joiner.cfg.group, "joiner started");
-    tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let mut last_checkpoint = Instant::now();
     let mut last_report = Instant::now();
     let mut last_progress = Instant::now();
-    let mut redis = redis;
     loop {
+        heartbeat.beat();
         tokio::select! {
-            () = &mut shutdown => break,
+            () = ctr_runtime::process::stopped(&mut stop) => break,
             msg = consumer.recv() => {
                 joiner.apply_membership(&consumer).await?;
                 match msg {
                     Ok(m) => joiner.handle(&m).await?,
-                    // Broker hiccups are transient: librdkafka reconnects; keep polling.
+                    // Broker hiccups are transient: librdkafka reconnects; keep polling (a
+                    // broker gone for longer than the budget is caught below).
                     Err(e) => warn!(error = %e, "consumer error"),
                 }
             }
@@ -662,44 +546,21 @@ pub async fn run_joiner(
         if !joiner.out.is_empty() {
             joiner.emit().await?;
         }
-        joiner.reap()?;
+        joiner.producer.reap()?;
         if last_checkpoint.elapsed() >= checkpoint_every {
             joiner.checkpoint(&consumer, None).await?;
             last_checkpoint = Instant::now();
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            let signal = joiner.report(&mut detector);
-            let json = serde_json::to_string(&signal).expect("signal serializes");
-            let r: redis::RedisResult<()> = redis::pipe()
-                .hset(&signal_key, &instance, json)
-                .expire(&signal_key, 120)
-                .query_async(&mut redis)
-                .await;
-            if let Err(e) = r {
-                warn!(error = %e, "publishing the joiner signal failed");
+            let outage = consumer.context().broker_outage();
+            if outage > joiner.cfg.policy.outage_budget {
+                return Err(FeedbackError::BrokerOutage(outage));
             }
-            if signal.stalled {
-                warn!(
-                    reason = signal.reason.as_deref().unwrap_or(""),
-                    "click stream stalled"
-                );
-            }
+            publish_signal(&mut joiner, &mut signal).await?;
             if last_progress.elapsed() >= Duration::from_secs(5) {
                 last_progress = Instant::now();
-                let t = joiner.totals;
-                let pending: usize = joiner.parts.values().map(|s| s.join.pending()).sum();
-                info!(
-                    serves = t.serves,
-                    clicks = t.clicks,
-                    positives = t.positives,
-                    negatives = t.negatives,
-                    late = t.late_clicks,
-                    orphans = t.orphan_clicks,
-                    duplicates = t.duplicate_clicks,
-                    pending,
-                    "join progress"
-                );
+                log_progress(&joiner);
             }
         }
     }
@@ -716,4 +577,56 @@ pub async fn run_joiner(
         "joiner stopped; labels delivered and checkpointed"
     );
     Ok(())
+}
+
+/// Where the joiner's signal for the scorer goes, and the detector behind it.
+struct SignalBoard {
+    key: String,
+    instance: String,
+    redis: ConnectionManager,
+    policy: Policy,
+    detector: StallDetector,
+}
+
+/// Writes this process's signal (the click stream's health and its counts) to its field of
+/// the signal hash, which expires two minutes after the last joiner wrote it.
+async fn publish_signal(joiner: &mut Joiner, board: &mut SignalBoard) -> Result<(), FeedbackError> {
+    let signal = joiner.report(&mut board.detector);
+    let json = serde_json::to_string(&signal).expect("a signal of numbers and strings serializes");
+    let mut pipe = redis::pipe();
+    pipe.hset(&board.key, &board.instance, json)
+        .expire(&board.key, 120);
+    let conn = &board.redis;
+    board
+        .policy
+        .retry("publishing the joiner signal", || {
+            let mut c = conn.clone();
+            let pipe = &pipe;
+            async move { pipe.query_async::<()>(&mut c).await }
+        })
+        .await
+        .map_err(FeedbackError::Signal)?;
+    if signal.stalled {
+        warn!(
+            reason = signal.reason.as_deref().unwrap_or(""),
+            "click stream stalled"
+        );
+    }
+    Ok(())
+}
+
+fn log_progress(joiner: &Joiner) {
+    let t = joiner.totals;
+    let pending: usize = joiner.parts.values().map(|s| s.join.pending()).sum();
+    info!(
+        serves = t.serves,
+        clicks = t.clicks,
+        positives = t.positives,
+        negatives = t.negatives,
+        late = t.late_clicks,
+        orphans = t.orphan_clicks,
+        duplicates = t.duplicate_clicks,
+        pending,
+        "join progress"
+    );
 }

@@ -8,35 +8,18 @@
 //! exponentially weighted mean over healthy windows).
 //!
 //! Published every second, two ways:
-//! - Redis hash `<prefix>signal:joiner`, one field per joiner process, value JSON
-//!   `{"stalled": bool, "reason": str|null, "click_coverage": f64|null, "window_serves": u64,
-//!   "window_clicks": u64, "clicks_per_serve": f64|null, "baseline_clicks_per_serve": f64|null,
-//!   "updated_ms": i64}`. The scorer treats the click stream as stalled when any entry updated
-//!   in the last 30 s says so.
+//! - Redis hash `<prefix>signal:joiner`, one field per joiner process, value the JSON of
+//!   [`JoinerSignal`] (the contract in `ctr-schemas`). The scorer treats the click stream as
+//!   stalled when any entry updated in the last 30 s says so.
 //! - Prometheus gauges `ctr_feedback_click_stream_stalled` and `ctr_feedback_click_coverage`.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use serde::Serialize;
+pub use ctr_schemas::contract::JoinerSignal;
 
 use crate::config::StallConfig;
 use crate::join::JoinStats;
-
-/// The published state.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Signal {
-    pub stalled: bool,
-    pub reason: Option<String>,
-    pub click_coverage: Option<f64>,
-    pub window_serves: u64,
-    pub window_clicks: u64,
-    pub clicks_per_serve: Option<f64>,
-    pub baseline_clicks_per_serve: Option<f64>,
-    pub updated_ms: i64,
-    /// The joiner process's counts since it started (the dashboard's input rates).
-    pub totals: JoinStats,
-}
 
 /// Sliding-window stall detector over monotonic counters.
 #[derive(Debug)]
@@ -56,7 +39,7 @@ impl StallDetector {
     }
 
     /// Takes the lifetime totals at `now` and returns the current signal.
-    pub fn observe(&mut self, now: Instant, now_ms: i64, totals: &JoinStats) -> Signal {
+    pub fn observe(&mut self, now: Instant, now_ms: i64, totals: &JoinStats) -> JoinerSignal {
         self.samples.push_back((now, totals.serves, totals.clicks));
         while self.samples.len() > 1 && now.duration_since(self.samples[0].0) > self.cfg.window {
             self.samples.pop_front();
@@ -79,7 +62,7 @@ impl StallDetector {
         if let (true, None, Some(r)) = (judged, &reason, rate) {
             self.baseline = Some(self.baseline.map_or(r, |b| 0.95 * b + 0.05 * r));
         }
-        Signal {
+        JoinerSignal {
             stalled: reason.is_some(),
             reason,
             click_coverage: totals.click_coverage(),

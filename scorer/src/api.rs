@@ -50,6 +50,8 @@ pub struct ApiState {
     control: Option<Arc<Control>>,
     limits: (usize, Duration),
     monitor: Arc<crate::monitor::Monitor>,
+    /// The process's work loops, for `/healthz`.
+    liveness: ctr_runtime::Liveness,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -67,6 +69,7 @@ impl ApiState {
         metrics: Option<PrometheusHandle>,
         control: Option<Arc<Control>>,
         monitor: Arc<crate::monitor::Monitor>,
+        liveness: ctr_runtime::Liveness,
     ) -> Self {
         Self {
             replica,
@@ -74,6 +77,7 @@ impl ApiState {
             control,
             limits: (cfg.api_max_concurrency, cfg.api_timeout),
             monitor,
+            liveness,
         }
     }
 }
@@ -255,7 +259,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .merge(v1)
         .route("/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -270,10 +274,20 @@ pub async fn serve(
 ) -> crate::Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
+            ctr_runtime::process::stopped(&mut stop).await;
         })
         .await?;
     Ok(())
+}
+
+/// `200 ok` while every work loop of the process (consumer, workers, replica) steps within its
+/// bound; else `503` naming the stale ones. The HTTP server answering is not enough: a process
+/// whose loops are wedged is not alive.
+async fn healthz(State(s): State<ApiState>) -> Response {
+    match s.liveness.check() {
+        Ok(()) => "ok".into_response(),
+        Err(stale) => (StatusCode::SERVICE_UNAVAILABLE, stale).into_response(),
+    }
 }
 
 async fn openapi() -> Response {

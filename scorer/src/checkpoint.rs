@@ -2,8 +2,9 @@
 //! next offset).
 //!
 //! Where: Redis, key `<prefix>scorer:ckpt:<topic>:<partition>`, a hash with `next` (the next
-//! offset to read) and `state` (the state in the project's snapshot container: magic, version,
-//! length, checksum). Redis because it is already the scorer's durable store (append-only file,
+//! offset to read), `state` (the state in the project's snapshot container: magic, version,
+//! length, checksum) and `t` (the owner's wall clock when written), kept by the runtime's
+//! fenced store (`ctr_runtime::redis::FencedStore`). Redis because it is already the scorer's durable store (append-only file,
 //! fsync every second), because a partition may move to a scorer on another host (a local file
 //! would not follow it), and because the partition's applied offset (`<prefix>offset:...`)
 //! lives there too.
@@ -24,7 +25,9 @@
 //! most two checkpoint intervals of deltas, and a replica that restores the latest checkpoint
 //! finds every delta after it.
 
-use redis::Script;
+use ctr_runtime::redis::FencedStore;
+use ctr_runtime::{DependencyError, Policy};
+use ctr_schemas::contract::keys;
 use redis::aio::ConnectionManager;
 
 use crate::state::PartitionState;
@@ -33,55 +36,39 @@ use crate::state::PartitionState;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("Redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] DependencyError<redis::RedisError>),
     #[error(
         "checkpoint {key} is unreadable ({reason}); refusing to start the partition from scratch: inspect or delete the key"
     )]
     Corrupt { key: String, reason: String },
 }
 
-const SAVE_LUA: &str = r#"
--- KEYS[1] checkpoint key, KEYS[2] the partition's model stream; ARGV[1] next offset,
--- ARGV[2] state bytes, ARGV[3] the owner's wall clock (Unix ms).
-local old = tonumber(redis.call('HGET', KEYS[1], 'next') or '-1')
-if tonumber(ARGV[1]) < old then return 0 end
-redis.call('HSET', KEYS[1], 'next', ARGV[1], 'state', ARGV[2], 't', ARGV[3])
--- Stream entries below ID `old` end before the previous checkpoint: no replica that restores
--- this checkpoint or follows from the previous one needs them.
-if old > 0 then redis.call('XTRIM', KEYS[2], 'MINID', old) end
-return 1
-"#;
-
-/// Reads and writes the checkpoints of one topic's partitions.
+/// Reads and writes the checkpoints of one topic's partitions (the runtime's fenced store,
+/// fenced by `next`; each save trims the partition's model stream in the same script).
+#[derive(Debug)]
 pub struct CheckpointStore {
-    conn: ConnectionManager,
-    key_prefix: String,
+    store: FencedStore,
     redis_prefix: String,
     topic: String,
-    save: Script,
-}
-
-impl std::fmt::Debug for CheckpointStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CheckpointStore")
-            .field("key_prefix", &self.key_prefix)
-            .finish()
-    }
 }
 
 impl CheckpointStore {
-    pub fn new(conn: ConnectionManager, redis_prefix: &str, topic: &str) -> Self {
+    pub fn new(conn: ConnectionManager, policy: Policy, redis_prefix: &str, topic: &str) -> Self {
+        let (prefix, t) = (redis_prefix.to_string(), topic.to_string());
         Self {
-            conn,
-            key_prefix: format!("{redis_prefix}scorer:ckpt:{topic}:"),
+            store: FencedStore::new(
+                conn,
+                policy,
+                move |p| keys::scorer_checkpoint(&prefix, &t, p),
+                &["next"],
+            ),
             redis_prefix: redis_prefix.to_string(),
             topic: topic.to_string(),
-            save: Script::new(SAVE_LUA),
         }
     }
 
     pub fn key(&self, partition: i32) -> String {
-        format!("{}{partition}", self.key_prefix)
+        self.store.key(partition)
     }
 
     pub async fn load(
@@ -97,18 +84,13 @@ impl CheckpointStore {
         &mut self,
         partition: i32,
     ) -> Result<Option<(PartitionState, Option<i64>)>, CheckpointError> {
-        let key = self.key(partition);
-        let (state, saved): (Option<Vec<u8>>, Option<i64>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("state")
-            .arg("t")
-            .query_async(&mut self.conn)
-            .await?;
-        let Some(bytes) = state else { return Ok(None) };
-        PartitionState::restore(&bytes)
-            .map(|st| Some((st, saved)))
+        let Some(saved) = self.store.load(partition).await? else {
+            return Ok(None);
+        };
+        PartitionState::restore(&saved.body)
+            .map(|st| Some((st, saved.saved_ms)))
             .map_err(|e| CheckpointError::Corrupt {
-                key,
+                key: self.key(partition),
                 reason: e.to_string(),
             })
     }
@@ -121,19 +103,17 @@ impl CheckpointStore {
         state: &PartitionState,
     ) -> Result<(bool, usize), CheckpointError> {
         let bytes = state.snapshot();
-        let written: i32 = self
-            .save
-            .key(self.key(partition))
-            .key(crate::publish::model_stream_key(
-                &self.redis_prefix,
-                &self.topic,
+        let stream = keys::model_stream(&self.redis_prefix, &self.topic, partition);
+        let written = self
+            .store
+            .save(
                 partition,
-            ))
-            .arg(state.next_offset.unwrap_or(-1))
-            .arg(&bytes)
-            .arg(crate::wall_ms())
-            .invoke_async(&mut self.conn)
+                &[state.next_offset.unwrap_or(-1)],
+                &bytes,
+                Some(&stream),
+                ctr_runtime::wall_ms(),
+            )
             .await?;
-        Ok((written == 1, bytes.len()))
+        Ok((written, bytes.len()))
     }
 }

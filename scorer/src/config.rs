@@ -6,13 +6,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ctr_models::{BetaPrior, VariantConfig, VariantKind};
+use ctr_runtime::Policy;
+use ctr_runtime::flags::{DependencyFlags, KafkaFlags, RedisFlags};
 
 /// Settings as given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScorerArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
+    #[command(flatten)]
+    pub kafka: KafkaFlags,
+    // Redis: estimates, the model streams, checkpoints, monitoring reports (keys under the
+    // prefix; see `publish`).
+    #[command(flatten)]
+    pub redis: RedisFlags,
+    #[command(flatten)]
+    pub dependencies: DependencyFlags,
     /// Topic of labeled impressions (keyed by ad).
     #[arg(long, env = "CTR_LABELED_TOPIC", default_value = "ctr.labeled")]
     pub labeled_topic: String,
@@ -22,23 +29,6 @@ pub struct ScorerArgs {
     /// Consumer group shared by all scorer processes.
     #[arg(long, env = "CTR_SCORER_GROUP", default_value = "ctr-scorer")]
     pub group: String,
-    /// Redis URL: redis://[user:password@]host:port/ (an ACL user and its password, or just
-    /// :password for AUTH), e.g. redis://127.0.0.1:16379/
-    #[arg(
-        long,
-        env = "CTR_REDIS_URL",
-        // The URL may carry a password (redis://user:password@host/): never print it.
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:16379/"
-    )]
-    pub redis_url: String,
-    /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` URL
-    /// (without it the system's trusted roots verify the server).
-    #[arg(long, env = "CTR_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<std::path::PathBuf>,
-    /// Prefix of every Redis key this scorer writes (lets deployments share a Redis).
-    #[arg(long, env = "CTR_REDIS_PREFIX", default_value = "ctr:")]
-    pub redis_prefix: String,
     /// HTTP listen address of the API.
     #[arg(long, env = "CTR_SCORER_HTTP", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -139,6 +129,8 @@ pub struct ScorerConfig {
     pub max_thinning: u32,
     pub api_max_concurrency: usize,
     pub api_timeout: Duration,
+    /// Deadlines and the outage budget of Redis and the broker.
+    pub policy: Policy,
 }
 
 fn check(ok: bool, name: &str, problem: &str) -> Result<(), crate::Error> {
@@ -194,7 +186,7 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             "must be 1..=10000",
         )?;
         check(
-            !a.redis_prefix.is_empty(),
+            !a.redis.redis_prefix.is_empty(),
             "redis_prefix",
             "must not be empty",
         )?;
@@ -239,13 +231,14 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
         )?;
         check(a.api_timeout_ms > 0, "api_timeout_ms", "must be > 0")?;
         Ok(Self {
-            brokers: a.brokers,
+            brokers: a.kafka.brokers,
             labeled_topic: a.labeled_topic,
             deadletter_topic: a.deadletter_topic,
             group: a.group,
-            redis_url: a.redis_url,
-            redis_ca_file: a.redis_ca_file,
-            redis_prefix: a.redis_prefix,
+            redis_url: a.redis.redis_url,
+            redis_ca_file: a.redis.redis_ca_file,
+            redis_prefix: a.redis.redis_prefix,
+            policy: a.dependencies.policy().map_err(crate::Error::Config)?,
             http_addr: a.http_addr,
             batch_size: a.batch_size,
             batch_ms: a.batch_ms,

@@ -10,15 +10,14 @@
 //! The worker queues are bounded: when workers fall behind, the loop waits (and the shedding
 //! governor, [`crate::load`], sees the queues fill).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::TopicPartitionList;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use ctr_runtime::Liveness;
+use ctr_runtime::kafka::{GroupContext, Membership};
+use ctr_schemas::contract::headers;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::statistics::Statistics;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
@@ -31,66 +30,24 @@ use crate::publish::Publisher;
 use crate::state::Thinning;
 use crate::worker::{Work, Worker};
 
-/// Header the joiner sets on every label: `1` clicked (a click or a late-click correction),
-/// `0` not clicked. Stage-two shedding drops only records that carry `0`.
-pub const CLICKED_HEADER: &str = "ctr.clicked";
-
+/// Whether the joiner marked the label not clicked (the contract's `ctr.clicked` header):
+/// stage-two shedding drops only those. A record without the header is never dropped.
 fn is_negative<M: Message>(m: &M) -> bool {
     m.headers().is_some_and(|h| {
-        h.iter()
-            .any(|h| h.key == CLICKED_HEADER && h.value == Some(b"0".as_slice()))
+        h.iter().any(|h| {
+            h.key == headers::CLICKED && h.value == Some(headers::clicked_value(false).as_bytes())
+        })
     })
 }
 
-fn consumer_config(cfg: &ScorerConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // Freshness: the broker answers an empty fetch after at most 20 ms (default 500 ms),
-        // so a record produced into a quiet partition is seen within a batch interval.
-        .set("fetch.wait.max.ms", "20")
-        // Consumer lag per partition, for the shedding governor and /metrics.
-        .set("statistics.interval.ms", "1000")
-        // Short group timeouts: a dead member's partitions move after 6 s (Kafka's smallest
-        // session), and Tansu needs them to form a group at all (docs/STACK.md).
-        .set("session.timeout.ms", "6000")
-        .set("max.poll.interval.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
-    c
-}
-
-/// A change of partition ownership, queued for the main loop: the callbacks run inside `recv`,
-/// which cannot wait for the workers.
-#[derive(Debug)]
-enum Membership {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
-
-/// The consumer's context: queues ownership changes and records consumer lag.
-#[derive(Debug)]
-pub struct ScorerContext {
-    membership: Mutex<Vec<Membership>>,
-    control: Arc<Control>,
-    topic: String,
-}
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
-    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-    parts.sort_unstable();
-    parts.dedup();
-    parts
-}
-
-impl ClientContext for ScorerContext {
-    fn stats(&self, statistics: Statistics) {
-        let Some(topic) = statistics.topics.get(&self.topic) else {
+/// The consumer's context: the runtime's group context, with a hook that records the consumer
+/// lag per partition for the shedding governor and /metrics.
+fn context(control: Arc<Control>, topic: String) -> GroupContext {
+    GroupContext::new("scorer").with_stats(move |statistics| {
+        let Some(topic) = statistics.topics.get(&topic) else {
             return;
         };
-        let mut lag = self.control.lag.lock().expect("lag map");
+        let mut lag = control.lag.lock().expect("lag map");
         lag.clear();
         for (&p, part) in &topic.partitions {
             // Lag behind the high watermark from the position handed to this process
@@ -103,37 +60,7 @@ impl ClientContext for ScorerContext {
                     .set(l as f64);
             }
         }
-    }
-}
-
-impl ConsumerContext for ScorerContext {
-    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            info!(parts = ?partitions(tpl), "partitions revoked");
-            self.membership
-                .lock()
-                .expect("membership queue")
-                .push(Membership::Revoked(partitions(tpl)));
-        }
-    }
-
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let parts = partitions(tpl);
-                metrics::gauge!("ctr_scorer_assigned_partitions").set(parts.len() as f64);
-                info!(?parts, "partitions assigned");
-                self.membership
-                    .lock()
-                    .expect("membership queue")
-                    .push(Membership::Assigned(parts));
-            }
-            Rebalance::Revoke(_) => {
-                metrics::gauge!("ctr_scorer_assigned_partitions").set(0.0);
-            }
-            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
-        }
-    }
+    })
 }
 
 /// The workers' queues, indexed by worker.
@@ -156,9 +83,8 @@ impl Router {
 
     /// Passes ownership changes to the workers; waits until revoked partitions are handed
     /// over (published, checkpointed, committed).
-    async fn apply(&self, ctx: &ScorerContext) {
-        let changes = std::mem::take(&mut *ctx.membership.lock().expect("membership queue"));
-        for change in changes {
+    async fn apply(&self, ctx: &GroupContext) {
+        for change in ctx.take_changes() {
             match change {
                 Membership::Revoked(parts) => {
                     let mut acks = Vec::new();
@@ -184,24 +110,31 @@ impl Router {
 }
 
 /// Consumes until `stop` turns true (or a worker fails); the workers then publish,
-/// checkpoint and commit everything before this returns.
+/// checkpoint and commit everything before this returns. The shedding governor runs beside
+/// the loop (it must act while the loop waits on a full queue), until `stop`.
 pub async fn run(
     cfg: Arc<ScorerConfig>,
     redis: redis::aio::ConnectionManager,
     control: Arc<Control>,
+    liveness: Liveness,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let ctx = ScorerContext {
-        membership: Mutex::new(Vec::new()),
-        control: Arc::clone(&control),
-        topic: cfg.labeled_topic.clone(),
-    };
-    let consumer: Arc<StreamConsumer<ScorerContext>> =
-        Arc::new(consumer_config(&cfg).create_with_context(ctx)?);
+    let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
+        ctr_runtime::kafka::consumer_config(&cfg.brokers, &cfg.group)
+            // Freshness: the broker answers an empty fetch after at most 20 ms (default
+            // 500 ms), so a record produced into a quiet partition is seen within a batch
+            // interval.
+            .set("fetch.wait.max.ms", "20")
+            .create_with_context(context(Arc::clone(&control), cfg.labeled_topic.clone()))?,
+    );
     consumer.subscribe(&[&cfg.labeled_topic])?;
     let mut queues = Vec::new();
     let mut workers = tokio::task::JoinSet::new();
-    let dead_letters = crate::deadletter::producer(&cfg.brokers)?;
+    let dead_letters: rdkafka::producer::FutureProducer =
+        ctr_runtime::kafka::producer_config(&cfg.brokers, cfg.policy.outage_budget).create()?;
+    // A step never waits longer than a dependency's outage budget plus one call: past that a
+    // loop is wedged, and /healthz says so.
+    let bound = cfg.policy.outage_budget + cfg.policy.call_timeout;
     for id in 0..cfg.workers {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         queues.push(tx);
@@ -210,96 +143,123 @@ pub async fn run(
             Arc::clone(&cfg),
             Arc::clone(&consumer),
             Arc::clone(&control),
-            Publisher::new(redis.clone(), &cfg.redis_prefix),
-            CheckpointStore::new(redis.clone(), &cfg.redis_prefix, &cfg.labeled_topic),
+            Publisher::new(redis.clone(), cfg.policy, &cfg.redis_prefix),
+            CheckpointStore::new(
+                redis.clone(),
+                cfg.policy,
+                &cfg.redis_prefix,
+                &cfg.labeled_topic,
+            ),
             DeadLetters::new(dead_letters.clone(), &cfg.deadletter_topic),
         );
-        workers.spawn(worker.run(rx));
+        workers.spawn(worker.run(rx, liveness.register(format!("worker {id}"), bound)));
     }
     let router = Router { queues };
-    if cfg.shedding {
+    // The governor stops with the loop (whether it stopped on the signal or on a failure).
+    let (loop_done, governor_stop) = watch::channel(false);
+    let governor = {
         let queues = router.queues.clone();
-        tokio::spawn(crate::load::govern(
-            Arc::clone(&control),
-            crate::load::Governor::new(cfg.min_rate, cfg.max_thinning, cfg.lag_bound),
-            move || Router::fill(&queues),
-            stop.clone(),
-        ));
-    }
-    info!(group = %cfg.group, topic = %cfg.labeled_topic, workers = cfg.workers, "scorer consuming");
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut failed = None;
-    let mut thinning = Thinning::default();
-    let mut dropped_before: std::collections::HashMap<i32, u32> = Default::default();
-    let mut dropped_total = 0u64;
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            Some(done) = workers.join_next() => {
-                failed = Some(done);
-                break;
+        let (control, stop) = (Arc::clone(&control), governor_stop);
+        let governor = crate::load::Governor::new(cfg.min_rate, cfg.max_thinning, cfg.lag_bound);
+        let shedding = cfg.shedding;
+        async move {
+            if shedding {
+                crate::load::govern(control, governor, move || Router::fill(&queues), stop).await;
             }
-            msg = consumer.recv() => {
-                router.apply(consumer.context()).await;
-                match msg {
-                    Ok(m) => {
-                        let (partition, offset) = (m.partition(), m.offset());
-                        let k = control.thinning();
-                        // A negative after thinning ended still carries what its ad had dropped.
-                        let thinned = if (k > 1 || !thinning.is_idle()) && is_negative(&m) {
-                            match thinning.keep(m.key().unwrap_or_default(), k) {
-                                Some(n) => n,
-                                None => {
-                                    *dropped_before.entry(partition).or_default() += 1;
-                                    dropped_total += 1;
-                                    continue;
+        }
+    };
+    let heartbeat = liveness.register("consumer", bound);
+    info!(group = %cfg.group, topic = %cfg.labeled_topic, workers = cfg.workers, "scorer consuming");
+    let consume = async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut failed = None;
+        let mut broker_gone = None;
+        let mut thinning = Thinning::default();
+        let mut dropped_before: std::collections::HashMap<i32, u32> = Default::default();
+        let mut dropped_total = 0u64;
+        loop {
+            heartbeat.beat();
+            tokio::select! {
+                () = ctr_runtime::process::stopped(&mut stop) => break,
+                Some(done) = workers.join_next() => {
+                    failed = Some(done);
+                    break;
+                }
+                msg = consumer.recv() => {
+                    router.apply(consumer.context()).await;
+                    match msg {
+                        Ok(m) => {
+                            let (partition, offset) = (m.partition(), m.offset());
+                            let k = control.thinning();
+                            // A negative after thinning ended still carries what its ad had
+                            // dropped.
+                            let thinned = if (k > 1 || !thinning.is_idle()) && is_negative(&m) {
+                                match thinning.keep(m.key().unwrap_or_default(), k) {
+                                    Some(n) => n,
+                                    None => {
+                                        *dropped_before.entry(partition).or_default() += 1;
+                                        dropped_total += 1;
+                                        continue;
+                                    }
                                 }
+                            } else {
+                                1
+                            };
+                            let work = Work::Record {
+                                partition,
+                                offset,
+                                payload: m.payload().map(<[u8]>::to_vec),
+                                thinned,
+                                dropped_before: dropped_before.remove(&partition).unwrap_or(0),
+                            };
+                            drop(m);
+                            if router.queue(partition).send(work).await.is_err() {
+                                break; // a worker stopped; its error is collected below
                             }
-                        } else {
-                            1
-                        };
-                        let work = Work::Record {
-                            partition,
-                            offset,
-                            payload: m.payload().map(<[u8]>::to_vec),
-                            thinned,
-                            dropped_before: dropped_before.remove(&partition).unwrap_or(0),
-                        };
-                        drop(m);
-                        if router.queue(partition).send(work).await.is_err() {
-                            break; // a worker stopped; its error is collected below
                         }
+                        // Broker hiccups are transient: librdkafka reconnects; keep polling (a
+                        // broker gone for longer than the budget is caught at the tick).
+                        Err(e) => warn!(error = %e, "consumer error"),
                     }
-                    // Broker hiccups are transient: librdkafka reconnects; keep polling.
-                    Err(e) => warn!(error = %e, "consumer error"),
+                }
+                _ = tick.tick() => {
+                    router.apply(consumer.context()).await;
+                    control.count(Counted::Dropped, std::mem::take(&mut dropped_total));
+                    let outage = consumer.context().broker_outage();
+                    if outage > cfg.policy.outage_budget {
+                        broker_gone = Some(outage);
+                        break;
+                    }
                 }
             }
-            _ = tick.tick() => {
-                router.apply(consumer.context()).await;
-                control.count(Counted::Dropped, std::mem::take(&mut dropped_total));
-            }
         }
-    }
-    // Closing the queues lets every worker publish, checkpoint and commit, then stop.
-    drop(router);
-    let mut result = Ok(());
-    let mut outcome = failed;
-    loop {
-        let done = match outcome.take() {
-            Some(d) => d,
-            None => match workers.join_next().await {
-                Some(d) => d,
-                None => break,
-            },
+        // Closing the queues lets every worker publish, checkpoint and commit, then stop.
+        drop(router);
+        let mut result = match broker_gone {
+            Some(outage) => Err(crate::Error::BrokerOutage(outage)),
+            None => Ok(()),
         };
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                warn!(error = %e, "worker failed");
-                result = Err(crate::Error::Worker(e.to_string()));
+        let mut outcome = failed;
+        loop {
+            let done = match outcome.take() {
+                Some(d) => d,
+                None => match workers.join_next().await {
+                    Some(d) => d,
+                    None => break,
+                },
+            };
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, "worker failed");
+                    result = Err(crate::Error::Worker(e.to_string()));
+                }
+                Err(e) => result = Err(crate::Error::Worker(format!("worker panicked: {e}"))),
             }
-            Err(e) => result = Err(crate::Error::Worker(format!("worker panicked: {e}"))),
         }
-    }
+        let _ = loop_done.send(true);
+        result
+    };
+    let (result, ()) = tokio::join!(consume, governor);
     result
 }

@@ -37,6 +37,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ctr_runtime::{Liveness, Supervisor};
+use ctr_schemas::contract::keys;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -50,18 +52,25 @@ pub enum Error {
     Config(String),
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("Redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Redis(#[from] ctr_runtime::redis::RedisError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
     #[error("worker: {0}")]
     Worker(String),
+    #[error(
+        "no Kafka broker has been reachable for {0:?}, longer than the outage budget: exiting so that a supervisor restarts the scorer (it resumes from its checkpoints)"
+    )]
+    BrokerOutage(Duration),
+    #[error(transparent)]
+    Task(#[from] ctr_runtime::TaskFailed),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Runs the consumer, the workers, the guard, the model replica and the HTTP API until
-/// `shutdown` resolves or one of them fails; with `serve_only`, just the replica and the API.
+/// Runs the consumer, the workers, the guard, the model replica and the HTTP API under a
+/// supervisor until `shutdown` resolves or one of them fails (then the others drain and this
+/// returns the failure); with `serve_only`, just the replica and the API.
 pub async fn run(
     config: ScorerConfig,
     listener: TcpListener,
@@ -69,25 +78,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = Arc::new(config);
-    let redis = redis_client(&config.redis_url, config.redis_ca_file.as_deref())?;
-    // One plain connection first: refused credentials or an unreachable Redis are an error at
-    // start, where the reconnecting manager below would retry them silently.
-    let _: String = redis::cmd("PING")
-        .query_async(&mut redis.get_multiplexed_async_connection().await?)
-        .await?;
-    // Checkpoints are megabytes: allow them more than redis-rs's default 500 ms response
-    // timeout, which a busy Redis writing its append-only file can exceed.
-    let manager_config = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(Duration::from_secs(10)));
-    let conn = redis
-        .get_connection_manager_with_config(manager_config.clone())
-        .await?;
+    let policy = config.policy;
+    let redis = ctr_runtime::redis::Redis::connect(
+        &config.redis_url,
+        config.redis_ca_file.as_deref(),
+        policy,
+    )
+    .await?;
+    let conn = redis.manager().await?;
     let partitions = labeled_partitions(&config).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    // Draining is the final publish and checkpoint: it may have to ride out an outage.
+    let mut tasks = Supervisor::new(policy.outage_budget + policy.call_timeout * 2);
+    let liveness = Liveness::default();
+    // A step never waits longer than a dependency's outage budget plus one call: past that a
+    // loop is wedged, and /healthz says so.
+    let bound = policy.outage_budget + policy.call_timeout;
     let replica = Arc::new(replica::Replica::new(
         &config.models,
         &config.serve_model,
@@ -95,69 +100,90 @@ pub async fn run(
     ));
     // The replica's blocking stream reads get a connection of their own: on a shared
     // multiplexed connection they would hold up every command queued behind them.
-    let following = tokio::spawn(replica::follow(
-        Arc::clone(&replica),
-        redis
-            .get_connection_manager_with_config(manager_config)
-            .await?,
-        checkpoint::CheckpointStore::new(conn.clone(), &config.redis_prefix, &config.labeled_topic),
-        config.redis_prefix.clone(),
-        config.labeled_topic.clone(),
-        stop_rx.clone(),
-    ));
+    tasks.spawn_infallible(
+        "model replica",
+        replica::follow(
+            Arc::clone(&replica),
+            redis.blocking_manager(replica::BLOCK).await?,
+            checkpoint::CheckpointStore::new(
+                conn.clone(),
+                policy,
+                &config.redis_prefix,
+                &config.labeled_topic,
+            ),
+            config.redis_prefix.clone(),
+            config.labeled_topic.clone(),
+            liveness.register("model replica", bound + replica::BLOCK),
+            tasks.stop_signal(),
+        ),
+    );
     let view = Arc::new(monitor::Monitor::default());
-    tokio::spawn(monitor::collect(
-        Arc::clone(&config),
-        Arc::clone(&view),
-        conn.clone(),
-        stop_rx.clone(),
-    ));
+    tasks.spawn_infallible(
+        "monitoring view",
+        monitor::collect(
+            Arc::clone(&config),
+            Arc::clone(&view),
+            conn.clone(),
+            tasks.stop_signal(),
+        ),
+    );
     info!(addr = %listener.local_addr()?, partitions, model = %config.serve_model,
           serve_only = config.serve_only, "HTTP API listening (dashboard at /dashboard/)");
-    if config.serve_only {
-        let api = api::serve(
+    let control = (!config.serve_only).then(|| Arc::new(load::Control::default()));
+    tasks.spawn(
+        "HTTP API",
+        api::serve(
             listener,
-            api::ApiState::new(&config, Arc::clone(&replica), metrics, None, view),
-            stop_rx.clone(),
-        );
-        let (a, f) = tokio::join!(api, following);
-        f.map_err(|e| Error::Worker(format!("the model replica stopped: {e}")))?;
-        return a;
-    }
-    let control = Arc::new(load::Control::default());
-    tokio::spawn(load::guard(
-        Arc::clone(&control),
-        conn.clone(),
-        format!("{}signal:joiner", config.redis_prefix),
-        stop_rx.clone(),
-    ));
-    tokio::spawn(report_models(Arc::clone(&control), stop_rx.clone()));
-    let instance = format!("{}-{}", config.group, std::process::id());
-    let reporting = tokio::spawn(monitor::report(
-        Arc::clone(&config),
-        Arc::clone(&control),
-        conn.clone(),
-        instance,
-        stop_rx.clone(),
-    ));
-    let api = api::serve(
-        listener,
-        api::ApiState::new(
-            &config,
-            Arc::clone(&replica),
-            metrics,
-            Some(Arc::clone(&control)),
-            view,
+            api::ApiState::new(
+                &config,
+                Arc::clone(&replica),
+                metrics,
+                control.clone(),
+                view,
+                liveness.clone(),
+            ),
+            tasks.stop_signal(),
         ),
-        stop_rx.clone(),
     );
-    let consume = consumer::run(Arc::clone(&config), conn, control, stop_rx);
-    let (a, c) = tokio::join!(api, consume);
-    // The report leaves the dashboard's view as the process stops.
-    let _ = reporting.await;
-    let _ = following.await;
-    a?;
-    c
+    if let Some(control) = control {
+        tasks.spawn(
+            "learning guard",
+            load::guard(
+                Arc::clone(&control),
+                conn.clone(),
+                policy,
+                keys::joiner_signal(&config.redis_prefix),
+                tasks.stop_signal(),
+            ),
+        );
+        tasks.spawn_infallible(
+            "model metrics",
+            report_models(Arc::clone(&control), tasks.stop_signal()),
+        );
+        let instance = format!("{}-{}", config.group, std::process::id());
+        tasks.spawn_infallible(
+            "monitoring report",
+            monitor::report(
+                Arc::clone(&config),
+                Arc::clone(&control),
+                conn.clone(),
+                instance,
+                tasks.stop_signal(),
+            ),
+        );
+        tasks.spawn(
+            "consumer",
+            consumer::run(
+                Arc::clone(&config),
+                conn,
+                control,
+                liveness,
+                tasks.stop_signal(),
+            ),
+        );
+    }
+    tasks.run(shutdown).await?;
+    Ok(())
 }
 
 /// Partitions of the labeled topic, from the broker's metadata: the replica holds each.
@@ -187,28 +213,7 @@ async fn labeled_partitions(config: &ScorerConfig) -> Result<usize> {
 }
 
 /// The wall clock, Unix ms (ages and freshness; never part of the models' state).
-pub fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The Redis client for `url`: a `rediss://` URL is verified against `ca_file` (PEM) if given,
-/// else against the system's trusted roots.
-fn redis_client(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client> {
-    // rustls needs a process-wide crypto provider; a second install is refused, harmlessly.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let Some(path) = ca_file else {
-        return Ok(redis::Client::open(url)?);
-    };
-    let pem = std::fs::read(path)
-        .map_err(|e| Error::Config(format!("redis_ca_file {}: {e}", path.display())))?;
-    let certs = redis::TlsCertificates {
-        client_tls: None,
-        root_cert: Some(pem),
-    };
-    Ok(redis::Client::build_with_tls(url, certs)?)
-}
+pub use ctr_runtime::wall_ms;
 
 /// Exports progressive-validation metrics per model, merged over the owned partitions.
 async fn report_models(control: Arc<load::Control>, mut stop: tokio::sync::watch::Receiver<bool>) {

@@ -36,8 +36,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ctr_models::Metrics;
+use ctr_runtime::DependencyError;
+use ctr_schemas::contract::{JOINER_SIGNAL_FRESH_MS, JoinerSignal};
 use redis::aio::ConnectionManager;
-use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -298,7 +299,7 @@ pub(crate) async fn next_tick(
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
     tokio::select! {
-        _ = stop.wait_for(|s| *s) => false,
+        () = ctr_runtime::process::stopped(stop) => false,
         _ = tick.tick() => true,
     }
 }
@@ -333,39 +334,11 @@ pub async fn govern(
     }
 }
 
-/// One joiner's entry in the signal hash (`<prefix>signal:joiner`, written by `ctr-feedback`):
-/// the fields the guard and the monitoring view read; others are ignored.
-#[derive(Debug, Deserialize)]
-pub(crate) struct JoinerSignal {
-    pub stalled: bool,
-    pub reason: Option<String>,
-    pub updated_ms: i64,
-    /// The joiner process's counts since it started (absent from older joiners).
-    #[serde(default)]
-    pub totals: Option<JoinerTotals>,
-}
-
-/// The counts a joiner reports (a subset of its `JoinStats`).
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-pub(crate) struct JoinerTotals {
-    pub serves: u64,
-    pub clicks: u64,
-    pub positives: u64,
-    pub negatives: u64,
-    pub late_clicks: u64,
-    pub orphan_clicks: u64,
-    pub duplicate_clicks: u64,
-    pub invalid_clicks: u64,
-}
-
-/// A signal older than this is ignored (its joiner is gone).
-pub(crate) const SIGNAL_FRESH_MS: i64 = 30_000;
-
 /// Whether any fresh joiner signal reports a stall; the first reason found.
 fn stalled(entries: &HashMap<String, String>, now_ms: i64) -> (bool, Option<String>) {
     for (instance, json) in entries {
         match serde_json::from_str::<JoinerSignal>(json) {
-            Ok(s) if s.stalled && now_ms - s.updated_ms <= SIGNAL_FRESH_MS => {
+            Ok(s) if s.stalled && now_ms - s.updated_ms <= JOINER_SIGNAL_FRESH_MS => {
                 return (
                     true,
                     Some(format!("{instance}: {}", s.reason.unwrap_or_default())),
@@ -378,26 +351,38 @@ fn stalled(entries: &HashMap<String, String>, now_ms: i64) -> (bool, Option<Stri
     (false, None)
 }
 
-/// Polls the joiner's signal every second and flips the learning guard.
+/// Why the learning guard stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the joiner signal at {key}: {source}")]
+pub struct GuardError {
+    key: String,
+    source: DependencyError<redis::RedisError>,
+}
+
+/// Polls the joiner's signal every second and flips the learning guard, until `stop`. Reads
+/// follow the dependency policy; an outage past its budget, or a key that cannot be read as
+/// the signal hash (a wrong type: somebody else writes it), ends the guard with an error, and
+/// with it the process: learning on without the guard could learn a click-stream stall.
 pub async fn guard(
     control: std::sync::Arc<Control>,
-    mut redis: ConnectionManager,
+    redis: ConnectionManager,
+    policy: ctr_runtime::Policy,
     key: String,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Result<(), GuardError> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while next_tick(&mut tick, &mut stop).await {
-        let entries: HashMap<String, String> = match redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut redis)
+        let entries: HashMap<String, String> = policy
+            .retry("reading the joiner signal", || {
+                let mut c = redis.clone();
+                let key = &key;
+                async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await }
+            })
             .await
-        {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(error = %e, "reading the joiner signal failed; guard unchanged");
-                continue;
-            }
-        };
+            .map_err(|source| GuardError {
+                key: key.clone(),
+                source,
+            })?;
         let (stall, reason) = stalled(&entries, unix_ms());
         *control.guard_reason.lock().expect("guard reason") = reason.clone();
         if stall == control.learning() {
@@ -413,6 +398,7 @@ pub async fn guard(
         }
         metrics::gauge!("ctr_scorer_learning_paused").set(f64::from(u8::from(stall)));
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -469,16 +455,32 @@ mod tests {
 
     #[test]
     fn only_fresh_stall_signals_count() {
-        let fresh = r#"{"stalled":true,"reason":"no clicks","updated_ms":100000}"#;
-        let old = r#"{"stalled":true,"reason":"no clicks","updated_ms":1000}"#;
-        let ok = r#"{"stalled":false,"reason":null,"updated_ms":100000}"#;
+        let signal = |stalled: bool, updated_ms: i64| {
+            serde_json::to_string(&JoinerSignal {
+                stalled,
+                reason: stalled.then(|| "no clicks".to_string()),
+                click_coverage: None,
+                window_serves: 0,
+                window_clicks: 0,
+                clicks_per_serve: None,
+                baseline_clicks_per_serve: None,
+                updated_ms,
+                totals: ctr_schemas::contract::JoinStats::default(),
+            })
+            .unwrap()
+        };
+        let (fresh, old, ok) = (
+            signal(true, 100_000),
+            signal(true, 1_000),
+            signal(false, 100_000),
+        );
         let map = |v: &[(&str, &str)]| {
             v.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<HashMap<_, _>>()
         };
-        assert!(stalled(&map(&[("a", fresh), ("b", ok)]), 110_000).0);
-        assert!(!stalled(&map(&[("a", old), ("b", ok)]), 110_000).0);
+        assert!(stalled(&map(&[("a", &fresh), ("b", &ok)]), 110_000).0);
+        assert!(!stalled(&map(&[("a", &old), ("b", &ok)]), 110_000).0);
         assert!(!stalled(&map(&[("a", "garbage")]), 110_000).0);
     }
 }

@@ -1,4 +1,5 @@
-//! `ctr-scorer` entry point: parse settings, set up logs and metrics, run until SIGINT/SIGTERM.
+//! `ctr-scorer` entry point: parse settings, set up logs and metrics, run until SIGINT/SIGTERM
+//! (or until a task fails: then the exit code is non-zero).
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -16,19 +17,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
-        )
-        .init();
-    match run(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "ctr-scorer failed");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ctr_runtime::process::init_tracing();
+    ctr_runtime::process::exit_code("ctr-scorer", run(Cli::parse()).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -39,15 +29,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding the HTTP API to {}", config.http_addr))?;
-    ctr_scorer::run(config, listener, Some(metrics), shutdown_signal()).await?;
+    ctr_scorer::run(
+        config,
+        listener,
+        Some(metrics),
+        ctr_runtime::process::shutdown_signal(),
+    )
+    .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -26,11 +26,9 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::config::ScorerConfig;
-use crate::load::{
-    AdHealth, Control, JoinerSignal, JoinerTotals, SIGNAL_FRESH_MS, merged_models, next_tick,
-    unix_ms,
-};
-use crate::publish::ad_key;
+use ctr_schemas::contract::{JOINER_SIGNAL_FRESH_MS, JoinStats, JoinerSignal, keys};
+
+use crate::load::{AdHealth, Control, merged_models, next_tick, unix_ms};
 
 /// AUC resolution of the metrics in a report: 256 bins of logit keep a report small (a few
 /// kB per model) with an AUC error bound still well under 1%.
@@ -72,11 +70,11 @@ pub struct InstanceReport {
 }
 
 fn instance_key(prefix: &str, instance: &str) -> String {
-    format!("{prefix}monitor:scorer:{instance}")
+    keys::monitor_report(prefix, instance)
 }
 
 fn index_key(prefix: &str) -> String {
-    format!("{prefix}monitor:scorers")
+    keys::monitor_set(prefix)
 }
 
 /// This process's report, from what its workers last reported.
@@ -473,7 +471,7 @@ async fn read(
             }
         }
     }
-    let signals: HashMap<String, String> = redis.hgetall(format!("{prefix}signal:joiner")).await?;
+    let signals: HashMap<String, String> = redis.hgetall(keys::joiner_signal(prefix)).await?;
     Ok((reports, signals))
 }
 
@@ -540,12 +538,12 @@ fn merge(
     busiest_first(&mut ads);
 
     let mut joiner = JoinerView::default();
-    let mut t = JoinerTotals::default();
+    let mut t = JoinStats::default();
     for (instance, json) in signals {
         let Ok(s) = serde_json::from_str::<JoinerSignal>(json) else {
             continue;
         };
-        if now_ms - s.updated_ms > SIGNAL_FRESH_MS {
+        if now_ms - s.updated_ms > JOINER_SIGNAL_FRESH_MS {
             continue;
         }
         joiner.instances += 1;
@@ -553,15 +551,8 @@ fn merge(
             joiner.stalled = true;
             joiner.reason = s.reason.map(|r| format!("{instance}: {r}"));
         }
-        let Some(totals) = s.totals else { continue };
-        t.serves += totals.serves;
-        t.clicks += totals.clicks;
-        t.positives += totals.positives;
-        t.negatives += totals.negatives;
-        t.late_clicks += totals.late_clicks;
-        t.orphan_clicks += totals.orphan_clicks;
-        t.duplicate_clicks += totals.duplicate_clicks;
-        t.invalid_clicks += totals.invalid_clicks;
+        let totals = s.totals;
+        t.add(&totals);
         let events = totals.serves + totals.clicks;
         rates.events_in += per_s(events, previous.joiner_events.get(instance).copied());
         next.joiner_events.insert(instance.clone(), events);
@@ -572,10 +563,7 @@ fn merge(
     joiner.late_clicks = t.late_clicks;
     joiner.orphan_clicks = t.orphan_clicks;
     joiner.duplicate_clicks = t.duplicate_clicks;
-    // The joiner's own definition (`JoinStats::click_coverage`): clicks joined in time over
-    // every click judged (joined, late, orphan, on an ad the serve did not show).
-    let judged = t.positives + t.late_clicks + t.orphan_clicks + t.invalid_clicks;
-    joiner.click_coverage = (judged > 0).then(|| t.positives as f64 / judged as f64);
+    joiner.click_coverage = t.click_coverage();
 
     let serve_model = reports.first().map(|r| r.serve_model.clone());
     let view = SystemView {
@@ -641,7 +629,7 @@ async fn add_published(cfg: &ScorerConfig, redis: &mut ConnectionManager, view: 
     let mut pipe = redis::pipe();
     for a in &view.ads {
         pipe.cmd("HMGET")
-            .arg(ad_key(&cfg.redis_prefix, &a.health.ad_id))
+            .arg(keys::ad(&cfg.redis_prefix, &a.health.ad_id))
             .arg("pctr")
             .arg("model")
             .arg("ver");
@@ -719,9 +707,25 @@ mod tests {
     #[test]
     fn reports_merge_exactly_and_counters_become_rates() {
         let signal = |serves: u64, clicks: u64| {
-            format!(
-                r#"{{"stalled":false,"reason":null,"updated_ms":9000,"totals":{{"serves":{serves},"clicks":{clicks},"positives":3,"negatives":97,"late_clicks":0,"orphan_clicks":1,"duplicate_clicks":0,"duplicate_serves":0,"invalid_clicks":0,"evicted":0}}}}"#
-            )
+            serde_json::to_string(&JoinerSignal {
+                stalled: false,
+                reason: None,
+                click_coverage: None,
+                window_serves: 0,
+                window_clicks: 0,
+                clicks_per_serve: None,
+                baseline_clicks_per_serve: None,
+                updated_ms: 9_000,
+                totals: JoinStats {
+                    serves,
+                    clicks,
+                    positives: 3,
+                    negatives: 97,
+                    orphan_clicks: 1,
+                    ..JoinStats::default()
+                },
+            })
+            .unwrap()
         };
         let signals: HashMap<String, String> = [("j1".to_string(), signal(100, 10))].into();
         let (_, prev) = merge(

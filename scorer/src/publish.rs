@@ -53,6 +53,8 @@
 //! cluster with the keys of a partition in one slot); the stack runs a single Redis.
 
 use ctr_models::Level;
+use ctr_runtime::{DependencyError, Policy};
+use ctr_schemas::contract::keys;
 use redis::Script;
 use redis::aio::ConnectionManager;
 
@@ -99,6 +101,7 @@ pub fn source_name(level: Level) -> &'static str {
 #[derive(Clone)]
 pub struct Publisher {
     conn: ConnectionManager,
+    policy: Policy,
     script: Script,
     prefix: String,
 }
@@ -112,9 +115,10 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: ConnectionManager, policy: Policy, prefix: &str) -> Self {
         Self {
             conn,
+            policy,
             script: Script::new(APPLY_LUA),
             prefix: prefix.to_string(),
         }
@@ -124,13 +128,10 @@ impl Publisher {
         &self.prefix
     }
 
-    pub fn offset_key(&self, topic: &str, partition: i32) -> String {
-        offset_key(&self.prefix, topic, partition)
-    }
-
     /// Writes one partition's batch (everything up to `last_offset`) atomically, with the
     /// serving variant's `delta` for replicas, unless a write at or beyond `last_offset`
-    /// happened already; returns whether it was written.
+    /// happened already; returns whether it was written. Follows the dependency policy: the
+    /// write is fenced, so a retry of one that did land changes nothing (and says so).
     pub async fn apply(
         &mut self,
         topic: &str,
@@ -139,13 +140,15 @@ impl Publisher {
         estimates: &[Published],
         model: &str,
         delta: &[u8],
-    ) -> redis::RedisResult<bool> {
-        let mut inv = self.script.key(self.offset_key(topic, partition));
-        inv.key(model_stream_key(&self.prefix, topic, partition));
+    ) -> Result<bool, DependencyError<redis::RedisError>> {
+        let mut inv = self
+            .script
+            .key(keys::offset_fence(&self.prefix, topic, partition));
+        inv.key(keys::model_stream(&self.prefix, topic, partition));
         inv.arg(last_offset)
             .arg(model)
             .arg(delta)
-            .arg(crate::wall_ms());
+            .arg(ctr_runtime::wall_ms());
         for e in estimates {
             inv.arg(&e.key)
                 .arg(format!("{:.8}", e.pctr))
@@ -153,28 +156,15 @@ impl Publisher {
                 .arg(e.total.imps)
                 .arg(e.total.clicks);
         }
-        let written: i32 = inv.invoke_async(&mut self.conn).await?;
+        let conn = &self.conn;
+        let written: i32 = self
+            .policy
+            .retry(&format!("publishing partition {partition}"), || {
+                let mut c = conn.clone();
+                let inv = &inv;
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
         Ok(written == 1)
     }
-}
-
-/// Key of a partition's write fence: the last offset applied to Redis.
-pub fn offset_key(prefix: &str, topic: &str, partition: i32) -> String {
-    format!("{prefix}offset:{topic}:{partition}")
-}
-
-/// Key of a partition's model stream: the serving variant's deltas, one entry per written
-/// batch, for replicas ([`crate::replica`]).
-pub fn model_stream_key(prefix: &str, topic: &str, partition: i32) -> String {
-    format!("{prefix}model:{topic}:{partition}")
-}
-
-/// Key of an ad's totals.
-pub fn ad_key(prefix: &str, ad_id: &str) -> String {
-    format!("{prefix}ad:{ad_id}")
-}
-
-/// Key of an ad in one full context.
-pub fn ad_context_key(prefix: &str, ad_id: &str, context_key: &str) -> String {
-    format!("{prefix}adctx:{ad_id}:{context_key}")
 }

@@ -44,13 +44,15 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::checkpoint::CheckpointStore;
-use crate::publish::{model_stream_key, offset_key};
 use crate::serving::{Answer, ApplyError, PartitionDelta, RequestContext, ServingState};
+use ctr_schemas::contract::keys;
 
 /// Entries read per partition per round trip.
 const READ_COUNT: usize = 64;
 /// How long one read waits for a new entry, ms.
 const BLOCK_MS: usize = 500;
+/// Longest a read of the model streams blocks waiting for an entry.
+pub const BLOCK: Duration = Duration::from_millis(BLOCK_MS as u64);
 
 /// One partition as the replica holds it, with what `/readyz` reports of it.
 #[derive(Debug)]
@@ -346,18 +348,20 @@ pub async fn follow(
     mut store: CheckpointStore,
     prefix: String,
     topic: String,
+    heartbeat: ctr_runtime::Heartbeat,
     mut stop: watch::Receiver<bool>,
 ) {
     let n = replica.partitions();
     let streams: Vec<String> = (0..n)
-        .map(|p| model_stream_key(&prefix, &topic, p as i32))
+        .map(|p| keys::model_stream(&prefix, &topic, p as i32))
         .collect();
     let fences: Vec<String> = (0..n)
-        .map(|p| offset_key(&prefix, &topic, p as i32))
+        .map(|p| keys::offset_fence(&prefix, &topic, p as i32))
         .collect();
     let mut backoff = Duration::from_millis(100);
     let mut last_fence_read = std::time::Instant::now() - Duration::from_secs(10);
     while !*stop.borrow() {
+        heartbeat.beat();
         // (Re)load every partition that needs it.
         for p in 0..n {
             let part = &replica.parts[p];

@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ctr_models::{Evicted, Impression, Level, ModelError, Touched};
+use ctr_runtime::kafka::{GroupContext, ProduceError};
+use ctr_runtime::{DependencyError, Heartbeat};
+use ctr_schemas::contract::{DeadLetter, keys};
 use ctr_schemas::{Context, DecodeError, LabeledImpression, ValidationError, decode};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -24,35 +27,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::ScorerConfig;
-use crate::consumer::ScorerContext;
-use crate::deadletter::{DeadLetterError, DeadLetters};
+use crate::deadletter::DeadLetters;
 use crate::load::{AdHealth, Control, Counted, PartitionReport};
-use crate::publish::{Published, Publisher, ad_context_key, ad_key};
+use crate::publish::{Published, Publisher};
 use crate::serving::PartitionDelta;
 use crate::state::{Outcome, PartitionState, Policy, total_key};
-
-/// Awaits a Redis operation of partition `$partition`, retrying the errors matching
-/// `$retryable` (which binds the error to `$err`: a restart, a failover, a slow append-only file) with
-/// backoff for about a minute; other errors (a corrupt checkpoint) are returned at once. The
-/// records behind the operation are consumed and must not be dropped; when Redis stays down,
-/// the worker stops and the process exits non-zero, to restart from the last checkpoint.
-macro_rules! retry {
-    ($what:expr, $partition:expr, $op:expr, $retryable:pat => $err:ident) => {{
-        let mut backoff = Duration::from_millis(50);
-        let mut attempt = 1;
-        loop {
-            match $op.await {
-                $retryable if attempt < 40 => {
-                    warn!(partition = $partition, error = %$err, attempt, "{} failed; retrying", $what);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    attempt += 1;
-                }
-                other => break other,
-            }
-        }
-    }};
-}
 
 /// What the consumer sends a worker.
 #[derive(Debug)]
@@ -77,13 +56,13 @@ pub enum Work {
 pub enum WorkerError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("Redis kept failing while publishing partition {partition}: {source}")]
+    #[error("publishing partition {partition}: {source}")]
     Publish {
         partition: i32,
-        source: redis::RedisError,
+        source: DependencyError<redis::RedisError>,
     },
-    #[error(transparent)]
-    DeadLetter(#[from] DeadLetterError),
+    #[error("dead-lettering: {0}")]
+    DeadLetter(#[from] ProduceError),
     #[error(
         "the checkpoint of partition {partition} holds the variants {found:?}, not the serving variant `{serving}`: serve one of those (--serve-model), or delete the partition's checkpoint to start it afresh"
     )]
@@ -158,7 +137,7 @@ struct Owned {
 pub struct Worker {
     id: usize,
     cfg: Arc<ScorerConfig>,
-    consumer: Arc<StreamConsumer<ScorerContext>>,
+    consumer: Arc<StreamConsumer<GroupContext>>,
     control: Arc<Control>,
     publisher: Publisher,
     store: CheckpointStore,
@@ -194,7 +173,7 @@ impl Worker {
     pub fn new(
         id: usize,
         cfg: Arc<ScorerConfig>,
-        consumer: Arc<StreamConsumer<ScorerContext>>,
+        consumer: Arc<StreamConsumer<GroupContext>>,
         control: Arc<Control>,
         publisher: Publisher,
         store: CheckpointStore,
@@ -215,7 +194,12 @@ impl Worker {
     }
 
     /// Processes work until the queue closes; then publishes, checkpoints and commits all.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<(), WorkerError> {
+    /// Beats `heartbeat` at every step (at least every half second when idle).
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Work>,
+        heartbeat: Heartbeat,
+    ) -> Result<(), WorkerError> {
         let span = info_span!("worker", id = self.id);
         async move {
             let mut buf = Vec::with_capacity(self.cfg.batch_size);
@@ -224,6 +208,7 @@ impl Worker {
             let mut last_checkpoint = Instant::now();
             let mut last_report = Instant::now();
             loop {
+                heartbeat.beat();
                 let received = if self.pending == 0 {
                     // Idle: wake up now and then for checkpoints and reports.
                     tokio::time::timeout(
@@ -311,12 +296,7 @@ impl Worker {
     /// The state of `p`, restored from its checkpoint if this worker does not hold it yet.
     async fn owned(&mut self, p: i32) -> Result<&mut Owned, WorkerError> {
         if !self.parts.contains_key(&p) {
-            let state = match retry!(
-                "checkpoint load",
-                p,
-                self.store.load(p),
-                Err(CheckpointError::Redis(e)) => e
-            )? {
+            let state = match self.store.load(p).await? {
                 Some(st) => {
                     if st.models().variant(&self.cfg.serve_model).is_none() {
                         return Err(WorkerError::ServingVariantMissing {
@@ -412,14 +392,14 @@ impl Worker {
                 metrics::counter!("ctr_scorer_poison_total", "reason" => reason.label())
                     .increment(1);
                 warn!(partition = p, offset, %reason, "dead-lettering a poison labeled impression");
-                self.dead_letters
-                    .send(
-                        (&self.cfg.labeled_topic, p, offset),
-                        None,
-                        payload,
-                        &reason.to_string(),
-                    )
-                    .await?;
+                let reason = reason.to_string();
+                let letter = DeadLetter {
+                    source_topic: &self.cfg.labeled_topic,
+                    source_partition: p,
+                    source_offset: Some(offset),
+                    reason: &reason,
+                };
+                self.dead_letters.send(&letter, None, payload).await?;
                 Counted::Poison
             }
         };
@@ -510,7 +490,7 @@ impl Worker {
                 }
             };
             out.push(Published {
-                key: ad_key(prefix, &ad),
+                key: keys::ad(prefix, &ad),
                 pctr: whole.0,
                 level: whole.1,
                 total: state.total(&ad, None),
@@ -521,7 +501,7 @@ impl Worker {
                     pctr: e.p,
                     level: e.level.unwrap_or(Level::Exact),
                     total: state.total(&ad, Some(&ctx_key)),
-                    key: ad_context_key(prefix, &ad, &ctx_key),
+                    key: keys::ad_context(prefix, &ad, &ctx_key),
                 });
             }
         }
@@ -539,8 +519,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Writes partition `p`'s changed keys to Redis, fenced by the batch's last offset, retrying
-    /// Redis errors (see `retry!`).
+    /// Writes partition `p`'s changed keys to Redis, fenced by the batch's last offset (under
+    /// the dependency policy: an outage past its budget stops the worker, and the process
+    /// restarts from the last checkpoint; the records behind the batch are never dropped).
     async fn publish(&mut self, p: i32) -> Result<(), WorkerError> {
         let Some(mut own) = self.parts.remove(&p) else {
             return Ok(());
@@ -566,18 +547,22 @@ impl Worker {
         let delta = self.delta(&own);
         let estimates = self.estimates(&mut own);
         let topic = self.cfg.labeled_topic.clone();
-        let result = retry!(
-            "Redis publish",
-            p,
-            self.publisher
-                .apply(&topic, p, last_offset, &estimates, &self.cfg.serve_model, &delta)
-                .instrument(info_span!("publish", partition = p)),
-            Err(e) => e
-        )
-        .map_err(|source| WorkerError::Publish {
-            partition: p,
-            source,
-        });
+        let result = self
+            .publisher
+            .apply(
+                &topic,
+                p,
+                last_offset,
+                &estimates,
+                &self.cfg.serve_model,
+                &delta,
+            )
+            .instrument(info_span!("publish", partition = p))
+            .await
+            .map_err(|source| WorkerError::Publish {
+                partition: p,
+                source,
+            });
         let records = own.pending;
         own.pending = 0;
         self.pending -= records;
@@ -620,12 +605,7 @@ impl Worker {
             };
             debug_assert!(own.pending == 0, "checkpoint before publish");
             let started = Instant::now();
-            let (written, bytes) = retry!(
-                "checkpoint save",
-                p,
-                self.store.save(p, &own.state),
-                Err(CheckpointError::Redis(e)) => e
-            )?;
+            let (written, bytes) = self.store.save(p, &own.state).await?;
             own.changed = false;
             metrics::histogram!("ctr_scorer_checkpoint_seconds")
                 .record(started.elapsed().as_secs_f64());

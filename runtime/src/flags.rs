@@ -1,0 +1,70 @@
+//! Command-line flags every service shares, each with its environment variable (the flag
+//! wins). A service flattens the ones it needs into its own settings (`#[command(flatten)]`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::policy::Policy;
+
+/// Where the broker is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaFlags {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+}
+
+/// Where Redis is, and the prefix of every key a deployment writes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedisFlags {
+    /// Redis URL: redis://[user:password@]host:port/ (an ACL user and its password, or just
+    /// :password for AUTH), rediss:// for TLS.
+    #[arg(
+        long,
+        env = "CTR_REDIS_URL",
+        // The URL may carry a password (redis://user:password@host/): never print it.
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:16379/"
+    )]
+    pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` URL
+    /// (without it the system's trusted roots verify the server).
+    #[arg(long, env = "CTR_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Prefix of every Redis key (lets deployments share a Redis).
+    #[arg(long, env = "CTR_REDIS_PREFIX", default_value = "ctr:")]
+    pub redis_prefix: String,
+}
+
+/// How a service treats a dependency (Redis, the broker) that fails or hangs
+/// ([`crate::policy`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DependencyFlags {
+    /// Deadline of one call to Redis, ms: a call without an answer by then has failed.
+    #[arg(long, env = "CTR_CALL_TIMEOUT_MS", default_value_t = 10_000)]
+    pub call_timeout_ms: u64,
+    /// Longest outage of Redis or the broker that is ridden out, ms: past it the service exits
+    /// non-zero, for its supervisor to restart it (it resumes from its last checkpoint). Also
+    /// the time the broker has to acknowledge a record.
+    #[arg(long, env = "CTR_OUTAGE_BUDGET_MS", default_value_t = 60_000)]
+    pub outage_budget_ms: u64,
+}
+
+impl DependencyFlags {
+    /// The checked policy.
+    pub fn policy(&self) -> Result<Policy, String> {
+        if self.call_timeout_ms == 0 {
+            return Err("call_timeout_ms must be positive".into());
+        }
+        if self.outage_budget_ms < self.call_timeout_ms {
+            return Err(format!(
+                "outage_budget_ms ({}) must be at least call_timeout_ms ({})",
+                self.outage_budget_ms, self.call_timeout_ms
+            ));
+        }
+        Ok(Policy {
+            call_timeout: Duration::from_millis(self.call_timeout_ms),
+            outage_budget: Duration::from_millis(self.outage_budget_ms),
+        })
+    }
+}

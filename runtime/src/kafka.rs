@@ -1,0 +1,371 @@
+//! Kafka for a service: the common client settings, a consumer-group context that queues
+//! ownership changes and watches the brokers, and a producer that tracks every delivery.
+//!
+//! Rebalance callbacks run inside `recv`, where a service cannot do async work (restore a
+//! partition's checkpoint, publish and checkpoint a revoked one); [`GroupContext`] queues them
+//! as [`Membership`] changes for the service's loop to apply in order with the records.
+//!
+//! The broker side of the dependency policy ([`crate::policy`]): a delivery that the broker
+//! has not acknowledged within the outage budget fails (`message.timeout.ms`), which ends the
+//! process; a consumer's loop asks [`GroupContext::broker_outage`] and gives up once no broker
+//! has been up for longer than the budget. Shorter outages are ridden out by librdkafka
+//! (reconnects, idempotent retries), and a consumer that stalled past `max.poll.interval.ms`
+//! rejoins its group on its next poll; its loop restores what the rebalance took away.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders, ToBytes};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, TopicPartitionList};
+use tracing::{info, warn};
+
+/// Settings of a consumer in group `group` that commits its own offsets (after the effect is
+/// durable), reads from the beginning when nothing is committed, and reports statistics every
+/// second (consumer lag, broker state).
+pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "1000")
+        // Short group timeouts: a dead member's partitions move after 6 s (Kafka's smallest
+        // session), and Tansu needs them to form a group at all (docs/STACK.md). A member
+        // that stalls longer than max.poll.interval (a dependency outage being ridden out)
+        // leaves the group and rejoins on its next poll.
+        .set("session.timeout.ms", "6000")
+        .set("max.poll.interval.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    c
+}
+
+/// Settings of every producer: idempotent (`acks=all`, ordered retries, no duplicates), the
+/// Java-compatible `murmur2_random` partitioner (a record lands in the partition producers in
+/// other languages would choose), 5 ms linger, and `delivery_timeout` for the broker to
+/// acknowledge a record before its delivery fails.
+pub fn producer_config(brokers: &str, delivery_timeout: Duration) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().max(1).to_string(),
+        );
+    c
+}
+
+/// A change of partition ownership, queued for the service's loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// These partitions were assigned to this member.
+    Assigned(Vec<i32>),
+    /// These partitions were taken away (or lost) and must be handed over.
+    Revoked(Vec<i32>),
+}
+
+type StatsHook = Box<dyn Fn(&Statistics) + Send + Sync>;
+
+/// A consumer context that queues [`Membership`] changes and watches whether any broker is
+/// up; a service may add its own statistics hook (consumer lag).
+pub struct GroupContext {
+    service: &'static str,
+    queue: Mutex<Vec<Membership>>,
+    on_stats: Option<StatsHook>,
+    origin: Instant,
+    /// Milliseconds since `origin` when a broker was last seen up (0: at creation).
+    broker_up_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for GroupContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupContext")
+            .field("service", &self.service)
+            .field("broker_outage", &self.broker_outage())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupContext {
+    /// A context for `service` (it names the `ctr_<service>_assigned_partitions` gauge).
+    pub fn new(service: &'static str) -> Self {
+        Self {
+            service,
+            queue: Mutex::new(Vec::new()),
+            on_stats: None,
+            origin: Instant::now(),
+            broker_up_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls `hook` with every statistics report (every second).
+    pub fn with_stats(mut self, hook: impl Fn(&Statistics) + Send + Sync + 'static) -> Self {
+        self.on_stats = Some(Box::new(hook));
+        self
+    }
+
+    /// The ownership changes queued since the last call, oldest first.
+    pub fn take_changes(&self) -> Vec<Membership> {
+        std::mem::take(
+            &mut *self
+                .queue
+                .lock()
+                .expect("membership queue lock never poisoned"),
+        )
+    }
+
+    /// How long no broker has been up, judged from the statistics reports (about a second
+    /// behind); zero while one is.
+    pub fn broker_outage(&self) -> Duration {
+        let now = self.origin.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.broker_up_ms.load(Ordering::Relaxed)))
+            .saturating_sub(Duration::from_millis(1500))
+    }
+
+    fn push(&self, change: Membership) {
+        self.queue
+            .lock()
+            .expect("membership queue lock never poisoned")
+            .push(change);
+    }
+}
+
+/// The sorted, distinct partitions of a list.
+pub fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.broker_up_ms
+                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        if let Some(hook) = &self.on_stats {
+            hook(&statistics);
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            info!(parts = ?partitions(tpl), "partitions revoked");
+            self.push(Membership::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let gauge = || metrics::gauge!(format!("ctr_{}_assigned_partitions", self.service));
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = partitions(tpl);
+                gauge().set(parts.len() as f64);
+                info!(?parts, "partitions assigned");
+                self.push(Membership::Assigned(parts));
+            }
+            Rebalance::Revoke(_) => gauge().set(0.0),
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// Kafka record headers from name–value pairs (the contracts' header builders produce those).
+pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
+    pairs
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
+}
+
+/// Why a record was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The broker did not acknowledge a record (within the delivery timeout, or refused it).
+    #[error("delivery to {topic} failed: {source}")]
+    Delivery {
+        /// Where the record was going.
+        topic: String,
+        /// librdkafka's reason.
+        source: KafkaError,
+    },
+    /// The producer was shut down before it reported a delivery.
+    #[error("the producer shut down before reporting a delivery to {topic}")]
+    Canceled {
+        /// Where the record was going.
+        topic: String,
+    },
+}
+
+/// A producer with a bounded window of deliveries awaiting the broker's acknowledgement.
+///
+/// Records are enqueued in call order (`send_result` is synchronous), so per-partition order is
+/// the caller's. When the window or librdkafka's queue is full, `send` waits for the oldest
+/// delivery instead of dropping or buffering without bound; every delivery report is checked,
+/// and a failed one is an error, never a log line. A service settles its deliveries
+/// ([`TrackedProducer::settle`]) before it checkpoints the input offsets behind them.
+pub struct TrackedProducer {
+    producer: FutureProducer,
+    in_flight: VecDeque<(u8, DeliveryFuture)>,
+    /// Topics sent to, indexed by the tag kept beside each delivery (no String per record).
+    topics: Vec<String>,
+    max_in_flight: usize,
+    delivered: u64,
+}
+
+impl std::fmt::Debug for TrackedProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackedProducer")
+            .field("in_flight", &self.in_flight.len())
+            .field("max_in_flight", &self.max_in_flight)
+            .field("delivered", &self.delivered)
+            .finish()
+    }
+}
+
+impl TrackedProducer {
+    /// Tracks the deliveries of `producer` (which may be shared with other trackers), at most
+    /// `max_in_flight` at once.
+    pub fn new(producer: FutureProducer, max_in_flight: usize) -> Self {
+        Self {
+            producer,
+            in_flight: VecDeque::new(),
+            topics: Vec::new(),
+            max_in_flight: max_in_flight.max(1),
+            delivered: 0,
+        }
+    }
+
+    /// The underlying producer.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Records acknowledged so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Records awaiting acknowledgement.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn tag(&mut self, topic: &str) -> u8 {
+        match self.topics.iter().position(|t| t == topic) {
+            Some(i) => i as u8,
+            None => {
+                assert!(
+                    self.topics.len() < usize::from(u8::MAX),
+                    "a tracked producer sends to a handful of topics"
+                );
+                self.topics.push(topic.to_string());
+                (self.topics.len() - 1) as u8
+            }
+        }
+    }
+
+    /// Enqueues `record`; waits for the oldest delivery when the window or librdkafka's queue
+    /// is full. Fails as soon as a delivery it waited for has failed.
+    pub async fn send<K, P>(&mut self, record: FutureRecord<'_, K, P>) -> Result<(), ProduceError>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        if self.in_flight.len() >= self.max_in_flight {
+            self.settle_one().await?;
+        }
+        let tag = self.tag(record.topic);
+        let mut record = record;
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    self.in_flight.push_back((tag, delivery));
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    if self.in_flight.is_empty() {
+                        // Another tracker's records fill the shared queue: let them drain.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    } else {
+                        self.settle_one().await?;
+                    }
+                }
+                Err((source, _)) => {
+                    return Err(ProduceError::Delivery {
+                        topic: self.topics[usize::from(tag)].clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Settles the deliveries already reported, oldest first, without waiting.
+    pub fn reap(&mut self) -> Result<(), ProduceError> {
+        while let Some((_, delivery)) = self.in_flight.front_mut() {
+            let Some(result) = delivery.now_or_never() else {
+                break;
+            };
+            let (tag, _) = self.in_flight.pop_front().expect("front exists");
+            self.check(tag, result)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every record sent so far is acknowledged; returns the total delivered.
+    pub async fn settle(&mut self) -> Result<u64, ProduceError> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(self.delivered)
+    }
+
+    async fn settle_one(&mut self) -> Result<(), ProduceError> {
+        let Some((tag, delivery)) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let result = delivery.await;
+        self.check(tag, result)
+    }
+
+    fn check(
+        &mut self,
+        tag: u8,
+        result: Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+    ) -> Result<(), ProduceError> {
+        let topic = || self.topics[usize::from(tag)].clone();
+        match result {
+            Ok(Ok(_)) => {
+                self.delivered += 1;
+                Ok(())
+            }
+            Ok(Err((source, _))) => Err(ProduceError::Delivery {
+                topic: topic(),
+                source,
+            }),
+            Err(_) => Err(ProduceError::Canceled { topic: topic() }),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Redis for a service: the connection (ACL user and TLS from the URL, checked at start), and
+//! the fenced checkpoint store every service keeps its partition state in.
+//!
+//! Connections are redis-rs `ConnectionManager`s (multiplexed, reconnecting) whose response
+//! timeout is the [`Policy`]'s call deadline, so a frozen Redis is a timed-out call; calls
+//! that must survive an outage go through [`Policy::retry`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use crate::policy::{DependencyError, Policy};
+
+/// Why Redis could not be reached or used.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// The Redis CA file could not be read.
+    #[error("reading the Redis CA file {path}: {source}")]
+    CaFile {
+        /// The file named by the settings.
+        path: std::path::PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// Redis refused the connection or the credentials, or did not answer at start.
+    #[error("Redis at start: {0}")]
+    Start(String),
+    /// A call failed under the dependency policy.
+    #[error(transparent)]
+    Call(#[from] DependencyError<redis::RedisError>),
+    /// The client could not be built from the URL.
+    #[error("Redis: {0}")]
+    Client(#[from] redis::RedisError),
+}
+
+/// A Redis deployment as a service reaches it: the client and the policy for its calls.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    client: Client,
+    policy: Policy,
+}
+
+impl Redis {
+    /// The client for `url` (`redis://[user:password@]host:port/`, `rediss://` for TLS,
+    /// verified against `ca_file` if given, else the system's trusted roots), checked with one
+    /// `PING` on a plain connection: refused credentials or an unreachable Redis are an error
+    /// at start, where a reconnecting connection would retry them silently.
+    pub async fn connect(
+        url: &str,
+        ca_file: Option<&Path>,
+        policy: Policy,
+    ) -> Result<Self, RedisError> {
+        // rustls needs a process-wide crypto provider; a second install is refused, harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = match ca_file {
+            None => Client::open(url)?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| RedisError::CaFile {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                Client::build_with_tls(url, certs)?
+            }
+        };
+        let ping = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(policy.call_timeout, ping).await {
+            Ok(Ok(_)) => Ok(Self { client, policy }),
+            Ok(Err(e)) => Err(RedisError::Start(e.to_string())),
+            Err(_) => Err(RedisError::Start(format!(
+                "no answer to PING within {:?}",
+                policy.call_timeout
+            ))),
+        }
+    }
+
+    /// The policy calls to this Redis follow.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// A reconnecting, multiplexed connection whose calls time out after the policy's deadline.
+    pub async fn manager(&self) -> Result<ConnectionManager, RedisError> {
+        self.manager_with_timeout(self.policy.call_timeout).await
+    }
+
+    /// A connection of its own for blocking reads (`XREAD BLOCK`): on a shared multiplexed
+    /// connection they would hold up every command queued behind them. Its deadline is the
+    /// policy's plus the longest block.
+    pub async fn blocking_manager(&self, block: Duration) -> Result<ConnectionManager, RedisError> {
+        self.manager_with_timeout(self.policy.call_timeout + block)
+            .await
+    }
+
+    async fn manager_with_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<ConnectionManager, RedisError> {
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(self.policy.call_timeout));
+        let connect = self.client.get_connection_manager_with_config(config);
+        match tokio::time::timeout(self.policy.call_timeout, connect).await {
+            Ok(conn) => Ok(conn?),
+            Err(_) => Err(RedisError::Start(format!(
+                "no connection within {:?}",
+                self.policy.call_timeout
+            ))),
+        }
+    }
+}
+
+const SAVE_LUA: &str = r#"
+-- KEYS[1]: the checkpoint hash; KEYS[2] (optional): a stream that follows the checkpoints.
+-- ARGV[1]: the writer's wall clock (Unix ms); ARGV[2]: the body; then pairs fence field, value.
+local first_old = nil
+for i = 3, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  if first_old == nil then first_old = old end
+  if tonumber(ARGV[i + 1]) < old then return 0 end
+end
+local fields = {'state', ARGV[2], 't', ARGV[1]}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+-- Entries of the stream below the previous checkpoint's first fence value describe what that
+-- checkpoint already holds: nobody who restores it, or this one, needs them.
+if KEYS[2] and first_old and first_old > 0 then
+  redis.call('XTRIM', KEYS[2], 'MINID', first_old)
+end
+return 1
+"#;
+
+/// What a checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    /// The fence values in the store's field order (`None`: not stored, or stored as -1).
+    pub fence: Vec<Option<i64>>,
+    /// The state, as its owner encoded it.
+    pub body: Vec<u8>,
+    /// The writer's wall clock when it was saved (Unix ms; `None` if not recorded).
+    pub saved_ms: Option<i64>,
+}
+
+/// Durable per-partition checkpoints in Redis, fenced: a save whose fence values are behind
+/// the stored ones (an owner that lost its partition and has not noticed yet) writes nothing.
+///
+/// Layout: one hash per partition at `key(partition)`, with `state` (the body), `t` (the
+/// writer's wall clock, Unix ms) and one field per fence value (input offsets, `-1` = none).
+/// Which offsets fence a checkpoint is the owner's business (the joiner: the next offsets of
+/// both its inputs; the scorer: the next labeled offset); the store only compares them.
+/// Loads and saves follow the [`Policy`]: a save is idempotent, so a retried one is harmless.
+pub struct FencedStore {
+    conn: ConnectionManager,
+    policy: Policy,
+    key: Box<dyn Fn(i32) -> String + Send + Sync>,
+    fence: &'static [&'static str],
+    save: Script,
+}
+
+impl std::fmt::Debug for FencedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FencedStore")
+            .field("example_key", &(self.key)(0))
+            .field("fence", &self.fence)
+            .finish()
+    }
+}
+
+impl FencedStore {
+    /// A store whose partition `p` lives at `key(p)`, fenced by the hash fields `fence`.
+    pub fn new(
+        conn: ConnectionManager,
+        policy: Policy,
+        key: impl Fn(i32) -> String + Send + Sync + 'static,
+        fence: &'static [&'static str],
+    ) -> Self {
+        Self {
+            conn,
+            policy,
+            key: Box::new(key),
+            fence,
+            save: Script::new(SAVE_LUA),
+        }
+    }
+
+    /// The key of partition `partition`'s checkpoint.
+    pub fn key(&self, partition: i32) -> String {
+        (self.key)(partition)
+    }
+
+    /// The stored checkpoint of `partition`, if any.
+    pub async fn load(
+        &mut self,
+        partition: i32,
+    ) -> Result<Option<Saved>, DependencyError<redis::RedisError>> {
+        let key = self.key(partition);
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&key).arg("state").arg("t").arg(self.fence);
+        let conn = &self.conn;
+        let (body, saved_ms, fence): (Option<Vec<u8>>, Option<i64>, Vec<Option<i64>>) = {
+            let got: Vec<redis::Value> = self
+                .policy
+                .retry(&format!("loading checkpoint {key}"), || {
+                    let mut c = conn.clone();
+                    let cmd = cmd.clone();
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            let mut values = got.into_iter();
+            let mut next = || values.next().unwrap_or(redis::Value::Nil);
+            let body: Option<Vec<u8>> = from_value(next(), &key)?;
+            let saved: Option<i64> = from_value(next(), &key)?;
+            let mut fence = Vec::with_capacity(self.fence.len());
+            for _ in self.fence {
+                let v: Option<i64> = from_value(next(), &key)?;
+                fence.push(v.filter(|&v| v >= 0));
+            }
+            (body, saved, fence)
+        };
+        Ok(body.map(|body| Saved {
+            fence,
+            body,
+            saved_ms,
+        }))
+    }
+
+    /// Writes `body` as `partition`'s checkpoint with `fence` (one value per fence field, -1
+    /// for none) unless a stored checkpoint is ahead of it; returns whether it was written.
+    /// With `trim`, the stream at that key loses the entries below the previous checkpoint's
+    /// first fence value (in the same atomic script).
+    pub async fn save(
+        &mut self,
+        partition: i32,
+        fence: &[i64],
+        body: &[u8],
+        trim: Option<&str>,
+        wall_ms: i64,
+    ) -> Result<bool, DependencyError<redis::RedisError>> {
+        assert_eq!(
+            fence.len(),
+            self.fence.len(),
+            "a checkpoint is saved with one value per fence field"
+        );
+        let key = self.key(partition);
+        let mut invocation = self.save.key(&key);
+        if let Some(stream) = trim {
+            invocation.key(stream);
+        }
+        invocation.arg(wall_ms).arg(body);
+        for (field, value) in self.fence.iter().zip(fence) {
+            invocation.arg(*field).arg(*value);
+        }
+        let conn = &self.conn;
+        let written: i32 = self
+            .policy
+            .retry(&format!("saving checkpoint {key}"), || {
+                let mut c = conn.clone();
+                let inv = &invocation;
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(written == 1)
+    }
+}
+
+fn from_value<T: redis::FromRedisValue>(
+    v: redis::Value,
+    key: &str,
+) -> Result<T, DependencyError<redis::RedisError>> {
+    redis::from_redis_value(v).map_err(|e| {
+        DependencyError::Failed(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected value in a checkpoint hash",
+            format!("{key}: {}", redis::RedisError::from(e)),
+        )))
+    })
+}
