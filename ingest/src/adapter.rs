@@ -48,7 +48,9 @@ use tracing::{info, warn};
 
 use crate::json::{BodyError, EventError, Framing, Kind, Prepared, Preparer, TimeBounds};
 use crate::now_ms;
-use crate::producer::{KafkaArgs, producer_config};
+use crate::producer::KafkaArgs;
+use ctr_runtime::kafka::BrokerWatch;
+use ctr_runtime::{Policy, Supervisor};
 
 /// Settings of `ctr-ingest http`, as given.
 #[derive(Debug, Clone, clap::Args)]
@@ -99,6 +101,8 @@ pub struct AdapterArgs {
 #[derive(Clone)]
 pub struct AdapterConfig {
     pub brokers: String,
+    /// The broker's outage budget: past it without a broker, the adapter exits non-zero.
+    pub policy: Policy,
     pub serves_topic: String,
     pub clicks_topic: String,
     pub http_addr: SocketAddr,
@@ -139,6 +143,8 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(&'static str),
+    #[error("{0}")]
+    Setting(String),
     #[error(transparent)]
     Shard(#[from] ctr_schemas::id::ShardOutOfRange),
 }
@@ -183,7 +189,12 @@ impl TryFrom<AdapterArgs> for AdapterConfig {
         }
         IdGenerator::new(a.shard)?;
         Ok(Self {
-            brokers: a.kafka.brokers,
+            policy: a
+                .kafka
+                .dependencies
+                .policy()
+                .map_err(ConfigError::Setting)?,
+            brokers: a.kafka.kafka.brokers,
             serves_topic: a.kafka.serves_topic,
             clicks_topic: a.kafka.clicks_topic,
             http_addr: a.http_addr,
@@ -236,11 +247,19 @@ pub enum AdapterError {
     Producer(KafkaError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error(
+        "no Kafka broker has been reachable for {0:?}, longer than the outage budget: exiting so that a supervisor restarts the adapter"
+    )]
+    BrokerOutage(Duration),
+    #[error(transparent)]
+    Task(#[from] ctr_runtime::TaskFailed),
 }
 
 struct AppState {
     cfg: AdapterConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<BrokerWatch>,
+    /// What the producer's statistics say of the brokers.
+    brokers: BrokerWatch,
     preparer: Mutex<Preparer>,
     in_flight: Arc<Semaphore>,
     metrics: Option<PrometheusHandle>,
@@ -249,38 +268,65 @@ struct AppState {
 type Shared = Arc<AppState>;
 
 /// Runs the adapter on `listener` until `shutdown` resolves; then finishes the requests in
-/// progress (each still gets its answer) and flushes the producer.
+/// progress (each still gets its answer) and flushes the producer. Beside the HTTP server, a
+/// supervised watch ends the process (non-zero) once no broker has been reachable for longer
+/// than the outage budget: an adapter that can only answer 503 is better restarted.
 pub async fn run(
     cfg: AdapterConfig,
     listener: TcpListener,
     metrics: Option<PrometheusHandle>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdapterError> {
-    let mut pc = producer_config(&cfg.brokers);
+    // The adapter's own delivery timeout (its answer to a client is bounded by it), not the
+    // outage budget.
+    let mut pc = ctr_runtime::kafka::producer_config(&cfg.brokers, cfg.delivery_timeout);
     pc.set("linger.ms", cfg.linger_ms.to_string())
-        .set(
-            "message.timeout.ms",
-            cfg.delivery_timeout.as_millis().to_string(),
-        )
+        .set("compression.type", "none")
+        // The broker watch reads librdkafka's statistics.
+        .set("statistics.interval.ms", "1000")
         // librdkafka's own queue must hold everything the semaphore lets in, so a send never
         // fails for lack of room halfway through a request.
         .set(
             "queue.buffering.max.messages",
             (cfg.max_in_flight_events + 1_000).to_string(),
         );
-    let producer: FutureProducer = pc.create().map_err(AdapterError::Producer)?;
+    let brokers = BrokerWatch::default();
+    let producer: FutureProducer<BrokerWatch> = pc
+        .create_with_context(brokers.clone())
+        .map_err(AdapterError::Producer)?;
     let ids = IdGenerator::new(cfg.shard).expect("shard checked in the config");
     let state = Arc::new(AppState {
         preparer: Mutex::new(Preparer::new(ids, Some(cfg.bounds), cfg.max_events)),
         in_flight: Arc::new(Semaphore::new(cfg.max_in_flight_events)),
         producer,
+        brokers,
         metrics,
         cfg,
     });
     info!(addr = %listener.local_addr()?, config = ?state.cfg, "ingest adapter listening");
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let mut tasks = Supervisor::new(state.cfg.delivery_timeout + Duration::from_secs(10));
+    let mut stop = tasks.stop_signal();
+    let app = router(state.clone());
+    tasks.spawn("HTTP adapter", async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { ctr_runtime::process::stopped(&mut stop).await })
+            .await
+    });
+    let (watched, mut stop) = (state.clone(), tasks.stop_signal());
+    tasks.spawn("broker watch", async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = ctr_runtime::process::stopped(&mut stop) => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let outage = watched.brokers.outage();
+            if outage > watched.cfg.policy.outage_budget {
+                return Err(AdapterError::BrokerOutage(outage));
+            }
+        }
+    });
+    tasks.run(shutdown).await?;
     // Every answered request already waited for its deliveries; nothing should be left.
     if let Err(e) = state.producer.flush(Duration::from_secs(10)) {
         warn!(error = %e, "flushing the producer at shutdown");

@@ -25,13 +25,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    ctr_runtime::process::init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Simulate(args) => simulate::run(args, shutdown_signal())
@@ -48,13 +42,7 @@ async fn main() -> std::process::ExitCode {
             .map(|_| ())
             .map_err(anyhow::Error::from),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "ctr-ingest failed");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ctr_runtime::process::exit_code("ctr-ingest", result)
 }
 
 async fn http(args: adapter::AdapterArgs) -> anyhow::Result<()> {
@@ -71,11 +59,6 @@ async fn http(args: adapter::AdapterArgs) -> anyhow::Result<()> {
 
 /// SIGINT or SIGTERM: the simulator stops issuing serves, sends the clicks it owes, and exits;
 /// the adapter answers the requests in progress and exits; replay stops after the event in hand.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    ctr_runtime::process::shutdown_signal()
 }

@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::json::{Event, Kind, Preparer};
 use crate::now_ms;
-use crate::producer::{KafkaArgs, ProduceError, TrackedProducer};
+use crate::producer::{EventProducer, KafkaArgs, ProduceError};
 
 /// How fast to replay.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -373,7 +373,7 @@ pub async fn replay(
         fill(src, &mut preparer, &mut skip_or_stop)?;
     }
 
-    let mut producer = TrackedProducer::new(&args.kafka.brokers, 100_000)?;
+    let mut producer = EventProducer::new(&args.kafka, 100_000)?;
     let bar = progress_bar(total_bytes, args.no_progress);
     let started = Instant::now();
     let started_ms = now_ms();

@@ -15,7 +15,7 @@ use ctr_schemas::{Click, Encoder, Serve};
 use tracing::info;
 
 use crate::now_ms;
-use crate::producer::{KafkaArgs, ProduceError, TrackedProducer};
+use crate::producer::{EventProducer, KafkaArgs, ProduceError};
 use crate::sim::{EmittedCounts, SimConfig, SimError, SimEvent, Simulator};
 
 /// Settings of `ctr-ingest simulate`.
@@ -150,7 +150,7 @@ pub async fn run(
         )),
         None => None,
     };
-    let mut producer = TrackedProducer::new(&args.kafka.brokers, 100_000)?;
+    let mut producer = EventProducer::new(&args.kafka, 100_000)?;
     let mut serves = Encoder::<Serve>::new();
     let mut clicks = Encoder::<Click>::new();
     let mut buf = Vec::with_capacity(256);

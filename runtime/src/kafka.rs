@@ -13,8 +13,8 @@
 //! rejoins its group on its next poll; its loop restores what the rebalance took away.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -77,6 +77,48 @@ pub enum Membership {
     Revoked(Vec<i32>),
 }
 
+/// A client context that watches whether any broker is up, from librdkafka's statistics
+/// reports (the client needs `statistics.interval.ms`, which [`consumer_config`] sets). Clones
+/// share what they saw: keep one to ask while the client owns the other.
+#[derive(Debug, Clone)]
+pub struct BrokerWatch {
+    origin: Instant,
+    /// Milliseconds since `origin` when a broker was last seen up (0: at creation).
+    broker_up_ms: Arc<AtomicU64>,
+}
+
+impl Default for BrokerWatch {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            broker_up_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl BrokerWatch {
+    /// How long no broker has been up, judged from the statistics reports (about a second
+    /// behind); zero while one is.
+    pub fn outage(&self) -> Duration {
+        let now = self.origin.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.broker_up_ms.load(Ordering::Relaxed)))
+            .saturating_sub(Duration::from_millis(1500))
+    }
+
+    fn observe(&self, statistics: &Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.broker_up_ms
+                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ClientContext for BrokerWatch {
+    fn stats(&self, statistics: Statistics) {
+        self.observe(&statistics);
+    }
+}
+
 type StatsHook = Box<dyn Fn(&Statistics) + Send + Sync>;
 
 /// A consumer context that queues [`Membership`] changes and watches whether any broker is
@@ -85,9 +127,7 @@ pub struct GroupContext {
     service: &'static str,
     queue: Mutex<Vec<Membership>>,
     on_stats: Option<StatsHook>,
-    origin: Instant,
-    /// Milliseconds since `origin` when a broker was last seen up (0: at creation).
-    broker_up_ms: AtomicU64,
+    broker: BrokerWatch,
 }
 
 impl std::fmt::Debug for GroupContext {
@@ -106,8 +146,7 @@ impl GroupContext {
             service,
             queue: Mutex::new(Vec::new()),
             on_stats: None,
-            origin: Instant::now(),
-            broker_up_ms: AtomicU64::new(0),
+            broker: BrokerWatch::default(),
         }
     }
 
@@ -127,12 +166,9 @@ impl GroupContext {
         )
     }
 
-    /// How long no broker has been up, judged from the statistics reports (about a second
-    /// behind); zero while one is.
+    /// How long no broker has been up ([`BrokerWatch::outage`]).
     pub fn broker_outage(&self) -> Duration {
-        let now = self.origin.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.broker_up_ms.load(Ordering::Relaxed)))
-            .saturating_sub(Duration::from_millis(1500))
+        self.broker.outage()
     }
 
     fn push(&self, change: Membership) {
@@ -153,10 +189,7 @@ pub fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
 
 impl ClientContext for GroupContext {
     fn stats(&self, statistics: Statistics) {
-        if statistics.brokers.values().any(|b| b.state == "UP") {
-            self.broker_up_ms
-                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
-        }
+        self.broker.observe(&statistics);
         if let Some(hook) = &self.on_stats {
             hook(&statistics);
         }
@@ -224,8 +257,8 @@ pub enum ProduceError {
 /// delivery instead of dropping or buffering without bound; every delivery report is checked,
 /// and a failed one is an error, never a log line. A service settles its deliveries
 /// ([`TrackedProducer::settle`]) before it checkpoints the input offsets behind them.
-pub struct TrackedProducer {
-    producer: FutureProducer,
+pub struct TrackedProducer<C: ClientContext + 'static = rdkafka::client::DefaultClientContext> {
+    producer: FutureProducer<C>,
     in_flight: VecDeque<(u8, DeliveryFuture)>,
     /// Topics sent to, indexed by the tag kept beside each delivery (no String per record).
     topics: Vec<String>,
@@ -233,7 +266,7 @@ pub struct TrackedProducer {
     delivered: u64,
 }
 
-impl std::fmt::Debug for TrackedProducer {
+impl<C: ClientContext + 'static> std::fmt::Debug for TrackedProducer<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TrackedProducer")
             .field("in_flight", &self.in_flight.len())
@@ -243,10 +276,10 @@ impl std::fmt::Debug for TrackedProducer {
     }
 }
 
-impl TrackedProducer {
+impl<C: ClientContext + 'static> TrackedProducer<C> {
     /// Tracks the deliveries of `producer` (which may be shared with other trackers), at most
     /// `max_in_flight` at once.
-    pub fn new(producer: FutureProducer, max_in_flight: usize) -> Self {
+    pub fn new(producer: FutureProducer<C>, max_in_flight: usize) -> Self {
         Self {
             producer,
             in_flight: VecDeque::new(),
@@ -257,7 +290,7 @@ impl TrackedProducer {
     }
 
     /// The underlying producer.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<C> {
         &self.producer
     }
 

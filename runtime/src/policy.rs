@@ -209,7 +209,7 @@ mod tests {
     async fn a_hung_dependency_exhausts_the_budget_within_it() {
         let started = tokio::time::Instant::now();
         let got: Result<(), DependencyError<Fault>> =
-            policy(300).retry("read", || std::future::pending()).await;
+            policy(300).retry("read", std::future::pending).await;
         let DependencyError::Exhausted { elapsed, last, .. } = got.unwrap_err() else {
             panic!("expected an exhausted budget");
         };

@@ -357,12 +357,14 @@ fn messy_stream_yields_exactly_the_expected_labels() {
     // The signal for the scorer is published.
     let mut con = redis();
     let signal: BTreeMap<String, String> = redis::cmd("HGETALL")
-        .arg(format!("{prefix}signal:joiner"))
+        .arg(ctr_schemas::contract::keys::joiner_signal(&prefix))
         .query(&mut con)
         .unwrap();
     assert_eq!(signal.len(), 1, "{signal:?}");
-    let v: serde_json::Value = serde_json::from_str(signal.values().next().unwrap()).unwrap();
-    assert!(v["click_coverage"].as_f64().unwrap() > 0.5, "{v}");
+    // It reads back as the contract's type, every field present.
+    let v: ctr_schemas::contract::JoinerSignal =
+        serde_json::from_str(signal.values().next().unwrap()).unwrap();
+    assert!(v.click_coverage.unwrap() > 0.5, "{v:?}");
 }
 
 #[test]

@@ -463,12 +463,22 @@ fn a_stalled_click_stream_pauses_learning_not_counting() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    // What a joiner publishes when clicks stop arriving (ctr-feedback's `signals`).
-    let signal = format!(
-        r#"{{"stalled":true,"reason":"no clicks in the last 60 s while 900 serves arrived","click_coverage":0.0,"window_serves":900,"window_clicks":0,"clicks_per_serve":0.0,"baseline_clicks_per_serve":0.02,"updated_ms":{now_ms}}}"#
-    );
+    // What a joiner publishes when clicks stop arriving (ctr-feedback's `signals`), through
+    // the contract's own type.
+    let signal = serde_json::to_string(&ctr_schemas::contract::JoinerSignal {
+        stalled: true,
+        reason: Some("no clicks in the last 60 s while 900 serves arrived".into()),
+        click_coverage: Some(0.0),
+        window_serves: 900,
+        window_clicks: 0,
+        clicks_per_serve: Some(0.0),
+        baseline_clicks_per_serve: Some(0.02),
+        updated_ms: now_ms,
+        totals: ctr_schemas::contract::JoinStats::default(),
+    })
+    .unwrap();
     let _: () = redis::cmd("HSET")
-        .arg(format!("{prefix}signal:joiner"))
+        .arg(ctr_schemas::contract::keys::joiner_signal(&prefix))
         .arg("joiner-1")
         .arg(&signal)
         .query(&mut con)
