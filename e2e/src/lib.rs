@@ -53,7 +53,7 @@ pub fn create_topics(topics: &[(&str, i32)]) {
         .set("bootstrap.servers", brokers())
         .create()
         .expect("admin client");
-    let new: Vec<NewTopic> = topics
+    let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
         .collect();

@@ -15,8 +15,9 @@
 //! the restarted joiner restores the last checkpoint and replays both topics from its offsets,
 //! re-emitting some labels with the same deterministic IDs, which the scorer drops.
 
+use ctr_runtime::Policy;
+pub use ctr_runtime::redis::CheckpointError;
 use ctr_runtime::redis::FencedStore;
-use ctr_runtime::{DependencyError, Policy};
 use ctr_schemas::contract::keys;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -33,17 +34,6 @@ pub struct Checkpoint<J = PartitionJoin> {
     /// The join state: owned when loaded, borrowed (`&PartitionJoin`) when saved; both
     /// serialize identically.
     pub join: J,
-}
-
-/// Why a checkpoint could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error("Redis: {0}")]
-    Redis(#[from] DependencyError<redis::RedisError>),
-    #[error(
-        "checkpoint {key} is unreadable ({reason}); refusing to start from scratch, which could lose labels: inspect or delete the key"
-    )]
-    Corrupt { key: String, reason: String },
 }
 
 /// Reads and writes checkpoints of one joiner group.
@@ -76,15 +66,11 @@ impl CheckpointStore {
     }
 
     pub async fn load(&mut self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {
-        let Some(saved) = self.store.load(partition).await? else {
-            return Ok(None);
-        };
-        ctr_models::snapshot::decode(&saved.body)
-            .map(Some)
-            .map_err(|e| CheckpointError::Corrupt {
-                key: self.store.key(partition),
-                reason: e.to_string(),
-            })
+        let loaded = self
+            .store
+            .load_with(partition, ctr_models::snapshot::decode::<Checkpoint>)
+            .await?;
+        Ok(loaded.map(|(ckpt, _)| ckpt))
     }
 
     /// Writes `ckpt` unless a newer one is stored; returns whether it was written.

@@ -3,22 +3,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ctr_runtime::Policy;
-use ctr_runtime::flags::{DependencyFlags, KafkaFlags, RedisFlags};
+use ctr_runtime::flags::{Service, ServiceFlags};
 
 use crate::join::JoinConfig;
 
 /// Settings as given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FeedbackArgs {
+    // Kafka, Redis (checkpoints of the join state under `<prefix>feedback:`, the signal for
+    // the scorer at `<prefix>signal:joiner`) and the outage policy.
     #[command(flatten)]
-    pub kafka: KafkaFlags,
-    // Redis: checkpoints of the join state (under `<prefix>feedback:`), and the signal for the
-    // scorer (`<prefix>signal:joiner`).
-    #[command(flatten)]
-    pub redis: RedisFlags,
-    #[command(flatten)]
-    pub dependencies: DependencyFlags,
+    pub service: ServiceFlags,
     #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
     pub serves_topic: String,
     #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
@@ -68,17 +63,13 @@ pub struct FeedbackArgs {
 /// Checked settings.
 #[derive(Debug, Clone)]
 pub struct FeedbackConfig {
-    pub brokers: String,
+    /// Kafka, Redis and the outage policy.
+    pub service: Service,
     pub serves_topic: String,
     pub clicks_topic: String,
     pub labeled_topic: String,
     pub deadletter_topic: String,
     pub group: String,
-    pub redis_url: String,
-    pub redis_ca_file: Option<std::path::PathBuf>,
-    pub redis_prefix: String,
-    /// Deadlines and the outage budget of Redis and the broker.
-    pub policy: Policy,
     pub http_addr: SocketAddr,
     pub join: JoinConfig,
     pub checkpoint_every: Duration,
@@ -120,15 +111,7 @@ impl TryFrom<FeedbackArgs> for FeedbackConfig {
         check(a.late_horizon_ms >= 0, "late_horizon_ms", "must be >= 0")?;
         check(a.max_pending > 0, "max_pending", "must be > 0")?;
         check(a.checkpoint_ms >= 100, "checkpoint_ms", "must be >= 100")?;
-        let policy = a
-            .dependencies
-            .policy()
-            .map_err(|e| ConfigError("outage_budget_ms", e))?;
-        check(
-            !a.redis.redis_prefix.is_empty(),
-            "redis_prefix",
-            "must not be empty",
-        )?;
+        let service = a.service.check().map_err(|e| ConfigError("service", e))?;
         check(
             a.serves_topic != a.clicks_topic,
             "clicks_topic",
@@ -154,16 +137,12 @@ impl TryFrom<FeedbackArgs> for FeedbackConfig {
                 min_serves: a.stall_min_serves,
                 collapse_ratio: a.stall_collapse_ratio,
             },
-            brokers: a.kafka.brokers,
+            service,
             serves_topic: a.serves_topic,
             clicks_topic: a.clicks_topic,
             labeled_topic: a.labeled_topic,
             deadletter_topic: a.deadletter_topic,
             group: a.group,
-            redis_url: a.redis.redis_url,
-            redis_ca_file: a.redis.redis_ca_file,
-            redis_prefix: a.redis.redis_prefix,
-            policy,
             http_addr: a.http_addr,
         })
     }

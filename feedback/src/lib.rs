@@ -41,19 +41,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let redis = ctr_runtime::redis::Redis::connect(
-        &cfg.redis_url,
-        cfg.redis_ca_file.as_deref(),
-        cfg.policy,
+        &cfg.service.redis_url,
+        cfg.service.redis_ca_file.as_deref(),
+        cfg.service.policy,
     )
     .await
     .map_err(FeedbackError::from)?;
     let conn = redis.manager().await.map_err(FeedbackError::from)?;
     // Draining is the final checkpoint: it may have to ride out an outage of its own.
-    let mut supervisor = Supervisor::new(cfg.policy.outage_budget + cfg.policy.call_timeout * 2);
+    let mut supervisor =
+        Supervisor::new(cfg.service.policy.outage_budget + cfg.service.policy.call_timeout * 2);
     let liveness = Liveness::default();
     // A step never waits longer than a dependency's outage budget plus one call: past that
     // the loop is wedged, and /healthz says so.
-    let heartbeat = liveness.register("joiner", cfg.policy.outage_budget + cfg.policy.call_timeout);
+    let heartbeat = liveness.register(
+        "joiner",
+        cfg.service.policy.outage_budget + cfg.service.policy.call_timeout,
+    );
     let app = Router::new()
         .route(
             "/healthz",

@@ -1,7 +1,6 @@
-//! `ctr-feedback` entry point: parse settings, set up logs and metrics, run the joiner until
-//! SIGINT/SIGTERM (or until it fails: then the exit code is non-zero).
+//! `ctr-feedback` entry point: parse settings and run the joiner until SIGINT/SIGTERM (or until it
+//! fails: then the exit code is non-zero). Everything else is in the library.
 
-use anyhow::Context as _;
 use clap::Parser;
 use ctr_feedback::{FeedbackArgs, FeedbackConfig};
 
@@ -17,24 +16,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ctr_runtime::process::init_tracing();
-    ctr_runtime::process::exit_code("ctr-feedback", run(Cli::parse()).await)
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = FeedbackConfig::try_from(cli.args).context("checking settings")?;
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
+    let settings = FeedbackConfig::try_from(Cli::parse().args);
+    ctr_runtime::process::service_main("ctr-feedback", settings, |c| c.http_addr, ctr_feedback::run)
         .await
-        .with_context(|| format!("binding the HTTP endpoint to {}", config.http_addr))?;
-    ctr_feedback::run(
-        config,
-        listener,
-        Some(metrics),
-        ctr_runtime::process::shutdown_signal(),
-    )
-    .await?;
-    Ok(())
 }

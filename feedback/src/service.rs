@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use ctr_runtime::kafka::{GroupContext, Membership, ProduceError, TrackedProducer};
 use ctr_runtime::{DependencyError, Heartbeat, Policy};
 use ctr_schemas::contract::{DeadLetter, headers, keys};
-use ctr_schemas::{
-    Click, DecodeError, Encoder, LabelKind, LabeledImpression, Serve, ValidationError, decode,
-};
+use ctr_schemas::{Click, Encoder, LabelKind, LabeledImpression, Serve, decode_valid};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -70,26 +68,6 @@ pub enum FeedbackError {
 }
 
 use ctr_runtime::wall_ms as now_ms;
-
-/// A record the joiner will not use.
-#[derive(Debug, thiserror::Error)]
-enum Poison {
-    #[error("undecodable: {0}")]
-    Decode(#[from] DecodeError),
-    #[error("invalid: {0}")]
-    Invalid(#[from] ValidationError),
-    #[error("message has no payload")]
-    Empty,
-}
-
-impl Poison {
-    fn label(&self) -> &'static str {
-        match self {
-            Poison::Decode(_) | Poison::Empty => "undecodable",
-            Poison::Invalid(_) => "invalid",
-        }
-    }
-}
 
 struct PartitionState {
     join: PartitionJoin,
@@ -215,16 +193,10 @@ impl Joiner {
         }
         *next = Some(offset + 1);
         let now = now_ms();
-        let result = match msg.payload() {
-            None => Err(Poison::Empty),
-            Some(bytes) if is_serve => decode::<Serve>(bytes)
-                .map_err(Poison::from)
-                .and_then(|s| s.validate().map(|()| s).map_err(Poison::from))
-                .map(|s| st.join.on_serve(s, now, &mut out)),
-            Some(bytes) => decode::<Click>(bytes)
-                .map_err(Poison::from)
-                .and_then(|c| c.validate().map(|()| c).map_err(Poison::from))
-                .map(|c| st.join.on_click(c, now, &mut out)),
+        let result = if is_serve {
+            decode_valid::<Serve>(msg.payload()).map(|s| st.join.on_serve(s, now, &mut out))
+        } else {
+            decode_valid::<Click>(msg.payload()).map(|c| st.join.on_click(c, now, &mut out))
         };
         self.out = out;
         if let Err(reason) = result {
@@ -472,7 +444,7 @@ fn check_partitions(
 /// clocks), apply any ownership change first, emit what the joins produced, settle the
 /// deliveries already acknowledged; every `checkpoint_every`, [`Joiner::checkpoint`]; every
 /// second, [`publish_signal`] and check that a broker is up. Every call to Redis follows the
-/// dependency policy (`cfg.policy`): an outage shorter than the budget is ridden out (the
+/// dependency policy (`cfg.service.policy`): an outage shorter than the budget is ridden out (the
 /// consumer rejoins its group and restores what a rebalance took), a longer one is an error
 /// that ends the process.
 pub async fn run_joiner(
@@ -482,26 +454,27 @@ pub async fn run_joiner(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), FeedbackError> {
     let consumer: StreamConsumer<GroupContext> =
-        ctr_runtime::kafka::consumer_config(&cfg.brokers, &cfg.group)
+        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group)
             // The range assignor co-partitions the two topics (see module docs).
             .set("partition.assignment.strategy", "range")
             .create_with_context(GroupContext::new("feedback"))?;
     check_partitions(&consumer, &cfg)?;
     consumer.subscribe(&[&cfg.serves_topic, &cfg.clicks_topic])?;
     let producer =
-        ctr_runtime::kafka::producer_config(&cfg.brokers, cfg.policy.outage_budget).create()?;
+        ctr_runtime::kafka::producer_config(&cfg.service.brokers, cfg.service.policy.outage_budget)
+            .create()?;
     let store = CheckpointStore::new(
         redis.clone(),
-        cfg.policy,
-        &cfg.redis_prefix,
+        cfg.service.policy,
+        &cfg.service.redis_prefix,
         &cfg.group,
         &cfg.serves_topic,
     );
     let mut signal = SignalBoard {
-        key: keys::joiner_signal(&cfg.redis_prefix),
+        key: keys::joiner_signal(&cfg.service.redis_prefix),
         instance: format!("{}-{}", cfg.group, std::process::id()),
         redis,
-        policy: cfg.policy,
+        policy: cfg.service.policy,
         detector: StallDetector::new(cfg.stall),
     };
     let checkpoint_every = cfg.checkpoint_every;
@@ -554,7 +527,7 @@ pub async fn run_joiner(
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             let outage = consumer.context().broker_outage();
-            if outage > joiner.cfg.policy.outage_budget {
+            if outage > joiner.cfg.service.policy.outage_budget {
                 return Err(FeedbackError::BrokerOutage(outage));
             }
             publish_signal(&mut joiner, &mut signal).await?;

@@ -423,7 +423,7 @@ impl<'de> Deserialize<'de> for JsonId {
         struct V;
         impl serde::de::Visitor<'_> for V {
             type Value = JsonId;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a positive 64-bit ID, as a number or a decimal string")
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<JsonId, E> {

@@ -47,12 +47,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn http(args: adapter::AdapterArgs) -> anyhow::Result<()> {
     let config = adapter::AdapterConfig::try_from(args).context("checking settings")?;
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding the HTTP adapter to {}", config.http_addr))?;
+    let (metrics, listener) = ctr_runtime::process::http_endpoint(config.http_addr).await?;
     adapter::run(config, listener, Some(metrics), shutdown_signal()).await?;
     Ok(())
 }

@@ -40,14 +40,14 @@ impl Impression<'_> {
 
 /// Namespaces keep equal strings in different roles apart.
 mod ns {
-    pub const AD: u64 = 0x0a;
-    pub const CAMPAIGN: u64 = 0x0c;
-    pub const FIELD: u64 = 0x0f;
-    pub const POSITION: u64 = 0x05;
-    pub const BIAS: u64 = 0xb1;
-    pub const CROSS: u64 = 0xc7;
-    pub const CONTEXT: u64 = 0xcc;
-    pub const COUNT_FEATURE: u64 = 0xcf;
+    pub(super) const AD: u64 = 0x0a;
+    pub(super) const CAMPAIGN: u64 = 0x0c;
+    pub(super) const FIELD: u64 = 0x0f;
+    pub(super) const POSITION: u64 = 0x05;
+    pub(super) const BIAS: u64 = 0xb1;
+    pub(super) const CROSS: u64 = 0xc7;
+    pub(super) const CONTEXT: u64 = 0xcc;
+    pub(super) const COUNT_FEATURE: u64 = 0xcf;
 }
 
 pub fn hash_str(namespace: u64, s: &str) -> u64 {

@@ -6,6 +6,72 @@ use std::time::Duration;
 
 use crate::policy::Policy;
 
+/// The flags of a service that runs against Kafka and Redis: where they are, and how their
+/// outages are treated.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceFlags {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub kafka: KafkaFlags,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub redis: RedisFlags,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub dependencies: DependencyFlags,
+}
+
+impl ServiceFlags {
+    /// The checked settings.
+    pub fn check(self) -> Result<Service, String> {
+        if self.redis.redis_prefix.is_empty() {
+            return Err("redis_prefix must not be empty".into());
+        }
+        Ok(Service {
+            policy: self.dependencies.policy()?,
+            brokers: self.kafka.brokers,
+            redis_url: self.redis.redis_url,
+            redis_ca_file: self.redis.redis_ca_file,
+            redis_prefix: self.redis.redis_prefix,
+        })
+    }
+}
+
+/// Checked [`ServiceFlags`].
+#[derive(Clone)]
+pub struct Service {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// The Redis URL (it may carry a password: `Debug` shows only its host part).
+    pub redis_url: String,
+    /// The CA that signs the Redis server's certificate, for `rediss://`.
+    pub redis_ca_file: Option<PathBuf>,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
+    /// Deadlines and the outage budget of Redis and the broker.
+    pub policy: Policy,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Whatever stands before the last `@` is credentials.
+        let redis = match self.redis_url.rsplit_once('@') {
+            Some((scheme_and_user, host)) => {
+                let scheme = scheme_and_user.split("://").next().unwrap_or("redis");
+                format!("{scheme}://***@{host}")
+            }
+            None => self.redis_url.clone(),
+        };
+        f.debug_struct("Service")
+            .field("brokers", &self.brokers)
+            .field("redis_url", &redis)
+            .field("redis_ca_file", &self.redis_ca_file)
+            .field("redis_prefix", &self.redis_prefix)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
 /// Where the broker is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaFlags {
@@ -66,5 +132,37 @@ impl DependencyFlags {
             call_timeout: Duration::from_millis(self.call_timeout_ms),
             outage_budget: Duration::from_millis(self.outage_budget_ms),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_redis_password() {
+        let flags = ServiceFlags {
+            kafka: KafkaFlags {
+                brokers: "b:9092".into(),
+            },
+            redis: RedisFlags {
+                redis_url: "rediss://scorer:s3cret@redis.internal:6380/".into(),
+                redis_ca_file: None,
+                redis_prefix: "ctr:".into(),
+            },
+            dependencies: DependencyFlags {
+                call_timeout_ms: 1_000,
+                outage_budget_ms: 5_000,
+            },
+        };
+        let shown = format!("{:?}", flags.clone().check().unwrap());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("rediss://***@redis.internal:6380/"),
+            "{shown}"
+        );
+        let mut empty = flags;
+        empty.redis.redis_prefix.clear();
+        assert!(empty.check().is_err());
     }
 }

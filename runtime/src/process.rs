@@ -61,6 +61,77 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Why a service's HTTP endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The Prometheus recorder could not be installed (one per process).
+    #[error("installing the metrics recorder: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    /// The address could not be bound.
+    #[error("binding the HTTP endpoint to {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it could not be bound.
+        source: std::io::Error,
+    },
+}
+
+/// A service's HTTP endpoint: installs the process's Prometheus recorder (what `/metrics`
+/// renders) and binds `addr`.
+pub async fn http_endpoint(
+    addr: std::net::SocketAddr,
+) -> Result<
+    (
+        metrics_exporter_prometheus::PrometheusHandle,
+        tokio::net::TcpListener,
+    ),
+    EndpointError,
+> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| EndpointError::Bind { addr, source })?;
+    Ok((metrics, listener))
+}
+
+/// The shutdown signal as a service's `run` takes it.
+pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The `main` of a service (mini-redis's shape): logs to standard error, checks `settings`,
+/// sets up the HTTP endpoint at `http_addr(&settings)`, then awaits `run` until SIGINT or
+/// SIGTERM. A failure anywhere is logged with its whole chain and exits non-zero.
+pub async fn service_main<C, E, R, Fut, RE>(
+    name: &str,
+    settings: Result<C, E>,
+    http_addr: impl FnOnce(&C) -> std::net::SocketAddr,
+    run: R,
+) -> std::process::ExitCode
+where
+    E: Display,
+    R: FnOnce(
+        C,
+        tokio::net::TcpListener,
+        Option<metrics_exporter_prometheus::PrometheusHandle>,
+        Shutdown,
+    ) -> Fut,
+    Fut: Future<Output = Result<(), RE>>,
+    RE: Display,
+{
+    init_tracing();
+    let result = async {
+        let config = settings.map_err(|e| format!("checking settings: {e}"))?;
+        let (metrics, listener) = http_endpoint(http_addr(&config))
+            .await
+            .map_err(|e| e.to_string())?;
+        run(config, listener, Some(metrics), Box::pin(shutdown_signal()))
+            .await
+            .map_err(|e| format!("{e:#}"))
+    }
+    .await;
+    exit_code(name, result)
+}
+
 /// Resolves once `stop` turns true (or its sender is gone). Holds no lock across an await, so
 /// a task that selects on it stays `Send`.
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {

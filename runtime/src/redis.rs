@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::{Client, FromRedisValue, Script, ScriptInvocation};
 
 use crate::policy::{DependencyError, Policy};
 
@@ -116,6 +116,41 @@ impl Redis {
             ))),
         }
     }
+}
+
+/// Runs a Lua script under the policy (`what` names it in errors and logs). The script must be
+/// safe to repeat: a call that timed out may have run.
+pub async fn run_script<T: FromRedisValue>(
+    policy: &Policy,
+    conn: &ConnectionManager,
+    what: &str,
+    invocation: &ScriptInvocation<'_>,
+) -> Result<T, DependencyError<redis::RedisError>> {
+    policy
+        .retry(what, || {
+            let mut c = conn.clone();
+            async move { invocation.invoke_async(&mut c).await }
+        })
+        .await
+}
+
+/// Why a checkpoint could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Redis failed under the dependency policy.
+    #[error("Redis: {0}")]
+    Redis(#[from] DependencyError<redis::RedisError>),
+    /// The stored body does not decode: starting afresh would lose or double-count what it
+    /// holds, so the owner refuses to.
+    #[error(
+        "checkpoint {key} is unreadable ({reason}); refusing to start the partition from scratch: inspect or delete the key"
+    )]
+    Corrupt {
+        /// The checkpoint's key.
+        key: String,
+        /// Why it does not decode.
+        reason: String,
+    },
 }
 
 const SAVE_LUA: &str = r#"
@@ -232,6 +267,25 @@ impl FencedStore {
         }))
     }
 
+    /// The stored checkpoint of `partition` decoded by `decode`, with its writer's wall clock
+    /// (Unix ms, if recorded); a body that does not decode is [`CheckpointError::Corrupt`].
+    pub async fn load_with<T, E: std::fmt::Display>(
+        &mut self,
+        partition: i32,
+        decode: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Result<Option<(T, Option<i64>)>, CheckpointError> {
+        let Some(saved) = self.load(partition).await? else {
+            return Ok(None);
+        };
+        match decode(&saved.body) {
+            Ok(state) => Ok(Some((state, saved.saved_ms))),
+            Err(e) => Err(CheckpointError::Corrupt {
+                key: self.key(partition),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     /// Writes `body` as `partition`'s checkpoint with `fence` (one value per fence field, -1
     /// for none) unless a stored checkpoint is ahead of it; returns whether it was written.
     /// With `trim`, the stream at that key loses the entries below the previous checkpoint's
@@ -258,15 +312,13 @@ impl FencedStore {
         for (field, value) in self.fence.iter().zip(fence) {
             invocation.arg(*field).arg(*value);
         }
-        let conn = &self.conn;
-        let written: i32 = self
-            .policy
-            .retry(&format!("saving checkpoint {key}"), || {
-                let mut c = conn.clone();
-                let inv = &invocation;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
+        let written: i32 = run_script(
+            &self.policy,
+            &self.conn,
+            &format!("saving checkpoint {key}"),
+            &invocation,
+        )
+        .await?;
         Ok(written == 1)
     }
 }

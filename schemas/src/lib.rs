@@ -18,4 +18,7 @@ pub use events::{
     ValidationError,
 };
 pub use id::{IdGenerator, IdParts};
-pub use wire::{DecodeError, EncodeError, Encoder, EventKind, WireEvent, decode};
+pub use wire::{
+    DecodeError, EncodeError, Encoder, EventKind, Unusable, Validate, WireEvent, decode,
+    decode_valid,
+};

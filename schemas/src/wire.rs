@@ -28,7 +28,7 @@ use serde_avro_fast::de::read::SliceRead;
 use serde_avro_fast::de::{DeserializerConfig, DeserializerState};
 use serde_avro_fast::ser::SerializerConfig;
 
-use crate::events::{Click, LabeledImpression, Serve};
+use crate::events::{Click, LabeledImpression, Serve, ValidationError};
 
 /// Which record a topic carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,4 +249,60 @@ impl<E: WireEvent> Encoder<E> {
         self.encode_into(event, &mut out)?;
         Ok(out)
     }
+}
+
+/// Value checks of a decoded event (the inherent `validate` of each event type).
+pub trait Validate {
+    /// `Ok` when every field holds a value the pipeline accepts.
+    fn validate(&self) -> Result<(), ValidationError>;
+}
+
+impl Validate for Serve {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Serve::validate(self)
+    }
+}
+
+impl Validate for Click {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Click::validate(self)
+    }
+}
+
+impl Validate for LabeledImpression {
+    fn validate(&self) -> Result<(), ValidationError> {
+        LabeledImpression::validate(self)
+    }
+}
+
+/// Why a consumed record cannot be used: every service dead-letters it with this reason and
+/// counts it under [`Unusable::label`].
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    /// The record has no payload.
+    #[error("message has no payload")]
+    Empty,
+    /// The payload is not a record of the expected schema.
+    #[error("undecodable: {0}")]
+    Decode(#[from] DecodeError),
+    /// It decodes, but a value is out of the contract's bounds.
+    #[error("invalid: {0}")]
+    Invalid(#[from] ValidationError),
+}
+
+impl Unusable {
+    /// The metric label of the reason (`undecodable`, `invalid`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Unusable::Empty | Unusable::Decode(_) => "undecodable",
+            Unusable::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Decodes and validates a consumed record's payload.
+pub fn decode_valid<E: WireEvent + Validate>(payload: Option<&[u8]>) -> Result<E, Unusable> {
+    let event: E = decode(payload.ok_or(Unusable::Empty)?)?;
+    event.validate()?;
+    Ok(event)
 }

@@ -25,23 +25,13 @@
 //! most two checkpoint intervals of deltas, and a replica that restores the latest checkpoint
 //! finds every delta after it.
 
+use ctr_runtime::Policy;
+pub use ctr_runtime::redis::CheckpointError;
 use ctr_runtime::redis::FencedStore;
-use ctr_runtime::{DependencyError, Policy};
 use ctr_schemas::contract::keys;
 use redis::aio::ConnectionManager;
 
 use crate::state::PartitionState;
-
-/// Why a checkpoint could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error("Redis: {0}")]
-    Redis(#[from] DependencyError<redis::RedisError>),
-    #[error(
-        "checkpoint {key} is unreadable ({reason}); refusing to start the partition from scratch: inspect or delete the key"
-    )]
-    Corrupt { key: String, reason: String },
-}
 
 /// Reads and writes the checkpoints of one topic's partitions (the runtime's fenced store,
 /// fenced by `next`; each save trims the partition's model stream in the same script).
@@ -84,15 +74,9 @@ impl CheckpointStore {
         &mut self,
         partition: i32,
     ) -> Result<Option<(PartitionState, Option<i64>)>, CheckpointError> {
-        let Some(saved) = self.store.load(partition).await? else {
-            return Ok(None);
-        };
-        PartitionState::restore(&saved.body)
-            .map(|st| Some((st, saved.saved_ms)))
-            .map_err(|e| CheckpointError::Corrupt {
-                key: self.key(partition),
-                reason: e.to_string(),
-            })
+        self.store
+            .load_with(partition, PartitionState::restore)
+            .await
     }
 
     /// Writes `state` unless a newer checkpoint is stored; returns whether it was written and

@@ -6,20 +6,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ctr_models::{BetaPrior, VariantConfig, VariantKind};
-use ctr_runtime::Policy;
-use ctr_runtime::flags::{DependencyFlags, KafkaFlags, RedisFlags};
+use ctr_runtime::flags::{Service, ServiceFlags};
 
 /// Settings as given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScorerArgs {
+    // Kafka, Redis (estimates, the model streams, checkpoints, monitoring reports: keys under
+    // the prefix, see `publish`) and the outage policy.
     #[command(flatten)]
-    pub kafka: KafkaFlags,
-    // Redis: estimates, the model streams, checkpoints, monitoring reports (keys under the
-    // prefix; see `publish`).
-    #[command(flatten)]
-    pub redis: RedisFlags,
-    #[command(flatten)]
-    pub dependencies: DependencyFlags,
+    pub service: ServiceFlags,
     /// Topic of labeled impressions (keyed by ad).
     #[arg(long, env = "CTR_LABELED_TOPIC", default_value = "ctr.labeled")]
     pub labeled_topic: String,
@@ -104,13 +99,11 @@ pub struct ScorerArgs {
 /// Checked settings.
 #[derive(Debug, Clone)]
 pub struct ScorerConfig {
-    pub brokers: String,
+    /// Kafka, Redis and the outage policy.
+    pub service: Service,
     pub labeled_topic: String,
     pub deadletter_topic: String,
     pub group: String,
-    pub redis_url: String,
-    pub redis_ca_file: Option<std::path::PathBuf>,
-    pub redis_prefix: String,
     pub http_addr: SocketAddr,
     pub batch_size: usize,
     pub batch_ms: u64,
@@ -129,8 +122,6 @@ pub struct ScorerConfig {
     pub max_thinning: u32,
     pub api_max_concurrency: usize,
     pub api_timeout: Duration,
-    /// Deadlines and the outage budget of Redis and the broker.
-    pub policy: Policy,
 }
 
 fn check(ok: bool, name: &str, problem: &str) -> Result<(), crate::Error> {
@@ -185,11 +176,7 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             "batch_size",
             "must be 1..=10000",
         )?;
-        check(
-            !a.redis.redis_prefix.is_empty(),
-            "redis_prefix",
-            "must not be empty",
-        )?;
+
         let mut models = parse_models(&a.models)?;
         for m in &mut models {
             m.counts.global_prior_mean = prior.mean();
@@ -231,14 +218,10 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
         )?;
         check(a.api_timeout_ms > 0, "api_timeout_ms", "must be > 0")?;
         Ok(Self {
-            brokers: a.kafka.brokers,
+            service: a.service.check().map_err(crate::Error::Config)?,
             labeled_topic: a.labeled_topic,
             deadletter_topic: a.deadletter_topic,
             group: a.group,
-            redis_url: a.redis.redis_url,
-            redis_ca_file: a.redis.redis_ca_file,
-            redis_prefix: a.redis.redis_prefix,
-            policy: a.dependencies.policy().map_err(crate::Error::Config)?,
             http_addr: a.http_addr,
             batch_size: a.batch_size,
             batch_ms: a.batch_ms,

@@ -120,7 +120,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
-        ctr_runtime::kafka::consumer_config(&cfg.brokers, &cfg.group)
+        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group)
             // Freshness: the broker answers an empty fetch after at most 20 ms (default
             // 500 ms), so a record produced into a quiet partition is seen within a batch
             // interval.
@@ -131,10 +131,11 @@ pub async fn run(
     let mut queues = Vec::new();
     let mut workers = tokio::task::JoinSet::new();
     let dead_letters: rdkafka::producer::FutureProducer =
-        ctr_runtime::kafka::producer_config(&cfg.brokers, cfg.policy.outage_budget).create()?;
+        ctr_runtime::kafka::producer_config(&cfg.service.brokers, cfg.service.policy.outage_budget)
+            .create()?;
     // A step never waits longer than a dependency's outage budget plus one call: past that a
     // loop is wedged, and /healthz says so.
-    let bound = cfg.policy.outage_budget + cfg.policy.call_timeout;
+    let bound = cfg.service.policy.outage_budget + cfg.service.policy.call_timeout;
     for id in 0..cfg.workers {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         queues.push(tx);
@@ -143,11 +144,11 @@ pub async fn run(
             Arc::clone(&cfg),
             Arc::clone(&consumer),
             Arc::clone(&control),
-            Publisher::new(redis.clone(), cfg.policy, &cfg.redis_prefix),
+            Publisher::new(redis.clone(), cfg.service.policy, &cfg.service.redis_prefix),
             CheckpointStore::new(
                 redis.clone(),
-                cfg.policy,
-                &cfg.redis_prefix,
+                cfg.service.policy,
+                &cfg.service.redis_prefix,
                 &cfg.labeled_topic,
             ),
             DeadLetters::new(dead_letters.clone(), &cfg.deadletter_topic),
@@ -226,7 +227,7 @@ pub async fn run(
                     router.apply(consumer.context()).await;
                     control.count(Counted::Dropped, std::mem::take(&mut dropped_total));
                     let outage = consumer.context().broker_outage();
-                    if outage > cfg.policy.outage_budget {
+                    if outage > cfg.service.policy.outage_budget {
                         broker_gone = Some(outage);
                         break;
                     }

@@ -78,10 +78,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = Arc::new(config);
-    let policy = config.policy;
+    let policy = config.service.policy;
     let redis = ctr_runtime::redis::Redis::connect(
-        &config.redis_url,
-        config.redis_ca_file.as_deref(),
+        &config.service.redis_url,
+        config.service.redis_ca_file.as_deref(),
         policy,
     )
     .await?;
@@ -108,10 +108,10 @@ pub async fn run(
             checkpoint::CheckpointStore::new(
                 conn.clone(),
                 policy,
-                &config.redis_prefix,
+                &config.service.redis_prefix,
                 &config.labeled_topic,
             ),
-            config.redis_prefix.clone(),
+            config.service.redis_prefix.clone(),
             config.labeled_topic.clone(),
             liveness.register("model replica", bound + replica::BLOCK),
             tasks.stop_signal(),
@@ -152,7 +152,7 @@ pub async fn run(
                 Arc::clone(&control),
                 conn.clone(),
                 policy,
-                keys::joiner_signal(&config.redis_prefix),
+                keys::joiner_signal(&config.service.redis_prefix),
                 tasks.stop_signal(),
             ),
         );
@@ -190,7 +190,7 @@ pub async fn run(
 async fn labeled_partitions(config: &ScorerConfig) -> Result<usize> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+        .set("bootstrap.servers", &config.service.brokers)
         .create()?;
     let topic = config.labeled_topic.clone();
     let metadata = tokio::task::spawn_blocking(move || {

@@ -139,8 +139,8 @@ pub async fn report(
     instance: String,
     mut stop: watch::Receiver<bool>,
 ) {
-    let key = instance_key(&cfg.redis_prefix, &instance);
-    let index = index_key(&cfg.redis_prefix);
+    let key = instance_key(&cfg.service.redis_prefix, &instance);
+    let index = index_key(&cfg.service.redis_prefix);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while next_tick(&mut tick, &mut stop).await {
         let json = match serde_json::to_string(&instance_report(&cfg, &control, &instance)) {
@@ -451,7 +451,7 @@ async fn read(
     cfg: &ScorerConfig,
     redis: &mut ConnectionManager,
 ) -> redis::RedisResult<(Vec<InstanceReport>, HashMap<String, String>)> {
-    let prefix = &cfg.redis_prefix;
+    let prefix = &cfg.service.redis_prefix;
     let index = index_key(prefix);
     let members: Vec<String> = redis.smembers(&index).await?;
     let keys: Vec<String> = members.iter().map(|m| instance_key(prefix, m)).collect();
@@ -629,7 +629,7 @@ async fn add_published(cfg: &ScorerConfig, redis: &mut ConnectionManager, view: 
     let mut pipe = redis::pipe();
     for a in &view.ads {
         pipe.cmd("HMGET")
-            .arg(keys::ad(&cfg.redis_prefix, &a.health.ad_id))
+            .arg(keys::ad(&cfg.service.redis_prefix, &a.health.ad_id))
             .arg("pctr")
             .arg("model")
             .arg("ver");

@@ -156,15 +156,13 @@ impl Publisher {
                 .arg(e.total.imps)
                 .arg(e.total.clicks);
         }
-        let conn = &self.conn;
-        let written: i32 = self
-            .policy
-            .retry(&format!("publishing partition {partition}"), || {
-                let mut c = conn.clone();
-                let inv = &inv;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
+        let written: i32 = ctr_runtime::redis::run_script(
+            &self.policy,
+            &self.conn,
+            &format!("publishing partition {partition}"),
+            &inv,
+        )
+        .await?;
         Ok(written == 1)
     }
 }

@@ -19,7 +19,7 @@ use ctr_models::{Evicted, Impression, Level, ModelError, Touched};
 use ctr_runtime::kafka::{GroupContext, ProduceError};
 use ctr_runtime::{DependencyError, Heartbeat};
 use ctr_schemas::contract::{DeadLetter, keys};
-use ctr_schemas::{Context, DecodeError, LabeledImpression, ValidationError, decode};
+use ctr_schemas::{Context, LabeledImpression, Unusable, decode_valid};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
@@ -73,24 +73,19 @@ pub enum WorkerError {
     },
 }
 
-/// A record that is not used.
+/// A record that is not used: unusable by the contract, or rejected by the models.
 #[derive(Debug, thiserror::Error)]
 enum Poison {
-    #[error("undecodable: {0}")]
-    Decode(#[from] DecodeError),
-    #[error("invalid: {0}")]
-    Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Unusable(#[from] Unusable),
     #[error("rejected by the models: {0}")]
     Model(#[from] ModelError),
-    #[error("message has no payload")]
-    Empty,
 }
 
 impl Poison {
     fn label(&self) -> &'static str {
         match self {
-            Poison::Decode(_) | Poison::Empty => "undecodable",
-            Poison::Invalid(_) => "invalid",
+            Poison::Unusable(u) => u.label(),
             Poison::Model(_) => "rejected",
         }
     }
@@ -360,19 +355,15 @@ impl Worker {
         own.changed = true;
         let started = Instant::now();
         let mut released = Vec::new();
-        let result = match payload {
-            None => Err(Poison::Empty),
-            Some(bytes) => decode::<LabeledImpression>(bytes)
-                .map_err(Poison::from)
-                .and_then(|l| l.validate().map(|()| l).map_err(Poison::from))
-                .and_then(|l| {
-                    let ctx_key = l.context.key();
-                    own.state
-                        .apply(&l, &ctx_key, policy, &mut released)
-                        .map(|o| (l, ctx_key, o))
-                        .map_err(Poison::from)
-                }),
-        };
+        let result = decode_valid::<LabeledImpression>(payload)
+            .map_err(Poison::from)
+            .and_then(|l| {
+                let ctx_key = l.context.key();
+                own.state
+                    .apply(&l, &ctx_key, policy, &mut released)
+                    .map(|o| (l, ctx_key, o))
+                    .map_err(Poison::from)
+            });
         // Clicks learned now that their negatives arrived: their ads' estimates changed.
         for l in released {
             own.dirty.mark(l);
