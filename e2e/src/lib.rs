@@ -199,14 +199,30 @@ impl Service {
         log[log.len().saturating_sub(60)..].join("\n")
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
+    /// Sends SIGTERM and waits for a clean exit: a service asked to stop drains its work and
+    /// exits 0 within 20 s, or the test fails.
     pub fn stop(mut self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within 20 s of SIGTERM:\n{}",
+                self.name,
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(50));
-        }
+        };
+        assert!(
+            status.success(),
+            "{} exited with {status} when stopped:\n{}",
+            self.name,
+            self.output()
+        );
     }
 }
 
@@ -429,6 +445,75 @@ pub fn produce_paced(
 impl Service {
     /// Kills the process with SIGKILL: no shutdown path runs.
     pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// How the process exited, if it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+/// A `redis-server` of a test's own on a free loopback port (the binary the stack script
+/// installed), for faults that must not touch the shared Redis: it can be frozen (SIGSTOP)
+/// and thawed. Killed when dropped.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (scripts/stack up installs it)");
+        let me = Self { child, port };
+        eventually(
+            Duration::from_secs(10),
+            "the private Redis to answer",
+            || {
+                redis::Client::open(me.url())
+                    .and_then(|c| c.get_connection())
+                    .ok()
+            },
+            String::new,
+        );
+        me
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} redis-server");
+    }
+
+    /// Stops the server's process (SIGSTOP): connections stay open and nothing answers, as
+    /// with a stalled disk or a network partition.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets it run again (SIGCONT): it answers what was queued.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.signal("-CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -42,7 +42,7 @@ pub enum FeedbackError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Redis(#[from] ctr_runtime::redis::RedisError),
-    #[error("publishing the joiner signal: {0}")]
+    #[error(transparent)]
     Signal(DependencyError<redis::RedisError>),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),

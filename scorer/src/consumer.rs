@@ -156,7 +156,8 @@ pub async fn run(
         workers.spawn(worker.run(rx, liveness.register(format!("worker {id}"), bound)));
     }
     let router = Router { queues };
-    // The governor stops with the loop (whether it stopped on the signal or on a failure).
+    // The governor stops with the loop (whether it stopped on the signal or on a failure), and
+    // must, before the workers can: it holds senders of their queues.
     let (loop_done, governor_stop) = watch::channel(false);
     let governor = {
         let queues = router.queues.clone();
@@ -234,7 +235,9 @@ pub async fn run(
                 }
             }
         }
-        // Closing the queues lets every worker publish, checkpoint and commit, then stop.
+        // The governor holds senders of the worker queues: it stops first, then closing the
+        // queues lets every worker publish, checkpoint and commit, then stop.
+        let _ = loop_done.send(true);
         drop(router);
         let mut result = match broker_gone {
             Some(outage) => Err(crate::Error::BrokerOutage(outage)),
@@ -258,7 +261,6 @@ pub async fn run(
                 Err(e) => result = Err(crate::Error::Worker(format!("worker panicked: {e}"))),
             }
         }
-        let _ = loop_done.send(true);
         result
     };
     let (result, ()) = tokio::join!(consume, governor);

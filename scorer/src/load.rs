@@ -353,11 +353,8 @@ fn stalled(entries: &HashMap<String, String>, now_ms: i64) -> (bool, Option<Stri
 
 /// Why the learning guard stopped.
 #[derive(Debug, thiserror::Error)]
-#[error("reading the joiner signal at {key}: {source}")]
-pub struct GuardError {
-    key: String,
-    source: DependencyError<redis::RedisError>,
-}
+#[error("{0}")]
+pub struct GuardError(DependencyError<redis::RedisError>);
 
 /// Polls the joiner's signal every second and flips the learning guard, until `stop`. Reads
 /// follow the dependency policy; an outage past its budget, or a key that cannot be read as
@@ -373,16 +370,13 @@ pub async fn guard(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while next_tick(&mut tick, &mut stop).await {
         let entries: HashMap<String, String> = policy
-            .retry("reading the joiner signal", || {
+            .retry(&format!("reading the joiner signal at {key}"), || {
                 let mut c = redis.clone();
                 let key = &key;
                 async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await }
             })
             .await
-            .map_err(|source| GuardError {
-                key: key.clone(),
-                source,
-            })?;
+            .map_err(GuardError)?;
         let (stall, reason) = stalled(&entries, unix_ms());
         *control.guard_reason.lock().expect("guard reason") = reason.clone();
         if stall == control.learning() {

@@ -56,7 +56,7 @@ pub enum Work {
 pub enum WorkerError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("publishing partition {partition}: {source}")]
+    #[error("{source}")]
     Publish {
         partition: i32,
         source: DependencyError<redis::RedisError>,

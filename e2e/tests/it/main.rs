@@ -6,6 +6,7 @@ mod chaos;
 mod dashboard;
 mod ingest;
 mod joiner;
+mod outage;
 mod pipeline;
 mod reliability;
 mod scorer;

@@ -30,6 +30,16 @@ pub(crate) fn topics(tag: &str) -> Topics {
 }
 
 pub(crate) fn simulate(t: &Topics, serves: u64, counts_out: &std::path::Path) -> Service {
+    simulate_at_rate(t, serves, 0, counts_out)
+}
+
+/// [`simulate`] at `rate` serves per wall-clock second (0: as fast as the broker takes them).
+pub(crate) fn simulate_at_rate(
+    t: &Topics,
+    serves: u64,
+    rate: u32,
+    counts_out: &std::path::Path,
+) -> Service {
     Service::start(
         "simulate",
         "ctr-ingest",
@@ -40,7 +50,7 @@ pub(crate) fn simulate(t: &Topics, serves: u64, counts_out: &std::path::Path) ->
             format!("--clicks-topic={}", t.clicks),
             "--seed=2024".into(),
             format!("--serves={serves}"),
-            "--rate=0".into(),
+            format!("--rate={rate}"),
             "--sim-rate=2000".into(),
             "--start-ms=1760000000000".into(),
             "--click-delay-min-ms=50".into(),
@@ -111,7 +121,19 @@ pub(crate) fn assert_published_exactly(
     want: &BTreeMap<String, (u64, u64)>,
     services: &[&Service],
 ) {
-    let mut con = redis();
+    assert_published_exactly_at(&redis_url(), prefix, want, services);
+}
+
+/// [`assert_published_exactly`] in the Redis at `url`.
+pub(crate) fn assert_published_exactly_at(
+    url: &str,
+    prefix: &str,
+    want: &BTreeMap<String, (u64, u64)>,
+    services: &[&Service],
+) {
+    let mut con = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("Redis answers");
     let total: u64 = want.values().map(|c| c.0).sum();
     let seen = std::cell::Cell::new(0u64);
     let got = eventually(
