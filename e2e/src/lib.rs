@@ -455,6 +455,24 @@ impl Service {
     }
 }
 
+/// The pid of the stack's own Apache Kafka broker, when the tests run against one (its log is
+/// durable, so it can be killed and restarted; Tansu keeps memory only, an external cluster is
+/// not ours to kill).
+pub fn local_kafka_pid() -> Option<i32> {
+    let run = std::env::var("CTR_RUN_DIR").ok()?;
+    let pid = std::fs::read_to_string(PathBuf::from(run).join("pids/kafka.pid")).ok()?;
+    pid.trim().parse().ok()
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`, `-9`) to process `pid`.
+pub fn signal_process(pid: i32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
 /// A `redis-server` of a test's own on a free loopback port (the binary the stack script
 /// installed), for faults that must not touch the shared Redis: it can be frozen (SIGSTOP)
 /// and thawed. Killed when dropped.

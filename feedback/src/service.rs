@@ -45,13 +45,13 @@ pub enum FeedbackError {
     #[error(transparent)]
     Signal(DependencyError<redis::RedisError>),
     #[error(transparent)]
+    Metadata(DependencyError<KafkaError>),
+    #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Produce(#[from] ProduceError),
-    #[error(
-        "no Kafka broker has been reachable for {0:?}, longer than the outage budget: exiting so that a supervisor restarts the joiner (it resumes from its checkpoints)"
-    )]
-    BrokerOutage(Duration),
+    #[error(transparent)]
+    Outage(#[from] ctr_runtime::kafka::Outage),
     #[error(
         "topics {serves} ({serves_parts} partitions) and {clicks} ({clicks_parts}) must have equal partition counts: serves and their clicks meet by partition number"
     )]
@@ -418,15 +418,17 @@ fn mark_partition(out_parts: &mut Vec<(usize, i32)>, out_len: usize, partition: 
     }
 }
 
-fn check_partitions(
-    consumer: &StreamConsumer<GroupContext>,
-    cfg: &FeedbackConfig,
-) -> Result<(), FeedbackError> {
-    let count = |topic: &str| -> Result<usize, FeedbackError> {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
-    };
-    let (s, c) = (count(&cfg.serves_topic)?, count(&cfg.clicks_topic)?);
+/// Checks that the serves and clicks topics have equal partition counts (a serve and its
+/// clicks meet by partition number).
+async fn check_partitions(cfg: &FeedbackConfig) -> Result<(), FeedbackError> {
+    let counts = ctr_runtime::kafka::partition_counts(
+        &cfg.service.brokers,
+        &cfg.service.policy,
+        &[&cfg.serves_topic, &cfg.clicks_topic],
+    )
+    .await
+    .map_err(FeedbackError::Metadata)?;
+    let (s, c) = (counts[0], counts[1]);
     if s != c || s == 0 {
         return Err(FeedbackError::Partitions {
             serves: cfg.serves_topic.clone(),
@@ -451,18 +453,34 @@ pub async fn run_joiner(
     cfg: FeedbackConfig,
     redis: ConnectionManager,
     heartbeat: Heartbeat,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), FeedbackError> {
     let consumer: StreamConsumer<GroupContext> =
-        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group)
+        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group, &cfg.service.policy)
             // The range assignor co-partitions the two topics (see module docs).
             .set("partition.assignment.strategy", "range")
             .create_with_context(GroupContext::new("feedback"))?;
-    check_partitions(&consumer, &cfg)?;
+    let result = join(&consumer, cfg, redis, heartbeat, stop).await;
+    ctr_runtime::kafka::close_in_background(consumer);
+    result
+}
+
+/// [`run_joiner`]'s work, with its consumer (closed by the caller, however this ends).
+async fn join(
+    consumer: &StreamConsumer<GroupContext>,
+    cfg: FeedbackConfig,
+    redis: ConnectionManager,
+    heartbeat: Heartbeat,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), FeedbackError> {
+    check_partitions(&cfg).await?;
     consumer.subscribe(&[&cfg.serves_topic, &cfg.clicks_topic])?;
-    let producer =
-        ctr_runtime::kafka::producer_config(&cfg.service.brokers, cfg.service.policy.outage_budget)
-            .create()?;
+    let producer = ctr_runtime::kafka::producer_config(
+        &cfg.service.brokers,
+        &cfg.service.policy,
+        cfg.service.policy.outage_budget,
+    )
+    .create()?;
     let store = CheckpointStore::new(
         redis.clone(),
         cfg.service.policy,
@@ -503,7 +521,7 @@ pub async fn run_joiner(
         tokio::select! {
             () = ctr_runtime::process::stopped(&mut stop) => break,
             msg = consumer.recv() => {
-                joiner.apply_membership(&consumer).await?;
+                joiner.apply_membership(consumer).await?;
                 match msg {
                     Ok(m) => joiner.handle(&m).await?,
                     // Broker hiccups are transient: librdkafka reconnects; keep polling (a
@@ -512,7 +530,7 @@ pub async fn run_joiner(
                 }
             }
             _ = ticker.tick() => {
-                joiner.apply_membership(&consumer).await?;
+                joiner.apply_membership(consumer).await?;
                 joiner.tick();
             }
         }
@@ -521,15 +539,14 @@ pub async fn run_joiner(
         }
         joiner.producer.reap()?;
         if last_checkpoint.elapsed() >= checkpoint_every {
-            joiner.checkpoint(&consumer, None).await?;
+            joiner.checkpoint(consumer, None).await?;
             last_checkpoint = Instant::now();
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            let outage = consumer.context().broker_outage();
-            if outage > joiner.cfg.service.policy.outage_budget {
-                return Err(FeedbackError::BrokerOutage(outage));
-            }
+            consumer
+                .context()
+                .check(joiner.cfg.service.policy.outage_budget)?;
             publish_signal(&mut joiner, &mut signal).await?;
             if last_progress.elapsed() >= Duration::from_secs(5) {
                 last_progress = Instant::now();
@@ -538,7 +555,7 @@ pub async fn run_joiner(
         }
     }
     joiner.tick();
-    joiner.checkpoint(&consumer, None).await?;
+    joiner.checkpoint(consumer, None).await?;
     let t = joiner.totals;
     info!(
         serves = t.serves,

@@ -49,7 +49,6 @@ use tracing::{info, warn};
 use crate::json::{BodyError, EventError, Framing, Kind, Prepared, Preparer, TimeBounds};
 use crate::now_ms;
 use crate::producer::KafkaArgs;
-use ctr_runtime::kafka::BrokerWatch;
 use ctr_runtime::{Policy, Supervisor};
 
 /// Settings of `ctr-ingest http`, as given.
@@ -257,9 +256,7 @@ pub enum AdapterError {
 
 struct AppState {
     cfg: AdapterConfig,
-    producer: FutureProducer<BrokerWatch>,
-    /// What the producer's statistics say of the brokers.
-    brokers: BrokerWatch,
+    producer: FutureProducer,
     preparer: Mutex<Preparer>,
     in_flight: Arc<Semaphore>,
     metrics: Option<PrometheusHandle>,
@@ -279,27 +276,22 @@ pub async fn run(
 ) -> Result<(), AdapterError> {
     // The adapter's own delivery timeout (its answer to a client is bounded by it), not the
     // outage budget.
-    let mut pc = ctr_runtime::kafka::producer_config(&cfg.brokers, cfg.delivery_timeout);
+    let mut pc =
+        ctr_runtime::kafka::producer_config(&cfg.brokers, &cfg.policy, cfg.delivery_timeout);
     pc.set("linger.ms", cfg.linger_ms.to_string())
         .set("compression.type", "none")
-        // The broker watch reads librdkafka's statistics.
-        .set("statistics.interval.ms", "1000")
         // librdkafka's own queue must hold everything the semaphore lets in, so a send never
         // fails for lack of room halfway through a request.
         .set(
             "queue.buffering.max.messages",
             (cfg.max_in_flight_events + 1_000).to_string(),
         );
-    let brokers = BrokerWatch::default();
-    let producer: FutureProducer<BrokerWatch> = pc
-        .create_with_context(brokers.clone())
-        .map_err(AdapterError::Producer)?;
+    let producer: FutureProducer = pc.create().map_err(AdapterError::Producer)?;
     let ids = IdGenerator::new(cfg.shard).expect("shard checked in the config");
     let state = Arc::new(AppState {
         preparer: Mutex::new(Preparer::new(ids, Some(cfg.bounds), cfg.max_events)),
         in_flight: Arc::new(Semaphore::new(cfg.max_in_flight_events)),
         producer,
-        brokers,
         metrics,
         cfg,
     });
@@ -312,20 +304,10 @@ pub async fn run(
             .with_graceful_shutdown(async move { ctr_runtime::process::stopped(&mut stop).await })
             .await
     });
-    let (watched, mut stop) = (state.clone(), tasks.stop_signal());
-    tasks.spawn("broker watch", async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                () = ctr_runtime::process::stopped(&mut stop) => return Ok(()),
-                _ = tick.tick() => {}
-            }
-            let outage = watched.brokers.outage();
-            if outage > watched.cfg.policy.outage_budget {
-                return Err(AdapterError::BrokerOutage(outage));
-            }
-        }
-    });
+    tasks.spawn(
+        "broker watch",
+        watch_broker(state.clone(), tasks.stop_signal()),
+    );
     tasks.run(shutdown).await?;
     // Every answered request already waited for its deliveries; nothing should be left.
     if let Err(e) = state.producer.flush(Duration::from_secs(10)) {
@@ -333,6 +315,42 @@ pub async fn run(
     }
     info!("ingest adapter stopped");
     Ok(())
+}
+
+/// Asks the broker for the serves topic's metadata every second (what `/readyz` asks), each
+/// within the call deadline, until `stop`; an error once no answer has come for longer than
+/// the outage budget. An idle producer would not notice a broker that stopped answering: it
+/// sends nothing that could time out.
+async fn watch_broker(
+    state: Shared,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), AdapterError> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_answer = Instant::now();
+    loop {
+        tokio::select! {
+            () = ctr_runtime::process::stopped(&mut stop) => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if broker_answers(&state, state.cfg.policy.call_timeout).await {
+            last_answer = Instant::now();
+        } else if last_answer.elapsed() > state.cfg.policy.outage_budget {
+            return Err(AdapterError::BrokerOutage(last_answer.elapsed()));
+        }
+    }
+}
+
+/// Whether the broker answers a metadata request for the serves topic within `timeout`.
+async fn broker_answers(state: &Shared, timeout: Duration) -> bool {
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        st.producer
+            .client()
+            .fetch_metadata(Some(&st.cfg.serves_topic), timeout)
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
 }
 
 fn router(state: Shared) -> Router {
@@ -581,16 +599,7 @@ fn refused(e: BodyError) -> Response {
 }
 
 async fn readyz(State(s): State<Shared>) -> Response {
-    let st = s.clone();
-    let ok = tokio::task::spawn_blocking(move || {
-        st.producer
-            .client()
-            .fetch_metadata(Some(&st.cfg.serves_topic), Duration::from_secs(2))
-            .is_ok()
-    })
-    .await
-    .unwrap_or(false);
-    if ok {
+    if broker_answers(&s, Duration::from_secs(2)).await {
         (StatusCode::OK, "ready").into_response()
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "Kafka unreachable")

@@ -55,10 +55,11 @@ pub struct EventProducer {
 impl EventProducer {
     pub fn new(args: &KafkaArgs, max_in_flight: usize) -> Result<Self, ProduceError> {
         let policy = args.dependencies.policy().map_err(ProduceError::Settings)?;
-        let producer = ctr_runtime::kafka::producer_config(args.brokers(), policy.outage_budget)
-            .set("compression.type", "none")
-            .create()
-            .map_err(ProduceError::Create)?;
+        let producer =
+            ctr_runtime::kafka::producer_config(args.brokers(), &policy, policy.outage_budget)
+                .set("compression.type", "none")
+                .create()
+                .map_err(ProduceError::Create)?;
         Ok(Self {
             inner: TrackedProducer::new(producer, max_in_flight),
         })

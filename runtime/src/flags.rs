@@ -106,7 +106,8 @@ pub struct RedisFlags {
 /// ([`crate::policy`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DependencyFlags {
-    /// Deadline of one call to Redis, ms: a call without an answer by then has failed.
+    /// Deadline of one call to Redis or one request to the broker, ms: a call without an answer
+    /// by then has failed.
     #[arg(long, env = "CTR_CALL_TIMEOUT_MS", default_value_t = 10_000)]
     pub call_timeout_ms: u64,
     /// Longest outage of Redis or the broker that is ridden out, ms: past it the service exits

@@ -28,13 +28,30 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, TopicPartitionList};
 use tracing::{info, warn};
 
+use crate::{DependencyError, Policy};
+
+/// Settings every client shares: the brokers, and the policy's call deadline as the deadline
+/// of a request to a broker (`socket.timeout.ms`; librdkafka's default is 60 s), so a frozen
+/// broker is seen down after one deadline, not a minute.
+fn client_config(brokers: &str, policy: &Policy) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers).set(
+        "socket.timeout.ms",
+        policy
+            .call_timeout
+            .as_millis()
+            .clamp(10, 300_000)
+            .to_string(),
+    );
+    c
+}
+
 /// Settings of a consumer in group `group` that commits its own offsets (after the effect is
 /// durable), reads from the beginning when nothing is committed, and reports statistics every
 /// second (consumer lag, broker state).
-pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", group)
+pub fn consumer_config(brokers: &str, group: &str, policy: &Policy) -> ClientConfig {
+    let mut c = client_config(brokers, policy);
+    c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -52,11 +69,10 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
 /// Settings of every producer: idempotent (`acks=all`, ordered retries, no duplicates), the
 /// Java-compatible `murmur2_random` partitioner (a record lands in the partition producers in
 /// other languages would choose), 5 ms linger, and `delivery_timeout` for the broker to
-/// acknowledge a record before its delivery fails.
-pub fn producer_config(brokers: &str, delivery_timeout: Duration) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
+/// acknowledge a record before its delivery fails (a service gives it the outage budget).
+pub fn producer_config(brokers: &str, policy: &Policy, delivery_timeout: Duration) -> ClientConfig {
+    let mut c = client_config(brokers, policy);
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
@@ -106,7 +122,13 @@ impl BrokerWatch {
     }
 
     fn observe(&self, statistics: &Statistics) {
-        if statistics.brokers.values().any(|b| b.state == "UP") {
+        // Real brokers only: librdkafka also lists logical ones (the group coordinator), whose
+        // state is not a connection's.
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && matches!(b.source.as_str(), "learned" | "configured"));
+        if up {
             self.broker_up_ms
                 .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
@@ -121,13 +143,35 @@ impl ClientContext for BrokerWatch {
 
 type StatsHook = Box<dyn Fn(&Statistics) + Send + Sync>;
 
+/// A consumer that has gone without a broker, or without its place in its group, for longer
+/// than the outage budget: the process should exit for its supervisor to restart it.
+#[derive(Debug, thiserror::Error)]
+pub enum Outage {
+    /// No broker has been up.
+    #[error(
+        "no Kafka broker has been reachable for {0:?}, longer than the outage budget: exiting so that a supervisor restarts the service (it resumes from its checkpoints)"
+    )]
+    Broker(Duration),
+    /// The consumer has not been a settled member of its group (a known librdkafka failure
+    /// after the group coordinator moves: it stops trying to join).
+    #[error(
+        "not a member of the consumer group for {0:?} (group state: {1}), longer than the outage budget: exiting so that a supervisor restarts the service (it resumes from its checkpoints)"
+    )]
+    Group(Duration, String),
+}
+
 /// A consumer context that queues [`Membership`] changes and watches whether any broker is
-/// up; a service may add its own statistics hook (consumer lag).
+/// up and whether the consumer holds its place in its group; a service may add its own
+/// statistics hook (consumer lag).
 pub struct GroupContext {
     service: &'static str,
     queue: Mutex<Vec<Membership>>,
     on_stats: Option<StatsHook>,
     broker: BrokerWatch,
+    /// Milliseconds since the broker watch's origin when the group was last seen settled
+    /// (state `up`, join state `steady`), and the last state seen.
+    group_settled_ms: AtomicU64,
+    group_state: Mutex<String>,
 }
 
 impl std::fmt::Debug for GroupContext {
@@ -147,6 +191,8 @@ impl GroupContext {
             queue: Mutex::new(Vec::new()),
             on_stats: None,
             broker: BrokerWatch::default(),
+            group_settled_ms: AtomicU64::new(0),
+            group_state: Mutex::new("not reported yet".into()),
         }
     }
 
@@ -171,6 +217,31 @@ impl GroupContext {
         self.broker.outage()
     }
 
+    /// An [`Outage`] if no broker has been up, or the consumer has not been a settled member
+    /// of its group, for longer than `budget` (judged from the statistics, about a second
+    /// behind; a consumer counts from its creation, so `budget` must allow a first join: a
+    /// group waits up to its session timeout, 6 s, for a member that left without a word).
+    pub fn check(&self, budget: Duration) -> Result<(), Outage> {
+        let broker = self.broker.outage();
+        if broker > budget {
+            return Err(Outage::Broker(broker));
+        }
+        let now = self.broker.origin.elapsed().as_millis() as u64;
+        let unsettled = Duration::from_millis(
+            now.saturating_sub(self.group_settled_ms.load(Ordering::Relaxed)),
+        )
+        .saturating_sub(Duration::from_millis(1500));
+        if unsettled > budget {
+            let state = self
+                .group_state
+                .lock()
+                .expect("group state lock never poisoned")
+                .clone();
+            return Err(Outage::Group(unsettled, state));
+        }
+        Ok(())
+    }
+
     fn push(&self, change: Membership) {
         self.queue
             .lock()
@@ -190,6 +261,19 @@ pub fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
 impl ClientContext for GroupContext {
     fn stats(&self, statistics: Statistics) {
         self.broker.observe(&statistics);
+        if let Some(cgrp) = &statistics.cgrp {
+            if cgrp.state == "up" && cgrp.join_state == "steady" {
+                self.group_settled_ms.store(
+                    self.broker.origin.elapsed().as_millis() as u64,
+                    Ordering::Relaxed,
+                );
+            }
+            *self
+                .group_state
+                .lock()
+                .expect("group state lock never poisoned") =
+                format!("{}, join {}", cgrp.state, cgrp.join_state);
+        }
         if let Some(hook) = &self.on_stats {
             hook(&statistics);
         }
@@ -219,6 +303,56 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// The partition count of each of `topics` (0 for a topic the broker does not know), asked of
+/// the broker under the dependency policy: a broker that is restarting or not answering yet is
+/// waited for up to the outage budget.
+pub async fn partition_counts(
+    brokers: &str,
+    policy: &Policy,
+    topics: &[&str],
+) -> Result<Vec<usize>, DependencyError<KafkaError>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = client_config(brokers, policy)
+        .create()
+        .map_err(DependencyError::Failed)?;
+    let client = Arc::new(client);
+    let mut counts = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let count = policy
+            .retry(&format!("reading the metadata of topic {topic}"), || {
+                let (client, topic) = (Arc::clone(&client), topic.to_string());
+                let deadline = policy.call_timeout;
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        let md = client.fetch_metadata(Some(&topic), deadline)?;
+                        Ok(md
+                            .topics()
+                            .first()
+                            .filter(|t| t.error().is_none())
+                            .map_or(0, |t| t.partitions().len()))
+                    })
+                    .await
+                    .unwrap_or(Err(KafkaError::Canceled))
+                }
+            })
+            .await?;
+        counts.push(count);
+    }
+    Ok(counts)
+}
+
+/// Closes `consumer` on a blocking thread, not waited for. Closing leaves the group and
+/// commits what is pending, which with a broker that does not answer blocks for as long as
+/// librdkafka's timeouts allow; on an async worker thread that would stall the process's
+/// shutdown. A clean exit still waits for it (the runtime joins its blocking threads); an exit
+/// after a failure does not (see `process::exit_code`).
+pub fn close_in_background<C: ConsumerContext + 'static>(
+    consumer: impl Into<std::sync::Arc<rdkafka::consumer::StreamConsumer<C>>>,
+) {
+    let consumer = consumer.into();
+    drop(tokio::task::spawn_blocking(move || drop(consumer)));
+}
+
 /// Kafka record headers from name–value pairs (the contracts' header builders produce those).
 pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
     pairs
@@ -241,6 +375,15 @@ pub enum ProduceError {
         topic: String,
         /// librdkafka's reason.
         source: KafkaError,
+    },
+    /// The broker did not acknowledge a record within the delivery timeout
+    /// (`message.timeout.ms`): for a service, the broker has been out for its outage budget.
+    #[error(
+        "delivery to {topic} timed out: the broker did not acknowledge it within the delivery timeout (a service's outage budget)"
+    )]
+    TimedOut {
+        /// Where the record was going.
+        topic: String,
     },
     /// The producer was shut down before it reported a delivery.
     #[error("the producer shut down before reporting a delivery to {topic}")]
@@ -393,6 +536,9 @@ impl<C: ClientContext + 'static> TrackedProducer<C> {
             Ok(Ok(_)) => {
                 self.delivered += 1;
                 Ok(())
+            }
+            Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+                Err(ProduceError::TimedOut { topic: topic() })
             }
             Ok(Err((source, _))) => Err(ProduceError::Delivery {
                 topic: topic(),

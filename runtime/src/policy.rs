@@ -62,6 +62,30 @@ impl Transient for redis::RedisError {
     }
 }
 
+impl Transient for rdkafka::error::KafkaError {
+    fn is_transient(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        // A broker that is down, restarting, electing a leader or loading a coordinator.
+        matches!(
+            self.rdkafka_error_code(),
+            Some(
+                Code::BrokerTransportFailure
+                    | Code::AllBrokersDown
+                    | Code::Resolve
+                    | Code::OperationTimedOut
+                    | Code::RequestTimedOut
+                    | Code::NetworkException
+                    | Code::LeaderNotAvailable
+                    | Code::NotLeaderForPartition
+                    | Code::BrokerNotAvailable
+                    | Code::CoordinatorLoadInProgress
+                    | Code::CoordinatorNotAvailable
+                    | Code::NotCoordinator
+            )
+        )
+    }
+}
+
 /// Why a call to a dependency did not succeed under the [`Policy`].
 #[derive(Debug, thiserror::Error)]
 pub enum DependencyError<E> {

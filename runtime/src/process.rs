@@ -139,13 +139,15 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Logs `result` and turns it into the process's exit code (`{e:#}` prints a whole error
-/// chain).
+/// chain). A failure exits at once: what could be drained was drained by the supervisor, and
+/// the destructors left (a Kafka client closing against a broker that does not answer) could
+/// otherwise hold the process up, alive and idle.
 pub fn exit_code<E: Display>(service: &str, result: Result<(), E>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "{service} failed");
-            std::process::ExitCode::FAILURE
+            std::process::exit(1)
         }
     }
 }

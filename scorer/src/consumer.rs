@@ -120,7 +120,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
-        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group)
+        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group, &cfg.service.policy)
             // Freshness: the broker answers an empty fetch after at most 20 ms (default
             // 500 ms), so a record produced into a quiet partition is seen within a batch
             // interval.
@@ -130,9 +130,12 @@ pub async fn run(
     consumer.subscribe(&[&cfg.labeled_topic])?;
     let mut queues = Vec::new();
     let mut workers = tokio::task::JoinSet::new();
-    let dead_letters: rdkafka::producer::FutureProducer =
-        ctr_runtime::kafka::producer_config(&cfg.service.brokers, cfg.service.policy.outage_budget)
-            .create()?;
+    let dead_letters: rdkafka::producer::FutureProducer = ctr_runtime::kafka::producer_config(
+        &cfg.service.brokers,
+        &cfg.service.policy,
+        cfg.service.policy.outage_budget,
+    )
+    .create()?;
     // A step never waits longer than a dependency's outage budget plus one call: past that a
     // loop is wedged, and /healthz says so.
     let bound = cfg.service.policy.outage_budget + cfg.service.policy.call_timeout;
@@ -175,7 +178,7 @@ pub async fn run(
     let consume = async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut failed = None;
-        let mut broker_gone = None;
+        let mut gone = None;
         let mut thinning = Thinning::default();
         let mut dropped_before: std::collections::HashMap<i32, u32> = Default::default();
         let mut dropped_total = 0u64;
@@ -227,9 +230,8 @@ pub async fn run(
                 _ = tick.tick() => {
                     router.apply(consumer.context()).await;
                     control.count(Counted::Dropped, std::mem::take(&mut dropped_total));
-                    let outage = consumer.context().broker_outage();
-                    if outage > cfg.service.policy.outage_budget {
-                        broker_gone = Some(outage);
+                    if let Err(outage) = consumer.context().check(cfg.service.policy.outage_budget) {
+                        gone = Some(outage);
                         break;
                     }
                 }
@@ -239,8 +241,9 @@ pub async fn run(
         // queues lets every worker publish, checkpoint and commit, then stop.
         let _ = loop_done.send(true);
         drop(router);
-        let mut result = match broker_gone {
-            Some(outage) => Err(crate::Error::BrokerOutage(outage)),
+        // The workers hold the consumer too: it closes when the last of them is done.
+        let mut result = match gone {
+            Some(outage) => Err(crate::Error::Outage(outage)),
             None => Ok(()),
         };
         let mut outcome = failed;
@@ -261,6 +264,7 @@ pub async fn run(
                 Err(e) => result = Err(crate::Error::Worker(format!("worker panicked: {e}"))),
             }
         }
+        ctr_runtime::kafka::close_in_background(consumer);
         result
     };
     let (result, ()) = tokio::join!(consume, governor);

@@ -58,12 +58,12 @@ pub enum Error {
     Http(#[from] std::io::Error),
     #[error("worker: {0}")]
     Worker(String),
-    #[error(
-        "no Kafka broker has been reachable for {0:?}, longer than the outage budget: exiting so that a supervisor restarts the scorer (it resumes from its checkpoints)"
-    )]
-    BrokerOutage(Duration),
+    #[error(transparent)]
+    Outage(#[from] ctr_runtime::kafka::Outage),
     #[error(transparent)]
     Task(#[from] ctr_runtime::TaskFailed),
+    #[error(transparent)]
+    Metadata(ctr_runtime::DependencyError<rdkafka::error::KafkaError>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -188,28 +188,20 @@ pub async fn run(
 
 /// Partitions of the labeled topic, from the broker's metadata: the replica holds each.
 async fn labeled_partitions(config: &ScorerConfig) -> Result<usize> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &config.service.brokers)
-        .create()?;
-    let topic = config.labeled_topic.clone();
-    let metadata = tokio::task::spawn_blocking(move || {
-        consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))
-    })
+    let counts = ctr_runtime::kafka::partition_counts(
+        &config.service.brokers,
+        &config.service.policy,
+        &[&config.labeled_topic],
+    )
     .await
-    .map_err(|e| Error::Worker(format!("reading the topic's metadata: {e}")))??;
-    let partitions = metadata
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none())
-        .map_or(0, |t| t.partitions().len());
-    if partitions == 0 {
+    .map_err(Error::Metadata)?;
+    if counts[0] == 0 {
         return Err(Error::Config(format!(
             "labeled topic `{}` not found on the broker (or it has no partitions)",
             config.labeled_topic
         )));
     }
-    Ok(partitions)
+    Ok(counts[0])
 }
 
 /// The wall clock, Unix ms (ages and freshness; never part of the models' state).

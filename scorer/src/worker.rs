@@ -230,7 +230,7 @@ impl Worker {
                     self.publish_all().await?;
                 }
                 if closed {
-                    self.checkpoint_all(CommitMode::Sync).await?;
+                    self.checkpoint_all().await?;
                     break;
                 }
                 if last_checkpoint.elapsed() >= self.cfg.checkpoint_every {
@@ -238,7 +238,7 @@ impl Worker {
                         own.maintain_due = true;
                     }
                     self.publish_all().await?;
-                    self.checkpoint_all(CommitMode::Async).await?;
+                    self.checkpoint_all().await?;
                     last_checkpoint = Instant::now();
                 }
                 if last_report.elapsed() >= Duration::from_secs(1) {
@@ -277,7 +277,7 @@ impl Worker {
                 if let Some(own) = self.parts.get_mut(&p) {
                     own.maintain_due = true;
                     self.publish(p).await?;
-                    self.checkpoint(&[p], CommitMode::Sync).await?;
+                    self.checkpoint(&[p]).await?;
                     self.parts.remove(&p);
                     self.control.reports.lock().expect("reports").remove(&p);
                     info!(partition = p, "partition handed over");
@@ -575,19 +575,22 @@ impl Worker {
         Ok(())
     }
 
-    async fn checkpoint_all(&mut self, mode: CommitMode) -> Result<(), WorkerError> {
+    async fn checkpoint_all(&mut self) -> Result<(), WorkerError> {
         let parts: Vec<i32> = self
             .parts
             .iter()
             .filter(|(_, o)| o.changed)
             .map(|(p, _)| *p)
             .collect();
-        self.checkpoint(&parts, mode).await
+        self.checkpoint(&parts).await
     }
 
     /// Checkpoints `parts` (already published), then commits their offsets. Every dead letter
-    /// is delivered first: the checkpoint moves past the poison records behind them.
-    async fn checkpoint(&mut self, parts: &[i32], mode: CommitMode) -> Result<(), WorkerError> {
+    /// is delivered first: the checkpoint moves past the poison records behind them. The
+    /// commit is asynchronous, always: it is only where a new owner starts reading (the
+    /// checkpoint decides what it skips), and a synchronous commit would block a runtime
+    /// thread for as long as the broker does not answer.
+    async fn checkpoint(&mut self, parts: &[i32]) -> Result<(), WorkerError> {
         self.dead_letters.flush().await?;
         let mut offsets = TopicPartitionList::new();
         for &p in parts {
@@ -617,7 +620,7 @@ impl Worker {
             }
         }
         if offsets.count() > 0
-            && let Err(e) = self.consumer.commit(&offsets, mode)
+            && let Err(e) = self.consumer.commit(&offsets, CommitMode::Async)
         {
             // Harmless: the checkpoint, not Kafka, decides where a new owner resumes.
             debug!(error = %e, "offset commit failed");

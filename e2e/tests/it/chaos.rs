@@ -304,15 +304,6 @@ fn labels(topic: &str) -> BTreeMap<String, (bool, String, i32, String)> {
     out
 }
 
-/// The pid of the stack's own Apache Kafka broker, when the tests run against one (its log is
-/// durable, so it can be killed and restarted; Tansu keeps memory only, an external cluster is
-/// not ours to kill).
-fn local_kafka_pid() -> Option<i32> {
-    let run = std::env::var("CTR_RUN_DIR").ok()?;
-    let pid = std::fs::read_to_string(PathBuf::from(run).join("pids/kafka.pid")).ok()?;
-    pid.trim().parse().ok()
-}
-
 /// Runs `scripts/stack up`, which starts again whatever of the stack is down. When the stack
 /// runs its own broker, it is told so (the tests' environment names the broker as external).
 fn stack_up(after: &str) {

@@ -14,24 +14,24 @@ use ctr_e2e::*;
 
 use crate::pipeline::{Topics, assert_published_exactly_at, expected, simulate_at_rate, topics};
 
-/// The joiner on `redis`, with the dependency policy `policy`.
-fn start_joiner(t: &Topics, redis: &PrivateRedis, policy: &[&str]) -> Service {
+/// The joiner on the Redis at `redis_url`, with the dependency policy `policy`.
+fn start_joiner(t: &Topics, redis_url: &str, policy: &[&str]) -> Service {
     let mut extra = FAST_JOIN.to_vec();
     extra.extend_from_slice(policy);
     start_feedback(
         [&t.serves, &t.clicks, &t.labeled, &t.deadletter],
         &format!("{}-feedback", t.serves),
         &format!("{}:", t.serves),
-        &redis.url(),
+        redis_url,
         free_port(),
         &extra,
     )
 }
 
-/// A scorer on `redis`, with the dependency policy `policy`.
+/// A scorer on the Redis at `redis_url`, with the dependency policy `policy`.
 fn start_scorer_on(
     t: &Topics,
-    redis: &PrivateRedis,
+    redis_url: &str,
     prefix: &str,
     port: u16,
     policy: &[&str],
@@ -41,12 +41,66 @@ fn start_scorer_on(
         format!("--labeled-topic={}", t.labeled),
         format!("--deadletter-topic={}", t.deadletter),
         format!("--group={}-scorer", t.labeled),
-        format!("--redis-url={}", redis.url()),
+        format!("--redis-url={redis_url}"),
         format!("--redis-prefix={prefix}"),
         format!("--http-addr=127.0.0.1:{port}"),
     ];
     args.extend(policy.iter().map(|s| s.to_string()));
     Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
+}
+
+/// Restarts the joiner and the scorer as a supervisor would (systemd's `Restart=on-failure`):
+/// again whenever one exits non-zero, until Redis holds exactly `want`, then stops them. They
+/// resume from their checkpoints. A restart gets a budget of its own, long enough for a first
+/// join of a group whose last member left without a word (the group waits its session
+/// timeout for it).
+fn restart_until_exact(
+    t: &Topics,
+    redis_url: &str,
+    prefix: &str,
+    want: &std::collections::BTreeMap<String, (u64, u64)>,
+) {
+    let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=30000"];
+    let start = |which: usize| match which {
+        0 => start_joiner(t, redis_url, &policy),
+        _ => start_scorer_on(t, redis_url, prefix, free_port(), &policy),
+    };
+    let mut services = [start(0), start(1)];
+    let mut con = redis::Client::open(redis_url)
+        .and_then(|c| c.get_connection())
+        .expect("Redis answers");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut restarts = 0;
+    while published_ad_counts(&mut con, prefix) != *want {
+        for (which, s) in services.iter_mut().enumerate() {
+            if let Some(status) = s.exit_status() {
+                assert!(
+                    !status.success(),
+                    "{} exited by itself with {status}",
+                    s.name
+                );
+                eprintln!(
+                    "{} exited ({status}); restarting it:\n{}",
+                    s.name,
+                    s.output()
+                );
+                restarts += 1;
+                assert!(restarts <= 4, "restarted {restarts} times");
+                *s = start(which);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis never held the emitted totals:\n{}\n{}",
+            services[0].output(),
+            services[1].output()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let [feedback, scorer] = services;
+    assert_published_exactly_at(redis_url, prefix, want, &[&feedback, &scorer]);
+    scorer.stop();
+    feedback.stop();
 }
 
 fn counts_file() -> std::path::PathBuf {
@@ -64,10 +118,10 @@ fn a_redis_freeze_within_the_budget_is_ridden_out_and_the_totals_end_exact() {
     // 15 s frozen against a 40 s budget: longer than the consumer groups' poll interval (10 s),
     // so both services are dropped from their groups and must rejoin.
     let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=40000"];
-    let mut feedback = start_joiner(&t, &redis, &policy);
-    let mut scorer = start_scorer_on(&t, &redis, &prefix, port, &policy);
+    let mut feedback = start_joiner(&t, &redis.url(), &policy);
+    let mut scorer = start_scorer_on(&t, &redis.url(), &prefix, port, &policy);
     let counts = counts_file();
-    let sim = simulate_at_rate(&t, 6_000, 200, &counts);
+    let sim = simulate_at_rate(&t, 6_000, 200, &counts, &[]);
     std::thread::sleep(Duration::from_secs(8));
     redis.freeze();
     std::thread::sleep(Duration::from_secs(15));
@@ -97,24 +151,57 @@ fn a_redis_freeze_past_the_budget_ends_the_services_non_zero_and_a_restart_ends_
     let t = topics("freeze-long");
     let prefix = format!("{}:", unique("ctr"));
     let policy = ["--call-timeout-ms=1000", "--outage-budget-ms=5000"];
-    let mut feedback = start_joiner(&t, &redis, &policy);
-    let mut scorer = start_scorer_on(&t, &redis, &prefix, free_port(), &policy);
+    let mut feedback = start_joiner(&t, &redis.url(), &policy);
+    let mut scorer = start_scorer_on(&t, &redis.url(), &prefix, free_port(), &policy);
     let counts = counts_file();
-    let sim = simulate_at_rate(&t, 6_000, 200, &counts);
+    let sim = simulate_at_rate(&t, 6_000, 200, &counts, &[]);
     std::thread::sleep(Duration::from_secs(8));
     redis.freeze();
     let frozen = Instant::now();
     // The documented bound: the budget, one call, then the drain (itself at most the budget
     // and two calls): 2 × 5 s + 3 × 1 s = 13 s. The machine is shared; allow it 10 s more.
-    for s in [&mut feedback, &mut scorer] {
-        let deadline = frozen + Duration::from_secs(23);
+    assert_exit_within(
+        &mut [&mut feedback, &mut scorer],
+        frozen,
+        Duration::from_secs(23),
+    );
+    redis.thaw();
+    sim.wait_success(Duration::from_secs(120));
+    let want = expected(&counts);
+    restart_until_exact(&t, &redis.url(), &prefix, &want);
+}
+
+/// The HTTP adapter on topics of its own (its events must not reach the joiner: their event
+/// times are now, the simulator's are in 2025), with the dependency policy `policy`.
+fn start_adapter(tag: &str, port: u16, policy: &[&str]) -> Service {
+    let base = unique(tag);
+    let (serves, clicks) = (format!("{base}.serves"), format!("{base}.clicks"));
+    create_topics(&[(&serves, 1), (&clicks, 1)]);
+    let mut extra = vec!["--allow-anonymous"];
+    extra.extend_from_slice(policy);
+    start_ingest(&serves, &clicks, port, &extra)
+}
+
+/// Posts one serve to the adapter; its status.
+fn post_one_serve(port: u16) -> u16 {
+    let body = format!(
+        r#"{{"type":"serve","ts_ms":{},"context":{{"query_category":"travel","geo":"US","device":"mobile"}},"ads":[{{"ad_id":"ad-1","campaign_id":"c-1","position":1,"bid":1.0}}]}}"#,
+        now_ms()
+    );
+    http_post_json(&format!("http://127.0.0.1:{port}/v1/events"), &body).0
+}
+
+/// Waits until every one of `services` has exited while the dependency is frozen, within
+/// `bound` of `frozen`; checks each exited non-zero and said why.
+fn assert_exit_within(services: &mut [&mut Service], frozen: Instant, bound: Duration) {
+    for s in services.iter_mut() {
         let status = loop {
             if let Some(status) = s.exit_status() {
                 break status;
             }
             assert!(
-                Instant::now() < deadline,
-                "{} still running {:.0} s after Redis froze:\n{}",
+                frozen.elapsed() < bound,
+                "{} still running {:.0} s after the freeze:\n{}",
                 s.name,
                 frozen.elapsed().as_secs_f64(),
                 s.output()
@@ -134,13 +221,78 @@ fn a_redis_freeze_past_the_budget_ends_the_services_non_zero_and_a_restart_ends_
             s.output()
         );
     }
-    redis.thaw();
-    // Restarted by hand here (a supervisor would): they resume from their checkpoints.
-    let feedback = start_joiner(&t, &redis, &policy);
-    let scorer = start_scorer_on(&t, &redis, &prefix, free_port(), &policy);
-    sim.wait_success(Duration::from_secs(120));
+}
+
+/// The broker frozen (SIGSTOP of the stack's own Kafka): within the budget, the adapter, the
+/// joiner and the scorer ride it out and end exact; past it, all three exit non-zero and the
+/// restarted pipeline ends exact.
+#[test]
+#[ignore = "freezes the shared broker: runs alone in the load-test step (scripts/test)"]
+fn a_broker_freeze_is_ridden_out_within_the_budget_and_ends_the_services_past_it() {
+    let Some(kafka) = local_kafka_pid() else {
+        eprintln!(
+            "skipped: the broker is not the stack's own Apache Kafka (CTR_RUN_DIR), not ours to freeze"
+        );
+        return;
+    };
+    let redis_url = redis_url();
+    // The simulator outlives every freeze here: its deliveries wait up to 2 minutes.
+    let patient = ["--outage-budget-ms=120000"];
+
+    // Within the budget: 15 s frozen against 45 s.
+    let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=45000"];
+    let t = topics("bfreeze-short");
+    let prefix = format!("{}:", unique("ctr"));
+    let mut feedback = start_joiner(&t, &redis_url, &policy);
+    let mut scorer = start_scorer_on(&t, &redis_url, &prefix, free_port(), &policy);
+    let ingest_port = free_port();
+    let mut adapter = start_adapter("bfreeze-ingest", ingest_port, &policy);
+    assert_eq!(post_one_serve(ingest_port), 202);
+    let counts = counts_file();
+    let sim = simulate_at_rate(&t, 6_000, 200, &counts, &patient);
+    std::thread::sleep(Duration::from_secs(8));
+    signal_process(kafka, "-STOP");
+    std::thread::sleep(Duration::from_secs(15));
+    signal_process(kafka, "-CONT");
+    sim.wait_success(Duration::from_secs(180));
     let want = expected(&counts);
-    assert_published_exactly_at(&redis.url(), &prefix, &want, &[&feedback, &scorer]);
+    assert_published_exactly_at(&redis_url, &prefix, &want, &[&feedback, &scorer]);
+    for s in [&mut feedback, &mut scorer, &mut adapter] {
+        assert!(s.is_running(), "{} stopped:\n{}", s.name, s.output());
+    }
+    assert_eq!(post_one_serve(ingest_port), 202, "{}", adapter.output());
     scorer.stop();
     feedback.stop();
+    adapter.stop();
+
+    // Past the budget: frozen until all three have exited (6 s budget, 2 s per request).
+    let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=6000"];
+    let t = topics("bfreeze-long");
+    let prefix = format!("{}:", unique("ctr"));
+    let mut feedback = start_joiner(&t, &redis_url, &policy);
+    let mut scorer = start_scorer_on(&t, &redis_url, &prefix, free_port(), &policy);
+    let mut adapter = start_adapter("bfreeze-ingest", free_port(), &policy);
+    let counts = counts_file();
+    let sim = simulate_at_rate(&t, 6_000, 200, &counts, &patient);
+    std::thread::sleep(Duration::from_secs(8));
+    signal_process(kafka, "-STOP");
+    let frozen = Instant::now();
+    // The documented bound (docs/RELIABILITY.md): librdkafka sees a frozen broker down
+    // after about 10 s (its request timeouts), then the budget (6 s) and a second of
+    // statistics; then the drain, at most the budget and two calls (10 s): 27 s. The machine
+    // is shared; allow it 10 s more.
+    let exited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_exit_within(
+            &mut [&mut feedback, &mut scorer, &mut adapter],
+            frozen,
+            Duration::from_secs(37),
+        )
+    }));
+    signal_process(kafka, "-CONT");
+    if let Err(e) = exited {
+        std::panic::resume_unwind(e);
+    }
+    sim.wait_success(Duration::from_secs(180));
+    let want = expected(&counts);
+    restart_until_exact(&t, &redis_url, &prefix, &want);
 }

@@ -30,7 +30,7 @@ pub(crate) fn topics(tag: &str) -> Topics {
 }
 
 pub(crate) fn simulate(t: &Topics, serves: u64, counts_out: &std::path::Path) -> Service {
-    simulate_at_rate(t, serves, 0, counts_out)
+    simulate_at_rate(t, serves, 0, counts_out, &[])
 }
 
 /// [`simulate`] at `rate` serves per wall-clock second (0: as fast as the broker takes them).
@@ -39,25 +39,24 @@ pub(crate) fn simulate_at_rate(
     serves: u64,
     rate: u32,
     counts_out: &std::path::Path,
+    extra: &[&str],
 ) -> Service {
-    Service::start(
-        "simulate",
-        "ctr-ingest",
-        &[
-            "simulate".into(),
-            format!("--brokers={}", brokers()),
-            format!("--serves-topic={}", t.serves),
-            format!("--clicks-topic={}", t.clicks),
-            "--seed=2024".into(),
-            format!("--serves={serves}"),
-            format!("--rate={rate}"),
-            "--sim-rate=2000".into(),
-            "--start-ms=1760000000000".into(),
-            "--click-delay-min-ms=50".into(),
-            "--click-delay-max-ms=3000".into(),
-            format!("--counts-out={}", counts_out.display()),
-        ],
-    )
+    let mut args: Vec<String> = vec![
+        "simulate".into(),
+        format!("--brokers={}", brokers()),
+        format!("--serves-topic={}", t.serves),
+        format!("--clicks-topic={}", t.clicks),
+        "--seed=2024".into(),
+        format!("--serves={serves}"),
+        format!("--rate={rate}"),
+        "--sim-rate=2000".into(),
+        "--start-ms=1760000000000".into(),
+        "--click-delay-min-ms=50".into(),
+        "--click-delay-max-ms=3000".into(),
+        format!("--counts-out={}", counts_out.display()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start("simulate", "ctr-ingest", &args)
 }
 
 pub(crate) fn feedback(t: &Topics) -> Service {
