@@ -296,3 +296,39 @@ fn a_broker_freeze_is_ridden_out_within_the_budget_and_ends_the_services_past_it
     let want = expected(&counts);
     restart_until_exact(&t, &redis_url, &prefix, &want);
 }
+
+/// A supervised background task that fails ends the process non-zero, naming the task: here
+/// the learning guard, whose signal key holds a value of the wrong type (somebody else writes
+/// it). Before the supervisor, the guard's handle was dropped: it logged and went on, and had
+/// it panicked, nothing would have noticed.
+#[test]
+fn a_failed_background_task_ends_the_process_non_zero() {
+    let topic = format!("{}.labeled", unique("task"));
+    create_topics(&[(&topic, 1)]);
+    let prefix = format!("{}:", unique("task"));
+    let mut con = redis();
+    let _: () = redis::cmd("SET")
+        .arg(ctr_schemas::contract::keys::joiner_signal(&prefix))
+        .arg("not a hash")
+        .query(&mut con)
+        .unwrap();
+    let mut s = start_scorer(&topic, &format!("{topic}-g"), &prefix, free_port(), &[]);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = s.exit_status() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the scorer kept running with a failed guard:\n{}",
+            s.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "exited with {status}");
+    let out = s.output();
+    assert!(
+        out.contains("learning guard failed") && out.contains("WRONGTYPE"),
+        "{out}"
+    );
+}
