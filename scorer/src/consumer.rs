@@ -25,6 +25,7 @@ use crate::Result;
 use crate::checkpoint::CheckpointStore;
 use crate::config::ScorerConfig;
 use crate::deadletter::DeadLetters;
+use crate::effects::Live;
 use crate::load::{Control, Counted};
 use crate::publish::Publisher;
 use crate::state::Thinning;
@@ -142,20 +143,19 @@ pub async fn run(
     for id in 0..cfg.workers {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         queues.push(tx);
-        let worker = Worker::new(
-            id,
-            Arc::clone(&cfg),
-            Arc::clone(&consumer),
-            Arc::clone(&control),
-            Publisher::new(redis.clone(), cfg.service.policy, &cfg.service.redis_prefix),
-            CheckpointStore::new(
+        let effects = Live {
+            publisher: Publisher::new(redis.clone(), cfg.service.policy, &cfg.service.redis_prefix),
+            store: CheckpointStore::new(
                 redis.clone(),
                 cfg.service.policy,
                 &cfg.service.redis_prefix,
                 &cfg.labeled_topic,
             ),
-            DeadLetters::new(dead_letters.clone(), &cfg.deadletter_topic),
-        );
+            dead_letters: DeadLetters::new(dead_letters.clone(), &cfg.deadletter_topic),
+            consumer: Arc::clone(&consumer),
+            topic: cfg.labeled_topic.clone(),
+        };
+        let worker = Worker::new(id, Arc::clone(&cfg), Arc::clone(&control), effects);
         workers.spawn(worker.run(rx, liveness.register(format!("worker {id}"), bound)));
     }
     let router = Router { queues };
@@ -165,11 +165,13 @@ pub async fn run(
     let governor = {
         let queues = router.queues.clone();
         let (control, stop) = (Arc::clone(&control), governor_stop);
-        let governor = crate::load::Governor::new(cfg.min_rate, cfg.max_thinning, cfg.lag_bound);
+        let governor =
+            crate::governor::Governor::new(cfg.min_rate, cfg.max_thinning, cfg.lag_bound);
         let shedding = cfg.shedding;
         async move {
             if shedding {
-                crate::load::govern(control, governor, move || Router::fill(&queues), stop).await;
+                crate::governor::govern(control, governor, move || Router::fill(&queues), stop)
+                    .await;
             }
         }
     };

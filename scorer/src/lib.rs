@@ -8,7 +8,11 @@
 //! - [`publish`]: the Redis key layout and the atomic, offset-fenced apply of a batch.
 //! - [`checkpoint`]: durable per-partition snapshots with their offsets.
 //! - [`deadletter`]: poison records to the dead-letter topic, delivered before checkpoints.
-//! - [`load`]: load shedding and the learning guard.
+//! - [`effects`]: a worker's effects on Redis and Kafka behind one narrow trait (the order
+//!   publish → checkpoint → commit is unit-tested with a fake).
+//! - [`load`]: the switches and counters the consumer, workers and monitoring share.
+//! - [`governor`]: load shedding (the keep-rate of negatives, the thinning factor).
+//! - [`guard`]: the learning guard (pauses learning while the click stream stalls).
 //! - [`serving`]: what a serving replica holds of a partition, the owners' deltas that keep it
 //!   current, and its answer for any ad in any context (pure).
 //! - [`replica`]: the model replica of every API process: checkpoints, then the model streams.
@@ -24,6 +28,9 @@ pub mod config;
 pub mod consumer;
 pub mod dashboard;
 pub mod deadletter;
+pub mod effects;
+pub mod governor;
+pub mod guard;
 pub mod hold;
 pub mod load;
 pub mod monitor;
@@ -148,7 +155,7 @@ pub async fn run(
     if let Some(control) = control {
         tasks.spawn(
             "learning guard",
-            load::guard(
+            guard::guard(
                 Arc::clone(&control),
                 conn.clone(),
                 policy,

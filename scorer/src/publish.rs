@@ -124,10 +124,6 @@ impl Publisher {
         }
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// Writes one partition's batch (everything up to `last_offset`) atomically, with the
     /// serving variant's `delta` for replicas, unless a write at or beyond `last_offset`
     /// happened already; returns whether it was written. Follows the dependency policy: the

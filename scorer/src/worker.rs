@@ -16,20 +16,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ctr_models::{Evicted, Impression, Level, ModelError, Touched};
-use ctr_runtime::kafka::{GroupContext, ProduceError};
+use ctr_runtime::kafka::ProduceError;
 use ctr_runtime::{DependencyError, Heartbeat};
 use ctr_schemas::contract::{DeadLetter, keys};
 use ctr_schemas::{Context, LabeledImpression, Unusable, decode_valid};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
-use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::checkpoint::CheckpointError;
 use crate::config::ScorerConfig;
-use crate::deadletter::DeadLetters;
+use crate::effects::{Batch, Effects, Live};
 use crate::load::{AdHealth, Control, Counted, PartitionReport};
-use crate::publish::{Published, Publisher};
+use crate::publish::Published;
 use crate::serving::PartitionDelta;
 use crate::state::{Outcome, PartitionState, Policy, total_key};
 
@@ -129,14 +127,12 @@ struct Owned {
     changed: bool,
 }
 
-pub struct Worker {
+pub struct Worker<E: Effects = Live> {
     id: usize,
     cfg: Arc<ScorerConfig>,
-    consumer: Arc<StreamConsumer<GroupContext>>,
     control: Arc<Control>,
-    publisher: Publisher,
-    store: CheckpointStore,
-    dead_letters: DeadLetters,
+    /// Redis and Kafka, in the service ([`Live`]); a fake in the unit tests.
+    effects: E,
     parts: HashMap<i32, Owned>,
     pending: usize,
     /// Records per outcome since the counters were last exported (a registry lookup per
@@ -144,7 +140,7 @@ pub struct Worker {
     tally: [u64; Counted::ALL.len()],
 }
 
-impl std::fmt::Debug for Worker {
+impl<E: Effects> std::fmt::Debug for Worker<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
             .field("id", &self.id)
@@ -164,24 +160,13 @@ fn counted_as(o: &Outcome) -> Counted {
     }
 }
 
-impl Worker {
-    pub fn new(
-        id: usize,
-        cfg: Arc<ScorerConfig>,
-        consumer: Arc<StreamConsumer<GroupContext>>,
-        control: Arc<Control>,
-        publisher: Publisher,
-        store: CheckpointStore,
-        dead_letters: DeadLetters,
-    ) -> Self {
+impl<E: Effects> Worker<E> {
+    pub fn new(id: usize, cfg: Arc<ScorerConfig>, control: Arc<Control>, effects: E) -> Self {
         Self {
             id,
             cfg,
-            consumer,
             control,
-            publisher,
-            store,
-            dead_letters,
+            effects,
             parts: HashMap::new(),
             pending: 0,
             tally: [0; Counted::ALL.len()],
@@ -291,7 +276,7 @@ impl Worker {
     /// The state of `p`, restored from its checkpoint if this worker does not hold it yet.
     async fn owned(&mut self, p: i32) -> Result<&mut Owned, WorkerError> {
         if !self.parts.contains_key(&p) {
-            let state = match self.store.load(p).await? {
+            let state = match self.effects.load(p).await? {
                 Some(st) => {
                     if st.models().variant(&self.cfg.serve_model).is_none() {
                         return Err(WorkerError::ServingVariantMissing {
@@ -390,7 +375,7 @@ impl Worker {
                     source_offset: Some(offset),
                     reason: &reason,
                 };
-                self.dead_letters.send(&letter, None, payload).await?;
+                self.effects.dead_letter(&letter, payload).await?;
                 Counted::Poison
             }
         };
@@ -444,7 +429,7 @@ impl Worker {
 
     /// The serving variant's estimates for every dirty key of `own`.
     fn estimates(&self, own: &mut Owned) -> Vec<Published> {
-        let prefix = self.publisher.prefix();
+        let prefix = &self.cfg.service.redis_prefix;
         let Some(model) = own.state.models().variant(&self.cfg.serve_model) else {
             return Vec::new();
         };
@@ -537,17 +522,16 @@ impl Worker {
         }
         let delta = self.delta(&own);
         let estimates = self.estimates(&mut own);
-        let topic = self.cfg.labeled_topic.clone();
+        let batch = Batch {
+            partition: p,
+            last_offset,
+            estimates: &estimates,
+            model: &self.cfg.serve_model,
+            delta: &delta,
+        };
         let result = self
-            .publisher
-            .apply(
-                &topic,
-                p,
-                last_offset,
-                &estimates,
-                &self.cfg.serve_model,
-                &delta,
-            )
+            .effects
+            .publish(batch)
             .instrument(info_span!("publish", partition = p))
             .await
             .map_err(|source| WorkerError::Publish {
@@ -591,15 +575,15 @@ impl Worker {
     /// checkpoint decides what it skips), and a synchronous commit would block a runtime
     /// thread for as long as the broker does not answer.
     async fn checkpoint(&mut self, parts: &[i32]) -> Result<(), WorkerError> {
-        self.dead_letters.flush().await?;
-        let mut offsets = TopicPartitionList::new();
+        self.effects.flush_dead_letters().await?;
+        let mut offsets = Vec::with_capacity(parts.len());
         for &p in parts {
             let Some(own) = self.parts.get_mut(&p) else {
                 continue;
             };
             debug_assert!(own.pending == 0, "checkpoint before publish");
             let started = Instant::now();
-            let (written, bytes) = self.store.save(p, &own.state).await?;
+            let (written, bytes) = self.effects.save(p, &own.state).await?;
             own.changed = false;
             metrics::histogram!("ctr_scorer_checkpoint_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -612,19 +596,11 @@ impl Worker {
                 );
                 continue;
             }
-            if let Some(next) = own.state.next_offset
-                && let Err(e) =
-                    offsets.add_partition_offset(&self.cfg.labeled_topic, p, Offset::Offset(next))
-            {
-                warn!(partition = p, error = %e, "cannot build the offset commit");
+            if let Some(next) = own.state.next_offset {
+                offsets.push((p, next));
             }
         }
-        if offsets.count() > 0
-            && let Err(e) = self.consumer.commit(&offsets, CommitMode::Async)
-        {
-            // Harmless: the checkpoint, not Kafka, decides where a new owner resumes.
-            debug!(error = %e, "offset commit failed");
-        }
+        self.effects.commit(&offsets);
         Ok(())
     }
 
@@ -679,3 +655,206 @@ impl Worker {
 
 /// Busiest ads each partition reports to the dashboard.
 const ADS_REPORTED: usize = 10;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use clap::Parser;
+    use ctr_schemas::{Encoder, LabelKind};
+
+    use super::*;
+
+    /// What the fake saw, in order.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seen {
+        Publish(i32, i64),
+        DeadLetter(i32, i64),
+        FlushDeadLetters,
+        Save(i32, Option<i64>),
+        Commit(Vec<(i32, i64)>),
+    }
+
+    /// Effects that record themselves; a save can be refused (a newer checkpoint exists).
+    #[derive(Debug, Default)]
+    struct Recorder {
+        seen: Arc<Mutex<Vec<Seen>>>,
+        refuse_saves: bool,
+    }
+
+    impl Recorder {
+        fn note(&self, s: Seen) {
+            self.seen.lock().unwrap().push(s);
+        }
+    }
+
+    impl Effects for Recorder {
+        async fn load(
+            &mut self,
+            _partition: i32,
+        ) -> Result<Option<PartitionState>, CheckpointError> {
+            Ok(None)
+        }
+
+        fn publish(
+            &mut self,
+            b: Batch<'_>,
+        ) -> impl Future<Output = Result<bool, DependencyError<redis::RedisError>>> + Send {
+            self.note(Seen::Publish(b.partition, b.last_offset));
+            async { Ok(true) }
+        }
+
+        fn save(
+            &mut self,
+            partition: i32,
+            state: &PartitionState,
+        ) -> impl Future<Output = Result<(bool, usize), CheckpointError>> + Send {
+            self.note(Seen::Save(partition, state.next_offset));
+            let written = !self.refuse_saves;
+            async move { Ok((written, 0)) }
+        }
+
+        fn dead_letter(
+            &mut self,
+            letter: &DeadLetter<'_>,
+            _payload: Option<&[u8]>,
+        ) -> impl Future<Output = Result<(), ProduceError>> + Send {
+            let offset = letter.source_offset.expect("a poison record's offset");
+            self.note(Seen::DeadLetter(letter.source_partition, offset));
+            async { Ok(()) }
+        }
+
+        fn flush_dead_letters(&mut self) -> impl Future<Output = Result<(), ProduceError>> + Send {
+            self.note(Seen::FlushDeadLetters);
+            async { Ok(()) }
+        }
+
+        fn commit(&mut self, offsets: &[(i32, i64)]) {
+            let mut offsets = offsets.to_vec();
+            offsets.sort_unstable();
+            self.note(Seen::Commit(offsets));
+        }
+    }
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::ScorerArgs,
+    }
+
+    fn config() -> Arc<ScorerConfig> {
+        let cli = Cli::parse_from(["ctr-scorer", "--models=counts", "--serve-model=counts"]);
+        Arc::new(ScorerConfig::try_from(cli.args).unwrap())
+    }
+
+    fn record(partition: i32, offset: i64) -> Work {
+        let label = LabeledImpression {
+            label_id: format!("{partition}:{offset}"),
+            serve_id: offset + 1,
+            ad_id: format!("ad-{partition}"),
+            campaign_id: "c-1".into(),
+            position: 1,
+            context: Context {
+                query_category: "travel".into(),
+                geo: "US".into(),
+                device: "mobile".into(),
+                extra: Default::default(),
+            },
+            clicked: false,
+            ts_ms: 1_760_000_000_000 + offset,
+            click_ts_ms: None,
+            kind: LabelKind::Label,
+        };
+        let mut payload = Vec::new();
+        Encoder::<LabeledImpression>::new()
+            .encode_into(&label, &mut payload)
+            .unwrap();
+        Work::Record {
+            partition,
+            offset,
+            payload: Some(payload),
+            thinned: 1,
+            dropped_before: 0,
+        }
+    }
+
+    /// Runs a worker over records of partitions 0 and 2 (offsets 0..5) and a poison record at
+    /// partition 0, offset 5, then closes its queue; what the effects saw, in order.
+    async fn run(refuse_saves: bool) -> Vec<Seen> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let effects = Recorder {
+            seen: Arc::clone(&seen),
+            refuse_saves,
+        };
+        let worker = Worker::new(0, config(), Arc::new(Control::default()), effects);
+        let (tx, rx) = mpsc::channel(64);
+        let heartbeat = ctr_runtime::Liveness::default().register("worker", Duration::MAX);
+        let running = tokio::spawn(worker.run(rx, heartbeat));
+        for p in [0, 2] {
+            tx.send(Work::Assign(p)).await.unwrap();
+        }
+        for offset in 0..5 {
+            for p in [0, 2] {
+                tx.send(record(p, offset)).await.unwrap();
+            }
+        }
+        tx.send(Work::Record {
+            partition: 0,
+            offset: 5,
+            payload: Some(b"not an Avro record".to_vec()),
+            thinned: 1,
+            dropped_before: 0,
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        running.await.unwrap().unwrap();
+        seen.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_published_before_its_checkpoint_and_committed_after_it() {
+        let seen = run(false).await;
+        let at = |s: &Seen| {
+            seen.iter()
+                .rposition(|x| x == s)
+                .unwrap_or_else(|| panic!("{s:?} not in {seen:?}"))
+        };
+        // Partition 0 ends at the poison record: it is dead-lettered, and delivered before
+        // the checkpoint that moves past it.
+        assert!(
+            at(&Seen::DeadLetter(0, 5)) < at(&Seen::FlushDeadLetters),
+            "{seen:?}"
+        );
+        assert!(
+            at(&Seen::FlushDeadLetters) < at(&Seen::Save(0, Some(6))),
+            "{seen:?}"
+        );
+        // Each partition's last batch is written before the checkpoint that covers it, which
+        // resumes right after it.
+        assert!(
+            at(&Seen::Publish(0, 5)) < at(&Seen::Save(0, Some(6))),
+            "{seen:?}"
+        );
+        assert!(
+            at(&Seen::Publish(2, 4)) < at(&Seen::Save(2, Some(5))),
+            "{seen:?}"
+        );
+        // Offsets are committed after both checkpoints, at the checkpoints' offsets.
+        let commit = at(&Seen::Commit(vec![(0, 6), (2, 5)]));
+        assert!(at(&Seen::Save(0, Some(6))) < commit, "{seen:?}");
+        assert!(at(&Seen::Save(2, Some(5))) < commit, "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_that_was_not_written_is_not_committed() {
+        // A newer checkpoint exists (the partitions moved on): nothing may be committed.
+        let seen = run(true).await;
+        assert!(seen.contains(&Seen::Save(0, Some(6))), "{seen:?}");
+        for s in &seen {
+            if let Seen::Commit(offsets) = s {
+                assert!(offsets.is_empty(), "committed {offsets:?}: {seen:?}");
+            }
+        }
+    }
+}
