@@ -93,21 +93,20 @@ pub enum Membership {
     Revoked(Vec<i32>),
 }
 
-/// A client context that watches whether any broker is up, from librdkafka's statistics
-/// reports (the client needs `statistics.interval.ms`, which [`consumer_config`] sets). Clones
-/// share what they saw: keep one to ask while the client owns the other.
-#[derive(Debug, Clone)]
-pub struct BrokerWatch {
+/// Whether any broker is up, from librdkafka's statistics reports (the client needs
+/// `statistics.interval.ms`, which [`consumer_config`] sets).
+#[derive(Debug)]
+struct BrokerWatch {
     origin: Instant,
     /// Milliseconds since `origin` when a broker was last seen up (0: at creation).
-    broker_up_ms: Arc<AtomicU64>,
+    broker_up_ms: AtomicU64,
 }
 
 impl Default for BrokerWatch {
     fn default() -> Self {
         Self {
             origin: Instant::now(),
-            broker_up_ms: Arc::new(AtomicU64::new(0)),
+            broker_up_ms: AtomicU64::new(0),
         }
     }
 }
@@ -115,7 +114,7 @@ impl Default for BrokerWatch {
 impl BrokerWatch {
     /// How long no broker has been up, judged from the statistics reports (about a second
     /// behind); zero while one is.
-    pub fn outage(&self) -> Duration {
+    fn outage(&self) -> Duration {
         let now = self.origin.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.broker_up_ms.load(Ordering::Relaxed)))
             .saturating_sub(Duration::from_millis(1500))
@@ -132,12 +131,6 @@ impl BrokerWatch {
             self.broker_up_ms
                 .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
-    }
-}
-
-impl ClientContext for BrokerWatch {
-    fn stats(&self, statistics: Statistics) {
-        self.observe(&statistics);
     }
 }
 
@@ -347,7 +340,7 @@ pub async fn partition_counts(
 /// shutdown. A clean exit still waits for it (the runtime joins its blocking threads); an exit
 /// after a failure does not (see `process::exit_code`).
 pub fn close_in_background<C: ConsumerContext + 'static>(
-    consumer: impl Into<std::sync::Arc<rdkafka::consumer::StreamConsumer<C>>>,
+    consumer: impl Into<Arc<rdkafka::consumer::StreamConsumer<C>>>,
 ) {
     let consumer = consumer.into();
     drop(tokio::task::spawn_blocking(move || drop(consumer)));

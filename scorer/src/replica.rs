@@ -364,6 +364,8 @@ pub async fn follow(
         heartbeat.beat();
         // (Re)load every partition that needs it.
         for p in 0..n {
+            // A restore waits out a Redis outage for up to the budget: a step per partition.
+            heartbeat.beat();
             let part = &replica.parts[p];
             let broken = part.broken.lock().expect("broken").is_some();
             if !part.loaded.load(Ordering::Acquire) || broken {
