@@ -18,8 +18,11 @@ pub type ContextPairs<'a> = smallvec::SmallVec<[(&'a str, &'a str); INLINE_PAIRS
 /// Where and how a page was shown. `extra` holds further free-form fields (schema v2+).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Context {
+    /// Category of the query the page answered (a token, e.g. `travel`).
     pub query_category: String,
+    /// Country or region of the user (a token, e.g. `US`).
     pub geo: String,
+    /// Device class (a token, e.g. `mobile`).
     pub device: String,
     /// Absent in serve v1 data; decodes as empty.
     #[serde(default)]
@@ -79,6 +82,8 @@ impl Context {
         Ok(ctx)
     }
 
+    /// `Ok` when every field and extra field is a token of the allowed characters, no extra
+    /// field repeats a search-ad field, and there are at most 32 fields in all.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_token("context.query_category", &self.query_category)?;
         check_token("context.geo", &self.geo)?;
@@ -106,7 +111,9 @@ impl Context {
 /// One ad on a result page.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdShown {
+    /// The ad shown.
     pub ad_id: String,
+    /// Its campaign (a new ad is estimated from its campaign).
     pub campaign_id: String,
     /// 1 = top slot.
     pub position: i32,
@@ -117,18 +124,26 @@ pub struct AdShown {
 /// A result page with its ads. Kafka key: `serve_id` (decimal text).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Serve {
+    /// Globally unique ID of the page (the project's 64-bit ID; the Kafka key).
     pub serve_id: i64,
+    /// When the page was shown, Unix ms.
     pub ts_ms: i64,
+    /// Where and how it was shown.
     pub context: Context,
+    /// The ads on it, with their slots and bids.
     pub ads: Vec<AdShown>,
 }
 
 /// A click on one ad of a serve. Kafka key: `serve_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Click {
+    /// Globally unique ID of the click (a retried click keeps its ID).
     pub click_id: i64,
+    /// The serve the click belongs to (the Kafka key).
     pub serve_id: i64,
+    /// The ad clicked; it must be one the serve showed.
     pub ad_id: String,
+    /// When the click happened, Unix ms.
     pub ts_ms: i64,
 }
 
@@ -147,14 +162,24 @@ pub enum LabelKind {
 /// One ad shown, labeled clicked or not by the joiner. Kafka key: `ad_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabeledImpression {
+    /// Deterministic ID: `serve_id:ad_id` (or `serve_id:ad_id:late` for a correction), so a
+    /// re-emitted label is recognised.
     pub label_id: String,
+    /// The serve the impression was on.
     pub serve_id: i64,
+    /// The ad shown (the Kafka key).
     pub ad_id: String,
+    /// Its campaign.
     pub campaign_id: String,
+    /// Its slot, 1 = top.
     pub position: i32,
+    /// The page's context.
     pub context: Context,
+    /// Whether the ad was clicked within the attribution window.
     pub clicked: bool,
+    /// When the ad was shown, Unix ms (the serve's time).
     pub ts_ms: i64,
+    /// When it was clicked, Unix ms, if it was.
     pub click_ts_ms: Option<i64>,
     /// Absent in v1 data; decodes as [`LabelKind::Label`].
     #[serde(default)]
@@ -165,19 +190,30 @@ pub struct LabeledImpression {
 /// hold (the joiner): it encodes to exactly the same bytes without cloning any string.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LabeledImpressionRef<'a> {
+    /// See [`LabeledImpression::label_id`].
     pub label_id: &'a str,
+    /// See [`LabeledImpression::serve_id`].
     pub serve_id: i64,
+    /// See [`LabeledImpression::ad_id`].
     pub ad_id: &'a str,
+    /// See [`LabeledImpression::campaign_id`].
     pub campaign_id: &'a str,
+    /// See [`LabeledImpression::position`].
     pub position: i32,
+    /// See [`LabeledImpression::context`].
     pub context: &'a Context,
+    /// See [`LabeledImpression::clicked`].
     pub clicked: bool,
+    /// See [`LabeledImpression::ts_ms`].
     pub ts_ms: i64,
+    /// See [`LabeledImpression::click_ts_ms`].
     pub click_ts_ms: Option<i64>,
+    /// See [`LabeledImpression::kind`].
     pub kind: LabelKind,
 }
 
 impl LabeledImpressionRef<'_> {
+    /// An owned copy (clones the strings).
     pub fn to_owned(&self) -> LabeledImpression {
         LabeledImpression {
             label_id: self.label_id.to_string(),
@@ -207,11 +243,14 @@ pub const MAX_TOKEN_LEN: usize = 128;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid field `{field}`: {problem}")]
 pub struct ValidationError {
+    /// The field, as a path (`ads[0].bid`, `context.geo`).
     pub field: &'static str,
+    /// What is wrong with its value.
     pub problem: &'static str,
 }
 
 impl ValidationError {
+    /// The error for `field`.
     pub fn new(field: &'static str, problem: &'static str) -> Self {
         Self { field, problem }
     }
@@ -254,6 +293,7 @@ fn check_ts(field: &'static str, ts_ms: i64) -> Result<(), ValidationError> {
 }
 
 impl Serve {
+    /// `Ok` when the IDs, the time, the context and every ad's values are within the contract.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_id("serve_id", self.serve_id)?;
         check_ts("ts_ms", self.ts_ms)?;
@@ -288,6 +328,7 @@ impl Serve {
 }
 
 impl Click {
+    /// `Ok` when the IDs, the ad and the time are within the contract.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_id("click_id", self.click_id)?;
         check_id("serve_id", self.serve_id)?;
@@ -315,6 +356,8 @@ impl LabeledImpression {
         }
     }
 
+    /// `Ok` when the IDs, the ad, the slot, the context and the times are within the contract
+    /// and the click fields agree with `clicked` and `kind`.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_id("serve_id", self.serve_id)?;
         check_token("ad_id", &self.ad_id)?;

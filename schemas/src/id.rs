@@ -27,9 +27,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// 2025-01-01T00:00:00Z in Unix milliseconds.
 pub const EPOCH_MS: u64 = 1_735_689_600_000;
+/// Bits of the millisecond timestamp.
 pub const TIME_BITS: u32 = 41;
+/// Bits of the shard (the issuing producer).
 pub const SHARD_BITS: u32 = 10;
+/// Bits of the per-millisecond sequence.
 pub const SEQUENCE_BITS: u32 = 12;
+/// The largest shard.
 pub const MAX_SHARD: u16 = (1 << SHARD_BITS) - 1;
 const SEQUENCE_MASK: u64 = (1 << SEQUENCE_BITS) - 1;
 const SHARD_MASK: u64 = (1 << SHARD_BITS) - 1;
@@ -49,7 +53,9 @@ pub struct IdGenerator {
 pub struct IdParts {
     /// Unix milliseconds the ID was issued at (its logical clock).
     pub unix_ms: u64,
+    /// The producer that issued it.
     pub shard: u16,
+    /// Its sequence within that millisecond.
     pub sequence: u16,
 }
 
@@ -59,6 +65,7 @@ pub struct IdParts {
 pub struct ShardOutOfRange(pub u32);
 
 impl IdGenerator {
+    /// A generator for `shard` (distinct per concurrently running producer).
     pub fn new(shard: u32) -> Result<Self, ShardOutOfRange> {
         if shard > u32::from(MAX_SHARD) {
             return Err(ShardOutOfRange(shard));

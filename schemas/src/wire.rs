@@ -33,15 +33,20 @@ use crate::events::{Click, LabeledImpression, Serve, ValidationError};
 /// Which record a topic carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
+    /// A page with its ads.
     Serve,
+    /// A click.
     Click,
+    /// A labeled impression.
     Labeled,
 }
 
 /// One registered schema version.
 #[derive(Debug)]
 pub struct RegisteredSchema {
+    /// The schema ID on the wire.
     pub id: u32,
+    /// The record it describes.
     pub kind: EventKind,
     /// The `.avsc` text, embedded at compile time.
     pub avsc: &'static str,
@@ -97,6 +102,7 @@ pub fn schema_by_id(id: u32) -> Option<(&'static RegisteredSchema, &'static Sche
 
 /// A record type that travels on Kafka.
 pub trait WireEvent: Serialize + DeserializeOwned {
+    /// The record type.
     const KIND: EventKind;
     /// The schema ID new records of this type are written with.
     const WRITE_ID: u32;
@@ -124,27 +130,43 @@ const MAX_SEQUENCE_ITEMS: usize = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("message is {0} bytes, shorter than the 5-byte wire header")]
+    /// Fewer bytes than the wire header.
     TooShort(usize),
     #[error("magic byte is {0:#04x}, expected 0x00 (Confluent wire format)")]
+    /// Not the Confluent wire format.
     BadMagic(u8),
     #[error("unknown schema id {0}")]
+    /// A schema ID the registry does not know.
     UnknownSchemaId(u32),
     #[error("schema id {id} is a {found:?} record, expected {expected:?}")]
+    /// A known schema, of another record type.
     WrongRecord {
+        /// The schema ID.
         id: u32,
+        /// The record type asked for.
         expected: EventKind,
+        /// The record type of that schema.
         found: EventKind,
     },
     #[error("Avro datum does not match schema id {id}: {reason}")]
-    Datum { id: u32, reason: String },
+    /// The bytes after the header are not a datum of that schema.
+    Datum {
+        /// The schema ID.
+        id: u32,
+        /// What did not match.
+        reason: String,
+    },
 }
 
 /// Why an event could not be encoded (a value the schema cannot hold).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot encode {kind:?} with schema id {id}: {reason}")]
 pub struct EncodeError {
+    /// The record type.
     pub kind: EventKind,
+    /// The schema ID it was written with.
     pub id: u32,
+    /// What the schema could not hold.
     pub reason: String,
 }
 
@@ -209,6 +231,7 @@ impl<E: WireEvent> Default for Encoder<E> {
 }
 
 impl<E: WireEvent> Encoder<E> {
+    /// An encoder writing `E`'s current schema version.
     pub fn new() -> Self {
         let (_, schema) = schema_by_id(E::WRITE_ID).expect("WRITE_ID is registered");
         Self {
