@@ -154,20 +154,25 @@ impl Service {
 
     /// Waits for the process to exit by itself and asserts it succeeded.
     pub fn wait_success(mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+        let status = self.wait_exit(Instant::now() + timeout);
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            self.name,
+            self.output()
+        );
+    }
+
+    /// Waits for the process to exit by itself, at the latest by `deadline` (else the test
+    /// fails with its output); how it exited.
+    pub fn wait_exit(&mut self, deadline: Instant) -> std::process::ExitStatus {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "{} exited with {status}:\n{}",
-                    self.name,
-                    self.output()
-                );
-                return;
+                return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "{} did not finish in {timeout:?}:\n{}",
+                "{} still running:\n{}",
                 self.name,
                 self.output()
             );

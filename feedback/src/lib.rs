@@ -49,15 +49,9 @@ pub async fn run(
     .map_err(FeedbackError::from)?;
     let conn = redis.manager().await.map_err(FeedbackError::from)?;
     // Draining is the final checkpoint: it may have to ride out an outage of its own.
-    let mut supervisor =
-        Supervisor::new(cfg.service.policy.outage_budget + cfg.service.policy.call_timeout * 2);
+    let mut supervisor = Supervisor::new(cfg.service.policy.drain_time());
     let liveness = Liveness::default();
-    // A step never waits longer than a dependency's outage budget plus one call: past that
-    // the loop is wedged, and /healthz says so.
-    let heartbeat = liveness.register(
-        "joiner",
-        cfg.service.policy.outage_budget + cfg.service.policy.call_timeout,
-    );
+    let heartbeat = liveness.register("joiner", cfg.service.policy.longest_step());
     let app = Router::new()
         .route(
             "/healthz",

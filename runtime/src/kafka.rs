@@ -7,8 +7,9 @@
 //!
 //! The broker side of the dependency policy ([`crate::policy`]): a delivery that the broker
 //! has not acknowledged within the outage budget fails (`message.timeout.ms`), which ends the
-//! process; a consumer's loop asks [`GroupContext::broker_outage`] and gives up once no broker
-//! has been up for longer than the budget. Shorter outages are ridden out by librdkafka
+//! process; a consumer's loop asks [`GroupContext::check`] and gives up once no broker
+//! has been up, or it has held no settled place in its group, for longer than the budget.
+//! Shorter outages are ridden out by librdkafka
 //! (reconnects, idempotent retries), and a consumer that stalled past `max.poll.interval.ms`
 //! rejoins its group on its next poll; its loop restores what the rebalance took away.
 
@@ -171,7 +172,7 @@ impl std::fmt::Debug for GroupContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GroupContext")
             .field("service", &self.service)
-            .field("broker_outage", &self.broker_outage())
+            .field("broker_outage", &self.broker.outage())
             .finish_non_exhaustive()
     }
 }
@@ -203,11 +204,6 @@ impl GroupContext {
                 .lock()
                 .expect("membership queue lock never poisoned"),
         )
-    }
-
-    /// How long no broker has been up ([`BrokerWatch::outage`]).
-    pub fn broker_outage(&self) -> Duration {
-        self.broker.outage()
     }
 
     /// An [`Outage`] if no broker has been up, or the consumer has not been a settled member

@@ -129,6 +129,19 @@ impl<E> DependencyError<E> {
 }
 
 impl Policy {
+    /// The longest a work loop's step may take under the policy: one call that waits out an
+    /// outage for the whole budget, plus that call's own deadline. A loop that has not stepped
+    /// for longer is wedged (what `/healthz` reports).
+    pub fn longest_step(&self) -> Duration {
+        self.outage_budget + self.call_timeout
+    }
+
+    /// How long a stopping process may drain (a last publish or checkpoint that may itself
+    /// meet an outage): the longest step plus one more call.
+    pub fn drain_time(&self) -> Duration {
+        self.longest_step() + self.call_timeout
+    }
+
     /// Runs `op` under the policy: each attempt within [`Policy::call_timeout`], transient
     /// failures retried with backoff until the outage has lasted [`Policy::outage_budget`].
     /// `op` must be safe to repeat (an idempotent write, a read).

@@ -137,9 +137,7 @@ pub async fn run(
         cfg.service.policy.outage_budget,
     )
     .create()?;
-    // A step never waits longer than a dependency's outage budget plus one call: past that a
-    // loop is wedged, and /healthz says so.
-    let bound = cfg.service.policy.outage_budget + cfg.service.policy.call_timeout;
+    let bound = cfg.service.policy.longest_step();
     for id in 0..cfg.workers {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         queues.push(tx);

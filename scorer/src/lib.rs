@@ -95,11 +95,9 @@ pub async fn run(
     let conn = redis.manager().await?;
     let partitions = labeled_partitions(&config).await?;
     // Draining is the final publish and checkpoint: it may have to ride out an outage.
-    let mut tasks = Supervisor::new(policy.outage_budget + policy.call_timeout * 2);
+    let mut tasks = Supervisor::new(policy.drain_time());
     let liveness = Liveness::default();
-    // A step never waits longer than a dependency's outage budget plus one call: past that a
-    // loop is wedged, and /healthz says so.
-    let bound = policy.outage_budget + policy.call_timeout;
+    let bound = policy.longest_step();
     let replica = Arc::new(replica::Replica::new(
         &config.models,
         &config.serve_model,

@@ -548,12 +548,12 @@ impl StateV1 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ctr_models::{VariantConfig, VariantKind};
     use ctr_schemas::Context;
 
-    fn label(id: &str, ad: &str, clicked: bool, ts: i64) -> LabeledImpression {
+    pub(crate) fn label(id: &str, ad: &str, clicked: bool, ts: i64) -> LabeledImpression {
         LabeledImpression {
             label_id: id.into(),
             serve_id: 1,

@@ -661,7 +661,7 @@ mod tests {
     use std::sync::Mutex;
 
     use clap::Parser;
-    use ctr_schemas::{Encoder, LabelKind};
+    use ctr_schemas::Encoder;
 
     use super::*;
 
@@ -748,23 +748,12 @@ mod tests {
     }
 
     fn record(partition: i32, offset: i64) -> Work {
-        let label = LabeledImpression {
-            label_id: format!("{partition}:{offset}"),
-            serve_id: offset + 1,
-            ad_id: format!("ad-{partition}"),
-            campaign_id: "c-1".into(),
-            position: 1,
-            context: Context {
-                query_category: "travel".into(),
-                geo: "US".into(),
-                device: "mobile".into(),
-                extra: Default::default(),
-            },
-            clicked: false,
-            ts_ms: 1_760_000_000_000 + offset,
-            click_ts_ms: None,
-            kind: LabelKind::Label,
-        };
+        let label = crate::state::tests::label(
+            &format!("{partition}:{offset}"),
+            &format!("ad-{partition}"),
+            false,
+            1_760_000_000_000 + offset,
+        );
         let mut payload = Vec::new();
         Encoder::<LabeledImpression>::new()
             .encode_into(&label, &mut payload)

@@ -12,42 +12,10 @@ use std::time::{Duration, Instant};
 
 use ctr_e2e::*;
 
-use crate::pipeline::{Topics, assert_published_exactly_at, expected, simulate_at_rate, topics};
-
-/// The joiner on the Redis at `redis_url`, with the dependency policy `policy`.
-fn start_joiner(t: &Topics, redis_url: &str, policy: &[&str]) -> Service {
-    let mut extra = FAST_JOIN.to_vec();
-    extra.extend_from_slice(policy);
-    start_feedback(
-        [&t.serves, &t.clicks, &t.labeled, &t.deadletter],
-        &format!("{}-feedback", t.serves),
-        &format!("{}:", t.serves),
-        redis_url,
-        free_port(),
-        &extra,
-    )
-}
-
-/// A scorer on the Redis at `redis_url`, with the dependency policy `policy`.
-fn start_scorer_on(
-    t: &Topics,
-    redis_url: &str,
-    prefix: &str,
-    port: u16,
-    policy: &[&str],
-) -> Service {
-    let mut args = vec![
-        format!("--brokers={}", brokers()),
-        format!("--labeled-topic={}", t.labeled),
-        format!("--deadletter-topic={}", t.deadletter),
-        format!("--group={}-scorer", t.labeled),
-        format!("--redis-url={redis_url}"),
-        format!("--redis-prefix={prefix}"),
-        format!("--http-addr=127.0.0.1:{port}"),
-    ];
-    args.extend(policy.iter().map(|s| s.to_string()));
-    Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
-}
+use crate::pipeline::{
+    Topics, assert_published_exactly_at, expected, feedback_with, scorer_with, simulate_at_rate,
+    topics,
+};
 
 /// Restarts the joiner and the scorer as a supervisor would (systemd's `Restart=on-failure`):
 /// again whenever one exits non-zero, until Redis holds exactly `want`, then stops them. They
@@ -62,8 +30,8 @@ fn restart_until_exact(
 ) {
     let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=30000"];
     let start = |which: usize| match which {
-        0 => start_joiner(t, redis_url, &policy),
-        _ => start_scorer_on(t, redis_url, prefix, free_port(), &policy),
+        0 => feedback_with(t, redis_url, &policy),
+        _ => scorer_with(t, prefix, free_port(), redis_url, &policy),
     };
     let mut services = [start(0), start(1)];
     let mut con = redis::Client::open(redis_url)
@@ -118,8 +86,8 @@ fn a_redis_freeze_within_the_budget_is_ridden_out_and_the_totals_end_exact() {
     // 15 s frozen against a 40 s budget: longer than the consumer groups' poll interval (10 s),
     // so both services are dropped from their groups and must rejoin.
     let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=40000"];
-    let mut feedback = start_joiner(&t, &redis.url(), &policy);
-    let mut scorer = start_scorer_on(&t, &redis.url(), &prefix, port, &policy);
+    let mut feedback = feedback_with(&t, &redis.url(), &policy);
+    let mut scorer = scorer_with(&t, &prefix, port, &redis.url(), &policy);
     let counts = counts_file();
     let sim = simulate_at_rate(&t, 6_000, 200, &counts, &[]);
     std::thread::sleep(Duration::from_secs(8));
@@ -151,8 +119,8 @@ fn a_redis_freeze_past_the_budget_ends_the_services_non_zero_and_a_restart_ends_
     let t = topics("freeze-long");
     let prefix = format!("{}:", unique("ctr"));
     let policy = ["--call-timeout-ms=1000", "--outage-budget-ms=5000"];
-    let mut feedback = start_joiner(&t, &redis.url(), &policy);
-    let mut scorer = start_scorer_on(&t, &redis.url(), &prefix, free_port(), &policy);
+    let mut feedback = feedback_with(&t, &redis.url(), &policy);
+    let mut scorer = scorer_with(&t, &prefix, free_port(), &redis.url(), &policy);
     let counts = counts_file();
     let sim = simulate_at_rate(&t, 6_000, 200, &counts, &[]);
     std::thread::sleep(Duration::from_secs(8));
@@ -195,19 +163,7 @@ fn post_one_serve(port: u16) -> u16 {
 /// `bound` of `frozen`; checks each exited non-zero and said why.
 fn assert_exit_within(services: &mut [&mut Service], frozen: Instant, bound: Duration) {
     for s in services.iter_mut() {
-        let status = loop {
-            if let Some(status) = s.exit_status() {
-                break status;
-            }
-            assert!(
-                frozen.elapsed() < bound,
-                "{} still running {:.0} s after the freeze:\n{}",
-                s.name,
-                frozen.elapsed().as_secs_f64(),
-                s.output()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let status = s.wait_exit(frozen + bound);
         eprintln!(
             "{} exited {:.1} s after the freeze: {status}",
             s.name,
@@ -243,8 +199,8 @@ fn a_broker_freeze_is_ridden_out_within_the_budget_and_ends_the_services_past_it
     let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=45000"];
     let t = topics("bfreeze-short");
     let prefix = format!("{}:", unique("ctr"));
-    let mut feedback = start_joiner(&t, &redis_url, &policy);
-    let mut scorer = start_scorer_on(&t, &redis_url, &prefix, free_port(), &policy);
+    let mut feedback = feedback_with(&t, &redis_url, &policy);
+    let mut scorer = scorer_with(&t, &prefix, free_port(), &redis_url, &policy);
     let ingest_port = free_port();
     let mut adapter = start_adapter("bfreeze-ingest", ingest_port, &policy);
     assert_eq!(post_one_serve(ingest_port), 202);
@@ -269,8 +225,8 @@ fn a_broker_freeze_is_ridden_out_within_the_budget_and_ends_the_services_past_it
     let policy = ["--call-timeout-ms=2000", "--outage-budget-ms=6000"];
     let t = topics("bfreeze-long");
     let prefix = format!("{}:", unique("ctr"));
-    let mut feedback = start_joiner(&t, &redis_url, &policy);
-    let mut scorer = start_scorer_on(&t, &redis_url, &prefix, free_port(), &policy);
+    let mut feedback = feedback_with(&t, &redis_url, &policy);
+    let mut scorer = scorer_with(&t, &prefix, free_port(), &redis_url, &policy);
     let mut adapter = start_adapter("bfreeze-ingest", free_port(), &policy);
     let counts = counts_file();
     let sim = simulate_at_rate(&t, 6_000, 200, &counts, &patient);
@@ -313,18 +269,7 @@ fn a_failed_background_task_ends_the_process_non_zero() {
         .query(&mut con)
         .unwrap();
     let mut s = start_scorer(&topic, &format!("{topic}-g"), &prefix, free_port(), &[]);
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = s.exit_status() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the scorer kept running with a failed guard:\n{}",
-            s.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = s.wait_exit(Instant::now() + Duration::from_secs(60));
     assert!(!status.success(), "exited with {status}");
     let out = s.output();
     assert!(

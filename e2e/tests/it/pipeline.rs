@@ -65,13 +65,20 @@ pub(crate) fn feedback(t: &Topics) -> Service {
 
 /// [`feedback`] with its own Redis URL (an ACL user, say).
 pub(crate) fn feedback_at(t: &Topics, redis_url: &str) -> Service {
+    feedback_with(t, redis_url, &[])
+}
+
+/// [`feedback_at`] with `extra` flags after the fast-join ones.
+pub(crate) fn feedback_with(t: &Topics, redis_url: &str, extra: &[&str]) -> Service {
+    let mut flags = FAST_JOIN.to_vec();
+    flags.extend_from_slice(extra);
     start_feedback(
         [&t.serves, &t.clicks, &t.labeled, &t.deadletter],
         &format!("{}-feedback", t.serves),
         &format!("{}:", t.serves),
         redis_url,
         free_port(),
-        &FAST_JOIN,
+        &flags,
     )
 }
 
@@ -81,19 +88,28 @@ pub(crate) fn scorer(t: &Topics, prefix: &str, port: u16) -> Service {
 
 /// [`scorer`] with its own Redis URL.
 pub(crate) fn scorer_at(t: &Topics, prefix: &str, port: u16, redis_url: &str) -> Service {
-    Service::start(
-        &format!("scorer:{port}"),
-        "ctr-scorer",
-        &[
-            format!("--brokers={}", brokers()),
-            format!("--labeled-topic={}", t.labeled),
-            format!("--deadletter-topic={}", t.deadletter),
-            format!("--group={}-scorer", t.labeled),
-            format!("--redis-url={redis_url}"),
-            format!("--redis-prefix={prefix}"),
-            format!("--http-addr=127.0.0.1:{port}"),
-        ],
-    )
+    scorer_with(t, prefix, port, redis_url, &[])
+}
+
+/// [`scorer_at`] with `extra` flags.
+pub(crate) fn scorer_with(
+    t: &Topics,
+    prefix: &str,
+    port: u16,
+    redis_url: &str,
+    extra: &[&str],
+) -> Service {
+    let mut args = vec![
+        format!("--brokers={}", brokers()),
+        format!("--labeled-topic={}", t.labeled),
+        format!("--deadletter-topic={}", t.deadletter),
+        format!("--group={}-scorer", t.labeled),
+        format!("--redis-url={redis_url}"),
+        format!("--redis-prefix={prefix}"),
+        format!("--http-addr=127.0.0.1:{port}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
 }
 
 pub(crate) fn expected(counts_out: &std::path::Path) -> BTreeMap<String, (u64, u64)> {
