@@ -7,8 +7,12 @@ use ctr_runtime::flags::{Service, ServiceFlags};
 
 use crate::join::JoinConfig;
 
-/// Settings as given.
-#[derive(Debug, Clone, clap::Args)]
+/// Settings as given: the command line of `ctr-feedback`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "ctr-feedback",
+    about = "Join serves and clicks into labeled impressions"
+)]
 pub struct FeedbackArgs {
     // Kafka, Redis (checkpoints of the join state under `<prefix>feedback:`, the signal for
     // the scorer at `<prefix>signal:joiner`) and the outage policy.

@@ -4,19 +4,9 @@
 use clap::Parser;
 use ctr_feedback::{FeedbackArgs, FeedbackConfig};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "ctr-feedback",
-    about = "Join serves and clicks into labeled impressions"
-)]
-struct Cli {
-    #[command(flatten)]
-    args: FeedbackArgs,
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let settings = FeedbackConfig::try_from(Cli::parse().args);
+    let settings = FeedbackConfig::try_from(FeedbackArgs::parse());
     ctr_runtime::process::service_main("ctr-feedback", settings, |c| c.http_addr, ctr_feedback::run)
         .await
 }

@@ -8,8 +8,12 @@ use std::time::Duration;
 use ctr_models::{BetaPrior, VariantConfig, VariantKind};
 use ctr_runtime::flags::{Service, ServiceFlags};
 
-/// Settings as given.
-#[derive(Debug, Clone, clap::Args)]
+/// Settings as given: the command line of `ctr-scorer`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "ctr-scorer",
+    about = "Learn CTR from labeled impressions; publish to Redis and HTTP"
+)]
 pub struct ScorerArgs {
     // Kafka, Redis (estimates, the model streams, checkpoints, monitoring reports: keys under
     // the prefix, see `publish`) and the outage policy.

@@ -4,19 +4,9 @@
 use clap::Parser;
 use ctr_scorer::{ScorerArgs, ScorerConfig};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "ctr-scorer",
-    about = "Learn CTR from labeled impressions; publish to Redis and HTTP"
-)]
-struct Cli {
-    #[command(flatten)]
-    args: ScorerArgs,
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let settings = ScorerConfig::try_from(Cli::parse().args);
+    let settings = ScorerConfig::try_from(ScorerArgs::parse());
     ctr_runtime::process::service_main("ctr-scorer", settings, |c| c.http_addr, ctr_scorer::run)
         .await
 }

@@ -736,15 +736,13 @@ mod tests {
         }
     }
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: crate::ScorerArgs,
-    }
-
     fn config() -> Arc<ScorerConfig> {
-        let cli = Cli::parse_from(["ctr-scorer", "--models=counts", "--serve-model=counts"]);
-        Arc::new(ScorerConfig::try_from(cli.args).unwrap())
+        let args = crate::ScorerArgs::parse_from([
+            "ctr-scorer",
+            "--models=counts",
+            "--serve-model=counts",
+        ]);
+        Arc::new(ScorerConfig::try_from(args).unwrap())
     }
 
     fn record(partition: i32, offset: i64) -> Work {

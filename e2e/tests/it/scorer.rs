@@ -384,8 +384,10 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     // for its ad's dropped ones but carries only its own position (hence examination units) and
     // context, so an ad's estimate is noisy by a few percent at a few thousand impressions,
     // shrinking as 1/sqrt(n): measured over four runs, sigma ~ 1.55 / sqrt(n) (2% at 6,000
-    // impressions). So: no bias over the ads (mean within 1.5%), and every ad within four sigma
-    // of its own noise (at least 3%). A flat 5% for every ad from 1,000 impressions failed about
+    // impressions). So: no bias over the ads (mean within 1.5%: replayed offline by the
+    // `shedding_noise` example below, that mean has sd 0.35-0.41% and no bias beyond its
+    // standard error at K = 2, 4 and 10), and every ad within four sigma of its own noise (at
+    // least 3%). A flat 5% for every ad from 1,000 impressions failed about
     // one run in four for an ad of a few thousand impressions.
     let rel: Vec<(&String, u64, f64)> = stream
         .expected
@@ -436,10 +438,21 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
         sorted[sorted.len() * 19 / 20]
     );
     // Each key's estimate scatters by ~9% (few impressions per ad and context; measured p5
-    // -14%, p95 +15%), so the mean of the ratios carries Jensen's +0.5% (measured over five
-    // runs: -0.6% to +1.1%); bias is judged on the ratio of the sums, as calibration is. Before
-    // the ad key took the count model's ad level, that key showed +8%: FTRL's extrapolation to
-    // an empty context, not shedding.
+    // -14%, p95 +15%), so the mean of the ratios carries Jensen's +0.5%; bias is judged on the
+    // ratio of the sums, as calibration is. That sum does not average its keys' noise away:
+    // the keys of a partition share FTRL's bias, position and count-feature weights, which
+    // take big importance-weighted steps under shedding. The statistic's noise, from the
+    // test's stream replayed through the scorer's partition state with both shedding stages
+    // (`cargo run --release -p ctr-e2e --example shedding_noise -- SEEDS 0.2 K`), keeping a
+    // fifth of the negatives and thinning by K:
+    //   K = 2 (10% kept, 40 seeds): mean -0.33% (standard error 0.12%), sd 0.76%;
+    //   K = 4 (5% kept, 40 seeds):  mean -0.56% (0.17%), sd 1.06%;
+    //   K = 10 (2% kept, 20 seeds): mean -1.44% (0.28%), sd 1.27%.
+    // So FTRL under-predicts slightly at heavy shedding (docs/RELIABILITY.md §4), and this
+    // run, whose governor may reach K = 10, is bounded by that level's bias plus four of its
+    // sigmas. A bound of 1.5% (two sigmas) failed CI once at -1.7%. The +8% that FTRL's
+    // w²-counted squared gradients once caused still fails it, and `ctr-models`'
+    // weighted-sampling test guards that fault without this noise.
     let (sum_shed, sum_ref) = ref_c
         .iter()
         .filter_map(|(k, r)| Some((shed_c.get(k)?, r)))
@@ -448,7 +461,7 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     eprintln!("shed/unshed sum of per-(ad, context) pCTR: {aggregate:+.4}");
     assert!(rel_c.len() >= 500, "only {} context keys", rel_c.len());
     assert!(
-        aggregate.abs() <= 0.015,
+        aggregate.abs() <= 0.0144 + 4.0 * 0.0127,
         "the serving variant biased by shedding: its per-context estimates sum {aggregate:+.4} off"
     );
 }
