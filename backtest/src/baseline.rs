@@ -33,16 +33,25 @@ const SCORE_BATCH: usize = 4_096;
 /// The baseline's line in the report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BaselineReport {
+    /// The batch model's name.
     pub name: String,
     /// Records of the input before the split (the first half).
     pub split_at: u64,
+    /// Rows it was fitted on (the first half, negatives possibly subsampled).
     pub train_rows: usize,
+    /// Features after one-hot encoding.
     pub features: usize,
+    /// Time to fit, s.
     pub fit_seconds: f64,
+    /// Rows scored (the second half).
     pub scored: u64,
+    /// Mean log loss over the scored rows.
     pub log_loss: Option<f64>,
+    /// Normalized entropy over the scored rows.
     pub ne: Option<f64>,
+    /// AUC over the scored rows.
     pub auc: Option<f64>,
+    /// Σp / Σy over the scored rows.
     pub calibration: Option<f64>,
     /// Rows scored per second (the fit excluded).
     pub events_per_sec: f64,

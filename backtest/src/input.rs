@@ -63,11 +63,14 @@ pub type Next = Result<Option<LabeledImpression>, Result<BadLine, std::io::Error
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{at}: {problem}")]
 pub struct BadLine {
+    /// Where: `line 17` or `partition 2 offset 4711`.
     pub at: String,
+    /// What is wrong.
     pub problem: String,
 }
 
 impl BadLine {
+    /// A bad line of a file (`line` counts from 1).
     pub fn line(line: u64, problem: String) -> Self {
         Self {
             at: format!("line {line}"),
@@ -85,6 +88,7 @@ pub struct LabeledJsonl<R> {
 }
 
 impl<R: BufRead> LabeledJsonl<R> {
+    /// Lines from `reader`.
     pub fn new(reader: R) -> Self {
         Self {
             reader,
@@ -179,6 +183,7 @@ impl<R> std::fmt::Debug for EventsJsonl<R> {
 }
 
 impl<R: BufRead> EventsJsonl<R> {
+    /// Events from `reader`, joined into labels as the joiner would with `join_cfg`.
     pub fn new(reader: R, join_cfg: ctr_feedback::join::JoinConfig) -> Self {
         let ids = ctr_schemas::IdGenerator::new(0).expect("shard 0 exists");
         Self {

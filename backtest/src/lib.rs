@@ -48,6 +48,7 @@ pub struct BacktestArgs {
     /// The recorded traffic: a file, or with `--format labeled-topic` the topic's name.
     #[arg(long)]
     pub input: PathBuf,
+    /// What the input is.
     #[arg(long, value_enum, default_value_t = Format::LabeledJsonl)]
     pub format: Format,
     /// Directory for the report (created if missing).
@@ -113,17 +114,24 @@ pub struct BacktestArgs {
 /// Why a backtest failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The input file could not be opened.
     #[error("opening {path}: {source}")]
     Open {
+        /// The file.
         path: PathBuf,
+        /// What opening it said.
         source: std::io::Error,
     },
+    /// A setting that cannot work (the problem in words).
     #[error("{0}")]
     Settings(String),
+    /// The replay failed.
     #[error(transparent)]
     Run(#[from] run::RunError),
+    /// The report could not be written.
     #[error(transparent)]
     Report(#[from] report::ReportError),
+    /// The topic could not be read.
     #[error("reading the topic: {0}")]
     Topic(#[from] topic::TopicError),
 }

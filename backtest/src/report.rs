@@ -16,10 +16,15 @@ use crate::run::RunOutcome;
 /// One model's line in `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelReport {
+    /// The variant's name.
     pub name: String,
+    /// Mean progressive log loss.
     pub log_loss: Option<f64>,
+    /// Progressive normalized entropy (below 1 beats the base rate).
     pub ne: Option<f64>,
+    /// Progressive AUC.
     pub auc: Option<f64>,
+    /// Progressive Σp / Σy.
     pub calibration: Option<f64>,
     /// Records per second through this model's learning path (reading and parsing excluded).
     pub events_per_sec: f64,
@@ -28,7 +33,9 @@ pub struct ModelReport {
 /// `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
+    /// Records replayed.
     pub events: u64,
+    /// Every variant's line.
     pub models: Vec<ModelReport>,
     /// With `--batch-baseline`: the batch model and every variant over the second half.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -38,33 +45,50 @@ pub struct Report {
 /// The batch baseline beside the online variants, all over the records after the split.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BaselineSection {
+    /// The batch model's line.
     pub batch: BaselineReport,
+    /// Each online variant over the same records.
     pub online_after_split: Vec<Scores>,
 }
 
 /// A model's metrics over part of the input.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Scores {
+    /// The model's name.
     pub name: String,
+    /// Mean log loss.
     pub log_loss: Option<f64>,
+    /// Normalized entropy.
     pub ne: Option<f64>,
+    /// AUC.
     pub auc: Option<f64>,
+    /// Σp / Σy.
     pub calibration: Option<f64>,
 }
 
 /// Why the report could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
+    /// A file could not be written.
     #[error("writing {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What writing it said.
         source: std::io::Error,
     },
+    /// A chart could not be drawn.
     #[error("drawing {path}: {problem}")]
-    Plot { path: PathBuf, problem: String },
+    Plot {
+        /// The chart's file.
+        path: PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
 }
 
 impl Report {
+    /// The report of `outcome`, with the batch baseline's line when one ran.
     pub fn of(outcome: &RunOutcome, baseline: Option<&BaselineReport>) -> Self {
         Self {
             baseline: baseline.map(|b| BaselineSection {

@@ -38,6 +38,7 @@ const MAINTAIN_EVERY: u64 = 100_000;
 /// Settings of one backtest.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    /// The variants to replay, side by side.
     pub models: Vec<VariantConfig>,
     /// Label-ID dedupe horizon, event-time ms (the scorer's default: 15 min).
     pub dedupe_horizon_ms: i64,
@@ -75,12 +76,16 @@ pub use ctr_schemas::partition::partition_of;
 /// Why a backtest stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The input could not be read.
     #[error("reading the input: {0}")]
     Io(#[from] std::io::Error),
+    /// An unusable line, without `skip_invalid`.
     #[error("{0} (use --skip-invalid to skip such lines)")]
     Bad(BadLine),
+    /// A variant's settings are invalid.
     #[error("model settings: {0}")]
     Models(ctr_models::ModelError),
+    /// The batch baseline could not be fitted.
     #[error("the batch baseline: {0}")]
     Baseline(String),
 }
@@ -88,21 +93,28 @@ pub enum RunError {
 /// The cumulative progressive metrics of one variant at some point of the input.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Point {
+    /// Records replayed up to this point.
     pub events: u64,
+    /// Mean log loss so far.
     pub log_loss: Option<f64>,
+    /// Normalized entropy so far.
     pub ne: Option<f64>,
+    /// AUC so far.
     pub auc: Option<f64>,
+    /// Σp / Σy so far.
     pub calibration: Option<f64>,
 }
 
 /// One variant's run.
 #[derive(Debug)]
 pub struct ModelRun {
+    /// The variant's name.
     pub name: String,
     /// The variant's state in each partition (partition `p` at index `p`).
     pub states: Vec<PartitionState>,
     /// Time spent in this variant's learning path (apply and maintenance).
     pub busy: Duration,
+    /// Its cumulative metrics along the input.
     pub timeline: Vec<Point>,
     /// The variant's cumulative metrics at [`RunConfig::split_at`].
     pub at_split: Option<ctr_models::Metrics>,
@@ -146,13 +158,17 @@ impl ModelRun {
 /// What a backtest did.
 #[derive(Debug)]
 pub struct RunOutcome {
+    /// Records replayed.
     pub events: u64,
     /// Unusable lines skipped (with `skip_invalid`), and records a model refused.
     pub skipped: u64,
     /// The first few lines skipped, for the report.
     pub first_bad: Vec<BadLine>,
+    /// Label IDs seen before (changed nothing).
     pub duplicates: u64,
+    /// One run per variant.
     pub runs: Vec<ModelRun>,
+    /// Wall-clock time of the whole replay.
     pub wall: Duration,
     /// What the input source reports about itself (the joiner's counts, say).
     pub notes: Vec<String>,

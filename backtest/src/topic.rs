@@ -27,8 +27,11 @@ use crate::input::{BadLine, Next, Source};
 /// One end of the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {
+    /// The partition's first offset.
     Beginning,
+    /// The partition's high watermark when the replay starts.
     End,
+    /// This offset.
     Offset(i64),
     /// Unix ms.
     Time(i64),
@@ -74,11 +77,15 @@ impl std::str::FromStr for Bound {
 /// What to read.
 #[derive(Debug, Clone)]
 pub struct TopicRange {
+    /// The bootstrap servers.
     pub brokers: String,
+    /// The labeled topic.
     pub topic: String,
     /// `None`: every partition.
     pub partitions: Option<Vec<i32>>,
+    /// Where to start.
     pub from: Bound,
+    /// Where to stop.
     pub to: Bound,
     /// With `to = end`: once every partition reached its starting high watermark, stop after
     /// this long without a record.
@@ -88,8 +95,10 @@ pub struct TopicRange {
 /// Why a range cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
+    /// A Kafka call failed.
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A range that cannot be read (the problem in words).
     #[error("{0}")]
     Range(String),
 }
@@ -132,6 +141,7 @@ impl std::fmt::Debug for LabeledTopic {
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 impl LabeledTopic {
+    /// A consumer positioned at the range's start in every partition it covers.
     pub fn open(range: &TopicRange) -> Result<Self, TopicError> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &range.brokers)

@@ -26,10 +26,12 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The broker the stack started (`CTR_KAFKA_BROKERS`), or its default address.
 pub fn brokers() -> String {
     std::env::var("CTR_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
+/// The stack's Redis (`CTR_REDIS_URL`), or its default address.
 pub fn redis_url() -> String {
     std::env::var("CTR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379/".into())
 }
@@ -70,6 +72,7 @@ pub fn create_topics(topics: &[(&str, i32)]) {
     }
 }
 
+/// A connection to the stack's Redis.
 pub fn redis() -> redis::Connection {
     redis::Client::open(redis_url())
         .and_then(|c| c.get_connection())
@@ -110,12 +113,14 @@ pub fn free_port() -> u16 {
 /// A service process that is killed when dropped, with its output kept for failure reports.
 #[derive(Debug)]
 pub struct Service {
+    /// The name its output is labeled with.
     pub name: String,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Service {
+    /// Starts the binary `bin_name` with `args`, its output captured.
     pub fn start(name: &str, bin_name: &str, args: &[String]) -> Self {
         Self::spawn(name, Command::new(bin(bin_name)).args(args))
     }
@@ -194,6 +199,7 @@ impl Service {
         Some(kb * 1024)
     }
 
+    /// Whether the process has not exited yet.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -295,10 +301,15 @@ pub fn metric(page: &str, name: &str) -> Option<f64> {
 /// One record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// The partition it was read from.
     pub partition: i32,
+    /// Its offset.
     pub offset: i64,
+    /// Its key.
     pub key: Vec<u8>,
+    /// Its value.
     pub payload: Vec<u8>,
+    /// Its headers, as (name, value as text).
     pub headers: Vec<(String, String)>,
 }
 
@@ -488,6 +499,7 @@ pub struct PrivateRedis {
 }
 
 impl PrivateRedis {
+    /// Starts a server and waits until it answers.
     pub fn start() -> Self {
         let port = free_port();
         let child = Command::new("redis-server")
@@ -510,6 +522,7 @@ impl PrivateRedis {
         me
     }
 
+    /// Its URL.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
@@ -572,8 +585,11 @@ pub fn json_f64(body: &str, field: &str) -> Option<f64> {
 /// What an HTTP call answered; status 0 when it got no answer at all.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// The HTTP status (0: no answer).
     pub status: u16,
+    /// The `Retry-After` header, if any.
     pub retry_after: Option<String>,
+    /// The body as text.
     pub body: String,
 }
 
@@ -693,6 +709,7 @@ pub const LABELS_T0: i64 = 1_760_000_000_000;
 /// A labeled stream and the exact per-ad totals it implies.
 #[derive(Debug)]
 pub struct Stream {
+    /// The records to produce: (topic, key, value).
     pub records: Vec<(String, String, Vec<u8>)>,
     /// Whether each record is clicked (what the joiner's `ctr.clicked` header says).
     pub clicked: Vec<bool>,
@@ -707,6 +724,7 @@ pub struct Stream {
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -714,6 +732,7 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
+    /// A uniform number in [0, 1).
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
@@ -895,6 +914,7 @@ pub struct Background {
 }
 
 impl Background {
+    /// Starts producing to `topic` (labels from `seed`; with re-emitted copies when `reemit`).
     pub fn start(topic: &str, seed: u64, reemit: bool) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = {
@@ -912,6 +932,7 @@ impl Background {
         Self { stop, thread }
     }
 
+    /// Stops the traffic and waits for its thread.
     pub fn stop(self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().expect("background producer");

@@ -4,6 +4,9 @@
 //! Also prints the resident memory per pending serve, measured as RSS growth while a million
 //! serves (3 ads each) wait in one join.
 
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

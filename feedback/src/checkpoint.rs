@@ -43,6 +43,7 @@ pub struct CheckpointStore {
 }
 
 impl CheckpointStore {
+    /// A store of the join checkpoints of `group`'s partitions under `redis_prefix`.
     pub fn new(
         conn: ConnectionManager,
         policy: Policy,
@@ -65,6 +66,7 @@ impl CheckpointStore {
         }
     }
 
+    /// The checkpoint of `partition`, if one was saved.
     pub async fn load(&mut self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {
         let loaded = self
             .store

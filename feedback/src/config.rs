@@ -14,16 +14,20 @@ use crate::join::JoinConfig;
     about = "Join serves and clicks into labeled impressions"
 )]
 pub struct FeedbackArgs {
-    // Kafka, Redis (checkpoints of the join state under `<prefix>feedback:`, the signal for
-    // the scorer at `<prefix>signal:joiner`) and the outage policy.
+    /// Kafka, Redis (checkpoints of the join state under `<prefix>feedback:`, the signal for the
+    /// scorer at `<prefix>signal:joiner`) and the outage policy.
     #[command(flatten)]
     pub service: ServiceFlags,
+    /// Topic of serve events (keyed by serve ID).
     #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
     pub serves_topic: String,
+    /// Topic of click events (keyed by serve ID, partitioned like the serves).
     #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
     pub clicks_topic: String,
+    /// Topic the labeled impressions go to (keyed by ad).
     #[arg(long, env = "CTR_LABELED_TOPIC", default_value = "ctr.labeled")]
     pub labeled_topic: String,
+    /// Topic unusable serves and clicks go to, with the reason in the `ctr.reason` header.
     #[arg(long, env = "CTR_DEADLETTER_TOPIC", default_value = "ctr.deadletter")]
     pub deadletter_topic: String,
     /// Consumer group of the joiner processes.
@@ -69,22 +73,34 @@ pub struct FeedbackArgs {
 pub struct FeedbackConfig {
     /// Kafka, Redis and the outage policy.
     pub service: Service,
+    /// `--serves-topic`.
     pub serves_topic: String,
+    /// `--clicks-topic`.
     pub clicks_topic: String,
+    /// `--labeled-topic`.
     pub labeled_topic: String,
+    /// `--deadletter-topic`.
     pub deadletter_topic: String,
+    /// `--group`: the consumer group.
     pub group: String,
+    /// `--http`: the listen address of `/healthz` and `/metrics`.
     pub http_addr: SocketAddr,
+    /// The join's windows and bounds.
     pub join: JoinConfig,
+    /// `--checkpoint-ms`: checkpoint interval.
     pub checkpoint_every: Duration,
+    /// The stall detector's settings.
     pub stall: StallConfig,
 }
 
 /// Settings of the stall detector (see [`crate::signals`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StallConfig {
+    /// Wall-clock window it looks at.
     pub window: Duration,
+    /// Fewest serves in the window before it judges at all.
     pub min_serves: u64,
+    /// The window's CTR below this fraction of the long-run CTR is a collapse.
     pub collapse_ratio: f64,
 }
 

@@ -97,18 +97,22 @@ pub struct LabelRef {
 }
 
 impl LabelRef {
+    /// The serve's ID.
     pub fn serve_id(&self) -> i64 {
         self.serve.serve_id
     }
 
+    /// The ad shown.
     pub fn ad_id(&self) -> &str {
         &self.serve.ads[usize::from(self.index)].ad_id
     }
 
+    /// Whether a click was joined.
     pub fn clicked(&self) -> bool {
         self.click_ts_ms.is_some()
     }
 
+    /// A label, or a late-click correction.
     pub fn kind(&self) -> LabelKind {
         self.kind
     }
@@ -145,6 +149,7 @@ impl LabelRef {
         }
     }
 
+    /// The labeled impression to produce.
     pub fn to_labeled(&self) -> LabeledImpression {
         let mut id = String::new();
         self.write_label_id(&mut id);
@@ -204,6 +209,7 @@ pub struct PartitionJoin {
 }
 
 impl PartitionJoin {
+    /// An empty join of one partition, with its idle timers started at `now_wall_ms`.
     pub fn new(cfg: JoinConfig, now_wall_ms: i64) -> Self {
         Self {
             cfg,
@@ -234,6 +240,7 @@ impl PartitionJoin {
         self.created_wall = now_wall_ms;
     }
 
+    /// The join's counters so far.
     pub fn stats(&self) -> JoinStats {
         self.stats
     }

@@ -26,8 +26,10 @@ pub use service::FeedbackError;
 /// Why the joiner process stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Start-up failed: a setting, a dependency or the topics.
     #[error(transparent)]
     Start(#[from] FeedbackError),
+    /// A supervised task (the join loop or HTTP) failed, panicked or ended early.
     #[error(transparent)]
     Task(#[from] ctr_runtime::TaskFailed),
 }

@@ -38,31 +38,45 @@ use crate::signals::StallDetector;
 /// Why the joiner stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedbackError {
+    /// A Kafka client could not be created or configured.
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// Redis refused the connection or a start-up call.
     #[error(transparent)]
     Redis(#[from] ctr_runtime::redis::RedisError),
+    /// The joiner signal could not be written within the policy.
     #[error(transparent)]
     Signal(DependencyError<redis::RedisError>),
+    /// The topics' metadata could not be read within the policy.
     #[error(transparent)]
     Metadata(DependencyError<KafkaError>),
+    /// A checkpoint could not be saved or restored.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The broker did not acknowledge a label or a dead letter.
     #[error(transparent)]
     Produce(#[from] ProduceError),
+    /// No broker or no group membership for longer than the outage budget.
     #[error(transparent)]
     Outage(#[from] ctr_runtime::kafka::Outage),
+    /// Serves and clicks topics with different partition counts.
     #[error(
         "topics {serves} ({serves_parts} partitions) and {clicks} ({clicks_parts}) must have equal partition counts: serves and their clicks meet by partition number"
     )]
     Partitions {
+        /// The serves topic.
         serves: String,
+        /// Its partition count.
         serves_parts: usize,
+        /// The clicks topic.
         clicks: String,
+        /// Its partition count.
         clicks_parts: usize,
     },
+    /// A label could not be encoded.
     #[error(transparent)]
     Encode(#[from] ctr_schemas::EncodeError),
+    /// The HTTP server could not bind or serve.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
 }

@@ -30,6 +30,7 @@ pub struct StallDetector {
 }
 
 impl StallDetector {
+    /// A detector with no samples yet.
     pub fn new(cfg: StallConfig) -> Self {
         Self {
             cfg,

@@ -54,6 +54,7 @@ use ctr_runtime::{Policy, Supervisor};
 /// Settings of `ctr-ingest http`, as given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArgs {
+    /// The broker, the topics and the outage policy.
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Listen address.
@@ -99,19 +100,30 @@ pub struct AdapterArgs {
 /// Checked settings.
 #[derive(Clone)]
 pub struct AdapterConfig {
+    /// The bootstrap servers.
     pub brokers: String,
     /// The broker's outage budget: past it without a broker, the adapter exits non-zero.
     pub policy: Policy,
+    /// Topic of serve events.
     pub serves_topic: String,
+    /// Topic of click events.
     pub clicks_topic: String,
+    /// `--http`: listen address.
     pub http_addr: SocketAddr,
     keys: ApiKeys,
+    /// `--max-body-bytes`: largest request body.
     pub max_body_bytes: usize,
+    /// `--max-events`: most events in one request.
     pub max_events: usize,
+    /// `--max-in-flight-events`: most events awaiting acknowledgement, over all requests.
     pub max_in_flight_events: usize,
+    /// How long the producer retries one event before it counts as failed.
     pub delivery_timeout: Duration,
+    /// `--linger-ms`: how long the producer waits to fill a batch.
     pub linger_ms: u64,
+    /// How far an event time may lie in the future and in the past.
     pub bounds: TimeBounds,
+    /// ID generator shard for IDs this adapter assigns.
     pub shard: u32,
 }
 
@@ -131,19 +143,26 @@ impl std::fmt::Debug for AdapterConfig {
 /// A setting the adapter cannot start with.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// Neither keys nor `--allow-anonymous`.
     #[error(
         "no API keys: give --api-keys or --api-keys-file, or --allow-anonymous on a closed network"
     )]
     NoKeys,
+    /// The keys file could not be read.
     #[error("reading the API keys file {path}: {source}")]
     KeysFile {
+        /// The file.
         path: PathBuf,
+        /// What reading it said.
         source: std::io::Error,
     },
+    /// A setting out of range (the problem in words).
     #[error("{0}")]
     Invalid(&'static str),
+    /// A setting that does not parse (the problem in words).
     #[error("{0}")]
     Setting(String),
+    /// An ID generator shard above 1023.
     #[error(transparent)]
     Shard(#[from] ctr_schemas::id::ShardOutOfRange),
 }
@@ -242,14 +261,18 @@ impl ApiKeys {
 /// Why the adapter stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
+    /// The Kafka producer could not be created.
     #[error("creating the Kafka producer: {0}")]
     Producer(KafkaError),
+    /// The HTTP server could not bind or serve.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    /// No broker reachable for longer than the outage budget (how long it was).
     #[error(
         "no Kafka broker has been reachable for {0:?}, longer than the outage budget: exiting so that a supervisor restarts the adapter"
     )]
     BrokerOutage(Duration),
+    /// A supervised task (HTTP or the broker probe) failed, panicked or ended early.
     #[error(transparent)]
     Task(#[from] ctr_runtime::TaskFailed),
 }

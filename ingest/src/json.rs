@@ -38,18 +38,22 @@ pub const MAX_LISTED_ERRORS: usize = 100;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
+    /// A serve: the ads shown on one result page.
     Serve,
+    /// A click on one of them.
     Click,
 }
 
 /// An event ready for Kafka: its key (the serve ID, decimal), its wire bytes, and its own ID.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prepared {
+    /// Serve or click.
     pub kind: Kind,
     /// The serve ID of a serve, the click ID of a click (assigned if the producer gave none).
     pub id: i64,
     /// Kafka key: the serve ID, so a serve and its clicks share a partition.
     pub key: String,
+    /// Event time, Unix ms.
     pub ts_ms: i64,
     /// Confluent-framed Avro.
     pub payload: Vec<u8>,
@@ -58,11 +62,14 @@ pub struct Prepared {
 /// A parsed, validated event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A serve.
     Serve(Serve),
+    /// A click.
     Click(Click),
 }
 
 impl Event {
+    /// Serve or click.
     pub fn kind(&self) -> Kind {
         match self {
             Event::Serve(_) => Kind::Serve,
@@ -86,6 +93,7 @@ impl Event {
         }
     }
 
+    /// Event time, Unix ms.
     pub fn ts_ms(&self) -> i64 {
         match self {
             Event::Serve(s) => s.ts_ms,
@@ -101,6 +109,7 @@ impl Event {
         }
     }
 
+    /// Checks the event against the contract; the problem in words.
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Event::Serve(s) => s.validate(),
@@ -127,27 +136,41 @@ impl From<Click> for Event {
 pub struct EventError {
     /// Position of the event in the body (array index or NDJSON line, from 0).
     pub index: usize,
+    /// What is wrong with it.
     pub error: String,
 }
 
 /// Why a body was refused. Nothing of a refused body is produced.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
+    /// Bytes that are not UTF-8 (offset of the first bad byte).
     #[error("body is not valid UTF-8 (first bad byte at offset {0})")]
     NotUtf8(usize),
+    /// Text that is not JSON (the parser's message).
     #[error("body is not JSON: {0}")]
     NotJson(String),
+    /// No event at all.
     #[error("body holds no events")]
     Empty,
+    /// More events than the adapter takes in one body.
     #[error("{got} events in one body; at most {max} are accepted")]
-    TooManyEvents { got: usize, max: usize },
+    TooManyEvents {
+        /// Events in the body.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// JSON that is neither an event, nor an array of events, nor NDJSON.
     #[error("the body must be an event object, an array of events, or NDJSON")]
     NotAnEvent,
     /// Some events are invalid; `errors` lists the first [`MAX_LISTED_ERRORS`].
     #[error("{total} of {events} events are invalid")]
     Invalid {
+        /// Events in the body.
         events: usize,
+        /// Invalid events in the body.
         total: usize,
+        /// The first invalid events (at most [`MAX_LISTED_ERRORS`]).
         errors: Vec<EventError>,
     },
 }

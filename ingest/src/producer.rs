@@ -16,12 +16,16 @@ use rdkafka::producer::{FutureRecord, Producer};
 /// Why events could not be produced.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
+    /// The Kafka producer could not be created.
     #[error("creating the Kafka producer: {0}")]
     Create(KafkaError),
+    /// The broker did not acknowledge an event.
     #[error(transparent)]
     Delivery(#[from] ctr_runtime::kafka::ProduceError),
+    /// A setting out of range.
     #[error("{0}")]
     Settings(String),
+    /// Flushing the producer failed.
     #[error("flushing the producer: {0}")]
     Flush(KafkaError),
 }
@@ -29,12 +33,16 @@ pub enum ProduceError {
 /// Where events go: the broker and the two input topics, the same flags for every command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
+    /// The broker (bootstrap servers).
     #[command(flatten)]
     pub kafka: KafkaFlags,
+    /// The outage policy.
     #[command(flatten)]
     pub dependencies: DependencyFlags,
+    /// Topic of serve events (keyed by serve ID).
     #[arg(long, env = "CTR_SERVES_TOPIC", default_value = "ctr.serves")]
     pub serves_topic: String,
+    /// Topic of click events (keyed by serve ID, partitioned like the serves).
     #[arg(long, env = "CTR_CLICKS_TOPIC", default_value = "ctr.clicks")]
     pub clicks_topic: String,
 }
@@ -53,6 +61,7 @@ pub struct EventProducer {
 }
 
 impl EventProducer {
+    /// A producer with the common client settings, at most `max_in_flight` events unacknowledged.
     pub fn new(args: &KafkaArgs, max_in_flight: usize) -> Result<Self, ProduceError> {
         let policy = args.dependencies.policy().map_err(ProduceError::Settings)?;
         let producer =
@@ -88,6 +97,7 @@ impl EventProducer {
         Ok(delivered)
     }
 
+    /// Events the broker has acknowledged.
     pub fn delivered(&self) -> u64 {
         self.inner.delivered()
     }

@@ -63,18 +63,22 @@ impl std::str::FromStr for Speed {
 pub enum Format {
     /// By extension: `.avro` is Avro, anything else JSONL.
     Auto,
+    /// JSON Lines, one serve or click per line.
     Jsonl,
+    /// Avro object container files of serves or clicks.
     Avro,
 }
 
 /// Settings of `ctr-ingest replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
+    /// The broker, the topics and the outage policy.
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Files to replay, merged by event time.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// Input format.
     #[arg(long, value_enum, default_value_t = Format::Auto)]
     pub format: Format,
     /// `1` = original pace, `N` = N times faster, `max` = as fast as possible.
@@ -97,8 +101,11 @@ pub struct ReplayArgs {
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplaySummary {
+    /// Serves produced.
     pub serves: u64,
+    /// Clicks produced.
     pub clicks: u64,
+    /// Invalid lines and records skipped (`--skip-invalid`).
     pub skipped: u64,
     /// True if stopped by a signal before the end of the input.
     pub interrupted: bool,
@@ -107,25 +114,42 @@ pub struct ReplaySummary {
 /// Why a replay or export failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
+    /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What reading it said.
         source: std::io::Error,
     },
+    /// An invalid line or record.
     #[error("{path}: {at}: {problem}")]
     Invalid {
+        /// The file.
         path: PathBuf,
+        /// Where in it (line or record number).
         at: String,
+        /// What is wrong.
         problem: String,
     },
+    /// A file that is not Avro of serves or clicks.
     #[error("{path}: not a replayable Avro file: {problem}")]
-    Avro { path: PathBuf, problem: String },
+    Avro {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The broker did not take an event.
     #[error(transparent)]
     Produce(#[from] ProduceError),
+    /// An ID generator shard above 1023.
     #[error(transparent)]
     Shard(#[from] ctr_schemas::id::ShardOutOfRange),
+    /// A Kafka client failed (export).
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// An export failed (the problem in words).
     #[error("{0}")]
     Export(String),
 }
@@ -473,15 +497,19 @@ pub struct ExportArgs {
     pub idle_ms: u64,
 }
 
+/// Which records a topic holds: serves or clicks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportKind {
+    /// Serve events.
     Serve,
+    /// Click events.
     Click,
 }
 
 /// What an export wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportSummary {
+    /// Records written.
     pub records: u64,
     /// Undecodable or invalid records left out (each logged with partition and offset).
     pub skipped: u64,

@@ -33,6 +33,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal, Normal, Zipf};
 use rand_pcg::Pcg64Mcg;
 
+/// The query categories the simulator draws contexts from.
 pub const CATEGORIES: &[&str] = &[
     "travel",
     "electronics",
@@ -43,7 +44,9 @@ pub const CATEGORIES: &[&str] = &[
     "food",
     "sports",
 ];
+/// The geos it draws from.
 pub const GEOS: &[&str] = &["US", "DE", "FR", "JP", "BR", "IN"];
+/// The devices it draws from.
 pub const DEVICES: &[&str] = &["mobile", "desktop", "tablet"];
 
 const MINUTE_MS: i64 = 60_000;
@@ -66,6 +69,7 @@ pub fn position_bias(position: i32) -> f64 {
 /// Settings of one simulation run.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// Seed of the marketplace; the same seed gives the same events.
     pub seed: u64,
     /// Number of distinct ads.
     pub ads: usize,
@@ -77,9 +81,11 @@ pub struct SimConfig {
     pub start_ms: i64,
     /// Serves per second of event time (outside bursts).
     pub serves_per_sec: f64,
+    /// Shortest click delay, ms.
     pub click_delay_min_ms: i64,
     /// Median click delay, ms; capped at the geometric mean of min and max when larger.
     pub click_delay_median_ms: i64,
+    /// Longest click delay, ms; beyond the joiner's window a click becomes a late correction.
     pub click_delay_max_ms: i64,
     /// Share of clicks sent twice (same click ID).
     pub duplicate_click_rate: f64,
@@ -93,6 +99,7 @@ pub struct SimConfig {
     pub hour_context: bool,
     /// Event time between burst starts, ms (0 = no bursts).
     pub burst_every_ms: i64,
+    /// Length of a burst, ms of event time.
     pub burst_len_ms: i64,
     /// Serve rate multiplier during a burst.
     pub burst_factor: f64,
@@ -140,13 +147,16 @@ struct SimAd {
 /// An event in the order it happened.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SimEvent {
+    /// A serve.
     Serve(Serve),
+    /// A click.
     Click(Click),
 }
 
 /// What the simulator emitted, per ad: the ground truth an exact pipeline must reproduce.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EmittedCounts {
+    /// Serves emitted.
     pub serves: u64,
     /// Distinct clicks on shown ads (duplicates and orphans not included).
     pub clicks: u64,
@@ -160,17 +170,22 @@ pub struct EmittedCounts {
     pub ads: BTreeMap<String, AdCounts>,
 }
 
+/// One ad's emitted impressions and clicks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AdCounts {
+    /// Impressions (ads shown on serves).
     pub impressions: u64,
+    /// Distinct clicks on them.
     pub clicks: u64,
 }
 
 /// A settings value the simulator cannot run with.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// A setting out of range.
     #[error("{0}")]
     Config(&'static str),
+    /// An ID generator shard above 1023.
     #[error(transparent)]
     Shard(#[from] ctr_schemas::id::ShardOutOfRange),
 }
@@ -227,6 +242,7 @@ pub struct Simulator {
 }
 
 impl Simulator {
+    /// A marketplace from `cfg`; `max_serves` ends the run (`None` = endless).
     pub fn new(cfg: SimConfig, max_serves: Option<u64>) -> Result<Self, SimError> {
         if cfg.ads == 0 || cfg.campaigns == 0 || cfg.max_ads == 0 {
             return Err(SimError::Config(

@@ -21,6 +21,7 @@ use crate::sim::{EmittedCounts, SimConfig, SimError, SimEvent, Simulator};
 /// Settings of `ctr-ingest simulate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
+    /// The broker, the topics and the outage policy.
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Seed of the marketplace; the same seed gives the same events.
@@ -38,10 +39,13 @@ pub struct SimulateArgs {
     /// Event time of the first serve (Unix ms); default: now.
     #[arg(long)]
     pub start_ms: Option<i64>,
+    /// Number of distinct ads.
     #[arg(long, default_value_t = 200)]
     pub ads: usize,
+    /// Number of campaigns the ads are spread over.
     #[arg(long, default_value_t = 40)]
     pub campaigns: usize,
+    /// Shortest click delay, ms.
     #[arg(long, default_value_t = 500)]
     pub click_delay_min_ms: i64,
     /// Median click delay (log-normal; capped at the geometric mean of min and max).
@@ -90,15 +94,21 @@ pub struct SimulateArgs {
 /// Why a simulation run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SimulateError {
+    /// The simulator's settings are invalid.
     #[error(transparent)]
     Sim(#[from] SimError),
+    /// The broker did not take an event.
     #[error(transparent)]
     Produce(#[from] ProduceError),
+    /// An event could not be encoded.
     #[error(transparent)]
     Encode(#[from] ctr_schemas::EncodeError),
+    /// The ground-truth file could not be written.
     #[error("writing {path}: {source}")]
     Output {
+        /// The file.
         path: PathBuf,
+        /// What writing it said.
         source: std::io::Error,
     },
 }

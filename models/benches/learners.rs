@@ -10,6 +10,9 @@
 //!   labeled impression, for each variant.
 //! - Memory per FTRL coordinate and per count key is printed before the runs.
 
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

@@ -63,6 +63,7 @@ impl Platt {
         })
     }
 
+    /// The calibrated probability for the model's output `p`.
     pub fn calibrate(&self, p: f64) -> f64 {
         let x = logit(p);
         sigmoid(self.a * (x - CENTER) + self.b + CENTER)
@@ -83,6 +84,7 @@ impl Platt {
         self.b = (self.b - self.rate * g_b / self.gb.sqrt()).clamp(-20.0, 20.0);
     }
 
+    /// The current (slope, intercept) on the centered logit, for reports and tests.
     pub fn params(&self) -> (f64, f64) {
         (self.a, self.b)
     }

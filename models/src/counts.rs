@@ -82,11 +82,15 @@ pub struct CountsConfig {
     pub half_life_ms: Option<f64>,
     /// Prior of the global rate.
     pub global_prior_mean: f64,
+    /// Strength (pseudo-impressions) of the global rate's prior.
     pub global_prior_strength: f64,
     /// Prior strengths (pseudo-impressions) of each level towards its parent.
     pub campaign_strength: f64,
+    /// Prior strength of an ad's rate towards its campaign's.
     pub ad_strength: f64,
+    /// Prior strength of an ad × context-field rate towards the ad's.
     pub field_strength: f64,
+    /// Prior strength of an ad × full-context rate towards its field levels.
     pub context_strength: f64,
     /// Prior strength of each position's CTR towards the global CTR (pseudo-impressions).
     /// Weak on purpose: examination units are counted with the position bias known at the
@@ -128,6 +132,7 @@ pub struct Estimate {
     pub p: f64,
     /// Position-normalized CTR (the estimate at position 1).
     pub normalized: f64,
+    /// The finest level that had evidence.
     pub level: Level,
     /// Decayed examination-weighted impressions behind the finest level used.
     pub evidence: f64,
@@ -136,13 +141,18 @@ pub struct Estimate {
 /// The count model's key tables (a key's table is part of its identity in a [`CountsDelta`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Table {
+    /// Per campaign.
     Campaigns,
+    /// Per ad.
     Ads,
+    /// Per ad × one context field (name, value).
     Fields,
+    /// Per ad × full context.
     Contexts,
 }
 
 impl Table {
+    /// Every table, in the order of their discriminants.
     pub const ALL: [Table; 4] = [Table::Campaigns, Table::Ads, Table::Fields, Table::Contexts];
 }
 
@@ -165,6 +175,7 @@ impl CountsDelta {
         self.set.len() + self.removed.len()
     }
 
+    /// No counter set or removed.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -193,6 +204,7 @@ fn smooth(c: Counter, scale: f64, parent: f64, strength: f64) -> (f64, f64) {
 }
 
 impl CountModel {
+    /// An empty model; `cfg` is checked first.
     pub fn new(cfg: CountsConfig) -> Result<Self> {
         for (name, s) in [
             ("campaign_strength", cfg.campaign_strength),
@@ -225,6 +237,7 @@ impl CountModel {
         })
     }
 
+    /// The settings it was built with.
     pub fn config(&self) -> &CountsConfig {
         &self.cfg
     }

@@ -37,10 +37,12 @@ impl DecayClock {
         })
     }
 
+    /// The half-life in event-time ms; `None` when counts never decay.
     pub fn half_life_ms(&self) -> Option<f64> {
         self.half_life_ms
     }
 
+    /// The newest event time observed (Unix ms; `i64::MIN` before the first).
     pub fn now_ms(&self) -> i64 {
         self.now_ms
     }
@@ -97,16 +99,20 @@ impl DecayClock {
 /// A forward-decayed (impressions, clicks) pair: the value of one counter key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Counter {
+    /// Decayed impressions (examination-weighted where the caller weights them).
     pub imps: f64,
+    /// Decayed clicks.
     pub clicks: f64,
 }
 
 impl Counter {
+    /// Adds `imps` impressions and `clicks` clicks, each scaled by the decay weight `g`.
     pub fn add(&mut self, g: f64, imps: f64, clicks: f64) {
         self.imps += g * imps;
         self.clicks += g * clicks;
     }
 
+    /// Scales both by `f` (moving the landmark rescales every counter).
     pub fn scale(&mut self, f: f64) {
         self.imps *= f;
         self.clicks *= f;

@@ -32,7 +32,9 @@ type AdSlices = HashMap<String, Metrics, foldhash::fast::FixedState>;
 type FieldSlices = HashMap<u64, (String, String, Metrics), BuildHasherDefault<NoHashHasher<u64>>>;
 
 const LOGIT_RANGE: f64 = 12.0;
+/// Buckets of the logit histogram that the AUC is computed from.
 pub const DEFAULT_AUC_BINS: usize = 4096;
+/// Bins of a reliability (calibration) plot.
 pub const RELIABILITY_BINS: usize = 20;
 
 /// Weighted progressive-validation sums.
@@ -59,9 +61,13 @@ impl Default for Metrics {
 pub struct ReliabilityBin {
     /// Lower and upper predicted probability of the bin.
     pub p_low: f64,
+    /// Upper end of the bin.
     pub p_high: f64,
+    /// Total weight of the predictions in the bin.
     pub weight: f64,
+    /// Their weighted mean prediction.
     pub mean_predicted: f64,
+    /// Their weighted observed click rate.
     pub observed: f64,
 }
 
@@ -193,10 +199,12 @@ impl Metrics {
         out
     }
 
+    /// Total weight recorded (impressions, importance-weighted).
     pub fn weight(&self) -> f64 {
         self.weight
     }
 
+    /// Mean log loss; `None` before the first record.
     pub fn log_loss(&self) -> Option<f64> {
         (self.weight > 0.0).then(|| self.loss / self.weight)
     }
@@ -216,10 +224,12 @@ impl Metrics {
         (self.sum_y > 0.0).then(|| self.sum_p / self.sum_y)
     }
 
+    /// Weighted observed click rate; `None` before the first record.
     pub fn observed_ctr(&self) -> Option<f64> {
         (self.weight > 0.0).then(|| self.sum_y / self.weight)
     }
 
+    /// Weighted mean prediction; `None` before the first record.
     pub fn mean_prediction(&self) -> Option<f64> {
         (self.weight > 0.0).then(|| self.sum_p / self.weight)
     }
@@ -257,6 +267,7 @@ impl Metrics {
         (self.sum_y > 0.0).then(|| miss / self.sum_y)
     }
 
+    /// The reliability plot: the non-empty bins, lowest first.
     pub fn reliability(&self) -> Vec<ReliabilityBin> {
         self.reliability
             .iter()
@@ -296,6 +307,7 @@ impl WindowedMetrics {
         }
     }
 
+    /// Records one prediction `p` of an event at `ts_ms` with label `clicked` and weight `w`.
     pub fn record(&mut self, ts_ms: i64, p: f64, clicked: bool, w: f64) {
         if let Some(s) = Scored::new(p, clicked, w) {
             self.add(ts_ms, &s);
@@ -354,6 +366,7 @@ pub struct SlicedMetrics {
 }
 
 impl SlicedMetrics {
+    /// Per-slice metrics for at most `max_slices` ads and context-field values.
     pub fn new(max_slices: usize, auc_bins: usize) -> Self {
         Self {
             max_slices,
@@ -368,6 +381,7 @@ impl SlicedMetrics {
         self.by_ad.len() + self.by_field.len()
     }
 
+    /// Records one prediction under its ad and each of its context fields.
     pub fn record(&mut self, ad: &str, context: &[(&str, &str)], p: f64, clicked: bool, w: f64) {
         if let Some(s) = Scored::new(p, clicked, w) {
             let keys: Vec<u64> = context.iter().map(|(n, v)| field_key(n, v)).collect();
@@ -401,10 +415,12 @@ impl SlicedMetrics {
         }
     }
 
+    /// The metrics of one ad, if it has a slice.
     pub fn ad(&self, ad: &str) -> Option<&Metrics> {
         self.by_ad.get(ad)
     }
 
+    /// The metrics of one context field value, if it has a slice.
     pub fn field(&self, name: &str, value: &str) -> Option<&Metrics> {
         self.by_field
             .get(&field_key(name, value))

@@ -11,7 +11,9 @@ use crate::error::{ModelError, Result};
 /// One ad shown, as the learners see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Impression<'a> {
+    /// The ad shown.
     pub ad: &'a str,
+    /// The ad's campaign (its parent in the count model and a feature of FTRL).
     pub campaign: &'a str,
     /// 1 = top slot.
     pub position: u32,
@@ -27,6 +29,7 @@ pub struct Impression<'a> {
 pub const MAX_CONTEXT_FIELDS: usize = 32;
 
 impl Impression<'_> {
+    /// Rejects what no model may learn from: position 0, more than [`MAX_CONTEXT_FIELDS`] fields.
     pub fn validate(&self) -> Result<()> {
         if self.position == 0 {
             return Err(ModelError::Position(0));
@@ -50,6 +53,7 @@ mod ns {
     pub(super) const COUNT_FEATURE: u64 = 0xcf;
 }
 
+/// Hash of `s` in `namespace` (namespaces keep equal strings in different roles apart).
 pub fn hash_str(namespace: u64, s: &str) -> u64 {
     hash_bytes(namespace, s.as_bytes())
 }
@@ -64,10 +68,12 @@ pub fn combine(a: u64, b: u64) -> u64 {
     xxh3_64_with_seed(&b.to_le_bytes(), a)
 }
 
+/// The key of an ad (in the count model's ad table and as FTRL's ad feature).
 pub fn ad_key(ad: &str) -> u64 {
     hash_str(ns::AD, ad)
 }
 
+/// The key of a campaign.
 pub fn campaign_key(campaign: &str) -> u64 {
     hash_str(ns::CAMPAIGN, campaign)
 }
@@ -91,7 +97,9 @@ pub fn context_key(context: &[(&str, &str)]) -> u64 {
 /// rejects such an impression ([`Impression::validate`]), so only predictions ever see the cut.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys {
+    /// [`ad_key`] of the ad.
     pub ad: u64,
+    /// [`campaign_key`] of the campaign.
     pub campaign: u64,
     /// The position feature (positions beyond 16 share one).
     pub position: u64,
@@ -102,6 +110,7 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// The keys of `x`, computed once for every model that needs them.
     pub fn of(x: &Impression<'_>) -> Self {
         let mut fields = [0; MAX_CONTEXT_FIELDS];
         let len = x.context.len().min(MAX_CONTEXT_FIELDS);
@@ -139,7 +148,9 @@ impl Keys {
 /// One hashed feature with its value (1.0 for indicator features).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Feature {
+    /// Hashed feature key.
     pub key: u64,
+    /// Its value.
     pub value: f64,
 }
 

@@ -37,9 +37,13 @@ use crate::keymap::{Found, KeyMap};
 /// Settings of the FTRL learner.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FtrlConfig {
+    /// Learning-rate scale (per-coordinate rate alpha / (beta + sqrt(Σg²))).
     pub alpha: f64,
+    /// Learning-rate smoothing: keeps early per-coordinate rates bounded.
     pub beta: f64,
+    /// L1 penalty: weights whose evidence is weaker stay exactly 0 (sparsity).
     pub l1: f64,
+    /// L2 penalty.
     pub l2: f64,
     /// Occurrences before a feature is admitted; 0 or 1 admits every feature at once.
     pub admit_after: u8,
@@ -89,6 +93,7 @@ impl FtrlDelta {
         self.set.len() + self.removed.len()
     }
 
+    /// No coordinate set or removed.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -106,6 +111,7 @@ pub struct Ftrl {
 /// Largest |logit| used; beyond it the sigmoid is 0 or 1 in f64 anyway.
 const MAX_LOGIT: f64 = 35.0;
 
+/// The logistic function, with the argument clamped to ±35.
 pub fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x.clamp(-MAX_LOGIT, MAX_LOGIT)).exp())
 }
@@ -117,6 +123,7 @@ pub const MAX_FEATURES: usize = 256;
 const BLOCK: usize = 32;
 
 impl Ftrl {
+    /// An empty learner; `cfg` is checked first.
     pub fn new(cfg: FtrlConfig) -> Result<Self> {
         config(
             "alpha",
@@ -148,6 +155,7 @@ impl Ftrl {
         })
     }
 
+    /// The settings it was built with.
     pub fn config(&self) -> &FtrlConfig {
         &self.cfg
     }
@@ -368,6 +376,7 @@ impl Ftrl {
         }
     }
 
+    /// Coordinates stored.
     pub fn coordinates(&self) -> usize {
         self.coords.len()
     }
@@ -379,6 +388,7 @@ impl Ftrl {
         (self.coords.capacity() * slot) as f64 / self.coords.len().max(1) as f64
     }
 
+    /// Bytes of the admission filter (fixed by its settings).
     pub fn filter_bytes(&self) -> usize {
         self.filter.len()
     }

@@ -67,6 +67,7 @@ impl<V: Copy + Default> Default for KeyMap<V> {
 }
 
 impl<V: Copy + Default> KeyMap<V> {
+    /// An empty map (allocates on the first insert).
     pub fn new() -> Self {
         Self {
             slots: Vec::new(),
@@ -80,6 +81,7 @@ impl<V: Copy + Default> KeyMap<V> {
         self.used + usize::from(self.zero.is_some())
     }
 
+    /// No key.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -154,11 +156,13 @@ impl<V: Copy + Default> KeyMap<V> {
         }
     }
 
+    /// The value of `key`, if present.
     #[inline]
     pub fn get(&self, key: u64) -> Option<&V> {
         self.at(self.find(key))
     }
 
+    /// The value of `key` to change in place, if present.
     #[inline]
     pub fn get_mut(&mut self, key: u64) -> Option<&mut V> {
         self.at_mut(self.find(key))
@@ -263,10 +267,12 @@ impl<V: Copy + Default> KeyMap<V> {
         )
     }
 
+    /// Every value, in no particular order.
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.iter().map(|(_, v)| v)
     }
 
+    /// Every value to change in place, in no particular order.
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.zero.iter_mut().chain(
             self.slots

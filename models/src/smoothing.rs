@@ -15,8 +15,10 @@ pub struct BetaPrior {
 /// A prior that cannot describe a rate.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
 pub enum PriorError {
+    /// A mean outside (0, 1).
     #[error("prior mean {0} must lie strictly between 0 and 1")]
     Mean(f64),
+    /// A strength that is not finite and positive.
     #[error("prior strength {0} must be a finite number > 0 (pseudo-impressions)")]
     Strength(f64),
 }
@@ -36,14 +38,17 @@ impl BetaPrior {
         })
     }
 
+    /// Pseudo-clicks.
     pub fn alpha(&self) -> f64 {
         self.alpha
     }
 
+    /// Pseudo-non-clicks.
     pub fn beta(&self) -> f64 {
         self.beta
     }
 
+    /// The prior mean rate.
     pub fn mean(&self) -> f64 {
         self.alpha / (self.alpha + self.beta)
     }

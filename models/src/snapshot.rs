@@ -19,25 +19,43 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use xxhash_rust::xxh3::xxh3_64;
 
+/// The first four bytes of every snapshot.
 pub const MAGIC: [u8; 4] = *b"CTRM";
+/// The format version of [`crate::ModelSet`] snapshots this build writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
 const HEADER: usize = 22;
 
 /// Why bytes are not a usable snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SnapshotError {
+    /// Fewer bytes than the header.
     #[error("snapshot is {0} bytes, shorter than its 22-byte header")]
     TooShort(usize),
+    /// The first bytes are not [`MAGIC`].
     #[error("not a model snapshot (magic bytes {0:02x?}, expected \"CTRM\")")]
     BadMagic([u8; 4]),
+    /// A format version this build does not read.
     #[error(
         "snapshot format version {found} is not supported by this build (it reads version {supported})"
     )]
-    UnsupportedVersion { found: u16, supported: u16 },
+    UnsupportedVersion {
+        /// The snapshot's version.
+        found: u16,
+        /// The version this build reads.
+        supported: u16,
+    },
+    /// A body shorter or longer than the header says.
     #[error("snapshot body is {found} bytes, header says {expected}: truncated or padded")]
-    Length { expected: u64, found: u64 },
+    Length {
+        /// Bytes the header announces.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+    },
+    /// The body does not match its checksum.
     #[error("snapshot checksum mismatch: the body is corrupt")]
     Checksum,
+    /// The body does not decode as the expected state.
     #[error("snapshot body does not decode: {0}")]
     Body(String),
 }

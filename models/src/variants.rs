@@ -38,10 +38,14 @@ use crate::example::{
 use crate::ftrl::{Ftrl, FtrlConfig, FtrlDelta};
 use crate::snapshot;
 
+/// What a variant learns with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VariantKind {
+    /// Hierarchical smoothed counts alone.
     Counts,
+    /// FTRL-Proximal on hashed features alone.
     Ftrl,
+    /// FTRL with the count model's estimate as one more feature.
     Combined,
 }
 
@@ -64,15 +68,21 @@ impl std::str::FromStr for VariantKind {
 /// Settings of one variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VariantConfig {
+    /// Unique among the variants of a set (the scorer's `--models` name).
     pub name: String,
+    /// What it learns with.
     pub kind: VariantKind,
+    /// The count model's settings (used by `Counts` and `Combined`).
     pub counts: CountsConfig,
+    /// FTRL's settings (used by `Ftrl` and `Combined`).
     pub ftrl: FtrlConfig,
+    /// Which features FTRL sees.
     pub features: FeatureSpec,
     /// Online Platt scaling step size; `None` = no calibration layer.
     pub platt_rate: Option<f64>,
     /// Sliding-window metrics: bucket width (event-time ms) and number of buckets.
     pub window_bucket_ms: i64,
+    /// Number of buckets of the sliding window.
     pub window_buckets: usize,
     /// Most metric slices (ads + context field values); 0 = no slicing.
     pub max_slices: usize,
@@ -131,6 +141,7 @@ fn logit(p: f64) -> f64 {
 }
 
 impl Variant {
+    /// A fresh variant; `cfg` is checked first.
     pub fn new(cfg: VariantConfig) -> Result<Self> {
         let counts = match cfg.kind {
             VariantKind::Counts | VariantKind::Combined => Some(CountModel::new(cfg.counts)?),
@@ -153,30 +164,37 @@ impl Variant {
         })
     }
 
+    /// Its name.
     pub fn name(&self) -> &str {
         &self.cfg.name
     }
 
+    /// Its settings.
     pub fn config(&self) -> &VariantConfig {
         &self.cfg
     }
 
+    /// Cumulative progressive-validation metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// Metrics over the sliding event-time window.
     pub fn window(&self) -> &WindowedMetrics {
         &self.window
     }
 
+    /// Metrics per ad and per context-field value.
     pub fn slices(&self) -> &SlicedMetrics {
         &self.slices
     }
 
+    /// The count model, for `Counts` and `Combined`.
     pub fn counts(&self) -> Option<&CountModel> {
         self.counts.as_ref()
     }
 
+    /// The FTRL learner, for `Ftrl` and `Combined`.
     pub fn ftrl(&self) -> Option<&Ftrl> {
         self.ftrl.as_ref()
     }
@@ -387,6 +405,7 @@ impl Evicted {
         self.counts.len() + self.ftrl.len()
     }
 
+    /// Nothing dropped.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -430,10 +449,12 @@ impl TouchedCounts {
 }
 
 impl Touched {
+    /// No key touched.
     pub fn is_empty(&self) -> bool {
         self.counts.0.iter().all(KeySet::is_empty) && self.ftrl.is_empty()
     }
 
+    /// Forgets every key (reused for the next batch).
     pub fn clear(&mut self) {
         self.counts.0.iter_mut().for_each(KeySet::clear);
         self.ftrl.clear();
@@ -458,6 +479,7 @@ impl VariantDelta {
             + self.ftrl.as_ref().map_or(0, FtrlDelta::len)
     }
 
+    /// No parameter set or removed.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -471,6 +493,7 @@ pub struct ModelSet {
 }
 
 impl ModelSet {
+    /// Fresh variants from `configs` (at least one, with unique names).
     pub fn new(configs: Vec<VariantConfig>) -> Result<Self> {
         if configs.is_empty() {
             return Err(ModelError::Config {
@@ -518,18 +541,22 @@ impl ModelSet {
         Ok(())
     }
 
+    /// The variant `name`, to change in place.
     pub fn variant_mut(&mut self, name: &str) -> Option<&mut Variant> {
         self.variants.iter_mut().find(|v| v.name() == name)
     }
 
+    /// Examples learned so far.
     pub fn examples(&self) -> u64 {
         self.examples
     }
 
+    /// Every variant, in the order configured.
     pub fn variants(&self) -> &[Variant] {
         &self.variants
     }
 
+    /// The variant `name`.
     pub fn variant(&self, name: &str) -> Option<&Variant> {
         self.variants.iter().find(|v| v.name() == name)
     }

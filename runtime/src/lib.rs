@@ -11,8 +11,6 @@
 //!   liveness `/healthz` reports.
 //! - [`flags`]: the command-line flags every service shares.
 
-#![warn(missing_docs, unreachable_pub)]
-
 pub mod flags;
 pub mod kafka;
 pub mod policy;

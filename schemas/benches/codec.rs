@@ -3,6 +3,9 @@
 //!
 //! Run: `cargo bench -p ctr-schemas --bench codec`
 
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 

@@ -7,8 +7,6 @@
 //! headers, the joiner's signal and the Redis key layout ([`contract`]). It depends on nothing
 //! else in the workspace and does no I/O, so any service, test or backtest can use it.
 
-#![warn(missing_docs)]
-
 pub mod contract;
 pub mod events;
 pub mod id;

@@ -9,6 +9,9 @@
 //! geos × 2 devices), learned by the scorer's own partition state; each request is one of
 //! 1,024 with a context mostly never seen and 10 distinct candidates of 600 ads (100 new).
 
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};

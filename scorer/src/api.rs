@@ -63,6 +63,7 @@ impl std::fmt::Debug for ApiState {
 }
 
 impl ApiState {
+    /// The handlers' state: the replica that answers, and the limits from `cfg`.
     pub fn new(
         cfg: &ScorerConfig,
         replica: Arc<Replica>,
@@ -109,14 +110,18 @@ impl From<Evidence> for Source {
 /// Answer of `GET /v1/ctr`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CtrResponse {
+    /// The ad asked about.
     pub ad_id: String,
+    /// The context as [`ctr_schemas::Context::key`] writes it (fields sorted by name).
     pub context_key: String,
     /// Calibrated click probability at the top slot.
     pub pctr: f64,
     /// Exact totals behind the evidence: the ad in this context, else the ad over all
     /// contexts (0 for an unknown ad).
     pub impressions: u64,
+    /// Clicks behind the evidence, as `impressions`.
     pub clicks: u64,
+    /// How the model obtained the estimate.
     pub source: Source,
     /// `model@offset`: the serving variant and the last offset of the ad's partition the
     /// replica reflects; absent before the partition's first record.
@@ -127,6 +132,7 @@ pub struct CtrResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Candidate {
+    /// The ad's ID (unique among the candidates).
     pub ad_id: String,
     /// Bid per click, any currency unit; finite and >= 0.
     pub bid: f64,
@@ -154,25 +160,33 @@ pub struct RankRequest {
 /// One ranked ad.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Ranked {
+    /// The candidate's ad ID.
     pub ad_id: String,
+    /// Its bid, as given.
     pub bid: f64,
+    /// Calibrated click probability at the top slot.
     pub pctr: f64,
     /// `bid × pctr`: the expected value of showing the ad, the ranking key.
     pub score: f64,
+    /// How the model obtained `pctr`.
     pub source: Source,
+    /// `model@offset` of the ad's partition (see [`CtrResponse::model_version`]).
     pub model_version: Option<String>,
 }
 
 /// Answer of `POST /v1/rank`: candidates by descending score (ties by ad ID).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RankResponse {
+    /// The request's context as [`ctr_schemas::Context::key`] writes it.
     pub context_key: String,
+    /// The first `k` candidates by descending score.
     pub ranked: Vec<Ranked>,
 }
 
 /// Every error body.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
+    /// What was wrong, in words.
     pub error: String,
 }
 
@@ -240,6 +254,7 @@ async fn overloaded(err: BoxError) -> ApiError {
     }
 }
 
+/// The ranking API's routes (`/v1/ctr`, `/v1/rank`, the OpenAPI document) with their limits.
 pub fn router(state: ApiState) -> Router {
     let (max_concurrency, timeout) = state.limits;
     let dashboard = crate::dashboard::router(Arc::clone(&state.monitor));

@@ -43,6 +43,7 @@ pub struct CheckpointStore {
 }
 
 impl CheckpointStore {
+    /// A store of the checkpoints of `topic`'s partitions under `redis_prefix`.
     pub fn new(conn: ConnectionManager, policy: Policy, redis_prefix: &str, topic: &str) -> Self {
         let (prefix, t) = (redis_prefix.to_string(), topic.to_string());
         Self {
@@ -57,10 +58,12 @@ impl CheckpointStore {
         }
     }
 
+    /// The Redis key of `partition`'s checkpoint.
     pub fn key(&self, partition: i32) -> String {
         self.store.key(partition)
     }
 
+    /// The checkpoint of `partition`, if one was saved.
     pub async fn load(
         &mut self,
         partition: i32,

@@ -15,8 +15,8 @@ use ctr_runtime::flags::{Service, ServiceFlags};
     about = "Learn CTR from labeled impressions; publish to Redis and HTTP"
 )]
 pub struct ScorerArgs {
-    // Kafka, Redis (estimates, the model streams, checkpoints, monitoring reports: keys under
-    // the prefix, see `publish`) and the outage policy.
+    /// Kafka, Redis (estimates, the model streams, checkpoints, monitoring reports: keys under
+    /// the prefix, see `publish`) and the outage policy.
     #[command(flatten)]
     pub service: ServiceFlags,
     /// Topic of labeled impressions (keyed by ad).
@@ -105,26 +105,47 @@ pub struct ScorerArgs {
 pub struct ScorerConfig {
     /// Kafka, Redis and the outage policy.
     pub service: Service,
+    /// `--labeled-topic`.
     pub labeled_topic: String,
+    /// `--deadletter-topic`.
     pub deadletter_topic: String,
+    /// `--group`: the consumer group.
     pub group: String,
+    /// `--http`: the API's listen address.
     pub http_addr: SocketAddr,
+    /// `--batch-size`: most labels in one Redis batch.
     pub batch_size: usize,
+    /// `--batch-ms`: longest a batch waits to fill.
     pub batch_ms: u64,
+    /// The count model's global prior (`--prior-mean`, `--prior-strength`).
     pub prior: BetaPrior,
+    /// The variants learning side by side (`--models`).
     pub models: Vec<VariantConfig>,
+    /// `--serve-model`: the variant the API evaluates and Redis gets.
     pub serve_model: String,
+    /// `--serve-only`: replica and API only, no learning.
     pub serve_only: bool,
+    /// `--workers`: worker tasks.
     pub workers: usize,
+    /// `--queue-capacity`: records each worker's queue holds.
     pub queue_capacity: usize,
+    /// `--checkpoint-ms`: checkpoint interval.
     pub checkpoint_every: Duration,
+    /// `--dedupe-horizon-ms`.
     pub dedupe_horizon_ms: i64,
+    /// `--idle-ms`: FTRL coordinates idle this long (event time) are evicted.
     pub idle_ms: i64,
+    /// `--shedding`: shed load when overloaded.
     pub shedding: bool,
+    /// `--lag-bound`: consumer lag that counts as overload.
     pub lag_bound: i64,
+    /// `--min-rate`: lowest keep-rate of negatives (stage one).
     pub min_rate: f64,
+    /// `--max-thinning`: largest stage-two thinning factor.
     pub max_thinning: u32,
+    /// `--api-max-concurrency`: requests in progress before 503s.
     pub api_max_concurrency: usize,
+    /// `--api-timeout-ms`: deadline of one API request.
     pub api_timeout: Duration,
 }
 

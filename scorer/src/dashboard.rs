@@ -44,6 +44,7 @@ const FILES: [(&str, &str, &str); 5] = [
     ),
 ];
 
+/// The dashboard's routes: the page and `/v1/monitor`, read-only.
 pub fn router(monitor: Arc<Monitor>) -> Router {
     Router::new()
         .route(

@@ -21,6 +21,7 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
+    /// Dead letters to `topic` through `producer`.
     pub fn new(producer: FutureProducer, topic: &str) -> Self {
         Self {
             // The window is librdkafka's queue: a full queue waits for the oldest delivery.

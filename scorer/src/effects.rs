@@ -25,12 +25,15 @@ use crate::state::PartitionState;
 /// One partition's batch as written to Redis.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
+    /// The partition written.
     pub partition: i32,
     /// The batch covers the partition's records up to this offset.
     pub last_offset: i64,
+    /// The serving variant's estimates of the keys the batch changed.
     pub estimates: &'a [Published],
     /// The serving variant's name and its encoded delta, for replicas.
     pub model: &'a str,
+    /// The encoded [`crate::serving::PartitionDelta`].
     pub delta: &'a [u8],
 }
 
@@ -75,10 +78,15 @@ pub trait Effects: Send + 'static {
 /// The service's effects: Redis (estimates, model streams, checkpoints) and Kafka (dead
 /// letters, offset commits).
 pub struct Live {
+    /// Writes estimates and model deltas.
     pub publisher: Publisher,
+    /// Saves checkpoints.
     pub store: CheckpointStore,
+    /// Sends poison records to the dead-letter topic.
     pub dead_letters: DeadLetters,
+    /// The consumer whose offsets are committed.
     pub consumer: Arc<StreamConsumer<GroupContext>>,
+    /// The labeled topic (for commits).
     pub topic: String,
 }
 

@@ -52,6 +52,7 @@ impl Governor {
     /// Below this (and lag below half its bound) the rate recovers.
     pub const QUEUE_LOW: f64 = 0.5;
 
+    /// A governor at full rate, shedding nothing, until the load says otherwise.
     pub fn new(min_rate: f64, max_thinning: u32, lag_bound: i64) -> Self {
         Self {
             rate: 1.0,
@@ -62,10 +63,12 @@ impl Governor {
         }
     }
 
+    /// The keep-rate of negatives it set last (stage one).
     pub fn rate(&self) -> f64 {
         self.rate
     }
 
+    /// The thinning factor it set last (stage two).
     pub fn thinning(&self) -> u32 {
         self.thinning
     }

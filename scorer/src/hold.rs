@@ -76,6 +76,7 @@ impl Held {
         self.waiting.len()
     }
 
+    /// No click waiting.
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
     }

@@ -55,24 +55,33 @@ pub use config::{ScorerArgs, ScorerConfig};
 /// Why the scorer stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A setting out of range.
     #[error("invalid setting: {0}")]
     Config(String),
+    /// A Kafka client could not be created or configured.
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// Redis refused the connection or a start-up call.
     #[error(transparent)]
     Redis(#[from] ctr_runtime::redis::RedisError),
+    /// The HTTP server could not bind or serve.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    /// A worker failed (its error in words).
     #[error("worker: {0}")]
     Worker(String),
+    /// No broker or no group membership for longer than the outage budget.
     #[error(transparent)]
     Outage(#[from] ctr_runtime::kafka::Outage),
+    /// A supervised task failed, panicked or ended early.
     #[error(transparent)]
     Task(#[from] ctr_runtime::TaskFailed),
+    /// The topic's metadata could not be read within the policy.
     #[error(transparent)]
     Metadata(ctr_runtime::DependencyError<rdkafka::error::KafkaError>),
 }
 
+/// `Result` with the scorer's [`Error`] as the default error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Runs the consumer, the workers, the guard, the model replica and the HTTP API under a

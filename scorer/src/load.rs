@@ -27,19 +27,23 @@ pub struct PartitionReport {
 /// One ad's health: exact totals beside the serving variant's progressive predictions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdHealth {
+    /// The ad.
     pub ad_id: String,
     /// Exact, over distinct labels.
     pub impressions: u64,
+    /// Clicks over those impressions (late clicks included).
     pub clicks: u64,
     /// Mean of the predictions made for the ad's impressions before learning from each
     /// (progressive), over the same impressions as `observed_ctr`.
     pub mean_pctr: Option<f64>,
+    /// Its observed click rate over the impressions learned from.
     pub observed_ctr: Option<f64>,
 }
 
 /// What happened to records, as counted in `ctr_scorer_records_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
+    /// Learned from (weight 1, or an importance weight under shedding).
     Learned,
     /// Sampled out before learning (stage one); still counted in the totals.
     Shed,
@@ -47,12 +51,16 @@ pub enum Counted {
     Dropped,
     /// Counted but not learned: the learning guard was on.
     Guarded,
+    /// A late-click correction applied.
     Corrected,
+    /// A label ID seen before: changed nothing.
     Duplicate,
+    /// Unusable: sent to the dead-letter topic.
     Poison,
 }
 
 impl Counted {
+    /// Every outcome, in the order `/metrics` lists them.
     pub const ALL: [Counted; 7] = [
         Counted::Learned,
         Counted::Shed,
@@ -63,6 +71,7 @@ impl Counted {
         Counted::Poison,
     ];
 
+    /// The `outcome` label of `ctr_scorer_records_total`.
     pub fn label(self) -> &'static str {
         match self {
             Counted::Learned => "learned",
@@ -119,6 +128,7 @@ impl Control {
         }
     }
 
+    /// Sets the keep-rate of negatives for learning (stage one), in (0, 1].
     pub fn set_rate(&self, rate: f64) {
         self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
     }
@@ -128,10 +138,12 @@ impl Control {
         self.thinning.load(Ordering::Relaxed)
     }
 
+    /// Sets the stage-two thinning factor (at least 1).
     pub fn set_thinning(&self, k: u32) {
         self.thinning.store(k.max(1), Ordering::Relaxed);
     }
 
+    /// False while the learning guard is on.
     pub fn learning(&self) -> bool {
         self.learning.load(Ordering::Relaxed)
     }
@@ -157,6 +169,7 @@ impl Control {
             .collect()
     }
 
+    /// Notes that a batch was just written to Redis.
     pub fn published_now(&self) {
         self.last_publish_ms.store(unix_ms(), Ordering::Relaxed);
     }
@@ -166,6 +179,7 @@ impl Control {
         Some(self.last_publish_ms.load(Ordering::Relaxed)).filter(|t| *t > 0)
     }
 
+    /// The largest consumer lag over the owned partitions, records.
     pub fn max_lag(&self) -> i64 {
         self.lag
             .lock()

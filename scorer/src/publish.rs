@@ -82,9 +82,13 @@ return 1
 /// The current estimate and totals of one key.
 #[derive(Debug, Clone)]
 pub struct Published {
+    /// The Redis key.
     pub key: String,
+    /// The serving variant's calibrated estimate at the top slot.
     pub pctr: f64,
+    /// How the model obtained it (the `src` field).
     pub level: Level,
+    /// Exact totals of the key.
     pub total: Total,
 }
 
@@ -115,6 +119,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
+    /// A publisher under `prefix` that calls Redis under `policy`.
     pub fn new(conn: ConnectionManager, policy: Policy, prefix: &str) -> Self {
         Self {
             conn,

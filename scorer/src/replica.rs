@@ -85,6 +85,7 @@ pub struct Replica {
 /// A partition's line in `/readyz`.
 #[derive(Debug, Serialize)]
 pub struct PartitionStatus {
+    /// The partition.
     pub partition: usize,
     /// Last partition offset the replica reflects.
     pub version: Option<i64>,
@@ -92,7 +93,9 @@ pub struct PartitionStatus {
     pub lag: Option<i64>,
     /// Seconds since the owner wrote what the replica reflects.
     pub age_s: Option<f64>,
+    /// Whether the replica has read the partition's stream up to the owners' fence.
     pub caught_up: bool,
+    /// Why the partition is not being followed, if it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -100,14 +103,18 @@ pub struct PartitionStatus {
 /// What `/readyz` says of the replica.
 #[derive(Debug, Serialize)]
 pub struct ReplicaStatus {
+    /// Whether every partition is caught up (the API answers only then).
     pub ready: bool,
+    /// The serving variant.
     pub model: String,
     /// The oldest partition's age, s.
     pub age_s: Option<f64>,
     /// The largest partition lag, records.
     pub lag: Option<i64>,
+    /// Why the replica is not following, if it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Per partition.
     pub partitions: Vec<PartitionStatus>,
 }
 
@@ -139,10 +146,12 @@ impl Replica {
         }
     }
 
+    /// The serving variant it holds.
     pub fn model(&self) -> &str {
         &self.model
     }
 
+    /// The topic's partition count.
     pub fn partitions(&self) -> usize {
         self.parts.len()
     }
@@ -193,6 +202,7 @@ impl Replica {
             .all(|p| p.broken.lock().expect("broken").is_none())
     }
 
+    /// Readiness, lag and age per partition, for `/readyz`.
     pub fn status(&self) -> ReplicaStatus {
         let now = crate::wall_ms();
         let partitions: Vec<PartitionStatus> = self

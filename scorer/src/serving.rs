@@ -37,16 +37,21 @@ pub const DELTA_FORMAT: u16 = 1;
 /// parameters, the changed exact totals and the campaigns of the batch's ads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PartitionDelta {
+    /// The serving variant's changed parameters.
     pub model: VariantDelta,
+    /// The changed exact totals, by key.
     pub totals: Vec<(u64, Total)>,
+    /// Campaigns of the batch's ads, by ad key.
     pub campaigns: Vec<(u64, String)>,
 }
 
 impl PartitionDelta {
+    /// The delta in the snapshot container (format [`DELTA_FORMAT`]).
     pub fn encode(&self) -> Vec<u8> {
         snapshot::encode_version(self, DELTA_FORMAT)
     }
 
+    /// Reads [`PartitionDelta::encode`]'s bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         match snapshot::open(bytes)? {
             (DELTA_FORMAT, body) => snapshot::decode_body(body),
@@ -74,6 +79,7 @@ pub enum Evidence {
 pub struct Answer {
     /// The serving variant's calibrated click probability at the top slot.
     pub pctr: f64,
+    /// Which evidence the estimate rests on.
     pub evidence: Evidence,
     /// Exact totals behind the evidence (the ad in this context, the ad, or none).
     pub total: Total,
@@ -110,12 +116,17 @@ impl<'a> RequestContext<'a> {
 /// Why a delta was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    /// The delta starts elsewhere than the state ends.
     #[error("delta ({prev}, {last}] does not continue version {version:?}")]
     Gap {
+        /// The state's version.
         version: Option<i64>,
+        /// The delta's fence before its batch.
         prev: i64,
+        /// The delta's last offset.
         last: i64,
     },
+    /// The delta does not fit the variant.
     #[error("delta does not fit the serving variant: {0}")]
     Model(#[from] ModelError),
 }
@@ -140,6 +151,7 @@ pub struct ServingState {
 }
 
 impl ServingState {
+    /// A partition's serving state as of offset `version`.
     pub fn new(
         variant: Variant,
         totals: HashMap64<Total>,
@@ -164,6 +176,7 @@ impl ServingState {
         self.version
     }
 
+    /// The serving variant.
     pub fn variant(&self) -> &Variant {
         &self.variant
     }

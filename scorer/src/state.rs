@@ -43,7 +43,9 @@ const _: () = assert!(
 /// Exact totals of one key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Total {
+    /// Impressions (a late click adds none).
     pub imps: u64,
+    /// Clicks, late clicks included.
     pub clicks: u64,
 }
 
@@ -153,6 +155,7 @@ impl Dedupe {
         self.buckets.values().map(HashSet::len).sum()
     }
 
+    /// No label ID remembered.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
@@ -198,14 +201,22 @@ impl Sampler {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
     /// A label the models learned from, with this importance weight.
-    Learned { weight: f64, clicked: bool },
+    Learned {
+        /// The importance weight it was learned with.
+        weight: f64,
+        /// Its label.
+        clicked: bool,
+    },
     /// A click, counted now and learned once the negatives of its time have arrived
     /// ([`crate::hold`]).
     Held,
     /// A negative not learned from, to shed load (still counted in the exact totals).
     Shed,
     /// Not learned from because the learning guard is on (the click stream stalled).
-    Guarded { clicked: bool },
+    Guarded {
+        /// Its label.
+        clicked: bool,
+    },
     /// A late-click correction, applied to the count model.
     Corrected,
     /// A correction while the guard is on: counted, not learned.
@@ -243,6 +254,7 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// No shedding, learning on.
     pub const NORMAL: Policy = Policy {
         negative_rate: 1.0,
         learn: true,
@@ -319,6 +331,7 @@ fn impression<'a>(l: &'a LabeledImpression, pairs: &'a [(&'a str, &'a str)]) -> 
 }
 
 impl PartitionState {
+    /// A fresh partition with `models`, remembering label IDs for `dedupe_horizon_ms`.
     pub fn new(models: ModelSet, dedupe_horizon_ms: i64) -> Self {
         Self {
             next_offset: None,
@@ -332,14 +345,17 @@ impl PartitionState {
         }
     }
 
+    /// The partition's models.
     pub fn models(&self) -> &ModelSet {
         &self.models
     }
 
+    /// The label IDs remembered.
     pub fn dedupe(&self) -> &Dedupe {
         &self.dedupe
     }
 
+    /// Newest event time learned from (Unix ms; `i64::MIN` before the first).
     pub fn newest_ms(&self) -> i64 {
         self.newest_ms
     }

@@ -34,9 +34,13 @@ use crate::state::{Outcome, PartitionState, Policy, total_key};
 /// What the consumer sends a worker.
 #[derive(Debug)]
 pub enum Work {
+    /// One record of an owned partition.
     Record {
+        /// Its partition.
         partition: i32,
+        /// Its offset.
         offset: i64,
+        /// Its bytes (`None` for a record without a value).
         payload: Option<Vec<u8>>,
         /// Negatives this record stands for (stage-two shedding; 1 normally).
         thinned: u32,
@@ -52,21 +56,30 @@ pub enum Work {
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    /// A checkpoint could not be saved or restored.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// Estimates could not be written within the policy.
     #[error("{source}")]
     Publish {
+        /// The partition.
         partition: i32,
+        /// The last error.
         source: DependencyError<redis::RedisError>,
     },
+    /// The dead-letter topic did not acknowledge a poison record.
     #[error("dead-lettering: {0}")]
     DeadLetter(#[from] ProduceError),
+    /// A checkpoint made with other variants than the one to serve.
     #[error(
         "the checkpoint of partition {partition} holds the variants {found:?}, not the serving variant `{serving}`: serve one of those (--serve-model), or delete the partition's checkpoint to start it afresh"
     )]
     ServingVariantMissing {
+        /// The partition.
         partition: i32,
+        /// The variants the checkpoint holds.
         found: Vec<String>,
+        /// The serving variant configured.
         serving: String,
     },
 }
@@ -127,6 +140,7 @@ struct Owned {
     changed: bool,
 }
 
+/// A worker: owns partitions, applies their records, publishes, checkpoints and commits.
 pub struct Worker<E: Effects = Live> {
     id: usize,
     cfg: Arc<ScorerConfig>,
@@ -161,6 +175,7 @@ fn counted_as(o: &Outcome) -> Counted {
 }
 
 impl<E: Effects> Worker<E> {
+    /// A worker with the id `id` (partition p belongs to worker p mod workers).
     pub fn new(id: usize, cfg: Arc<ScorerConfig>, control: Arc<Control>, effects: E) -> Self {
         Self {
             id,

@@ -5,19 +5,28 @@ use super::*;
 /// One point of the history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Point {
+    /// When the point was taken (Unix ms).
     pub ts_ms: i64,
+    /// Event rates then.
     pub rates: Rates,
+    /// Consumer lag per partition then.
     pub lag: BTreeMap<i32, i64>,
+    /// Per model: name, cumulative and window scores.
     pub models: Vec<(String, Scores, Scores)>,
 }
 
 /// The history as columns, the shape the page's charts take.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct History {
+    /// Times of the points (Unix ms).
     pub ts_ms: Vec<i64>,
+    /// Events into the joiners per second.
     pub events_in: Vec<f64>,
+    /// Labels into the scorers per second.
     pub labeled: Vec<f64>,
+    /// Labels learned per second.
     pub learned: Vec<f64>,
+    /// Labels shed or dropped per second.
     pub shed: Vec<f64>,
     /// Consumer lag per partition (`null` while the partition had no owner reporting).
     pub lag: BTreeMap<i32, Vec<Option<i64>>>,
@@ -25,22 +34,33 @@ pub struct History {
     pub models: BTreeMap<String, ModelSeries>,
 }
 
+/// One model's metrics over time, one value per point of the history.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ModelSeries {
+    /// Cumulative log loss.
     pub log_loss: Vec<Option<f64>>,
+    /// Cumulative normalized entropy.
     pub ne: Vec<Option<f64>>,
+    /// Cumulative AUC.
     pub auc: Vec<Option<f64>>,
+    /// Cumulative calibration (Σp / Σy).
     pub calibration: Vec<Option<f64>>,
+    /// Log loss over the sliding window.
     pub window_log_loss: Vec<Option<f64>>,
+    /// Normalized entropy over the sliding window.
     pub window_ne: Vec<Option<f64>>,
+    /// AUC over the sliding window.
     pub window_auc: Vec<Option<f64>>,
+    /// Calibration over the sliding window.
     pub window_calibration: Vec<Option<f64>>,
 }
 
 /// What `GET /v1/monitor` answers.
 #[derive(Debug, Clone, Serialize)]
 pub struct MonitorResponse {
+    /// The newest merged view; `None` before the first collection.
     pub latest: Option<SystemView>,
+    /// The last hour.
     pub history: History,
 }
 
@@ -59,6 +79,7 @@ pub(super) struct MonitorState {
 }
 
 impl Monitor {
+    /// The newest view and the history, as `GET /v1/monitor` answers.
     pub fn response(&self) -> MonitorResponse {
         let state = self.inner.lock().expect("monitor");
         let mut h = History::default();

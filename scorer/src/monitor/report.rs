@@ -5,28 +5,42 @@ use super::*;
 /// One model's metrics in a report: cumulative and over the sliding window.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelSums {
+    /// The variant's name.
     pub name: String,
+    /// Cumulative progressive-validation sums.
     pub cumulative: Metrics,
+    /// The same over the sliding event-time window.
     pub window: Metrics,
 }
 
 /// What one scorer process reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceReport {
+    /// The process's instance ID.
     pub instance: String,
+    /// When it reported (Unix ms).
     pub ts_ms: i64,
     /// Records per outcome since the process started.
     pub records: BTreeMap<String, u64>,
     /// Consumer lag per owned partition.
     pub lag: BTreeMap<i32, i64>,
+    /// False while its learning guard is on.
     pub learning: bool,
+    /// Why the guard is on.
     pub guard_reason: Option<String>,
+    /// Its keep-rate of negatives (1 = shedding nothing).
     pub keep_rate: f64,
+    /// Its stage-two thinning factor (1 = none).
     pub thinning: u32,
+    /// When it last wrote estimates (Unix ms).
     pub last_publish_ms: Option<i64>,
+    /// Newest event time it learned from (Unix ms).
     pub newest_event_ms: Option<i64>,
+    /// The variant it serves.
     pub serve_model: String,
+    /// Its variants' metrics, summed over its partitions.
     pub models: Vec<ModelSums>,
+    /// Its partitions' busiest ads.
     pub ads: Vec<AdHealth>,
 }
 

@@ -6,14 +6,23 @@ use super::*;
 /// Scalar metrics of a model, as the page shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Scores {
+    /// Weighted examples scored.
     pub examples: f64,
+    /// Mean log loss.
     pub log_loss: Option<f64>,
+    /// Normalized entropy: log loss over the entropy of the observed rate (below 1 beats the base rate).
     pub ne: Option<f64>,
+    /// Area under the ROC curve.
     pub auc: Option<f64>,
+    /// Bound on the AUC's error from its histogram.
     pub auc_error: Option<f64>,
+    /// Σp / Σy (1 is calibrated).
     pub calibration: Option<f64>,
+    /// Weighted gap between predicted and observed rates over the reliability bins, relative to Σy.
     pub reliability_error: Option<f64>,
+    /// Weighted mean prediction.
     pub mean_pctr: Option<f64>,
+    /// Weighted observed click rate.
     pub observed_ctr: Option<f64>,
 }
 
@@ -36,41 +45,62 @@ impl Scores {
 /// A reliability bin for the calibration plot.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Bin {
+    /// Weighted mean prediction in the bin.
     pub mean_predicted: f64,
+    /// Weighted observed click rate in the bin.
     pub observed: f64,
+    /// Weight of the bin.
     pub weight: f64,
 }
 
+/// One model as the page shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelView {
+    /// The variant's name.
     pub name: String,
+    /// Whether it is the serving variant.
     pub serving: bool,
+    /// Since each partition's start.
     pub cumulative: Scores,
+    /// Over the sliding event-time window.
     pub window: Scores,
     /// Cumulative reliability bins.
     pub reliability: Vec<Bin>,
 }
 
+/// One partition's owner and lag.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartitionView {
+    /// The partition.
     pub partition: i32,
+    /// Its consumer lag, records.
     pub lag: i64,
+    /// The scorer instance that owns it.
     pub instance: String,
 }
 
 /// The joiners' view of the input, summed over joiner processes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct JoinerView {
+    /// Joiner processes reporting.
     pub instances: usize,
+    /// Whether a joiner reports its click stream stalled.
     pub stalled: bool,
+    /// Why, in words.
     pub reason: Option<String>,
     /// Share of judged clicks joined within the window, over the joiners' lifetimes.
     pub click_coverage: Option<f64>,
+    /// Serves joined or expired.
     pub serves: u64,
+    /// Clicks read.
     pub clicks: u64,
+    /// Labels produced.
     pub labels: u64,
+    /// Clicks that arrived after the window (late-click corrections).
     pub late_clicks: u64,
+    /// Clicks whose serve was never seen.
     pub orphan_clicks: u64,
+    /// Clicks for a serve already clicked.
     pub duplicate_clicks: u64,
 }
 
@@ -81,6 +111,7 @@ pub struct Rates {
     pub events_in: f64,
     /// Labeled impressions into the scorers (every outcome).
     pub labeled: f64,
+    /// Labels learned from.
     pub learned: f64,
     /// Shed before learning plus dropped unread.
     pub shed: f64,
@@ -88,35 +119,50 @@ pub struct Rates {
     pub shed_share: f64,
 }
 
+/// One busy ad as the page shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdView {
+    /// Exact totals and progressive predictions.
     #[serde(flatten)]
     pub health: AdHealth,
     /// What Redis serves for the ad now (the serving model, top slot).
     pub published_pctr: Option<f64>,
+    /// `model@offset` of what Redis serves.
     pub model_version: Option<String>,
 }
 
 /// The whole deployment, as of `ts_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SystemView {
+    /// When the view was merged (Unix ms).
     pub ts_ms: i64,
+    /// Scorer instances reporting.
     pub scorers: Vec<String>,
+    /// The serving variant, if every scorer names the same one.
     pub serve_model: Option<String>,
+    /// Event rates over the last interval.
     pub rates: Rates,
     /// Records per outcome, summed over the live scorer processes since each started.
     pub records: BTreeMap<String, u64>,
+    /// The joiners' view.
     pub joiner: JoinerView,
+    /// False while any scorer's learning guard is on.
     pub learning: bool,
+    /// Why the guard is on.
     pub guard_reason: Option<String>,
     /// Lowest keep-rate of negatives and highest thinning factor over the scorers.
     pub keep_rate: f64,
+    /// Highest thinning factor over the scorers.
     pub thinning: u32,
+    /// Partitions by owner.
     pub partitions: Vec<PartitionView>,
     /// Wall-clock age of the newest estimate written to Redis, and of the newest event learned.
     pub publish_age_ms: Option<i64>,
+    /// Wall-clock age of the newest event learned.
     pub event_age_ms: Option<i64>,
+    /// The variants, serving first.
     pub models: Vec<ModelView>,
+    /// The busiest ads.
     pub ads: Vec<AdView>,
 }
 
