@@ -57,7 +57,7 @@ pub fn create_topics(topics: &[(&str, i32)]) {
         .expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(kafka_nodes())))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results =
@@ -471,13 +471,51 @@ impl Service {
     }
 }
 
-/// The pid of the stack's own Apache Kafka broker, when the tests run against one (its log is
-/// durable, so it can be killed and restarted; Tansu keeps memory only, an external cluster is
-/// not ours to kill).
+/// How many Kafka nodes the stack runs (`CTR_KAFKA_NODES`, which `scripts/stack env` sets; 1
+/// when unset): topics get that many replicas.
+pub fn kafka_nodes() -> i32 {
+    std::env::var("CTR_KAFKA_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The pid of the stack's own single Apache Kafka broker, when the tests run against one (its
+/// log is durable, so it can be killed and restarted; Tansu keeps memory only, an external
+/// cluster is not ours to kill). `None` for a cluster of several nodes: see
+/// [`local_kafka_node_pid`].
 pub fn local_kafka_pid() -> Option<i32> {
+    pid_file("pids/kafka.pid")
+}
+
+/// The pid of node `node` (1, 2, 3) of the stack's own Kafka cluster
+/// (`CTR_KAFKA_NODES=3 scripts/stack up`), if it runs one.
+pub fn local_kafka_node_pid(node: i32) -> Option<i32> {
+    pid_file(&format!("pids/kafka-{node}.pid"))
+}
+
+fn pid_file(name: &str) -> Option<i32> {
     let run = std::env::var("CTR_RUN_DIR").ok()?;
-    let pid = std::fs::read_to_string(PathBuf::from(run).join("pids/kafka.pid")).ok()?;
+    let pid = std::fs::read_to_string(PathBuf::from(run).join(name)).ok()?;
     pid.trim().parse().ok()
+}
+
+/// The node ID of the leader of `topic`'s `partition`, as the cluster's metadata says now.
+pub fn partition_leader(topic: &str, partition: i32) -> i32 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("a metadata client");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("the topic's metadata");
+    let t = md.topics().first().expect("the topic");
+    t.partitions()
+        .iter()
+        .find(|p| p.id() == partition)
+        .map(|p| p.leader())
+        .unwrap_or_else(|| panic!("{topic} has no partition {partition}"))
 }
 
 /// Sends `signal` (`-STOP`, `-CONT`, `-9`) to process `pid`.

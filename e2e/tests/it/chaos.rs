@@ -6,7 +6,10 @@
 //! adapter, joiner and scorer are SIGKILLed and restarted at seeded random points while the
 //! input flows, and whose Redis is restarted (a clean restart: see RELIABILITY.md for a crash).
 //! When the stack runs its own Apache Kafka (durable log), the broker is SIGKILLed and started
-//! again too; the reference has settled before the faults begin, so it never sees one.
+//! again too; the reference has settled before the faults begin, so it never sees one. On a
+//! cluster of three nodes (`CTR_KAFKA_NODES=3 scripts/stack up`: replication factor 3,
+//! `min.insync.replicas=2`) the node killed is the leader of a partition in use: the first
+//! time of the serves topic's partition 0, the second of the labeled topic's.
 //! The client resends a batch until it gets `202`, so resent events reach Kafka twice; the
 //! joiner drops duplicate serves and clicks by ID, the scorer drops re-emitted labels by ID.
 //! Both joiners run on event time alone (no idle advance by the wall clock), so a click delayed
@@ -304,14 +307,64 @@ fn labels(topic: &str) -> BTreeMap<String, (bool, String, i32, String)> {
     out
 }
 
+/// A broker of the stack's own Apache Kafka to kill, as (node ID, pid): the single broker, or on
+/// a cluster the node that leads `topic`'s partition 0 now. `None` when the broker is not ours.
+fn broker_to_kill(topic: &str) -> Option<(i32, i32)> {
+    if kafka_nodes() > 1 {
+        let node = partition_leader(topic, 0);
+        Some((node, local_kafka_node_pid(node)?))
+    } else {
+        Some((1, local_kafka_pid()?))
+    }
+}
+
+/// On a cluster, a partition of a fresh probe topic (three replicas) that `node` leads, for
+/// [`acked_again`]; `None` when the cluster gave `node` none.
+fn probe_partition(node: i32) -> Option<(String, i32)> {
+    let topic = format!("{}.failover", unique("probe"));
+    create_topics(&[(&topic, 3)]);
+    let p = (0..3).find(|p| partition_leader(&topic, *p) == node)?;
+    Some((topic, p))
+}
+
+/// How long after `killed` a write (`acks=all`) to `topic`'s `partition` is acknowledged: the
+/// cluster's failover as a producer sees it, when that partition's leader was killed.
+fn acked_again(topic: &str, partition: i32, killed: Instant) -> Duration {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("acks", "all")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .expect("a producer");
+    producer
+        .send(
+            BaseRecord::to(topic)
+                .partition(partition)
+                .key("k")
+                .payload("probe"),
+        )
+        .expect("enqueued");
+    while producer.in_flight_count() > 0 {
+        producer.poll(Duration::from_millis(5));
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no acknowledgement"
+        );
+    }
+    killed.elapsed()
+}
+
 /// Runs `scripts/stack up`, which starts again whatever of the stack is down. When the stack
 /// runs its own broker, it is told so (the tests' environment names the broker as external).
 fn stack_up(after: &str) {
     let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
     let mut cmd = std::process::Command::new(stack);
     cmd.arg("up");
-    if local_kafka_pid().is_some() {
-        let port = brokers().rsplit(':').next().unwrap_or("19092").to_string();
+    if local_kafka_pid().or(local_kafka_node_pid(1)).is_some() {
+        // The first node's port: the others follow it.
+        let first = brokers().split(',').next().unwrap_or_default().to_string();
+        let port = first.rsplit(':').next().unwrap_or("19092").to_string();
         cmd.env_remove("CTR_KAFKA_BROKERS")
             .env("CTR_BROKER", "kafka")
             .env("CTR_KAFKA_PORT", port);
@@ -324,8 +377,11 @@ fn stack_up(after: &str) {
     );
 }
 
-/// SIGKILLs the stack's broker and starts it again on its data.
-fn restart_broker(pid: i32) {
+/// SIGKILLs a broker of the stack and starts it again on its data. On a cluster, first waits
+/// until a partition the killed node led takes writes again; returns how long that took.
+fn restart_broker((node, pid): (i32, i32)) -> Option<Duration> {
+    let probe = (kafka_nodes() > 1).then(|| probe_partition(node)).flatten();
+    let killed = Instant::now();
     let status = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
@@ -337,7 +393,9 @@ fn restart_broker(pid: i32) {
     while alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let failover = probe.map(|(topic, p)| acked_again(&topic, p, killed));
     stack_up("the broker's kill");
+    failover
 }
 
 /// Restarts the stack's Redis cleanly (SHUTDOWN writes the append-only file) and waits for it.
@@ -388,8 +446,10 @@ fn faults_under_load_change_no_count_and_no_label() {
     let mut rng = Rng(0xfa17);
     // (victim, down: kill to restart, recovery: restart to recovered).
     let mut recoveries: Vec<(Victim, Duration, Duration)> = Vec::new();
+    // On a cluster: from a node's kill until a partition it led took writes again.
+    let mut failovers: Vec<Duration> = Vec::new();
     let redis_at = faults / 2;
-    let broker = local_kafka_pid().is_some();
+    let broker = local_kafka_pid().or(local_kafka_node_pid(1)).is_some();
     let broker_at = [faults / 4, (3 * faults) / 4];
     for k in 0..faults {
         std::thread::sleep(Duration::from_millis(400 + (rng.unit() * 1_200.0) as u64));
@@ -404,7 +464,16 @@ fn faults_under_load_change_no_count_and_no_label() {
         if victim == Victim::Redis {
             restart_redis();
         } else if victim == Victim::Broker {
-            restart_broker(local_kafka_pid().expect("the broker's pid file"));
+            let p = chaos.lock().unwrap();
+            let topic = if k == broker_at[0] {
+                p.t.serves.clone()
+            } else {
+                p.t.labeled.clone()
+            };
+            drop(p);
+            failovers.extend(restart_broker(
+                broker_to_kill(&topic).expect("the broker's pid file"),
+            ));
         } else {
             chaos.lock().unwrap().kill(victim);
             std::thread::sleep(Duration::from_millis((rng.unit() * 400.0) as u64));
@@ -472,6 +541,8 @@ fn faults_under_load_change_no_count_and_no_label() {
         "serves": serves, "events": input.len(), "faults": recoveries.len(),
         "resent_batches": resends, "impressions": imps, "distinct_labels": ref_labels.len(),
         "recovery_ms_by_component": by_kind,
+        "kafka_nodes": kafka_nodes(),
+        "cluster_failover_ms": failovers.iter().map(Duration::as_millis).collect::<Vec<_>>(),
     });
     eprintln!("chaos: {summary}");
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e");
