@@ -51,10 +51,7 @@ pub fn unique(tag: &str) -> String {
 
 /// Creates topics on the broker, failing the test with a hint when no broker answers.
 pub fn create_topics(topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> = kafka_client().create().expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(kafka_nodes())))
@@ -321,8 +318,7 @@ pub fn read_topic(topic: &str) -> Vec<Record> {
     use rdkafka::Offset;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let consumer: BaseConsumer = kafka_client()
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -374,10 +370,7 @@ pub fn read_topic(topic: &str) -> Vec<Record> {
 /// broker can lag the true count (see [`read_topic`]). Good for progress thresholds only.
 pub fn topic_size(topic: &str) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("client");
+    let consumer: BaseConsumer = kafka_client().create().expect("client");
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
@@ -396,8 +389,7 @@ pub fn topic_size(topic: &str) -> i64 {
 /// A producer configured like the project's: idempotent, Java-compatible partitioner, so test
 /// records land where the services' would.
 pub fn producer() -> rdkafka::producer::BaseProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    kafka_client()
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
@@ -471,6 +463,25 @@ impl Service {
     }
 }
 
+/// A client configuration for the brokers the tests run against, connected as the services
+/// connect: from the same `CTR_KAFKA_*` variables (`scripts/stack env`, or `scripts/stack env
+/// sasl` for SASL_SSL), through the runtime's flags.
+pub fn kafka_client() -> ClientConfig {
+    #[derive(clap::Parser)]
+    struct FromEnv {
+        #[command(flatten)]
+        kafka: ctr_runtime::flags::KafkaFlags,
+    }
+    use clap::Parser;
+    let flags = FromEnv::try_parse_from(["e2e"])
+        .unwrap_or_else(|e| panic!("the CTR_KAFKA_* variables: {e}"));
+    flags
+        .kafka
+        .check()
+        .unwrap_or_else(|e| panic!("the CTR_KAFKA_* variables: {e}"))
+        .client()
+}
+
 /// How many Kafka nodes the stack runs (`CTR_KAFKA_NODES`, which `scripts/stack env` sets; 1
 /// when unset): topics get that many replicas.
 pub fn kafka_nodes() -> i32 {
@@ -500,13 +511,26 @@ fn pid_file(name: &str) -> Option<i32> {
     pid.trim().parse().ok()
 }
 
+/// `scripts/stack` with `args`, told about the stack the tests run against: when that is the
+/// stack's own Apache Kafka, the tests' environment names its brokers as if external
+/// (`CTR_KAFKA_BROKERS`), so the script gets its first port instead.
+pub fn stack_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack"));
+    cmd.args(args);
+    if local_kafka_pid().or(local_kafka_node_pid(1)).is_some() {
+        let first = brokers().split(',').next().unwrap_or_default().to_string();
+        let port = first.rsplit(':').next().unwrap_or("19092").to_string();
+        cmd.env_remove("CTR_KAFKA_BROKERS")
+            .env("CTR_BROKER", "kafka")
+            .env("CTR_KAFKA_PORT", port);
+    }
+    cmd
+}
+
 /// The node ID of the leader of `topic`'s `partition`, as the cluster's metadata says now.
 pub fn partition_leader(topic: &str, partition: i32) -> i32 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("a metadata client");
+    let consumer: BaseConsumer = kafka_client().create().expect("a metadata client");
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("the topic's metadata");
@@ -983,8 +1007,7 @@ impl Background {
 pub fn bare_consume_rate(topics: &[&str], partitions: i32, total: usize) -> f64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let consumer: BaseConsumer = kafka_client()
         .set("group.id", unique("bare"))
         .create()
         .expect("bare consumer");

@@ -436,7 +436,7 @@ fn mark_partition(out_parts: &mut Vec<(usize, i32)>, out_len: usize, partition: 
 /// clicks meet by partition number).
 async fn check_partitions(cfg: &FeedbackConfig) -> Result<(), FeedbackError> {
     let counts = ctr_runtime::kafka::partition_counts(
-        &cfg.service.brokers,
+        &cfg.service.kafka,
         &cfg.service.policy,
         &[&cfg.serves_topic, &cfg.clicks_topic],
     )
@@ -470,7 +470,7 @@ pub async fn run_joiner(
     stop: watch::Receiver<bool>,
 ) -> Result<(), FeedbackError> {
     let consumer: StreamConsumer<GroupContext> =
-        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group, &cfg.service.policy)
+        ctr_runtime::kafka::consumer_config(&cfg.service.kafka, &cfg.group, &cfg.service.policy)
             // The range assignor co-partitions the two topics (see module docs).
             .set("partition.assignment.strategy", "range")
             .create_with_context(GroupContext::new("feedback"))?;
@@ -490,7 +490,7 @@ async fn join(
     check_partitions(&cfg).await?;
     consumer.subscribe(&[&cfg.serves_topic, &cfg.clicks_topic])?;
     let producer = ctr_runtime::kafka::producer_config(
-        &cfg.service.brokers,
+        &cfg.service.kafka,
         &cfg.service.policy,
         cfg.service.policy.outage_budget,
     )

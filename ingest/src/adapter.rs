@@ -100,8 +100,8 @@ pub struct AdapterArgs {
 /// Checked settings.
 #[derive(Clone)]
 pub struct AdapterConfig {
-    /// The bootstrap servers.
-    pub brokers: String,
+    /// The brokers and how to reach them.
+    pub kafka: ctr_runtime::kafka::KafkaConnection,
     /// The broker's outage budget: past it without a broker, the adapter exits non-zero.
     pub policy: Policy,
     /// Topic of serve events.
@@ -131,7 +131,7 @@ impl std::fmt::Debug for AdapterConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Keys are secrets: only their number is shown.
         f.debug_struct("AdapterConfig")
-            .field("brokers", &self.brokers)
+            .field("kafka", &self.kafka)
             .field("http_addr", &self.http_addr)
             .field("api_keys", &self.keys.digests.len())
             .field("anonymous", &self.keys.anonymous)
@@ -212,7 +212,7 @@ impl TryFrom<AdapterArgs> for AdapterConfig {
                 .dependencies
                 .policy()
                 .map_err(ConfigError::Setting)?,
-            brokers: a.kafka.kafka.brokers,
+            kafka: a.kafka.kafka.check().map_err(ConfigError::Setting)?,
             serves_topic: a.kafka.serves_topic,
             clicks_topic: a.kafka.clicks_topic,
             http_addr: a.http_addr,
@@ -299,8 +299,7 @@ pub async fn run(
 ) -> Result<(), AdapterError> {
     // The adapter's own delivery timeout (its answer to a client is bounded by it), not the
     // outage budget.
-    let mut pc =
-        ctr_runtime::kafka::producer_config(&cfg.brokers, &cfg.policy, cfg.delivery_timeout);
+    let mut pc = ctr_runtime::kafka::producer_config(&cfg.kafka, &cfg.policy, cfg.delivery_timeout);
     pc.set("linger.ms", cfg.linger_ms.to_string())
         .set("compression.type", "none")
         // librdkafka's own queue must hold everything the semaphore lets in, so a send never

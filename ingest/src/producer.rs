@@ -47,13 +47,6 @@ pub struct KafkaArgs {
     pub clicks_topic: String,
 }
 
-impl KafkaArgs {
-    /// The bootstrap servers.
-    pub fn brokers(&self) -> &str {
-        &self.kafka.brokers
-    }
-}
-
 /// A producer of events with at most `max_in_flight` awaiting acknowledgement.
 #[derive(Debug)]
 pub struct EventProducer {
@@ -64,11 +57,11 @@ impl EventProducer {
     /// A producer with the common client settings, at most `max_in_flight` events unacknowledged.
     pub fn new(args: &KafkaArgs, max_in_flight: usize) -> Result<Self, ProduceError> {
         let policy = args.dependencies.policy().map_err(ProduceError::Settings)?;
-        let producer =
-            ctr_runtime::kafka::producer_config(args.brokers(), &policy, policy.outage_budget)
-                .set("compression.type", "none")
-                .create()
-                .map_err(ProduceError::Create)?;
+        let kafka = args.kafka.clone().check().map_err(ProduceError::Settings)?;
+        let producer = ctr_runtime::kafka::producer_config(&kafka, &policy, policy.outage_budget)
+            .set("compression.type", "none")
+            .create()
+            .map_err(ProduceError::Create)?;
         Ok(Self {
             inner: TrackedProducer::new(producer, max_in_flight),
         })

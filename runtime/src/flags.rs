@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::kafka::{KafkaConnection, SaslCredentials, SecurityProtocol};
 use crate::policy::Policy;
 
 /// The flags of a service that runs against Kafka and Redis: where they are, and how their
@@ -29,7 +30,7 @@ impl ServiceFlags {
         }
         Ok(Service {
             policy: self.dependencies.policy()?,
-            brokers: self.kafka.brokers,
+            kafka: self.kafka.check()?,
             redis_url: self.redis.redis_url,
             redis_ca_file: self.redis.redis_ca_file,
             redis_prefix: self.redis.redis_prefix,
@@ -40,8 +41,8 @@ impl ServiceFlags {
 /// Checked [`ServiceFlags`].
 #[derive(Clone)]
 pub struct Service {
-    /// Kafka bootstrap servers.
-    pub brokers: String,
+    /// The brokers and how to reach them.
+    pub kafka: KafkaConnection,
     /// The Redis URL (it may carry a password: `Debug` shows only its host part).
     pub redis_url: String,
     /// The CA that signs the Redis server's certificate, for `rediss://`.
@@ -63,7 +64,7 @@ impl std::fmt::Debug for Service {
             None => self.redis_url.clone(),
         };
         f.debug_struct("Service")
-            .field("brokers", &self.brokers)
+            .field("kafka", &self.kafka)
             .field("redis_url", &redis)
             .field("redis_ca_file", &self.redis_ca_file)
             .field("redis_prefix", &self.redis_prefix)
@@ -72,12 +73,88 @@ impl std::fmt::Debug for Service {
     }
 }
 
-/// Where the broker is.
+/// Where the brokers are, and how a client reaches them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaFlags {
     /// Kafka bootstrap servers.
     #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
     pub brokers: String,
+    /// Security of the connection to the brokers: TLS (`ssl`), SASL authentication
+    /// (`sasl_plaintext`), both (`sasl_ssl`), or neither (a closed network only).
+    #[arg(
+        long,
+        env = "CTR_KAFKA_SECURITY_PROTOCOL",
+        value_enum,
+        default_value = "plaintext"
+    )]
+    pub kafka_security_protocol: SecurityProtocol,
+    /// PEM file of the CA that signed the brokers' certificates (`ssl`, `sasl_ssl`); without it
+    /// the system's trusted roots verify them.
+    #[arg(long, env = "CTR_KAFKA_CA_FILE")]
+    pub kafka_ca_file: Option<PathBuf>,
+    /// SASL mechanism (`sasl_*`): SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN.
+    #[arg(
+        long,
+        env = "CTR_KAFKA_SASL_MECHANISM",
+        default_value = "SCRAM-SHA-256"
+    )]
+    pub kafka_sasl_mechanism: String,
+    /// SASL user (`sasl_*`).
+    #[arg(long, env = "CTR_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// SASL password (`sasl_*`). Prefer the environment variable: a command line is visible to
+    /// every user of the machine.
+    #[arg(long, env = "CTR_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<String>,
+}
+
+impl KafkaFlags {
+    /// The checked connection: credentials exactly when the protocol authenticates, a CA file
+    /// only with TLS, a mechanism librdkafka knows.
+    pub fn check(self) -> Result<KafkaConnection, String> {
+        let protocol = self.kafka_security_protocol;
+        if self.brokers.trim().is_empty() {
+            return Err("brokers must not be empty".into());
+        }
+        if self.kafka_ca_file.is_some() && !protocol.tls() {
+            return Err(format!(
+                "kafka_ca_file is for TLS: give --kafka-security-protocol ssl or sasl_ssl, not {protocol:?}"
+            ));
+        }
+        let (username, password) = (self.kafka_sasl_username, self.kafka_sasl_password);
+        let sasl = if protocol.sasl() {
+            let (Some(username), Some(password)) = (username, password) else {
+                return Err(format!(
+                    "{protocol:?} needs both --kafka-sasl-username and --kafka-sasl-password"
+                ));
+            };
+            const MECHANISMS: [&str; 3] = ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"];
+            if !MECHANISMS.contains(&self.kafka_sasl_mechanism.as_str()) {
+                return Err(format!(
+                    "kafka_sasl_mechanism must be one of {MECHANISMS:?}, not {:?}",
+                    self.kafka_sasl_mechanism
+                ));
+            }
+            Some(SaslCredentials {
+                mechanism: self.kafka_sasl_mechanism,
+                username,
+                password,
+            })
+        } else if username.is_some() || password.is_some() {
+            // They would be silently unused.
+            return Err(format!(
+                "SASL credentials given, but --kafka-security-protocol is {protocol:?}: use sasl_ssl (or sasl_plaintext)"
+            ));
+        } else {
+            None
+        };
+        Ok(KafkaConnection {
+            brokers: self.brokers,
+            protocol,
+            ca_file: self.kafka_ca_file,
+            sasl,
+        })
+    }
 }
 
 /// Where Redis is, and the prefix of every key a deployment writes.
@@ -145,6 +222,11 @@ mod tests {
         let flags = ServiceFlags {
             kafka: KafkaFlags {
                 brokers: "b:9092".into(),
+                kafka_security_protocol: SecurityProtocol::SaslSsl,
+                kafka_ca_file: None,
+                kafka_sasl_mechanism: "SCRAM-SHA-256".into(),
+                kafka_sasl_username: Some("ctr".into()),
+                kafka_sasl_password: Some("k4fka-s3cret".into()),
             },
             redis: RedisFlags {
                 redis_url: "rediss://scorer:s3cret@redis.internal:6380/".into(),
@@ -158,6 +240,7 @@ mod tests {
         };
         let shown = format!("{:?}", flags.clone().check().unwrap());
         assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("username: \"ctr\""), "{shown}");
         assert!(
             shown.contains("rediss://***@redis.internal:6380/"),
             "{shown}"
@@ -165,5 +248,34 @@ mod tests {
         let mut empty = flags;
         empty.redis.redis_prefix.clear();
         assert!(empty.check().is_err());
+    }
+
+    fn kafka(protocol: SecurityProtocol, user: Option<&str>, password: Option<&str>) -> KafkaFlags {
+        KafkaFlags {
+            brokers: "b:9092".into(),
+            kafka_security_protocol: protocol,
+            kafka_ca_file: None,
+            kafka_sasl_mechanism: "SCRAM-SHA-256".into(),
+            kafka_sasl_username: user.map(Into::into),
+            kafka_sasl_password: password.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn kafka_security_settings_must_agree() {
+        use SecurityProtocol::*;
+        assert!(kafka(Plaintext, None, None).check().is_ok());
+        assert!(kafka(SaslSsl, Some("u"), Some("p")).check().is_ok());
+        // Credentials without a SASL protocol would be silently unused.
+        let e = kafka(Plaintext, Some("u"), Some("p")).check().unwrap_err();
+        assert!(e.contains("sasl_ssl"), "{e}");
+        let e = kafka(SaslSsl, Some("u"), None).check().unwrap_err();
+        assert!(e.contains("--kafka-sasl-password"), "{e}");
+        let mut ca = kafka(Plaintext, None, None);
+        ca.kafka_ca_file = Some("ca.pem".into());
+        assert!(ca.check().unwrap_err().contains("TLS"));
+        let mut mech = kafka(SaslSsl, Some("u"), Some("p"));
+        mech.kafka_sasl_mechanism = "GSSAPI".into();
+        assert!(mech.check().unwrap_err().contains("SCRAM-SHA-256"));
     }
 }

@@ -31,12 +31,113 @@ use tracing::{info, warn};
 
 use crate::{DependencyError, Policy};
 
-/// Settings every client shares: the brokers, and the policy's call deadline as the deadline
+/// How a client reaches the brokers: where they are, and the security of the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConnection {
+    /// Bootstrap servers, `host:port,...`.
+    pub brokers: String,
+    /// librdkafka's `security.protocol`.
+    pub protocol: SecurityProtocol,
+    /// PEM file of the CA that signs the brokers' certificates (TLS); `None`: the system's
+    /// trusted roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// SASL credentials, for the `sasl_*` protocols.
+    pub sasl: Option<SaslCredentials>,
+}
+
+/// The security of the connection to the brokers (librdkafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// Neither TLS nor authentication: a closed network only.
+    Plaintext,
+    /// TLS; the brokers' certificate is verified (host name included).
+    Ssl,
+    /// SASL authentication without TLS: the password crosses the network in clear with PLAIN.
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn name(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    /// Whether the client authenticates with SASL.
+    pub fn sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+/// A SASL user: its mechanism, name and password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SaslCredentials {
+    /// `SCRAM-SHA-256`, `SCRAM-SHA-512` or `PLAIN`.
+    pub mechanism: String,
+    /// The user.
+    pub username: String,
+    /// Its password (never shown by `Debug`).
+    pub password: String,
+}
+
+impl std::fmt::Debug for SaslCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaslCredentials")
+            .field("mechanism", &self.mechanism)
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+impl KafkaConnection {
+    /// Plain connections to `brokers`.
+    pub fn plaintext(brokers: &str) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            protocol: SecurityProtocol::Plaintext,
+            ca_file: None,
+            sasl: None,
+        }
+    }
+
+    /// A client configuration with the brokers and the connection's security set.
+    pub fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("security.protocol", self.protocol.name());
+        if let Some(ca) = &self.ca_file {
+            c.set("ssl.ca.location", ca.to_string_lossy());
+        }
+        if let Some(s) = &self.sasl {
+            c.set("sasl.mechanism", &s.mechanism)
+                .set("sasl.username", &s.username)
+                .set("sasl.password", &s.password);
+        }
+        c
+    }
+}
+
+/// Settings every client shares: the connection, and the policy's call deadline as the deadline
 /// of a request to a broker (`socket.timeout.ms`; librdkafka's default is 60 s), so a frozen
 /// broker is seen down after one deadline, not a minute.
-fn client_config(brokers: &str, policy: &Policy) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set(
+fn client_config(kafka: &KafkaConnection, policy: &Policy) -> ClientConfig {
+    let mut c = kafka.client();
+    c.set(
         "socket.timeout.ms",
         policy
             .call_timeout
@@ -50,8 +151,8 @@ fn client_config(brokers: &str, policy: &Policy) -> ClientConfig {
 /// Settings of a consumer in group `group` that commits its own offsets (after the effect is
 /// durable), reads from the beginning when nothing is committed, and reports statistics every
 /// second (consumer lag, broker state).
-pub fn consumer_config(brokers: &str, group: &str, policy: &Policy) -> ClientConfig {
-    let mut c = client_config(brokers, policy);
+pub fn consumer_config(kafka: &KafkaConnection, group: &str, policy: &Policy) -> ClientConfig {
+    let mut c = client_config(kafka, policy);
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -71,8 +172,12 @@ pub fn consumer_config(brokers: &str, group: &str, policy: &Policy) -> ClientCon
 /// Java-compatible `murmur2_random` partitioner (a record lands in the partition producers in
 /// other languages would choose), 5 ms linger, and `delivery_timeout` for the broker to
 /// acknowledge a record before its delivery fails (a service gives it the outage budget).
-pub fn producer_config(brokers: &str, policy: &Policy, delivery_timeout: Duration) -> ClientConfig {
-    let mut c = client_config(brokers, policy);
+pub fn producer_config(
+    kafka: &KafkaConnection,
+    policy: &Policy,
+    delivery_timeout: Duration,
+) -> ClientConfig {
+    let mut c = client_config(kafka, policy);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
@@ -292,17 +397,51 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// A client context that remembers why the brokers refused the connection itself (bad
+/// credentials, a certificate that does not verify): librdkafka reports those only to the
+/// context and then retries, so a caller would see "transport failure" until its budget ran
+/// out. A refusal is permanent: it fails the call at once, naming the cause.
+#[derive(Debug, Default)]
+struct Refusals {
+    last: std::sync::Mutex<Option<String>>,
+}
+
+impl Refusals {
+    /// The refusal seen, as a permanent error.
+    fn refusal(&self) -> Option<KafkaError> {
+        let reason = self.last.lock().expect("refusals").clone()?;
+        Some(KafkaError::ClientCreation(format!(
+            "the brokers refused the connection: {reason} (check --kafka-security-protocol, the SASL user and password, and --kafka-ca-file)"
+        )))
+    }
+}
+
+impl ClientContext for Refusals {
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        warn!(error = %error, reason, "librdkafka");
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(Code::Authentication | Code::SaslAuthenticationFailed | Code::SSL)
+        ) {
+            *self.last.lock().expect("refusals") = Some(reason.to_string());
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Refusals {}
+
 /// The partition count of each of `topics` (0 for a topic the broker does not know), asked of
 /// the broker under the dependency policy: a broker that is restarting or not answering yet is
 /// waited for up to the outage budget.
 pub async fn partition_counts(
-    brokers: &str,
+    kafka: &KafkaConnection,
     policy: &Policy,
     topics: &[&str],
 ) -> Result<Vec<usize>, DependencyError<KafkaError>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = client_config(brokers, policy)
-        .create()
+    let client: BaseConsumer<Refusals> = client_config(kafka, policy)
+        .create_with_context(Refusals::default())
         .map_err(DependencyError::Failed)?;
     let client = Arc::new(client);
     let mut counts = Vec::with_capacity(topics.len());
@@ -313,7 +452,28 @@ pub async fn partition_counts(
                 let deadline = policy.call_timeout;
                 async move {
                     tokio::task::spawn_blocking(move || {
-                        let md = client.fetch_metadata(Some(&topic), deadline)?;
+                        // In short slices, each followed by serving the client's events: a
+                        // refusal is reported only to the context, and a fetch would otherwise
+                        // wait out its whole deadline first. (Nothing is subscribed: polling
+                        // consumes no message.) The slices end before the policy's own timer.
+                        let until = Instant::now() + deadline.mul_f64(0.9);
+                        let md = loop {
+                            let slice = until
+                                .saturating_duration_since(Instant::now())
+                                .min(Duration::from_millis(500));
+                            match client.fetch_metadata(Some(&topic), slice) {
+                                Ok(md) => break md,
+                                Err(e) => {
+                                    let _ = client.poll(Duration::ZERO);
+                                    if let Some(refused) = client.context().refusal() {
+                                        return Err(refused);
+                                    }
+                                    if Instant::now() >= until {
+                                        return Err(e);
+                                    }
+                                }
+                            }
+                        };
                         Ok(md
                             .topics()
                             .first()

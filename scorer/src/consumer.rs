@@ -121,7 +121,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
-        ctr_runtime::kafka::consumer_config(&cfg.service.brokers, &cfg.group, &cfg.service.policy)
+        ctr_runtime::kafka::consumer_config(&cfg.service.kafka, &cfg.group, &cfg.service.policy)
             // Freshness: the broker answers an empty fetch after at most 20 ms (default
             // 500 ms), so a record produced into a quiet partition is seen within a batch
             // interval.
@@ -132,7 +132,7 @@ pub async fn run(
     let mut queues = Vec::new();
     let mut workers = tokio::task::JoinSet::new();
     let dead_letters: rdkafka::producer::FutureProducer = ctr_runtime::kafka::producer_config(
-        &cfg.service.brokers,
+        &cfg.service.kafka,
         &cfg.service.policy,
         cfg.service.policy.outage_budget,
     )

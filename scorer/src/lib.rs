@@ -203,7 +203,7 @@ pub async fn run(
 /// Partitions of the labeled topic, from the broker's metadata: the replica holds each.
 async fn labeled_partitions(config: &ScorerConfig) -> Result<usize> {
     let counts = ctr_runtime::kafka::partition_counts(
-        &config.service.brokers,
+        &config.service.kafka,
         &config.service.policy,
         &[&config.labeled_topic],
     )

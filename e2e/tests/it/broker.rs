@@ -5,7 +5,7 @@ use std::time::Duration;
 use ctr_e2e::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 /// Every restart resumes from an offset inside a producer batch: the broker must deliver the
 /// rest of that batch, not skip to the next one.
@@ -18,8 +18,7 @@ fn consumer_resumes_in_the_middle_of_a_batch() {
         .collect();
     produce_all(&records);
     for start in [1, 7, 333, 1_001, 1_999] {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+        let consumer: BaseConsumer = kafka_client()
             .set("group.id", unique("mid"))
             .create()
             .unwrap();

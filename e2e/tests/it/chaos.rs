@@ -331,8 +331,7 @@ fn probe_partition(node: i32) -> Option<(String, i32)> {
 /// cluster's failover as a producer sees it, when that partition's leader was killed.
 fn acked_again(topic: &str, partition: i32, killed: Instant) -> Duration {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let producer: BaseProducer = kafka_client()
         .set("acks", "all")
         .set("message.timeout.ms", "60000")
         .create()
@@ -358,17 +357,7 @@ fn acked_again(topic: &str, partition: i32, killed: Instant) -> Duration {
 /// Runs `scripts/stack up`, which starts again whatever of the stack is down. When the stack
 /// runs its own broker, it is told so (the tests' environment names the broker as external).
 fn stack_up(after: &str) {
-    let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
-    let mut cmd = std::process::Command::new(stack);
-    cmd.arg("up");
-    if local_kafka_pid().or(local_kafka_node_pid(1)).is_some() {
-        // The first node's port: the others follow it.
-        let first = brokers().split(',').next().unwrap_or_default().to_string();
-        let port = first.rsplit(':').next().unwrap_or("19092").to_string();
-        cmd.env_remove("CTR_KAFKA_BROKERS")
-            .env("CTR_BROKER", "kafka")
-            .env("CTR_KAFKA_PORT", port);
-    }
+    let mut cmd = stack_command(&["up"]);
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
