@@ -78,9 +78,9 @@ pub struct BacktestArgs {
     /// Bounded out-of-orderness of event times, ms.
     #[arg(long, default_value_t = 2_000)]
     pub max_out_of_order_ms: i64,
-    /// `labeled-topic`: Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
+    /// `labeled-topic`: the brokers and how to reach them (TLS, SASL), as for the services.
+    #[command(flatten)]
+    pub kafka: ctr_runtime::flags::KafkaFlags,
     /// `labeled-topic`: first record: beginning, offset:N, time:T (Unix ms or RFC 3339).
     #[arg(long, default_value = "beginning")]
     pub from: topic::Bound,
@@ -193,7 +193,7 @@ pub fn backtest(args: &BacktestArgs) -> Result<report::Report, Error> {
 /// The input again, without a progress bar (the batch baseline's extra passes).
 fn plain_source(args: &BacktestArgs) -> Result<Box<dyn input::Source>, Error> {
     if args.format == Format::LabeledTopic {
-        return Ok(Box::new(topic::LabeledTopic::open(&topic_range(args))?));
+        return Ok(Box::new(topic::LabeledTopic::open(&topic_range(args)?)?));
     }
     let file = File::open(&args.input).map_err(|source| Error::Open {
         path: args.input.clone(),
@@ -206,15 +206,15 @@ fn plain_source(args: &BacktestArgs) -> Result<Box<dyn input::Source>, Error> {
     })
 }
 
-fn topic_range(args: &BacktestArgs) -> topic::TopicRange {
-    topic::TopicRange {
-        brokers: args.brokers.clone(),
+fn topic_range(args: &BacktestArgs) -> Result<topic::TopicRange, Error> {
+    Ok(topic::TopicRange {
+        kafka: args.kafka.clone().check().map_err(Error::Settings)?,
         topic: args.input.display().to_string(),
         partitions: args.partitions.clone(),
         from: args.from,
         to: args.to,
         idle: std::time::Duration::from_millis(1_500),
-    }
+    })
 }
 
 /// The joiner's settings for `events-jsonl`, checked.
@@ -239,7 +239,7 @@ fn from_topic(
     args: &BacktestArgs,
     cfg: &run::RunConfig,
 ) -> Result<(run::RunOutcome, String), Error> {
-    let range = topic_range(args);
+    let range = topic_range(args)?;
     let source = topic::LabeledTopic::open(&range)?;
     let bar = ctr_ingest::replay::progress_bar(source.records_in_range(), args.no_progress);
     let outcome = run::run(source, cfg, |n| bar.set_position(n))?;

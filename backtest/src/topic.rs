@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ctr_schemas::LabeledImpression;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::input::{BadLine, Next, Source};
 
@@ -77,8 +77,8 @@ impl std::str::FromStr for Bound {
 /// What to read.
 #[derive(Debug, Clone)]
 pub struct TopicRange {
-    /// The bootstrap servers.
-    pub brokers: String,
+    /// The brokers and how to reach them.
+    pub kafka: ctr_runtime::kafka::KafkaConnection,
     /// The labeled topic.
     pub topic: String,
     /// `None`: every partition.
@@ -143,8 +143,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 impl LabeledTopic {
     /// A consumer positioned at the range's start in every partition it covers.
     pub fn open(range: &TopicRange) -> Result<Self, TopicError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &range.brokers)
+        let consumer: BaseConsumer = range
+            .kafka
+            .client()
             // A group ID is required by librdkafka; it is never joined (partitions are
             // assigned) and nothing is committed.
             .set("group.id", format!("ctr-backtest-{}", std::process::id()))

@@ -463,10 +463,15 @@ impl Service {
     }
 }
 
-/// A client configuration for the brokers the tests run against, connected as the services
-/// connect: from the same `CTR_KAFKA_*` variables (`scripts/stack env`, or `scripts/stack env
-/// sasl` for SASL_SSL), through the runtime's flags.
+/// A client configuration for the brokers the tests run against ([`kafka_connection`]).
 pub fn kafka_client() -> ClientConfig {
+    kafka_connection().client()
+}
+
+/// The brokers the tests run against, connected as the services connect: from the same
+/// `CTR_KAFKA_*` variables (`scripts/stack env`, or `scripts/stack env sasl` for SASL_SSL),
+/// through the runtime's flags.
+pub fn kafka_connection() -> ctr_runtime::kafka::KafkaConnection {
     #[derive(clap::Parser)]
     struct FromEnv {
         #[command(flatten)]
@@ -479,7 +484,6 @@ pub fn kafka_client() -> ClientConfig {
         .kafka
         .check()
         .unwrap_or_else(|e| panic!("the CTR_KAFKA_* variables: {e}"))
-        .client()
 }
 
 /// How many Kafka nodes the stack runs (`CTR_KAFKA_NODES`, which `scripts/stack env` sets; 1

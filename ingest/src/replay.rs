@@ -479,9 +479,9 @@ pub async fn replay(
 /// Settings of `ctr-ingest export`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExportArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CTR_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
+    /// The brokers and how to reach them (TLS, SASL), as for the services.
+    #[command(flatten)]
+    pub kafka: ctr_runtime::flags::KafkaFlags,
     /// Topic to export (serves or clicks).
     #[arg(long)]
     pub topic: String,
@@ -529,10 +529,11 @@ pub async fn export(args: ExportArgs) -> Result<ExportSummary, ReplayError> {
 
 fn export_as<E: WireEvent + Into<Event>>(args: &ExportArgs) -> Result<ExportSummary, ReplayError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    use rdkafka::{Message, Offset, TopicPartitionList};
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
+    let kafka = args.kafka.clone().check().map_err(ReplayError::Export)?;
+    let consumer: BaseConsumer = kafka
+        .client()
         .set("group.id", format!("ctr-export-{}", now_ms()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")

@@ -105,16 +105,6 @@ impl std::fmt::Debug for SaslCredentials {
 }
 
 impl KafkaConnection {
-    /// Plain connections to `brokers`.
-    pub fn plaintext(brokers: &str) -> Self {
-        Self {
-            brokers: brokers.to_string(),
-            protocol: SecurityProtocol::Plaintext,
-            ca_file: None,
-            sasl: None,
-        }
-    }
-
     /// A client configuration with the brokers and the connection's security set.
     pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();

@@ -146,7 +146,7 @@ fn identical_model_state(partitions: u32, workers: usize) {
 
 fn range(topic: &str, from: Bound, to: Bound, partitions: Option<Vec<i32>>) -> TopicRange {
     TopicRange {
-        brokers: brokers(),
+        kafka: kafka_connection(),
         topic: topic.to_string(),
         partitions,
         from,
