@@ -19,6 +19,12 @@ Usage (the virtualenv comes from `scripts/python-env`):
 
     .run/venv/bin/python ingest/examples/python/produce_avro.py --serves 500 --counts-out counts.json
 
+To a secured cluster, set the variables the Rust services read (confluent-kafka's wheels bundle
+librdkafka with TLS and SASL): `CTR_KAFKA_SECURITY_PROTOCOL` (e.g. `sasl_ssl`),
+`CTR_KAFKA_CA_FILE`, `CTR_KAFKA_SASL_MECHANISM` (default `SCRAM-SHA-256`),
+`CTR_KAFKA_SASL_USERNAME`, `CTR_KAFKA_SASL_PASSWORD`; `eval "$(scripts/stack env sasl)"` sets
+them for the local broker's SASL_SSL listener.
+
 It simulates a few ads ("py-ad-0".."py-ad-9") and writes what it produced per ad as JSON, the
 same shape as `ctr-ingest simulate --counts-out`, so the end-to-end test can compare the
 pipeline's published counts with it.
@@ -27,6 +33,7 @@ pipeline's published counts with it.
 import argparse
 import io
 import json
+import os
 import pathlib
 import random
 import struct
@@ -121,10 +128,30 @@ def simulate(n_serves, seed, shard, start_ms):
     return events, counts
 
 
+def security_settings():
+    """librdkafka's security settings from the CTR_KAFKA_* variables, as the Rust services
+    read them (plaintext when none is set)."""
+    env = os.environ
+    protocol = env.get("CTR_KAFKA_SECURITY_PROTOCOL", "plaintext")
+    out = {"security.protocol": protocol}
+    if env.get("CTR_KAFKA_CA_FILE"):
+        out["ssl.ca.location"] = env["CTR_KAFKA_CA_FILE"]
+    if protocol.startswith("sasl"):
+        user, password = env.get("CTR_KAFKA_SASL_USERNAME"), env.get("CTR_KAFKA_SASL_PASSWORD")
+        if not (user and password):
+            sys.exit(f"{protocol} needs CTR_KAFKA_SASL_USERNAME and CTR_KAFKA_SASL_PASSWORD")
+        out.update({
+            "sasl.mechanism": env.get("CTR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+            "sasl.username": user,
+            "sasl.password": password,
+        })
+    return out
+
+
 def main():
     here = pathlib.Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--brokers", default="127.0.0.1:19092")
+    p.add_argument("--brokers", default=os.environ.get("CTR_KAFKA_BROKERS", "127.0.0.1:19092"))
     p.add_argument("--serves-topic", default="ctr.serves")
     p.add_argument("--clicks-topic", default="ctr.clicks")
     p.add_argument("--schemas-dir", default=str(here.parents[2] / "schemas" / "avro"))
@@ -146,6 +173,7 @@ def main():
         "acks": "all",
         "partitioner": "murmur2_random",
         "linger.ms": 5,
+        **security_settings(),
     })
     failures = []
     delivered = [0]
