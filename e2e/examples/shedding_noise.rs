@@ -125,14 +125,11 @@ fn estimates(
     let mut released = Vec::new();
     for (i, l) in labels.iter().enumerate() {
         let (rate, k) = shedding(i).unwrap_or((1.0, 1));
-        let negative = l.kind == ctr_schemas::LabelKind::Label && !l.clicked;
-        let thinned = if negative && (k > 1 || !thin.is_idle()) {
-            match thin.keep(l.ad_id.as_bytes(), k) {
-                Some(n) => n,
-                None => continue,
-            }
-        } else {
-            1
+        // As the consumer decides from the `ctr.clicked` header: a late-click correction is
+        // clicked, so only a label's negative is thinned.
+        let negative = || l.kind == ctr_schemas::LabelKind::Label && !l.clicked;
+        let Some(thinned) = thin.admit(l.ad_id.as_bytes(), k, negative) else {
+            continue;
         };
         let ad: usize = l.ad_id[3..].parse().expect("ad-NNN");
         let state = &mut parts[ad % PARTITIONS];

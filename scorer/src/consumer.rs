@@ -195,20 +195,16 @@ pub async fn run(
                     match msg {
                         Ok(m) => {
                             let (partition, offset) = (m.partition(), m.offset());
-                            let k = control.thinning();
-                            // A negative after thinning ended still carries what its ad had
-                            // dropped.
-                            let thinned = if (k > 1 || !thinning.is_idle()) && is_negative(&m) {
-                                match thinning.keep(m.key().unwrap_or_default(), k) {
-                                    Some(n) => n,
-                                    None => {
-                                        *dropped_before.entry(partition).or_default() += 1;
-                                        dropped_total += 1;
-                                        continue;
-                                    }
+                            let key = m.key().unwrap_or_default();
+                            let thinned = match thinning.admit(key, control.thinning(), || {
+                                is_negative(&m)
+                            }) {
+                                Some(n) => n,
+                                None => {
+                                    *dropped_before.entry(partition).or_default() += 1;
+                                    dropped_total += 1;
+                                    continue;
                                 }
-                            } else {
-                                1
                             };
                             let work = Work::Record {
                                 partition,

@@ -277,13 +277,26 @@ pub struct Thinning {
 
 impl Thinning {
     /// No ad has dropped negatives waiting for a kept one.
-    pub fn is_idle(&self) -> bool {
+    fn is_idle(&self) -> bool {
         self.dropped.is_empty()
+    }
+
+    /// What becomes of a record of the ad keyed `ad_key` while the thinning factor is `k`:
+    /// `Some(n)` to pass it on, standing for `n` negatives (1 for anything but a negative, and
+    /// when nothing is thinned), `None` to drop it unread. `negative` is asked only while
+    /// thinning is in effect or an ad still carries dropped negatives (a negative after
+    /// thinning ended carries them), so the normal path skips the header scan.
+    pub fn admit(&mut self, ad_key: &[u8], k: u32, negative: impl FnOnce() -> bool) -> Option<u32> {
+        if (k > 1 || !self.is_idle()) && negative() {
+            self.keep(ad_key, k)
+        } else {
+            Some(1)
+        }
     }
 
     /// `Some(n)`: keep this negative of the ad keyed `ad_key`, standing for `n` negatives;
     /// `None`: drop it.
-    pub fn keep(&mut self, ad_key: &[u8], k: u32) -> Option<u32> {
+    fn keep(&mut self, ad_key: &[u8], k: u32) -> Option<u32> {
         let h = ctr_models::example::hash_bytes(SAMPLER_NS, ad_key);
         if k <= 1 {
             return Some(self.dropped.remove(&h).unwrap_or(0) + 1);
@@ -663,6 +676,26 @@ pub(crate) mod tests {
         assert_eq!(st.total("a", Some(&ctx)), whole);
         assert!((9_790.0..=9_800.0).contains(&kept_weight), "{kept_weight}");
         assert!((8_800..=8_830).contains(&shed), "{shed}");
+    }
+
+    #[test]
+    fn admission_thins_only_negatives_and_asks_only_while_thinning() {
+        let mut t = Thinning::default();
+        // Not thinning and nothing carried: passed on without asking what the record is.
+        assert_eq!(
+            t.admit(b"ad-1", 1, || unreachable!("no header scan")),
+            Some(1)
+        );
+        // Thinning: clicks pass as themselves, negatives are thinned.
+        assert_eq!(t.admit(b"ad-1", 3, || false), Some(1));
+        assert_eq!(t.admit(b"ad-1", 3, || true), None);
+        assert_eq!(t.admit(b"ad-1", 3, || true), None);
+        // Thinning ended with a negative carried: the next negative of the ad carries it.
+        assert_eq!(t.admit(b"ad-1", 1, || true), Some(3));
+        assert_eq!(
+            t.admit(b"ad-1", 1, || unreachable!("nothing carried")),
+            Some(1)
+        );
     }
 
     #[test]
