@@ -515,19 +515,11 @@ fn pid_file(name: &str) -> Option<i32> {
     pid.trim().parse().ok()
 }
 
-/// `scripts/stack` with `args`, told about the stack the tests run against: when that is the
-/// stack's own Apache Kafka, the tests' environment names its brokers as if external
-/// (`CTR_KAFKA_BROKERS`), so the script gets its first port instead.
+/// `scripts/stack` with `args`, in the tests' environment: `scripts/stack env` named the
+/// stack's ports and brokers there, so the command addresses the stack the tests run against.
 pub fn stack_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack"));
     cmd.args(args);
-    if local_kafka_pid().or(local_kafka_node_pid(1)).is_some() {
-        let first = brokers().split(',').next().unwrap_or_default().to_string();
-        let port = first.rsplit(':').next().unwrap_or("19092").to_string();
-        cmd.env_remove("CTR_KAFKA_BROKERS")
-            .env("CTR_BROKER", "kafka")
-            .env("CTR_KAFKA_PORT", port);
-    }
     cmd
 }
 
