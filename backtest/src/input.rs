@@ -108,7 +108,7 @@ impl<R: BufRead> Source for LabeledJsonl<R> {
             Ok(l) => l,
             Err(e) => return bad(e.to_string()),
         };
-        let context = match Context::from_fields(l.context) {
+        let context = match Context::from_any_fields(l.context) {
             Ok(c) => c,
             Err(e) => return bad(format!("{}: {}", e.field, e.problem)),
         };
@@ -302,9 +302,10 @@ mod tests {
         let text = format!(
             "{{\"ts_ms\":5,\"ad_id\":\"a\",\"position\":1,{ctx},\"clicked\":true,\"extra\":1}}\n\n\
              {{\"ts_ms\":6,\"ad_id\":\"a\",\"position\":0,{ctx},\"clicked\":false}}\n\
-             {{\"ts_ms\":7,\"ad_id\":\"b\",\"position\":2,\"context\":{{}},\"clicked\":false}}\n\
+             {{\"ts_ms\":7,\"ad_id\":\"b\",\"position\":2,\"context\":{{\"user\":\"\"}},\"clicked\":false}}\n\
              not json\n\
-             {{\"ts_ms\":8,\"ad_id\":\"b\",\"position\":2,{ctx},\"clicked\":false}}\n"
+             {{\"ts_ms\":8,\"ad_id\":\"b\",\"position\":2,{ctx},\"clicked\":false}}\n\
+             {{\"ts_ms\":9,\"ad_id\":\"c\",\"position\":1,\"context\":{{\"user\":\"u1\"}},\"clicked\":true}}\n"
         );
         let got = read(&text);
         assert_eq!(got[0], Ok("a@1:true".to_string()));
@@ -314,9 +315,11 @@ mod tests {
         );
         assert_eq!(
             got[2],
-            Err("line 4: context.query_category: missing".to_string())
+            Err("line 4: context value: must not be empty".to_string())
         );
         assert!(got[3].as_ref().unwrap_err().starts_with("line 5: expected"));
         assert_eq!(got[4], Ok("b@2:false".to_string()));
+        // Any context fields: none of the search-ad fields is needed.
+        assert_eq!(got[5], Ok("c@1:true".to_string()));
     }
 }

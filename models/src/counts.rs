@@ -84,18 +84,26 @@ pub struct CountsConfig {
     pub global_prior_mean: f64,
     /// Strength (pseudo-impressions) of the global rate's prior.
     pub global_prior_strength: f64,
-    /// Prior strengths (pseudo-impressions) of each level towards its parent.
+    /// Prior strength of a campaign's rate towards the global rate. This and the strengths
+    /// below are in *pseudo-clicks*: a prior of `k` weighs `k / parent rate` impressions, the
+    /// number at which `k` clicks are expected. So a level's rate moves off its parent's after
+    /// a similar number of clicks whatever the click rate (at 2%, 4 pseudo-clicks are 200
+    /// impressions; at 0.5%, 800). The defaults were chosen among 0.5×, 1×, 2× and 4× of
+    /// these on the real Open Bandit log (best there) and the synthetic stream of
+    /// `scripts/compare-peers` (4× is 0.2% better there): docs/BENCHMARKS.md, "Model quality
+    /// where it is hard". This is the Beta prior whose children vary around their
+    /// parent with a coefficient of variation of 1/√k, the empirical-Bayes reading.
     pub campaign_strength: f64,
-    /// Prior strength of an ad's rate towards its campaign's.
+    /// Prior strength of an ad's rate towards its campaign's (pseudo-clicks).
     pub ad_strength: f64,
-    /// Prior strength of an ad × context-field rate towards the ad's.
+    /// Prior strength of an ad × context-field rate towards the ad's (pseudo-clicks).
     pub field_strength: f64,
-    /// Prior strength of an ad × full-context rate towards its field levels.
+    /// Prior strength of an ad × full-context rate towards its field levels (pseudo-clicks).
     pub context_strength: f64,
-    /// Prior strength of each position's CTR towards the global CTR (pseudo-impressions).
+    /// Prior strength of each position's CTR towards the global CTR (pseudo-clicks).
     /// Weak on purpose: examination units are counted with the position bias known at the
-    /// time, so an early bias pulled towards 1 by a strong prior stays in the counts (1,000
-    /// left the count model 6% under-calibrated on 80k impressions; 100 leaves 3%).
+    /// time, so an early bias pulled towards 1 by a strong prior stays in the counts (20
+    /// pseudo-clicks left the count model 6% under-calibrated on 80k impressions; 2 leave 3%).
     pub position_strength: f64,
 }
 
@@ -105,11 +113,11 @@ impl Default for CountsConfig {
             half_life_ms: Some(6.0 * 3_600_000.0),
             global_prior_mean: 0.02,
             global_prior_strength: 100.0,
-            campaign_strength: 200.0,
-            ad_strength: 100.0,
-            field_strength: 100.0,
-            context_strength: 50.0,
-            position_strength: 100.0,
+            campaign_strength: 8.0,
+            ad_strength: 4.0,
+            field_strength: 4.0,
+            context_strength: 2.0,
+            position_strength: 2.0,
         }
     }
 }
@@ -136,6 +144,50 @@ pub struct Estimate {
     pub level: Level,
     /// Decayed examination-weighted impressions behind the finest level used.
     pub evidence: f64,
+}
+
+/// The running click rate of a stream: decayed impressions and clicks with the count model's
+/// global prior and half-life. FTRL learns on top of its log-odds ([`crate::Variant`]), so a
+/// fresh learner predicts the base rate from its first example instead of ½, and its weights
+/// only ever learn departures from it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BaseRate {
+    clock: DecayClock,
+    prior: BetaPrior,
+    total: Counter,
+}
+
+impl BaseRate {
+    /// No impression yet: the rate is the prior's mean.
+    pub fn new(cfg: &CountsConfig) -> Result<Self> {
+        let prior = BetaPrior::from_mean(cfg.global_prior_mean, cfg.global_prior_strength)
+            .map_err(|_| crate::ModelError::Config {
+                name: "global_prior",
+                problem: "mean must be in (0, 1) and strength > 0",
+            })?;
+        Ok(Self {
+            clock: DecayClock::new(cfg.half_life_ms)?,
+            prior,
+            total: Counter::default(),
+        })
+    }
+
+    /// The rate now: the prior's posterior mean given the decayed counts.
+    pub fn rate(&self) -> f64 {
+        let s = self.clock.read_scale();
+        self.prior
+            .posterior_mean(self.total.clicks * s, self.total.imps * s)
+    }
+
+    /// Adds `imps` impressions (0 or 1) and `clicks` clicks at event time `ts_ms`, with
+    /// importance weight `weight` (checked by the caller).
+    pub fn add(&mut self, ts_ms: i64, weight: f64, imps: f64, clicks: f64) {
+        if let Some(f) = self.clock.observe(ts_ms) {
+            self.total.scale(f);
+        }
+        self.total
+            .add(self.clock.weight(ts_ms) * weight, imps, clicks);
+    }
 }
 
 /// The count model's key tables (a key's table is part of its identity in a [`CountsDelta`]).
@@ -197,11 +249,19 @@ pub struct CountModel {
 
 /// Smoothed rate and evidence of counter `c`, read with decay factor `scale`
 /// ([`DecayClock::read_scale`], computed once per call site: it costs an `exp2`).
+///
+/// `strength` is in pseudo-clicks: the prior weighs as many impressions as it takes to expect
+/// that many clicks at the parent's rate (see [`CountsConfig`]).
 fn smooth(c: Counter, scale: f64, parent: f64, strength: f64) -> (f64, f64) {
     let (n, k) = (c.imps * scale, c.clicks * scale);
     let n = n.max(0.0);
-    ((k.clamp(0.0, n) + strength * parent) / (n + strength), n)
+    let s = strength / parent.max(MIN_PARENT_RATE);
+    ((k.clamp(0.0, n) + s * parent) / (n + s), n)
 }
+
+/// The least parent rate a prior strength is scaled by: below it, a prior of `k` pseudo-clicks
+/// weighs `k / MIN_PARENT_RATE` impressions at most.
+const MIN_PARENT_RATE: f64 = 1e-4;
 
 impl CountModel {
     /// An empty model; `cfg` is checked first.
@@ -240,6 +300,11 @@ impl CountModel {
     /// The settings it was built with.
     pub fn config(&self) -> &CountsConfig {
         &self.cfg
+    }
+
+    /// The same counts under settings converted from an older snapshot's (same meaning).
+    pub(crate) fn with_config(self, cfg: CountsConfig) -> Self {
+        Self { cfg, ..self }
     }
 
     fn global_rate(&self, scale: f64) -> f64 {

@@ -166,6 +166,12 @@ impl Ftrl {
 
     /// Probability of a click for these features.
     pub fn predict(&self, features: &[Feature]) -> f64 {
+        self.predict_offset(features, 0.0)
+    }
+
+    /// Probability of a click for these features on top of a fixed `offset` (log-odds): the
+    /// weights learn the correction to it (a base rate, another model's estimate).
+    pub fn predict_offset(&self, features: &[Feature], offset: f64) -> f64 {
         // Blocks of a fixed size keep the scratch arrays small (they are initialised on every
         // call) while still locating a block's coordinates before reading any.
         let logit: f64 = features
@@ -179,8 +185,8 @@ impl Ftrl {
                     .map(|(f, a)| self.coords.at(*a).map_or(0.0, |c| self.weight(c) * f.value))
                     .sum::<f64>()
             })
-            .sum();
-        sigmoid(logit)
+            .sum::<f64>();
+        sigmoid(offset + logit)
     }
 
     /// Finds every feature's coordinate before anything reads one (see the module docs).
@@ -215,12 +221,27 @@ impl Ftrl {
         weight: f64,
         ts_ms: i64,
     ) -> Result<f64> {
+        self.learn_offset(features, 0.0, clicked, weight, ts_ms)
+    }
+
+    /// [`Ftrl::learn`] on top of a fixed `offset` (log-odds, see [`Ftrl::predict_offset`]).
+    pub fn learn_offset(
+        &mut self,
+        features: &[Feature],
+        offset: f64,
+        clicked: bool,
+        weight: f64,
+        ts_ms: i64,
+    ) -> Result<f64> {
         check_weight(weight)?;
         Self::check(features)?;
+        if !offset.is_finite() {
+            return Err(ModelError::FeatureValue(offset));
+        }
         if features.len() <= BLOCK {
-            self.learn_checked::<BLOCK>(features, clicked, weight, ts_ms)
+            self.learn_checked::<BLOCK>(features, offset, clicked, weight, ts_ms)
         } else {
-            self.learn_checked::<MAX_FEATURES>(features, clicked, weight, ts_ms)
+            self.learn_checked::<MAX_FEATURES>(features, offset, clicked, weight, ts_ms)
         }
     }
 
@@ -229,6 +250,7 @@ impl Ftrl {
     fn learn_checked<const N: usize>(
         &mut self,
         features: &[Feature],
+        offset: f64,
         clicked: bool,
         weight: f64,
         ts_ms: i64,
@@ -242,7 +264,7 @@ impl Ftrl {
         // n and √n of each located coordinate, √n reused by its update (0 for an absent one).
         let mut n_seen = [0.0f32; N];
         let mut sqrt_n = [0.0f64; N];
-        let mut logit = 0.0;
+        let mut logit = offset;
         for (i, f) in features.iter().enumerate() {
             if let Some(c) = self.coords.at(at[i]) {
                 n_seen[i] = c.n;

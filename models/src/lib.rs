@@ -28,7 +28,7 @@ pub mod smoothing;
 pub mod snapshot;
 pub mod variants;
 
-pub use counts::{CountModel, CountsConfig, Estimate, Level};
+pub use counts::{BaseRate, CountModel, CountsConfig, Estimate, Level};
 pub use error::{ModelError, Result};
 pub use eval::Metrics;
 pub use example::{Feature, FeatureSpec, Impression};
@@ -36,5 +36,6 @@ pub use ftrl::{Ftrl, FtrlConfig};
 pub use smoothing::{BetaPrior, PriorError};
 pub use snapshot::SnapshotError;
 pub use variants::{
-    Evicted, ModelSet, Prediction, Touched, Variant, VariantConfig, VariantDelta, VariantKind,
+    Evicted, ModelSet, Offset, Prediction, Touched, Variant, VariantConfig, VariantDelta,
+    VariantKind,
 };

@@ -3,7 +3,7 @@
 //! ```text
 //! offset  size  field
 //! 0       4     magic "CTRM"
-//! 4       2     format version, little-endian u16 (this build writes 1 and reads 1)
+//! 4       2     format version, little-endian u16 (this build writes 2 and reads 1 and 2)
 //! 6       8     body length in bytes, little-endian u64
 //! 14      8     XXH3-64 of the body, little-endian u64
 //! 22      n     body: the state in postcard encoding (serde data model; f64 as its 8 IEEE
@@ -21,8 +21,10 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// The first four bytes of every snapshot.
 pub const MAGIC: [u8; 4] = *b"CTRM";
-/// The format version of [`crate::ModelSet`] snapshots this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version of [`crate::ModelSet`] snapshots this build writes. 2 added each
+/// variant's [`crate::variants::Offset`] and counts prior strengths in pseudo-clicks; 1 is read
+/// by [`crate::variants::legacy::ModelSetV1`].
+pub const FORMAT_VERSION: u16 = 2;
 const HEADER: usize = 22;
 
 /// Why bytes are not a usable snapshot.

@@ -28,7 +28,9 @@ use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::Platt;
-use crate::counts::{CountModel, CountsConfig, CountsDelta, Estimate, Level, Located, Table};
+use crate::counts::{
+    BaseRate, CountModel, CountsConfig, CountsDelta, Estimate, Level, Located, Table,
+};
 use crate::error::{ModelError, Result, check_weight};
 use crate::eval::{Metrics, Scored, SlicedMetrics, WindowedMetrics};
 use crate::example::{
@@ -133,6 +135,22 @@ pub struct Variant {
     slices: SlicedMetrics,
     #[serde(skip)]
     scratch: Vec<Feature>,
+    /// What FTRL learns on top of.
+    offset: Offset,
+}
+
+/// What a variant's FTRL weights learn on top of: their sum is added to this log-odds. A fresh
+/// learner so predicts a sensible rate from its first example (½ without it) and its weights
+/// only learn departures from it, which sparse evidence keeps small.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Offset {
+    /// Nothing: a `Counts` variant, or a variant restored from a snapshot of format 1, whose
+    /// FTRL weights were learned without an offset (its bias weight holds the base rate).
+    None,
+    /// The running base rate (`Ftrl`).
+    BaseRate(BaseRate),
+    /// The count model's estimate for the impression (`Combined`): FTRL corrects the counts.
+    CountEstimate,
 }
 
 fn logit(p: f64) -> f64 {
@@ -152,6 +170,11 @@ impl Variant {
             VariantKind::Counts => None,
         };
         let platt = cfg.platt_rate.map(Platt::new).transpose()?;
+        let offset = match cfg.kind {
+            VariantKind::Ftrl => Offset::BaseRate(BaseRate::new(&cfg.counts)?),
+            VariantKind::Combined => Offset::CountEstimate,
+            VariantKind::Counts => Offset::None,
+        };
         Ok(Self {
             counts,
             ftrl,
@@ -160,6 +183,7 @@ impl Variant {
             window: WindowedMetrics::new(cfg.window_bucket_ms, cfg.window_buckets, 512),
             slices: SlicedMetrics::new(cfg.max_slices, 64),
             scratch: Vec::with_capacity(32),
+            offset,
             cfg,
         })
     }
@@ -213,6 +237,23 @@ impl Variant {
         }
     }
 
+    /// What FTRL's weights add to ([`Offset`]), given the count model's estimate `est`.
+    fn offset(&self, est: Option<Estimate>) -> f64 {
+        match (self.offset, est) {
+            (Offset::BaseRate(b), _) => logit(b.rate()),
+            (Offset::CountEstimate, Some(e)) => logit(e.p),
+            (Offset::None | Offset::CountEstimate, _) => 0.0,
+        }
+    }
+
+    /// The running base rate, where the variant keeps one.
+    fn base_mut(&mut self) -> Option<&mut BaseRate> {
+        match &mut self.offset {
+            Offset::BaseRate(b) => Some(b),
+            _ => None,
+        }
+    }
+
     /// The variant's prediction for `x`, without learning.
     pub fn predict(&self, x: &Impression<'_>) -> Prediction {
         self.predict_keys(x, &Keys::of(x), &mut Vec::with_capacity(32))
@@ -229,7 +270,7 @@ impl Variant {
         let est = self.counts.as_ref().map(|c| c.predict_keys(x, keys));
         self.features(keys, est, features);
         let raw = match &self.ftrl {
-            Some(f) => f.predict(features),
+            Some(f) => f.predict_offset(features, self.offset(est)),
             None => est.map_or(0.5, |e| e.p),
         };
         let p = self.platt.as_ref().map_or(raw, |c| c.calibrate(raw));
@@ -264,8 +305,9 @@ impl Variant {
         });
         let mut features = std::mem::take(&mut self.scratch);
         self.features(keys, est, &mut features);
+        let offset = self.offset(est);
         let raw = match &mut self.ftrl {
-            Some(f) => f.learn(&features, clicked, weight, x.ts_ms),
+            Some(f) => f.learn_offset(&features, offset, clicked, weight, x.ts_ms),
             None => Ok(est.map_or(0.5, |e| e.p)),
         };
         // The buffer is scratch space, not state: leave it empty so equality and snapshots see
@@ -275,6 +317,9 @@ impl Variant {
         let raw = raw?;
         if let Some(c) = &mut self.counts {
             c.update_located(x, &at, clicked, weight)?;
+        }
+        if let Some(b) = self.base_mut() {
+            b.add(x.ts_ms, weight, 1.0, f64::from(u8::from(clicked)));
         }
         let p = match &mut self.platt {
             Some(c) => {
@@ -299,17 +344,19 @@ impl Variant {
     }
 
     /// Applies a late-click correction: `x` was learned as a negative, and its click arrived
-    /// after the attribution window. The count model adds the click; FTRL, whose past gradient
-    /// steps cannot be revised, and the metrics (the prediction was already scored) do not
-    /// change. A no-op for an FTRL-only variant.
+    /// after the attribution window. The count model and the base rate add the click; FTRL,
+    /// whose past gradient steps cannot be revised, and the metrics (the prediction was
+    /// already scored) do not change.
     pub fn correct(&mut self, x: &Impression<'_>, weight: f64) -> Result<()> {
-        match &mut self.counts {
-            Some(c) => c.add_late_click(x, weight),
-            None => {
-                check_weight(weight)?;
-                x.validate()
-            }
+        check_weight(weight)?;
+        x.validate()?;
+        if let Some(c) = &mut self.counts {
+            c.add_late_click(x, weight)?;
         }
+        if let Some(b) = self.base_mut() {
+            b.add(x.ts_ms, weight, 0.0, 1.0);
+        }
+        Ok(())
     }
 
     /// Bounds memory: drops FTRL coordinates idle since `cutoff_ms` and enforces the cap, and
@@ -354,6 +401,7 @@ impl Variant {
                 f.delta(keys, &evicted.ftrl)
             }),
             platt: self.platt,
+            offset: self.offset,
         }
     }
 
@@ -364,6 +412,7 @@ impl Variant {
         if delta.counts.is_some() != self.counts.is_some()
             || delta.ftrl.is_some() != self.ftrl.is_some()
             || delta.platt.is_some() != self.platt.is_some()
+            || std::mem::discriminant(&delta.offset) != std::mem::discriminant(&self.offset)
         {
             return Err(ModelError::Config {
                 name: "delta",
@@ -377,6 +426,7 @@ impl Variant {
             f.apply(d);
         }
         self.platt = delta.platt;
+        self.offset = delta.offset;
         Ok(())
     }
 
@@ -388,7 +438,10 @@ impl Variant {
             (None, None) => true,
             _ => false,
         };
-        ftrl && self.counts == other.counts && self.platt == other.platt && self.cfg == other.cfg
+        ftrl && self.counts == other.counts
+            && self.platt == other.platt
+            && self.offset == other.offset
+            && self.cfg == other.cfg
     }
 }
 
@@ -470,6 +523,8 @@ pub struct VariantDelta {
     counts: Option<CountsDelta>,
     ftrl: Option<FtrlDelta>,
     platt: Option<Platt>,
+    /// The offset, with its base rate (a few dozen bytes, always sent).
+    offset: Offset,
 }
 
 impl VariantDelta {
@@ -580,12 +635,141 @@ impl ModelSet {
     }
 
     /// Restores a snapshot; predictions and later updates are bit-identical to the original's.
+    /// A snapshot of format 1 is converted ([`legacy::ModelSetV1`]).
     pub fn restore(bytes: &[u8]) -> Result<Self> {
-        let mut set: Self = snapshot::decode(bytes)?;
+        let mut set: Self = match snapshot::open(bytes)? {
+            (snapshot::FORMAT_VERSION, body) => snapshot::decode_body(body)?,
+            (1, body) => snapshot::decode_body::<legacy::ModelSetV1>(body)?.into_current(),
+            (found, _) => {
+                return Err(snapshot::SnapshotError::UnsupportedVersion {
+                    found,
+                    supported: snapshot::FORMAT_VERSION,
+                }
+                .into());
+            }
+        };
         for v in &mut set.variants {
             v.scratch = Vec::with_capacity(32);
         }
         Ok(set)
+    }
+}
+
+/// Readers of the layouts of older snapshot formats, each converted to the current one.
+pub mod legacy {
+    use super::*;
+
+    /// A [`ModelSet`] of snapshot format 1: variants without an [`Offset`], and the count
+    /// model's prior strengths in pseudo-impressions.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct ModelSetV1 {
+        variants: Vec<VariantV1>,
+        examples: u64,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct VariantV1 {
+        cfg: VariantConfig,
+        counts: Option<CountModel>,
+        ftrl: Option<Ftrl>,
+        platt: Option<Platt>,
+        metrics: Metrics,
+        window: WindowedMetrics,
+        slices: SlicedMetrics,
+    }
+
+    impl ModelSetV1 {
+        /// `set` as format 1 would have held it, for tests of the readers of old snapshots:
+        /// offsets dropped, strengths back in pseudo-impressions at the global prior's mean.
+        pub fn of(set: &ModelSet) -> Self {
+            let variants = set
+                .variants
+                .iter()
+                .map(|v| {
+                    let mut cfg = v.cfg.clone();
+                    let f = 1.0 / cfg.counts.global_prior_mean;
+                    convert_strengths(&mut cfg.counts, f);
+                    VariantV1 {
+                        counts: v.counts.clone().map(|m| m.with_config(cfg.counts)),
+                        cfg,
+                        ftrl: v.ftrl.clone(),
+                        platt: v.platt,
+                        metrics: v.metrics.clone(),
+                        window: v.window.clone(),
+                        slices: v.slices.clone(),
+                    }
+                })
+                .collect();
+            Self {
+                variants,
+                examples: set.examples,
+            }
+        }
+
+        /// The same models in the current layout. Their FTRL weights were learned without an
+        /// offset, so they keep none ([`Offset::None`]). The prior strengths become
+        /// pseudo-clicks at the global prior's mean, where they weigh what they weighed.
+        pub fn into_current(self) -> ModelSet {
+            let variants = self
+                .variants
+                .into_iter()
+                .map(|v| {
+                    let mut cfg = v.cfg;
+                    let f = cfg.counts.global_prior_mean;
+                    convert_strengths(&mut cfg.counts, f);
+                    let counts = v.counts.map(|m| m.with_config(cfg.counts));
+                    Variant {
+                        cfg,
+                        counts,
+                        ftrl: v.ftrl,
+                        platt: v.platt,
+                        metrics: v.metrics,
+                        window: v.window,
+                        slices: v.slices,
+                        scratch: Vec::with_capacity(32),
+                        offset: Offset::None,
+                    }
+                })
+                .collect();
+            ModelSet {
+                variants,
+                examples: self.examples,
+            }
+        }
+    }
+
+    /// Multiplies every level's prior strength by `f`.
+    fn convert_strengths(c: &mut CountsConfig, f: f64) {
+        for s in [
+            &mut c.campaign_strength,
+            &mut c.ad_strength,
+            &mut c.field_strength,
+            &mut c.context_strength,
+            &mut c.position_strength,
+        ] {
+            *s *= f;
+        }
+    }
+
+    /// A [`VariantDelta`] of format 1 (before the offset): from an owner whose variant has
+    /// none, as is any variant restored from format 1.
+    #[derive(Debug, Deserialize)]
+    pub struct VariantDeltaV1 {
+        counts: Option<CountsDelta>,
+        ftrl: Option<FtrlDelta>,
+        platt: Option<Platt>,
+    }
+
+    impl VariantDeltaV1 {
+        /// The same delta in the current layout.
+        pub fn into_current(self) -> VariantDelta {
+            VariantDelta {
+                counts: self.counts,
+                ftrl: self.ftrl,
+                platt: self.platt,
+                offset: Offset::None,
+            }
+        }
     }
 }
 
@@ -707,6 +891,74 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_format_1_restores_its_evidence_without_offsets() {
+        let configs = [
+            VariantKind::Counts,
+            VariantKind::Ftrl,
+            VariantKind::Combined,
+        ]
+        .map(VariantConfig::of)
+        .to_vec();
+        let mut set = ModelSet::new(configs).unwrap();
+        for (ad, campaign, position, g, d, ts, clicked) in stream(3_000) {
+            let ctx = [("geo", GEOS[g]), ("device", DEVICES[d])];
+            let x = Impression {
+                ad: &ad,
+                campaign: &campaign,
+                position,
+                context: &ctx,
+                ts_ms: ts,
+            };
+            set.learn(&x, clicked, 1.0).unwrap();
+        }
+        let v1 = snapshot::encode_version(&legacy::ModelSetV1::of(&set), 1);
+        let restored = ModelSet::restore(&v1).unwrap();
+        assert_eq!(restored.examples(), set.examples());
+        for (old, new) in set.variants().iter().zip(restored.variants()) {
+            // The evidence and the weights are the same; the strengths mean what they meant at
+            // the prior's mean; FTRL keeps learning without an offset, as it learned.
+            assert_eq!(
+                old.counts().map(CountModel::config),
+                new.counts().map(CountModel::config)
+            );
+            assert_eq!(old.ftrl(), new.ftrl());
+            assert_eq!(old.metrics(), new.metrics());
+            assert_eq!(new.offset, Offset::None);
+            assert_eq!(
+                old.counts().map(|c| c.position_bias(2)),
+                new.counts().map(|c| c.position_bias(2))
+            );
+        }
+        let future = snapshot::encode_version(&1u8, snapshot::FORMAT_VERSION + 1);
+        assert!(ModelSet::restore(&future).is_err());
+    }
+
+    #[test]
+    fn a_fresh_learner_starts_at_its_base_rate_not_at_one_half() {
+        for kind in [VariantKind::Ftrl, VariantKind::Combined] {
+            let mut v = Variant::new(VariantConfig::of(kind)).unwrap();
+            let ctx = [("geo", "US")];
+            let x = Impression {
+                ad: "a",
+                campaign: "c",
+                position: 1,
+                context: &ctx,
+                ts_ms: 0,
+            };
+            // The global prior's mean (2%), then the observed rate as evidence accumulates.
+            assert!((v.predict(&x).p - 0.02).abs() < 1e-9, "{kind:?}");
+            for i in 0..2_000 {
+                v.learn(&Impression { ts_ms: i, ..x }, i % 200 == 0, 1.0)
+                    .unwrap();
+            }
+            // Near the observed 0.5% (FTRL's weights still carry what they learned while the
+            // base rate was coming down from the prior's mean).
+            let p = v.predict(&x).p;
+            assert!((0.0025..0.01).contains(&p), "{kind:?}: {p}");
         }
     }
 

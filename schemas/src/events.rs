@@ -48,14 +48,18 @@ impl Context {
     }
 
     /// Every field as `(name, value)`, sorted by name: the fixed fields and the extra ones.
-    /// Inline up to [`INLINE_PAIRS`] fields (no allocation on the scoring path).
+    /// Inline up to [`INLINE_PAIRS`] fields (no allocation on the scoring path). A fixed field
+    /// left empty (only [`Context::from_any_fields`] makes such a context) is not a field.
     pub fn pairs(&self) -> ContextPairs<'_> {
         // The fixed fields, in name order.
-        let mut parts: ContextPairs<'_> = smallvec::smallvec![
+        let mut parts: ContextPairs<'_> = [
             ("device", self.device.as_str()),
             ("geo", self.geo.as_str()),
             ("query_category", self.query_category.as_str()),
-        ];
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
         if !self.extra.is_empty() {
             parts.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             parts.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -80,6 +84,28 @@ impl Context {
         };
         ctx.validate()?;
         Ok(ctx)
+    }
+
+    /// Builds a context from a flat `name → value` map of any fields: a recorded log that is
+    /// not the live search-ad contract (the backtest's labeled JSONL). A search-ad field, when
+    /// present, is held as the fixed field; one that is absent stays empty and is no field
+    /// ([`Context::pairs`] and [`Context::key`] leave it out). Every name and value must be a
+    /// token, and there may be at most 32 fields in all (what the models take).
+    pub fn from_any_fields(mut fields: BTreeMap<String, String>) -> Result<Self, ValidationError> {
+        if fields.len() > MAX_EXTRA_CONTEXT_FIELDS + 3 {
+            return Err(ValidationError::new("context", "more than 32 fields"));
+        }
+        for (k, v) in &fields {
+            check_token("context key", k)?;
+            check_token("context value", v)?;
+        }
+        let mut take = |name: &str| fields.remove(name).unwrap_or_default();
+        Ok(Context {
+            query_category: take("query_category"),
+            geo: take("geo"),
+            device: take("device"),
+            extra: fields,
+        })
     }
 
     /// `Ok` when every field and extra field is a token of the allowed characters, no extra
@@ -400,6 +426,33 @@ mod tests {
             device: "mobile".into(),
             extra: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn any_fields_make_a_context_without_the_search_ad_fields() {
+        let fields = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = Context::from_any_fields(fields(&[("user_b", "x2"), ("user_a", "x1")])).unwrap();
+        assert_eq!(c.key(), "user_a=x1|user_b=x2");
+        assert_eq!(c.pairs().as_slice(), [("user_a", "x1"), ("user_b", "x2")]);
+        // A search-ad field, when present, is the fixed field, in name order with the rest.
+        let c = Context::from_any_fields(fields(&[("geo", "US"), ("a", "1")])).unwrap();
+        assert_eq!((c.geo.as_str(), c.key().as_str()), ("US", "a=1|geo=US"));
+        assert!(
+            Context::from_any_fields(BTreeMap::new())
+                .unwrap()
+                .pairs()
+                .is_empty()
+        );
+        let bad = Context::from_any_fields(fields(&[("a", "x|y")])).unwrap_err();
+        assert_eq!(bad.field, "context value");
+        let many = (0..33)
+            .map(|i| (format!("f{i}"), "v".to_string()))
+            .collect();
+        assert_eq!(Context::from_any_fields(many).unwrap_err().field, "context");
     }
 
     #[test]

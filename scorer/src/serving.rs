@@ -22,6 +22,7 @@ use std::hash::BuildHasherDefault;
 
 use ctr_models::example::Keys;
 use ctr_models::snapshot::{self, SnapshotError};
+use ctr_models::variants::legacy::VariantDeltaV1;
 use ctr_models::{Feature, Impression, ModelError, Variant, VariantDelta};
 use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
@@ -30,8 +31,17 @@ use crate::state::{Total, context_total_hash, total_key_in};
 
 type HashMap64<V> = HashMap<u64, V, BuildHasherDefault<NoHashHasher<u64>>>;
 
-/// Format of an encoded [`PartitionDelta`] (in the project's snapshot container).
-pub const DELTA_FORMAT: u16 = 1;
+/// Format of an encoded [`PartitionDelta`] (in the project's snapshot container). 2 added the
+/// variant's offset ([`ctr_models::Offset`]); 1 is still read.
+pub const DELTA_FORMAT: u16 = 2;
+
+/// A [`PartitionDelta`] of format 1.
+#[derive(Deserialize)]
+struct PartitionDeltaV1 {
+    model: VariantDeltaV1,
+    totals: Vec<(u64, Total)>,
+    campaigns: Vec<(u64, String)>,
+}
 
 /// One published batch of a partition, for replicas: the serving variant's changed
 /// parameters, the changed exact totals and the campaigns of the batch's ads.
@@ -55,6 +65,11 @@ impl PartitionDelta {
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         match snapshot::open(bytes)? {
             (DELTA_FORMAT, body) => snapshot::decode_body(body),
+            (1, body) => snapshot::decode_body::<PartitionDeltaV1>(body).map(|d| Self {
+                model: d.model.into_current(),
+                totals: d.totals,
+                campaigns: d.campaigns,
+            }),
             (found, _) => Err(SnapshotError::UnsupportedVersion {
                 found,
                 supported: DELTA_FORMAT,

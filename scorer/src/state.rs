@@ -19,6 +19,7 @@ use std::hash::BuildHasherDefault;
 
 use ctr_models::example::hash_str;
 use ctr_models::snapshot::{self, SnapshotError};
+use ctr_models::variants::legacy::ModelSetV1;
 use ctr_models::{Impression, ModelError, ModelSet};
 use ctr_schemas::{LabelKind, LabeledImpression};
 
@@ -505,17 +506,22 @@ impl PartitionState {
         snapshot::encode_version(self, CHECKPOINT_FORMAT)
     }
 
-    /// Restores [`PartitionState::snapshot`]'s output, or a checkpoint of format 2 (before
-    /// the ads' campaigns were kept: it restores with none known, and each ad's next label
-    /// names it again) or 1 (before clicks were held: none held either). The sampler restarts
+    /// Restores [`PartitionState::snapshot`]'s output, or a checkpoint of format 3 (models of
+    /// their format 1, converted: `ctr_models::variants::legacy`), 2 (also before the ads'
+    /// campaigns were kept: it restores with none known, and each ad's next label names it
+    /// again) or 1 (also before clicks were held: none held either). The sampler restarts
     /// (it is load shedding's bookkeeping, not model state).
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
         match snapshot::open(bytes)? {
             (CHECKPOINT_FORMAT, body) => snapshot::decode_body(body),
-            (2, body) => snapshot::decode_body::<StateV2>(body).map(StateV2::into_current),
+            (3, body) => snapshot::decode_body::<StateV3>(body).map(StateV3::into_current),
+            (2, body) => snapshot::decode_body::<StateV2>(body)
+                .map(StateV2::into_v3)
+                .map(StateV3::into_current),
             (1, body) => snapshot::decode_body::<StateV1>(body)
                 .map(StateV1::into_v2)
-                .map(StateV2::into_current),
+                .map(StateV2::into_v3)
+                .map(StateV3::into_current),
             (found, _) => Err(SnapshotError::UnsupportedVersion {
                 found,
                 supported: CHECKPOINT_FORMAT,
@@ -524,14 +530,42 @@ impl PartitionState {
     }
 }
 
-/// Format of the checkpoint body: 2 added the held clicks, 3 the ads' campaigns.
-pub const CHECKPOINT_FORMAT: u16 = 3;
+/// Format of the checkpoint body: 2 added the held clicks, 3 the ads' campaigns, 4 the models'
+/// format 2 (each variant's offset; `ctr_models::snapshot::FORMAT_VERSION`).
+pub const CHECKPOINT_FORMAT: u16 = 4;
+
+/// A checkpoint body of format 3: the current layout with the models of format 1.
+#[derive(Deserialize)]
+struct StateV3 {
+    next_offset: Option<i64>,
+    models: ModelSetV1,
+    dedupe: Dedupe,
+    totals: HashMap64<Total>,
+    newest_ms: i64,
+    held: Held,
+    campaigns: HashMap64<String>,
+}
+
+impl StateV3 {
+    fn into_current(self) -> PartitionState {
+        PartitionState {
+            next_offset: self.next_offset,
+            models: self.models.into_current(),
+            dedupe: self.dedupe,
+            totals: self.totals,
+            newest_ms: self.newest_ms,
+            sampler: Sampler::default(),
+            held: self.held,
+            campaigns: self.campaigns,
+        }
+    }
+}
 
 /// A checkpoint body of format 2.
 #[derive(Deserialize)]
 struct StateV2 {
     next_offset: Option<i64>,
-    models: ModelSet,
+    models: ModelSetV1,
     dedupe: Dedupe,
     totals: HashMap64<Total>,
     newest_ms: i64,
@@ -539,14 +573,13 @@ struct StateV2 {
 }
 
 impl StateV2 {
-    fn into_current(self) -> PartitionState {
-        PartitionState {
+    fn into_v3(self) -> StateV3 {
+        StateV3 {
             next_offset: self.next_offset,
             models: self.models,
             dedupe: self.dedupe,
             totals: self.totals,
             newest_ms: self.newest_ms,
-            sampler: Sampler::default(),
             held: self.held,
             campaigns: HashMap64::default(),
         }
@@ -557,7 +590,7 @@ impl StateV2 {
 #[derive(Deserialize)]
 struct StateV1 {
     next_offset: Option<i64>,
-    models: ModelSet,
+    models: ModelSetV1,
     dedupe: Dedupe,
     totals: HashMap64<Total>,
     newest_ms: i64,
@@ -840,7 +873,7 @@ pub(crate) mod tests {
         #[derive(Serialize)]
         struct V1<'a> {
             next_offset: Option<i64>,
-            models: &'a ModelSet,
+            models: &'a ModelSetV1,
             dedupe: &'a Dedupe,
             totals: &'a HashMap64<Total>,
             newest_ms: i64,
@@ -855,7 +888,7 @@ pub(crate) mod tests {
         let v1 = snapshot::encode_version(
             &V1 {
                 next_offset: st.next_offset,
-                models: &st.models,
+                models: &ModelSetV1::of(&st.models),
                 dedupe: &st.dedupe,
                 totals: &st.totals,
                 newest_ms: st.newest_ms,
@@ -864,15 +897,18 @@ pub(crate) mod tests {
         );
         let restored = PartitionState::restore(&v1).unwrap();
         assert_eq!(restored.next_offset, Some(500));
-        assert_eq!(restored.models(), st.models());
+        assert_eq!(
+            restored.models(),
+            &ModelSetV1::of(&st.models).into_current()
+        );
         assert_eq!(restored.total("a", None), st.total("a", None));
         assert_eq!(restored.held(), 0);
         let future = snapshot::encode_version(&1u8, CHECKPOINT_FORMAT + 1);
         assert!(matches!(
             PartitionState::restore(&future),
             Err(SnapshotError::UnsupportedVersion {
-                found: 4,
-                supported: 3
+                found: 5,
+                supported: 4
             })
         ));
     }
@@ -882,7 +918,7 @@ pub(crate) mod tests {
         #[derive(Serialize)]
         struct V2<'a> {
             next_offset: Option<i64>,
-            models: &'a ModelSet,
+            models: &'a ModelSetV1,
             dedupe: &'a Dedupe,
             totals: &'a HashMap64<Total>,
             newest_ms: i64,
@@ -898,7 +934,7 @@ pub(crate) mod tests {
         let v2 = snapshot::encode_version(
             &V2 {
                 next_offset: Some(100),
-                models: &st.models,
+                models: &ModelSetV1::of(&st.models),
                 dedupe: &st.dedupe,
                 totals: &st.totals,
                 newest_ms: st.newest_ms,
@@ -907,7 +943,10 @@ pub(crate) mod tests {
             2,
         );
         let mut restored = PartitionState::restore(&v2).unwrap();
-        assert_eq!(restored.models(), st.models());
+        assert_eq!(
+            restored.models(),
+            &ModelSetV1::of(&st.models).into_current()
+        );
         assert_eq!(restored.held(), st.held());
         assert_eq!(restored.campaign_of("a"), None);
         let l = label("s100:a", "a", false, 100);
