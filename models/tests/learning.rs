@@ -3,9 +3,10 @@
 //! exact snapshot resume, and bad input.
 
 use ctr_models::calibration::correct_downsampling;
+use ctr_models::eval::Scored;
 use ctr_models::snapshot::SnapshotError;
 use ctr_models::{
-    CountsConfig, Impression, Metrics, ModelError, ModelSet, VariantConfig, VariantKind,
+    BaseRate, CountsConfig, Impression, Metrics, ModelError, ModelSet, VariantConfig, VariantKind,
 };
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -345,7 +346,7 @@ fn snapshots_from_other_versions_or_corrupt_fail_clearly() {
         err,
         ModelError::Snapshot(SnapshotError::UnsupportedVersion {
             found: 0,
-            supported: 1
+            supported: ctr_models::snapshot::FORMAT_VERSION
         })
     );
     assert!(err.to_string().contains("version 0"), "{err}");
@@ -414,4 +415,68 @@ fn variant_names_must_be_unique_and_kinds_parse() {
         VariantKind::Combined
     );
     assert!("nope".parse::<VariantKind>().is_err());
+}
+
+/// Cold start (issue 18): fresh variants with the scorer's default settings, on streams of a
+/// marketplace they know nothing of (300 ads in 7 campaigns, contexts, positions: all new).
+/// Every variant's cumulative progressive NE is at most 1.0 (no worse than the stream's own
+/// click rate known in hindsight) from the 6,000th example on (the latest measured crossing is
+/// at 5,438: combined, seed 14), and its calibration within 20% from the 10,000th. Issue 18
+/// asks for NE ≤ 1.0 from the 1,000th; not met: a running estimate of the click rate itself
+/// scores 1.012 there (1.005 at the 3,000th: it must learn the rate first), and the variants'
+/// figures at the 1,000th are printed beside it. The streams are seeded: the test is
+/// deterministic.
+#[test]
+fn fresh_models_are_no_worse_than_the_base_rate_after_a_few_thousand_examples() {
+    for seed in [11, 12, 13, 14] {
+        let mut set = ModelSet::new(
+            [
+                VariantKind::Counts,
+                VariantKind::Ftrl,
+                VariantKind::Combined,
+            ]
+            .map(VariantConfig::of)
+            .to_vec(),
+        )
+        .unwrap();
+        let mut truth = Truth::new(seed, 300);
+        let mut base = BaseRate::new(&CountsConfig::default()).unwrap();
+        let mut base_metrics = Metrics::default();
+        let mut last_above_one = [0; 3];
+        let mut calibration = [(f64::MAX, f64::MIN); 3];
+        for i in 1..=30_000 {
+            let e = truth.next();
+            base_metrics.add(&Scored::new(base.rate(), e.clicked, 1.0).unwrap());
+            base.add(e.ts, 1.0, 1.0, f64::from(u8::from(e.clicked)));
+            truth.with(&e, |x| set.learn(x, e.clicked, 1.0)).unwrap();
+            for (k, v) in set.variants().iter().enumerate() {
+                let m = v.metrics();
+                if m.normalized_entropy().is_some_and(|ne| ne > 1.0) {
+                    last_above_one[k] = i;
+                }
+                if i >= 10_000 {
+                    let c = m.calibration().unwrap();
+                    calibration[k] = (calibration[k].0.min(c), calibration[k].1.max(c));
+                }
+                if i == 1_000 {
+                    println!(
+                        "seed {seed} {:>9}: NE at 1,000 {:.4} (running base rate {:.4})",
+                        v.name(),
+                        m.normalized_entropy().unwrap(),
+                        base_metrics.normalized_entropy().unwrap()
+                    );
+                }
+            }
+        }
+        for (k, v) in set.variants().iter().enumerate() {
+            let (lo, hi) = calibration[k];
+            println!(
+                "seed {seed} {:>9}: NE last above 1.0 at {}; calibration from 10,000 {lo:.3}..{hi:.3}",
+                v.name(),
+                last_above_one[k]
+            );
+            assert!(last_above_one[k] < 6_000, "seed {seed}, {}", v.name());
+            assert!(lo >= 0.8 && hi <= 1.2, "seed {seed}, {}", v.name());
+        }
+    }
 }
