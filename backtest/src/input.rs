@@ -8,8 +8,10 @@
 //! Labeled lines: one object per line: `{"ts_ms": int, "ad_id": string, "position": int, "context": {string:
 //! string}, "clicked": bool}`; unknown fields are ignored. Optional: `campaign_id` (else
 //! `"none"`: the count model's campaign level then pools every ad) and `label_id` (else the
-//! line number: without IDs there is nothing to deduplicate). `context` needs `query_category`,
-//! `geo` and `device`; other fields are extra context fields, as everywhere in the project.
+//! line number: without IDs there is nothing to deduplicate). `context` may hold any fields
+//! (at most 32; names and values tokens): the search-ad fields (`query_category`, `geo`,
+//! `device`) are required only on the live event contract, and the models learn whatever
+//! fields a log has.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;

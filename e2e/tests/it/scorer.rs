@@ -447,7 +447,9 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     // fifth of the negatives and thinning by K:
     //   K = 2 (10% kept, 40 seeds): mean -0.33% (standard error 0.12%), sd 0.76%;
     //   K = 4 (5% kept, 40 seeds):  mean -0.56% (0.17%), sd 1.06%;
-    //   K = 10 (2% kept, 20 seeds): mean -1.44% (0.28%), sd 1.27%.
+    //   K = 10 (2% kept, 20 seeds): mean -1.44% (0.28%), sd 1.27%;
+    //   since combined learns on top of the count estimate (issue 18; 12 seeds):
+    //   mean -2.16% (0.42%), sd 1.47%.
     // So FTRL under-predicts slightly at heavy shedding (docs/RELIABILITY.md §4), and this
     // run, whose governor may reach K = 10, is bounded by that level's bias plus four of its
     // sigmas. A bound of 1.5% (two sigmas) failed CI once at -1.7%. The +8% that FTRL's
@@ -461,7 +463,7 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     eprintln!("shed/unshed sum of per-(ad, context) pCTR: {aggregate:+.4}");
     assert!(rel_c.len() >= 500, "only {} context keys", rel_c.len());
     assert!(
-        aggregate.abs() <= 0.0144 + 4.0 * 0.0127,
+        aggregate.abs() <= 0.0216 + 4.0 * 0.0147,
         "the serving variant biased by shedding: its per-context estimates sum {aggregate:+.4} off"
     );
 }
