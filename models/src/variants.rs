@@ -4,11 +4,17 @@
 //! - **Counts**: the hierarchical smoothed counts ([`crate::counts`]) alone.
 //! - **Ftrl**: FTRL-Proximal on hashed features (ad, campaign, position, context fields, ad ×
 //!   field crosses).
-//! - **Combined**: FTRL with one more, real-valued feature: logit of the count model's estimate
-//!   (computed before either learns from the example). The count model contributes what it is
-//!   good at (fast, well-smoothed per-key rates, with back-off for new ads); FTRL learns how much
-//!   to trust it and corrects it with context and crosses. This is the "counting features" idea
-//!   of He et al. (ADKDD 2014) in its online form.
+//! - **Combined**: FTRL on top of the count model's estimate (its logit is FTRL's offset, and
+//!   once more a real-valued feature; computed before either learns from the example). The
+//!   count model contributes what it is good at (fast, well-smoothed per-key rates, with
+//!   back-off for new ads); FTRL learns how much to trust it and corrects it with the ad,
+//!   campaign, position and context fields (not the ad × field crosses, which the count model's
+//!   levels already hold). This is the "counting features" idea of He et al. (ADKDD 2014) in
+//!   its online form.
+//!
+//! FTRL learns on top of an [`Offset`]: `Ftrl` on the running base rate, `Combined` on the
+//! count estimate. A fresh learner therefore predicts a sensible rate from its first example
+//! (not ½), and its weights learn only departures from it, which sparse evidence keeps small.
 //!
 //! Each variant may put online Platt scaling ([`crate::calibration::Platt`]) on top, and keeps
 //! its own progressive-validation metrics: cumulative, over a sliding event-time window, and
@@ -103,7 +109,14 @@ impl VariantConfig {
             kind,
             counts: CountsConfig::default(),
             ftrl: FtrlConfig::default(),
-            features: FeatureSpec::default(),
+            // Combined's count estimate already holds the ad × field rates (its count model's
+            // levels), so its FTRL part leaves the crosses out: they only repeated that
+            // evidence. Without them it is better on every stream measured (docs/BENCHMARKS.md,
+            // issue 18) and faster.
+            features: FeatureSpec {
+                ad_crosses: kind != VariantKind::Combined,
+                ..FeatureSpec::default()
+            },
             platt_rate: None,
             window_bucket_ms: 60_000,
             window_buckets: 60,
