@@ -143,8 +143,8 @@ def run_vw_native(rows):
     return p, secs
 
 
-def base_rate(rows, mean=0.02, strength=100.0):
-    """The running click rate with our count model's global prior (mean 2%, 100
+def base_rate(rows, mean=0.02, strength=10.0):
+    """The running click rate with our count model's global prior (mean 2%, 10
     pseudo-impressions, no decay): what a learner must beat to be worth deploying."""
     clicks = seen = 0.0
     preds = []
@@ -227,7 +227,7 @@ def main():
     vw_loop_name = "Vowpal Wabbit, Python per-example loop"
     river_name = "River (LogisticRegression, FTRL-Proximal)"
     peers = {vw_loop_name: run_vw, vw_name: run_vw_native, river_name: run_river,
-             "running base rate (prior 2%, 100)": base_rate}
+             "running base rate (prior 2%, 10)": base_rate}
     results, peer_preds, rates = {}, {}, {}
     ours = None
     for rep in range(args.repeat):

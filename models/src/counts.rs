@@ -82,7 +82,10 @@ pub struct CountsConfig {
     pub half_life_ms: Option<f64>,
     /// Prior of the global rate.
     pub global_prior_mean: f64,
-    /// Strength (pseudo-impressions) of the global rate's prior.
+    /// Strength (pseudo-impressions) of the global rate's prior. Weak: with decay, the
+    /// global rate's evidence is only the last few half-lives of traffic, against which a
+    /// prior of 100 (2 pseudo-clicks at 2%) kept a real log of 0.48% CTR 9% over-predicted;
+    /// 10 leaves 2% (docs/BENCHMARKS.md, issue 18).
     pub global_prior_strength: f64,
     /// Prior strength of a campaign's rate towards the global rate. This and the strengths
     /// below are in *pseudo-clicks*: a prior of `k` weighs `k / parent rate` impressions, the
@@ -112,7 +115,7 @@ impl Default for CountsConfig {
         Self {
             half_life_ms: Some(6.0 * 3_600_000.0),
             global_prior_mean: 0.02,
-            global_prior_strength: 100.0,
+            global_prior_strength: 10.0,
             campaign_strength: 8.0,
             ad_strength: 4.0,
             field_strength: 4.0,

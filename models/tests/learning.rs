@@ -420,10 +420,11 @@ fn variant_names_must_be_unique_and_kinds_parse() {
 /// Cold start (issue 18): fresh variants with the scorer's default settings, on streams of a
 /// marketplace they know nothing of (300 ads in 7 campaigns, contexts, positions: all new).
 /// Every variant's cumulative progressive NE is at most 1.0 (no worse than the stream's own
-/// click rate known in hindsight) from the 6,000th example on (the latest measured crossing is
-/// at 5,438: combined, seed 14), and its calibration within 20% from the 10,000th. Issue 18
+/// click rate known in hindsight) from the 7,000th example on (the latest measured crossing is
+/// at 6,598: counts, seed 14; the global prior is weak, 10 pseudo-impressions, because on a
+/// real log it is rarely the data's rate), and its calibration within 20% from the 10,000th. Issue 18
 /// asks for NE ≤ 1.0 from the 1,000th; not met: a running estimate of the click rate itself
-/// scores 1.012 there (1.005 at the 3,000th: it must learn the rate first), and the variants'
+/// scores 1.020–1.023 there (it must learn the rate first), and the variants'
 /// figures at the 1,000th are printed beside it. The streams are seeded: the test is
 /// deterministic.
 #[test]
@@ -475,7 +476,7 @@ fn fresh_models_are_no_worse_than_the_base_rate_after_a_few_thousand_examples() 
                 v.name(),
                 last_above_one[k]
             );
-            assert!(last_above_one[k] < 6_000, "seed {seed}, {}", v.name());
+            assert!(last_above_one[k] < 7_000, "seed {seed}, {}", v.name());
             assert!(lo >= 0.8 && hi <= 1.2, "seed {seed}, {}", v.name());
         }
     }
