@@ -91,11 +91,11 @@ pub struct CountsConfig {
     /// below are in *pseudo-clicks*: a prior of `k` weighs `k / parent rate` impressions, the
     /// number at which `k` clicks are expected. So a level's rate moves off its parent's after
     /// a similar number of clicks whatever the click rate (at 2%, 4 pseudo-clicks are 200
-    /// impressions; at 0.5%, 800). The defaults were chosen among 0.5×, 1×, 2× and 4× of
-    /// these on the real Open Bandit log (best there) and the synthetic stream of
-    /// `scripts/compare-peers` (4× is 0.2% better there): docs/BENCHMARKS.md, "Model quality
-    /// where it is hard". This is the Beta prior whose children vary around their
-    /// parent with a coefficient of variation of 1/√k, the empirical-Bayes reading.
+    /// impressions; at 0.5%, 800). It is the Beta prior under which a level's keys vary
+    /// around their parent with a coefficient of variation of about 1/√k. The defaults (8, 4,
+    /// 4, 2) are twice a first guess: of 0.5×, 1×, 2× and 4× that guess, 2× was best on the
+    /// real Open Bandit log, and 4× was 0.2% better on the synthetic stream of
+    /// `scripts/compare-peers` (docs/BENCHMARKS.md, "Model quality where it is hard").
     pub campaign_strength: f64,
     /// Prior strength of an ad's rate towards its campaign's (pseudo-clicks).
     pub ad_strength: f64,
