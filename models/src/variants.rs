@@ -951,6 +951,32 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_of_format_1_applies_to_a_variant_restored_from_format_1() {
+        // An owner still on format 1 (a counts variant: it has no offset either way) and its
+        // replica; the owner's delta as format 1 laid it out (counts, FTRL, Platt).
+        let mut owner = variant(VariantKind::Counts, false);
+        let mut replica = owner.clone();
+        let mut touched = Touched::default();
+        for (ad, campaign, position, g, d, ts, clicked) in stream(500) {
+            let ctx = [("geo", GEOS[g]), ("device", DEVICES[d])];
+            let x = Impression {
+                ad: &ad,
+                campaign: &campaign,
+                position,
+                context: &ctx,
+                ts_ms: ts,
+            };
+            owner.learn(&x, clicked, 1.0).unwrap();
+            owner.touch(&x, &mut touched);
+        }
+        let delta = owner.delta(&touched, &Evicted::default());
+        let v1 = postcard::to_allocvec(&(&delta.counts, &delta.ftrl, &delta.platt)).unwrap();
+        let read: legacy::VariantDeltaV1 = snapshot::decode_body(&v1).unwrap();
+        replica.apply(&read.into_current()).unwrap();
+        assert!(replica.same_parameters(&owner));
+    }
+
+    #[test]
     fn a_fresh_learner_starts_at_its_base_rate_not_at_one_half() {
         for kind in [VariantKind::Ftrl, VariantKind::Combined] {
             let mut v = Variant::new(VariantConfig::of(kind)).unwrap();
