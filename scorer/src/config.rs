@@ -41,8 +41,8 @@ pub struct ScorerArgs {
     /// starts from). Part of a partition's state: it applies to partitions started afresh.
     #[arg(long, env = "CTR_PRIOR_MEAN", default_value_t = 0.02)]
     pub prior_mean: f64,
-    /// Weight of that prior, in pseudo-impressions (weak: the data's own rate takes over after
-    /// a few hundred impressions; `CountsConfig::global_prior_strength` says why).
+    /// Weight of that prior, in pseudo-impressions (weak: the data's own rate takes over within
+    /// a few dozen impressions; `CountsConfig::global_prior_strength` says why).
     #[arg(long, env = "CTR_PRIOR_STRENGTH", default_value_t = 10.0)]
     pub prior_strength: f64,
     /// Model variants learning side by side: comma-separated kinds (counts, ftrl, combined),
