@@ -821,6 +821,21 @@ mod tests {
             .collect()
     }
 
+    /// Calls `f` with each impression of [`stream`]`(n)` and its label.
+    fn each_impression(n: usize, mut f: impl FnMut(&Impression<'_>, bool)) {
+        for (ad, campaign, position, g, d, ts, clicked) in stream(n) {
+            let ctx = [("geo", GEOS[g]), ("device", DEVICES[d])];
+            let x = Impression {
+                ad: &ad,
+                campaign: &campaign,
+                position,
+                context: &ctx,
+                ts_ms: ts,
+            };
+            f(&x, clicked);
+        }
+    }
+
     fn variant(kind: VariantKind, platt: bool) -> Variant {
         let mut cfg = VariantConfig::of(kind);
         cfg.platt_rate = platt.then_some(0.2);
@@ -917,17 +932,7 @@ mod tests {
         .map(VariantConfig::of)
         .to_vec();
         let mut set = ModelSet::new(configs).unwrap();
-        for (ad, campaign, position, g, d, ts, clicked) in stream(3_000) {
-            let ctx = [("geo", GEOS[g]), ("device", DEVICES[d])];
-            let x = Impression {
-                ad: &ad,
-                campaign: &campaign,
-                position,
-                context: &ctx,
-                ts_ms: ts,
-            };
-            set.learn(&x, clicked, 1.0).unwrap();
-        }
+        each_impression(3_000, |x, clicked| set.learn(x, clicked, 1.0).unwrap());
         let v1 = snapshot::encode_version(&legacy::ModelSetV1::of(&set), 1);
         let restored = ModelSet::restore(&v1).unwrap();
         assert_eq!(restored.examples(), set.examples());
@@ -957,18 +962,10 @@ mod tests {
         let mut owner = variant(VariantKind::Counts, false);
         let mut replica = owner.clone();
         let mut touched = Touched::default();
-        for (ad, campaign, position, g, d, ts, clicked) in stream(500) {
-            let ctx = [("geo", GEOS[g]), ("device", DEVICES[d])];
-            let x = Impression {
-                ad: &ad,
-                campaign: &campaign,
-                position,
-                context: &ctx,
-                ts_ms: ts,
-            };
-            owner.learn(&x, clicked, 1.0).unwrap();
-            owner.touch(&x, &mut touched);
-        }
+        each_impression(500, |x, clicked| {
+            owner.learn(x, clicked, 1.0).unwrap();
+            owner.touch(x, &mut touched);
+        });
         let delta = owner.delta(&touched, &Evicted::default());
         let v1 = postcard::to_allocvec(&(&delta.counts, &delta.ftrl, &delta.platt)).unwrap();
         let read: legacy::VariantDeltaV1 = snapshot::decode_body(&v1).unwrap();
