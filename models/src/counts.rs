@@ -163,14 +163,9 @@ pub struct BaseRate {
 impl BaseRate {
     /// No impression yet: the rate is the prior's mean.
     pub fn new(cfg: &CountsConfig) -> Result<Self> {
-        let prior = BetaPrior::from_mean(cfg.global_prior_mean, cfg.global_prior_strength)
-            .map_err(|_| crate::ModelError::Config {
-                name: "global_prior",
-                problem: "mean must be in (0, 1) and strength > 0",
-            })?;
         Ok(Self {
             clock: DecayClock::new(cfg.half_life_ms)?,
-            prior,
+            prior: global_prior(cfg)?,
             total: Counter::default(),
         })
     }
@@ -262,6 +257,16 @@ fn smooth(c: Counter, scale: f64, parent: f64, strength: f64) -> (f64, f64) {
     ((k.clamp(0.0, n) + s * parent) / (n + s), n)
 }
 
+/// The global rate's prior from `cfg` (the count model's and [`BaseRate`]'s).
+fn global_prior(cfg: &CountsConfig) -> Result<BetaPrior> {
+    BetaPrior::from_mean(cfg.global_prior_mean, cfg.global_prior_strength).map_err(|_| {
+        crate::ModelError::Config {
+            name: "global_prior",
+            problem: "mean must be in (0, 1) and strength > 0",
+        }
+    })
+}
+
 /// The least parent rate a prior strength is scaled by: below it, a prior of `k` pseudo-clicks
 /// weighs `k / MIN_PARENT_RATE` impressions at most.
 const MIN_PARENT_RATE: f64 = 1e-4;
@@ -282,11 +287,7 @@ impl CountModel {
                 "must be a finite number > 0",
             )?;
         }
-        let global_prior = BetaPrior::from_mean(cfg.global_prior_mean, cfg.global_prior_strength)
-            .map_err(|_| crate::ModelError::Config {
-            name: "global_prior",
-            problem: "mean must be in (0, 1) and strength > 0",
-        })?;
+        let global_prior = global_prior(&cfg)?;
         Ok(Self {
             cfg,
             clock: DecayClock::new(cfg.half_life_ms)?,

@@ -236,25 +236,24 @@ impl Variant {
         self.ftrl.as_ref()
     }
 
-    /// Fills `features` with FTRL's features of an impression (and the count estimate `est` as
-    /// one, for a combined variant).
-    fn features(&self, keys: &Keys, est: Option<Estimate>, features: &mut Vec<Feature>) {
-        if self.ftrl.is_some() {
-            extract_keys(&self.cfg.features, keys, features);
-            if let Some(e) = est {
-                features.push(Feature {
-                    key: COUNT_FEATURE_KEY,
-                    value: logit(e.p),
-                });
-            }
+    /// FTRL's input for an impression: fills `features` with its features (and, for a
+    /// combined variant, the count estimate `est` as one) and returns the offset its weights
+    /// add to ([`Offset`]). The count estimate's logit is computed once for both.
+    fn ftrl_input(&self, keys: &Keys, est: Option<Estimate>, features: &mut Vec<Feature>) -> f64 {
+        if self.ftrl.is_none() {
+            return 0.0;
         }
-    }
-
-    /// What FTRL's weights add to ([`Offset`]), given the count model's estimate `est`.
-    fn offset(&self, est: Option<Estimate>) -> f64 {
-        match (self.offset, est) {
+        extract_keys(&self.cfg.features, keys, features);
+        let count_logit = est.map(|e| logit(e.p));
+        if let Some(value) = count_logit {
+            features.push(Feature {
+                key: COUNT_FEATURE_KEY,
+                value,
+            });
+        }
+        match (self.offset, count_logit) {
             (Offset::BaseRate(b), _) => logit(b.rate()),
-            (Offset::CountEstimate, Some(e)) => logit(e.p),
+            (Offset::CountEstimate, Some(l)) => l,
             (Offset::None | Offset::CountEstimate, _) => 0.0,
         }
     }
@@ -281,9 +280,9 @@ impl Variant {
         features: &mut Vec<Feature>,
     ) -> Prediction {
         let est = self.counts.as_ref().map(|c| c.predict_keys(x, keys));
-        self.features(keys, est, features);
+        let offset = self.ftrl_input(keys, est, features);
         let raw = match &self.ftrl {
-            Some(f) => f.predict_offset(features, self.offset(est)),
+            Some(f) => f.predict_offset(features, offset),
             None => est.map_or(0.5, |e| e.p),
         };
         let p = self.platt.as_ref().map_or(raw, |c| c.calibrate(raw));
@@ -317,8 +316,7 @@ impl Variant {
             c.predict_located(x, &at)
         });
         let mut features = std::mem::take(&mut self.scratch);
-        self.features(keys, est, &mut features);
-        let offset = self.offset(est);
+        let offset = self.ftrl_input(keys, est, &mut features);
         let raw = match &mut self.ftrl {
             Some(f) => f.learn_offset(&features, offset, clicked, weight, x.ts_ms),
             None => Ok(est.map_or(0.5, |e| e.p)),
