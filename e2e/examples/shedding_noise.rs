@@ -56,13 +56,17 @@ fn main() {
         let reference = estimates(&labels, |_| None);
         let from = (labels.len() as f64 * SHED_FROM) as usize;
         let shed = estimates(&labels, |i| (i >= from).then_some((rate, thinning)));
-        let per_ad: Vec<f64> = stream
+        let per_ad: Vec<(f64, f64)> = stream
             .expected
             .iter()
             .filter(|(_, (imps, _))| *imps >= 1_000)
-            .map(|(ad, _)| shed.ads[ad] / reference.ads[ad] - 1.0)
+            .map(|(ad, (imps, _))| (shed.ads[ad] / reference.ads[ad] - 1.0, *imps as f64))
             .collect();
-        let per_ad = per_ad.iter().sum::<f64>() / per_ad.len() as f64;
+        // Each ad's error scaled by the square root of its impressions: the test bounds every
+        // ad by four times sigma / sqrt(impressions), this estimates sigma.
+        let scaled =
+            (per_ad.iter().map(|(r, n)| r * r * n).sum::<f64>() / per_ad.len() as f64).sqrt();
+        let per_ad = per_ad.iter().map(|(r, _)| r).sum::<f64>() / per_ad.len() as f64;
         let (mut sum_shed, mut sum_ref) = (0.0, 0.0);
         // Keys the shedding run wrote (one whose every impression was dropped unread is not).
         for (key, r) in &reference.contexts {
@@ -73,9 +77,9 @@ fn main() {
         }
         let aggregate = sum_shed / sum_ref - 1.0;
         println!(
-            "seed {seed}: shed/unshed per ad (mean) {per_ad:+.4}, per (ad, context) (sum) {aggregate:+.4}"
+            "seed {seed}: shed/unshed per ad (mean) {per_ad:+.4}, per ad rms × sqrt(impressions) {scaled:.2}, per (ad, context) (sum) {aggregate:+.4}"
         );
-        runs.push((per_ad, aggregate));
+        runs.push((per_ad, aggregate, scaled));
     }
     println!(
         "{} seeds, keep-rate {rate}, thinning {thinning}:",
@@ -84,6 +88,10 @@ fn main() {
     for (name, values) in [
         ("per ad", runs.iter().map(|r| r.0).collect::<Vec<_>>()),
         ("per (ad, context)", runs.iter().map(|r| r.1).collect()),
+        (
+            "per ad, rms × sqrt(impressions)",
+            runs.iter().map(|r| r.2).collect(),
+        ),
     ] {
         let n = values.len() as f64;
         let mean = values.iter().sum::<f64>() / n;
@@ -125,9 +133,10 @@ fn estimates(
     let mut released = Vec::new();
     for (i, l) in labels.iter().enumerate() {
         let (rate, k) = shedding(i).unwrap_or((1.0, 1));
-        // As the consumer decides from the `ctr.clicked` header: a late-click correction is
-        // clicked, so only a label's negative is thinned.
-        let negative = || l.kind == ctr_schemas::LabelKind::Label && !l.clicked;
+        // As the consumer decides from the `ctr.clicked` and `ctr.position` headers: a
+        // late-click correction is clicked, so only a label's negative is thinned.
+        let negative =
+            || (l.kind == ctr_schemas::LabelKind::Label && !l.clicked).then_some(l.position as u32);
         let Some(thinned) = thin.admit(l.ad_id.as_bytes(), k, negative) else {
             continue;
         };

@@ -404,14 +404,15 @@ pub fn produce_all(records: &[(String, String, Vec<u8>)]) {
 
 /// Sends `records` in order on one producer, at most `per_sec` records per second when given
 /// (in 50 ms steps), calling `progress` with the number sent so far after each step; waits
-/// until all are acknowledged. With `clicked`, each record carries the joiner's
-/// `ctr.clicked` header (`1`/`0`) from the parallel slice.
+/// until all are acknowledged. With `labels`, each record carries the joiner's `ctr.clicked`
+/// and `ctr.position` headers from the parallel slice of (clicked, position).
 pub fn produce_paced(
     records: &[(String, String, Vec<u8>)],
-    clicked: Option<&[bool]>,
+    labels: Option<&[(bool, i32)]>,
     per_sec: Option<f64>,
     mut progress: impl FnMut(usize),
 ) {
+    use ctr_schemas::contract::headers;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, Producer};
     let p = producer();
@@ -428,11 +429,21 @@ pub fn produce_paced(
         }
         for (j, (topic, key, payload)) in chunk.iter().enumerate() {
             let mut rec = BaseRecord::to(topic).key(key).payload(payload);
-            if let Some(c) = clicked {
-                rec = rec.headers(OwnedHeaders::new().insert(Header {
-                    key: "ctr.clicked",
-                    value: Some(if c[i * step + j] { "1" } else { "0" }),
-                }));
+            let position;
+            if let Some(l) = labels {
+                let (clicked, at) = l[i * step + j];
+                position = at.to_string();
+                rec = rec.headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: headers::CLICKED,
+                            value: Some(headers::clicked_value(clicked)),
+                        })
+                        .insert(Header {
+                            key: headers::POSITION,
+                            value: Some(&position),
+                        }),
+                );
             }
             loop {
                 match p.send(rec) {
@@ -769,8 +780,9 @@ pub const LABELS_T0: i64 = 1_760_000_000_000;
 pub struct Stream {
     /// The records to produce: (topic, key, value).
     pub records: Vec<(String, String, Vec<u8>)>,
-    /// Whether each record is clicked (what the joiner's `ctr.clicked` header says).
-    pub clicked: Vec<bool>,
+    /// Whether each record is clicked and its position (what the joiner's `ctr.clicked` and
+    /// `ctr.position` headers say).
+    pub labels: Vec<(bool, i32)>,
     /// ad → (impressions, clicks) over distinct label IDs.
     pub expected: BTreeMap<String, (u64, u64)>,
     /// ad → click probability at the top slot (the generator's truth).
@@ -797,10 +809,10 @@ impl Rng {
 }
 
 impl Stream {
-    /// Produces the stream as the joiner would (with the `ctr.clicked` header), at most
+    /// Produces the stream as the joiner would (with its headers), at most
     /// `per_sec` records per second when given.
     pub fn produce(&self, per_sec: Option<f64>, progress: impl FnMut(usize)) {
-        produce_paced(&self.records, Some(&self.clicked), per_sec, progress);
+        produce_paced(&self.records, Some(&self.labels), per_sec, progress);
     }
 }
 
@@ -894,7 +906,7 @@ pub fn labeled_stream_with(topic: &str, n: usize, ads: usize, seed: u64, reemit:
         .collect();
     Stream {
         records,
-        clicked: labels.iter().map(|l| l.clicked).collect(),
+        labels: labels.iter().map(|l| (l.clicked, l.position)).collect(),
         expected,
         truth,
     }

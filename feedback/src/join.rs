@@ -107,6 +107,11 @@ impl LabelRef {
         &self.serve.ads[usize::from(self.index)].ad_id
     }
 
+    /// The position the ad was shown at (1 = top).
+    pub fn position(&self) -> i32 {
+        self.serve.ads[usize::from(self.index)].position
+    }
+
     /// Whether a click was joined.
     pub fn clicked(&self) -> bool {
         self.click_ts_ms.is_some()

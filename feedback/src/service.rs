@@ -15,6 +15,7 @@
 //! the last checkpoint re-derives everything after it.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use ctr_runtime::kafka::{GroupContext, Membership, ProduceError, TrackedProducer};
@@ -106,6 +107,8 @@ struct Joiner {
     out_parts: Vec<(usize, i32)>,
     buf: Vec<u8>,
     label_id: String,
+    /// The `ctr.position` header's value of the label being emitted.
+    position: String,
     totals: JoinStats,
     emitted: u64,
 }
@@ -294,16 +297,18 @@ impl Joiner {
                     l.write_label_id(&mut self.label_id);
                     self.labels
                         .encode_ref_into(&l.view(&self.label_id), &mut self.buf)?;
-                    // The scorer may drop negatives unread when overloaded; it tells them by
-                    // this header.
-                    let clicked = ctr_runtime::kafka::headers([(
-                        headers::CLICKED,
-                        headers::clicked_value(l.clicked()),
-                    )]);
+                    // The scorer may drop negatives unread when overloaded; it tells them, and
+                    // groups them by position, by these headers.
+                    self.position.clear();
+                    let _ = write!(self.position, "{}", l.position());
+                    let label_headers = ctr_runtime::kafka::headers([
+                        (headers::CLICKED, headers::clicked_value(l.clicked())),
+                        (headers::POSITION, self.position.as_str()),
+                    ]);
                     let record = FutureRecord::to(&self.cfg.labeled_topic)
                         .key(l.ad_id().as_bytes())
                         .payload(&self.buf)
-                        .headers(clicked);
+                        .headers(label_headers);
                     self.producer.send(record).await?;
                 }
                 Emit::Orphan(c) => {
@@ -522,6 +527,7 @@ async fn join(
         out_parts: Vec::new(),
         buf: Vec::with_capacity(256),
         label_id: String::with_capacity(64),
+        position: String::with_capacity(8),
         totals: JoinStats::default(),
         emitted: 0,
     };

@@ -7,6 +7,10 @@ pub mod headers {
     /// On every label the joiner emits: `1` clicked (a click or a late-click correction), `0`
     /// not clicked. An overloaded scorer drops negatives unread by it.
     pub const CLICKED: &str = "ctr.clicked";
+    /// On every label the joiner emits: the position the ad was shown at (decimal, 1 = top).
+    /// An overloaded scorer drops negatives unread per ad and position, so that a kept one
+    /// stands for negatives of its own slot; a label without it is grouped by ad alone.
+    pub const POSITION: &str = "ctr.position";
     /// On a dead letter: why the record was not used.
     pub const REASON: &str = "ctr.reason";
     /// On a dead letter: the topic the record came from.

@@ -31,14 +31,25 @@ use crate::publish::Publisher;
 use crate::state::Thinning;
 use crate::worker::{Work, Worker};
 
-/// Whether the joiner marked the label not clicked (the contract's `ctr.clicked` header):
-/// stage-two shedding drops only those. A record without the header is never dropped.
-fn is_negative<M: Message>(m: &M) -> bool {
-    m.headers().is_some_and(|h| {
-        h.iter().any(|h| {
-            h.key == headers::CLICKED && h.value == Some(headers::clicked_value(false).as_bytes())
-        })
-    })
+/// `Some(position)` if the joiner marked the label not clicked (the contract's `ctr.clicked`
+/// header), with the position its `ctr.position` header names (0 if none): stage-two
+/// shedding drops only those, per ad and position. A record without `ctr.clicked` is never
+/// dropped.
+fn negative_at<M: Message>(m: &M) -> Option<u32> {
+    let h = m.headers()?;
+    let mut negative = false;
+    let mut position = 0;
+    for h in h.iter() {
+        if h.key == headers::CLICKED {
+            negative = h.value == Some(headers::clicked_value(false).as_bytes());
+        } else if h.key == headers::POSITION {
+            position = h
+                .value
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    negative.then_some(position)
 }
 
 /// The consumer's context: the runtime's group context, with a hook that records the consumer
@@ -197,7 +208,7 @@ pub async fn run(
                             let (partition, offset) = (m.partition(), m.offset());
                             let key = m.key().unwrap_or_default();
                             let thinned = match thinning.admit(key, control.thinning(), || {
-                                is_negative(&m)
+                                negative_at(&m)
                             }) {
                                 Some(n) => n,
                                 None => {

@@ -19,13 +19,18 @@
 //!    importance weight 1/rate ([`crate::state::Sampler`]). Every record is still decoded,
 //!    deduplicated and counted, so the published totals stay exact.
 //! 2. **Whole events**: when the keep-rate is at its floor and the scorer is still
-//!    overloaded, the consumer keeps one in `k` negatives of each ad and drops the others
-//!    before decoding ([`crate::state::Thinning`], decided from the message key and the
-//!    `ctr.clicked` header the joiner sets); the kept one stands for `k` in the totals and
-//!    in learning. Totals are then exact but for each ad's unfinished group (fewer than `k`
-//!    negatives), and dropped records escape dedupe. `k` grows ×1.5 per step up to
-//!    `1/min_rate` (`ctr_scorer_thinning_factor`); on recovery stage two is undone first.
-//!    Records without the header are never dropped.
+//!    overloaded, the consumer keeps one in `k` negatives of each ad and position and drops
+//!    the others before decoding ([`crate::state::Thinning`], decided from the message key
+//!    and the `ctr.clicked` and `ctr.position` headers the joiner sets); the kept one stands
+//!    for `k` in the totals and in learning. Totals are then exact but for each ad's
+//!    unfinished groups (fewer than `k` negatives per position), and dropped records escape
+//!    dedupe. `k` doubles per step up to `--max-thinning` (`ctr_scorer_thinning_factor`);
+//!    on recovery stage two is undone first. Records without `ctr.clicked` are never
+//!    dropped.
+//!
+//! Both stages group negatives by ad *and position*: a kept negative carries its own
+//! position into the models, so it must stand for negatives of that position only (see
+//! `state::shedding_group`).
 //!
 
 use std::time::Duration;

@@ -162,31 +162,52 @@ impl Dedupe {
     }
 }
 
-/// Sampling of negatives for learning, per ad, with carried weights.
+/// The group a negative is shed in, for both stages: its ad and the position it was shown
+/// at. A kept negative stands for the dropped ones of its group, and it carries only its own
+/// position (hence its examination units) into the models. Grouped by ad alone, one kept at
+/// the top would stand for negatives at every slot, and an ad's position-normalized rate
+/// would scatter by several percent under heavy shedding (measured by the `shedding_noise`
+/// example: see docs/RELIABILITY.md §4). `position` 0: not known (a record without the
+/// position header), grouped by ad alone.
+fn shedding_group(ad: &[u8], position: u32) -> u64 {
+    ctr_models::example::combine(
+        ctr_models::example::hash_bytes(SAMPLER_NS, ad),
+        u64::from(position),
+    )
+}
+
+/// Sampling of negatives for learning, per ad and position ([`shedding_group`]), with
+/// carried weights.
 ///
-/// At keep-rate `r`, an ad's negatives are skipped until `1/r` of them have accumulated; the
-/// one that completes the group is learned with an importance weight equal to the number of
-/// negatives it stands for (itself and the skipped ones): `1/r` at a steady rate, and exact
-/// when the rate changes mid-group (a weight of `1/r_now` would over- or under-count whenever
-/// the governor moves the rate). So an ad's weighted negatives equal its true negatives but
-/// for the current group's unfinished tail (fewer than `1/r`), which is far tighter than
-/// independent coin flips (error `sqrt(n(1−r)/r)`). Deterministic. At `r = 1` every negative
-/// is learned with weight 1.
+/// At keep-rate `r`, a group's negatives are skipped until `1/r` of them have accumulated;
+/// the one that completes the group is learned with an importance weight equal to the number
+/// of negatives it stands for (itself and the skipped ones): `1/r` at a steady rate, and
+/// exact when the rate changes mid-group (a weight of `1/r_now` would over- or under-count
+/// whenever the governor moves the rate). So an ad's weighted negatives at each position
+/// equal its true ones but for the current group's unfinished tail (fewer than `1/r`), which
+/// is far tighter than independent coin flips (error `sqrt(n(1−r)/r)`). Deterministic. At
+/// `r = 1` every negative is learned with weight 1.
 #[derive(Debug, Clone, Default)]
 pub struct Sampler {
     skipped: HashMap64<f64>,
 }
 
 impl Sampler {
-    /// `Some(weight)` to learn this negative of `ad`, which stands for `stands_for`
-    /// negatives (more than 1 after stage-two thinning), `None` to shed it.
-    pub fn keep_negative(&mut self, ad: &str, stands_for: f64, rate: f64) -> Option<f64> {
+    /// `Some(weight)` to learn this negative of `ad` shown at `position`, which stands for
+    /// `stands_for` negatives (more than 1 after stage-two thinning), `None` to shed it.
+    pub fn keep_negative(
+        &mut self,
+        ad: &str,
+        position: u32,
+        stands_for: f64,
+        rate: f64,
+    ) -> Option<f64> {
         let group = 1.0 / rate.clamp(1e-6, 1.0);
         // No ad has a group open (always so at rate 1): this negative completes its own.
         if self.skipped.is_empty() && stands_for + 1e-9 >= group {
             return Some(stands_for);
         }
-        let key = hash_str(SAMPLER_NS, ad);
+        let key = shedding_group(ad.as_bytes(), position);
         let pending = self.skipped.entry(key).or_insert(0.0);
         *pending += stands_for;
         if *pending + 1e-9 >= group {
@@ -263,14 +284,15 @@ impl Policy {
     };
 }
 
-/// Stage-two load shedding, before decoding: drops negatives of each ad (by the message key,
-/// which is the ad ID) until `k` have accumulated, and keeps the one that completes the group,
+/// Stage-two load shedding, before decoding: drops negatives of each ad and position (the
+/// message key, which is the ad ID, and the joiner's `ctr.position` header:
+/// [`shedding_group`]) until `k` have accumulated, and keeps the one that completes the group,
 /// standing for all of them.
 ///
-/// Carried counts like [`Sampler`], so an ad's totals are exact but for the current group's
-/// unfinished tail (fewer than `k`), whatever the governor does to `k`, and stay integers.
-/// Decided from the key and the `ctr.clicked` header alone, so a dropped record costs neither
-/// a copy nor a decode.
+/// Carried counts like [`Sampler`], so an ad's totals are exact but for its groups'
+/// unfinished tails (fewer than `k` per position), whatever the governor does to `k`, and stay
+/// integers. Decided from the key and the headers alone, so a dropped record costs neither a
+/// copy nor a decode.
 #[derive(Debug, Clone, Default)]
 pub struct Thinning {
     dropped: HashMap64<u32>,
@@ -284,21 +306,28 @@ impl Thinning {
 
     /// What becomes of a record of the ad keyed `ad_key` while the thinning factor is `k`:
     /// `Some(n)` to pass it on, standing for `n` negatives (1 for anything but a negative, and
-    /// when nothing is thinned), `None` to drop it unread. `negative` is asked only while
-    /// thinning is in effect or an ad still carries dropped negatives (a negative after
+    /// when nothing is thinned), `None` to drop it unread. `negative` says whether the record
+    /// is a negative label, and its position if so (0 if not known); it is asked only while
+    /// thinning is in effect or a group still carries dropped negatives (a negative after
     /// thinning ended carries them), so the normal path skips the header scan.
-    pub fn admit(&mut self, ad_key: &[u8], k: u32, negative: impl FnOnce() -> bool) -> Option<u32> {
-        if (k > 1 || !self.is_idle()) && negative() {
-            self.keep(ad_key, k)
-        } else {
-            Some(1)
+    pub fn admit(
+        &mut self,
+        ad_key: &[u8],
+        k: u32,
+        negative: impl FnOnce() -> Option<u32>,
+    ) -> Option<u32> {
+        if (k > 1 || !self.is_idle())
+            && let Some(position) = negative()
+        {
+            return self.keep(ad_key, position, k);
         }
+        Some(1)
     }
 
-    /// `Some(n)`: keep this negative of the ad keyed `ad_key`, standing for `n` negatives;
-    /// `None`: drop it.
-    fn keep(&mut self, ad_key: &[u8], k: u32) -> Option<u32> {
-        let h = ctr_models::example::hash_bytes(SAMPLER_NS, ad_key);
+    /// `Some(n)`: keep this negative of the ad keyed `ad_key` shown at `position`, standing
+    /// for `n` negatives; `None`: drop it.
+    fn keep(&mut self, ad_key: &[u8], position: u32, k: u32) -> Option<u32> {
+        let h = shedding_group(ad_key, position);
         if k <= 1 {
             return Some(self.dropped.remove(&h).unwrap_or(0) + 1);
         }
@@ -473,6 +502,7 @@ impl PartitionState {
             LabelKind::Label => {
                 match self.sampler.keep_negative(
                     &l.ad_id,
+                    u32::try_from(l.position).unwrap_or(0),
                     f64::from(policy.thinned.max(1)),
                     policy.negative_rate,
                 ) {
@@ -719,12 +749,14 @@ pub(crate) mod tests {
             t.admit(b"ad-1", 1, || unreachable!("no header scan")),
             Some(1)
         );
-        // Thinning: clicks pass as themselves, negatives are thinned.
-        assert_eq!(t.admit(b"ad-1", 3, || false), Some(1));
-        assert_eq!(t.admit(b"ad-1", 3, || true), None);
-        assert_eq!(t.admit(b"ad-1", 3, || true), None);
-        // Thinning ended with a negative carried: the next negative of the ad carries it.
-        assert_eq!(t.admit(b"ad-1", 1, || true), Some(3));
+        // Thinning: clicks pass as themselves, negatives are thinned per ad and position.
+        assert_eq!(t.admit(b"ad-1", 3, || None), Some(1));
+        assert_eq!(t.admit(b"ad-1", 3, || Some(1)), None);
+        assert_eq!(t.admit(b"ad-1", 3, || Some(2)), None);
+        assert_eq!(t.admit(b"ad-1", 3, || Some(1)), None);
+        // Thinning ended with negatives carried: the next negative of each group carries them.
+        assert_eq!(t.admit(b"ad-1", 1, || Some(1)), Some(3));
+        assert_eq!(t.admit(b"ad-1", 1, || Some(2)), Some(2));
         assert_eq!(
             t.admit(b"ad-1", 1, || unreachable!("nothing carried")),
             Some(1)
@@ -734,15 +766,15 @@ pub(crate) mod tests {
     #[test]
     fn thinning_keeps_one_in_k_per_ad_and_the_kept_one_stands_for_k() {
         let mut t = Thinning::default();
-        let kept: Vec<u32> = (0..1_000).filter_map(|_| t.keep(b"ad-1", 10)).collect();
+        let kept: Vec<u32> = (0..1_000).filter_map(|_| t.keep(b"ad-1", 1, 10)).collect();
         assert_eq!(kept.len(), 100);
         assert!(kept.iter().all(|&n| n == 10));
         // The factor changes mid-group: the kept one stands for exactly what was dropped.
         for _ in 0..4 {
-            assert_eq!(t.keep(b"ad-1", 10), None);
+            assert_eq!(t.keep(b"ad-1", 1, 10), None);
         }
-        assert_eq!(t.keep(b"ad-1", 3), Some(5));
-        assert!((0..50).all(|_| t.keep(b"ad-1", 1) == Some(1)));
+        assert_eq!(t.keep(b"ad-1", 1, 3), Some(5));
+        assert!((0..50).all(|_| t.keep(b"ad-1", 1, 1) == Some(1)));
         let mut st = state();
         let thinned = Policy {
             thinned: 10,

@@ -230,6 +230,17 @@ fn labels_by_id(topic: &str) -> (BTreeMap<String, (bool, LabelKind)>, usize) {
         let l: LabeledImpression = decode(&r.payload).expect("labels decode");
         l.validate().expect("labels are valid");
         assert_eq!(r.key, l.ad_id.as_bytes(), "labels are keyed by ad");
+        // The headers an overloaded scorer sheds by, before decoding, match the payload.
+        let header = |name: &str| r.headers.iter().find(|h| h.0 == name).map(|h| h.1.as_str());
+        assert_eq!(
+            (header("ctr.clicked"), header("ctr.position")),
+            (
+                Some(if l.clicked { "1" } else { "0" }),
+                Some(l.position.to_string().as_str())
+            ),
+            "headers of {}",
+            l.label_id
+        );
         if let Some(prev) = out.get(&l.label_id) {
             assert_eq!(prev, &l, "a re-emitted label must equal the first");
             duplicates += 1;
