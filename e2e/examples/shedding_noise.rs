@@ -14,7 +14,10 @@
 //!   ad key's estimate (the count model's ad level, which shares the partition's position
 //!   effects);
 //! - per (ad, context): the relative difference of the sums of the serving variant's
-//!   estimates.
+//!   estimates, read two ways: as Redis holds them (each written at the key's last
+//!   impression) and as the ranking API answers them (the final state, asked for every key
+//!   at the end). They differ under shedding: a key's last learned record is more often a
+//!   negative standing for many, learned a moment before its value is written.
 //!
 //! ```text
 //! cargo run --release -p ctr-e2e --example shedding_noise -- [seeds] [rate] [thinning]
@@ -67,19 +70,23 @@ fn main() {
         let scaled =
             (per_ad.iter().map(|(r, n)| r * r * n).sum::<f64>() / per_ad.len() as f64).sqrt();
         let per_ad = per_ad.iter().map(|(r, _)| r).sum::<f64>() / per_ad.len() as f64;
-        let (mut sum_shed, mut sum_ref) = (0.0, 0.0);
         // Keys the shedding run wrote (one whose every impression was dropped unread is not).
-        for (key, r) in &reference.contexts {
-            if let Some(s) = shed.contexts.get(key) {
-                sum_ref += r;
-                sum_shed += s;
+        let sums = |shed: &HashMap<String, f64>, reference: &HashMap<String, f64>| {
+            let (mut sum_shed, mut sum_ref) = (0.0, 0.0);
+            for (key, r) in reference {
+                if let Some(s) = shed.get(key) {
+                    sum_ref += r;
+                    sum_shed += s;
+                }
             }
-        }
-        let aggregate = sum_shed / sum_ref - 1.0;
+            sum_shed / sum_ref - 1.0
+        };
+        let written = sums(&shed.contexts, &reference.contexts);
+        let served = sums(&shed.served, &reference.served);
         println!(
-            "seed {seed}: shed/unshed per ad (mean) {per_ad:+.4}, per ad rms × sqrt(impressions) {scaled:.2}, per (ad, context) (sum) {aggregate:+.4}"
+            "seed {seed}: shed/unshed per ad (mean) {per_ad:+.4}, per ad rms × sqrt(impressions) {scaled:.2}, per (ad, context) (sum) as written {written:+.4}, as served {served:+.4}"
         );
-        runs.push((per_ad, aggregate, scaled));
+        runs.push((per_ad, written, scaled, served));
     }
     println!(
         "{} seeds, keep-rate {rate}, thinning {thinning}:",
@@ -87,7 +94,14 @@ fn main() {
     );
     for (name, values) in [
         ("per ad", runs.iter().map(|r| r.0).collect::<Vec<_>>()),
-        ("per (ad, context)", runs.iter().map(|r| r.1).collect()),
+        (
+            "per (ad, context) as written",
+            runs.iter().map(|r| r.1).collect(),
+        ),
+        (
+            "per (ad, context) as served",
+            runs.iter().map(|r| r.3).collect(),
+        ),
         (
             "per ad, rms × sqrt(impressions)",
             runs.iter().map(|r| r.2).collect(),
@@ -108,12 +122,15 @@ fn main() {
 struct Estimates {
     /// Ad → the ad key's estimate.
     ads: HashMap<String, f64>,
-    /// `ad:context key` → the serving variant's estimate.
+    /// `ad:context key` → the serving variant's estimate at the key's last impression.
     contexts: HashMap<String, f64>,
+    /// `ad:context key` → the serving variant's estimate from the final state.
+    served: HashMap<String, f64>,
 }
 
-/// The estimates of every ad and (ad, context) at the key's last impression, when record `i`
-/// is shed as `shedding(i)` says: `Some((keep-rate, thinning factor))` or `None`.
+/// The estimates of every ad and (ad, context) at the key's last impression, and of every
+/// (ad, context) from the final state, when record `i` is shed as `shedding(i)` says:
+/// `Some((keep-rate, thinning factor))` or `None`.
 fn estimates(
     labels: &[LabeledImpression],
     shedding: impl Fn(usize) -> Option<(f64, u32)>,
@@ -129,8 +146,11 @@ fn estimates(
     let mut out = Estimates {
         ads: HashMap::new(),
         contexts: HashMap::new(),
+        served: HashMap::new(),
     };
     let mut released = Vec::new();
+    // Each key's last record, whose ad, campaign and context ask the final state.
+    let mut last: HashMap<String, usize> = HashMap::new();
     for (i, l) in labels.iter().enumerate() {
         let (rate, k) = shedding(i).unwrap_or((1.0, 1));
         // As the consumer decides from the `ctr.clicked` and `ctr.position` headers: a
@@ -154,13 +174,7 @@ fn estimates(
         released.clear();
         let pairs = l.context.pairs();
         let serving = &state.models().variants()[0];
-        let top = Impression {
-            ad: &l.ad_id,
-            campaign: &l.campaign_id,
-            position: 1,
-            context: &pairs,
-            ts_ms: state.newest_ms().max(0),
-        };
+        let top = top_slot(l, &pairs, state);
         let counts = serving.counts().expect("combined has a count model");
         let ad_level = counts
             .predict(&Impression {
@@ -171,6 +185,31 @@ fn estimates(
         out.ads.insert(l.ad_id.clone(), ad_level);
         out.contexts
             .insert(format!("{}:{ctx_key}", l.ad_id), serving.predict(&top).p);
+        last.insert(format!("{}:{ctx_key}", l.ad_id), i);
+    }
+    for (key, i) in last {
+        let l = &labels[i];
+        let ad: usize = l.ad_id[3..].parse().expect("ad-NNN");
+        let state = &parts[ad % PARTITIONS];
+        let pairs = l.context.pairs();
+        let top = top_slot(l, &pairs, state);
+        out.served
+            .insert(key, state.models().variants()[0].predict(&top).p);
     }
     out
+}
+
+/// `l`'s ad in its context (`pairs`) at the top slot, at `state`'s newest event time.
+fn top_slot<'a>(
+    l: &'a LabeledImpression,
+    pairs: &'a [(&'a str, &'a str)],
+    state: &PartitionState,
+) -> Impression<'a> {
+    Impression {
+        ad: &l.ad_id,
+        campaign: &l.campaign_id,
+        position: 1,
+        context: pairs,
+        ts_ms: state.newest_ms().max(0),
+    }
 }

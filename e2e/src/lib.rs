@@ -1087,6 +1087,26 @@ pub const FAST_JOIN: [&str; 4] = [
     "--idle-ms=1000",
 ];
 
+/// Each partition's state as the scorer checkpointed it under `prefix` for `topic` (partitions
+/// `0..partitions`), restored with the scorer's own code.
+pub fn checkpointed_states(
+    prefix: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<ctr_scorer::state::PartitionState> {
+    let mut con = redis();
+    (0..partitions)
+        .map(|p| {
+            let bytes: Vec<u8> = redis::cmd("HGET")
+                .arg(format!("{prefix}scorer:ckpt:{topic}:{p}"))
+                .arg("state")
+                .query(&mut con)
+                .expect("a checkpoint of every partition");
+            ctr_scorer::state::PartitionState::restore(&bytes).expect("the checkpoint restores")
+        })
+        .collect()
+}
+
 /// Starts `ctr-scorer` on the stack for `topic`, in consumer group `group`, writing Redis keys
 /// under `prefix`, serving HTTP on `port`, with `extra` flags.
 pub fn start_scorer(topic: &str, group: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {

@@ -137,9 +137,10 @@ fn calibrated_and_close_to_the_oracle_after_warm_up() {
 
 /// Load shedding's sampling, for every kind of variant (the scorer serves any): A learns every
 /// example; B all positives and 10% of negatives with weight 10; C the same sample without
-/// weights, corrected afterwards with q = p / (p + (1 - p) / w). Issue 16 found the combined
-/// variant 8% over-calibrated under shedding (its FTRL part counted a weighted example's
-/// squared gradient as w² repeats, not w); this guards the fix.
+/// weights, corrected afterwards with q = p / (p + (1 - p) / w). (Issue 16 saw the overload
+/// test's per-ad estimates 8% high under shedding. The cause was the ad key, then FTRL asked
+/// with no context fields, not the learners. This test shows every kind stays calibrated on
+/// weighted samples, without the live test's noise.)
 #[test]
 fn importance_weighted_negative_sampling_keeps_calibration() {
     for kind in [

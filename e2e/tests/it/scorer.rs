@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ctr_e2e::*;
+use ctr_schemas::LabeledImpression;
 
 fn page(port: u16) -> Option<String> {
     http_get(&format!("http://127.0.0.1:{port}/metrics"))
@@ -243,6 +244,33 @@ fn single_worker_scorer(topic: &str, tag: &str, extra: &[&str]) -> (Service, u16
     (s, port, prefix)
 }
 
+/// The serving variant's prediction at the top slot for each label's ad and context, from the
+/// partition checkpoints under `prefix` (restored with the scorer's own code).
+fn checkpointed<'a>(
+    prefix: &str,
+    topic: &str,
+    labels: impl Iterator<Item = &'a LabeledImpression>,
+) -> Vec<f64> {
+    let states = checkpointed_states(prefix, topic, 4);
+    labels
+        .map(|l| {
+            let st = &states[ctr_schemas::partition::partition_of(&l.ad_id, 4) as usize];
+            let pairs = l.context.pairs();
+            st.models()
+                .variant("combined")
+                .unwrap()
+                .predict(&ctr_models::Impression {
+                    ad: &l.ad_id,
+                    campaign: &l.campaign_id,
+                    position: 1,
+                    context: &pairs,
+                    ts_ms: 0,
+                })
+                .p
+        })
+        .collect()
+}
+
 /// Per-ad published pCTR under `prefix`.
 fn published_pctr(prefix: &str) -> BTreeMap<String, f64> {
     published(prefix, "ad:")
@@ -353,7 +381,8 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     // below mean; printed so that a failure says whether either happened.
     let restores = metric(&p, "ctr_scorer_restores_total").unwrap_or(0.0);
     let guarded = metric_sum(&p, "ctr_scorer_records_total", "guarded").unwrap_or(0.0);
-    s.stop();
+    // It keeps running: its ranking API is asked at the end, beside the reference's.
+    let (shed_scorer, shed_port) = (s, port);
     eprintln!(
         "capacity {capacity:.0}/s; input {achieved:.0}/s for {took:.1} s; shed {shed:.0}; lag samples {lags:?}; (keep-rate, thinning) samples {governed:?}; restores {restores}, guarded {guarded}; scorer RSS {} MiB before, {} MiB peak",
         rss_before >> 20,
@@ -408,7 +437,6 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
         || s.output(),
     );
     std::thread::sleep(Duration::from_secs(1));
-    s.stop();
     let (shed_p, ref_p) = (published_pctr(&shed_prefix), published_pctr(&ref_prefix));
     // Shedding keeps estimates unbiased, not exact. A kept negative stands for dropped ones of
     // its ad *and position* (both stages group so), so the ad level's examination units are
@@ -481,12 +509,13 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     //   K = 2 (10% kept): mean -0.30% (standard error 0.08%), sd 0.34%;
     //   K = 4 (5% kept):  mean -0.61% (0.16%), sd 0.63%;
     //   K = 10 (2% kept): mean -1.64% (0.26%), sd 1.05%.
-    // So FTRL under-predicts slightly at heavy shedding (docs/RELIABILITY.md §4), and this
-    // run, whose governor reaches K = 10, is bounded by that level's bias plus four of its
-    // sigmas (8.0% while negatives were grouped by ad alone: sd 1.47%). A bound of 1.5% (two
-    // sigmas then) failed CI once at -1.7%. The +8% that FTRL's w²-counted squared gradients
-    // once caused fails it, and `ctr-models`' weighted-sampling test guards that fault
-    // without this noise.
+    // These are low because each is written right after its key's last learned record, more
+    // often a heavy negative under shedding (the final state asked at the end is not: below;
+    // docs/RELIABILITY.md §4). This run, whose governor reaches K = 10, is bounded by that
+    // level's bias plus four of its sigmas (8.0% while negatives were grouped by ad alone: sd
+    // 1.47%). A bound of 1.5% (two sigmas then) failed CI once at -1.7%. The +8% that the ad
+    // key once showed under shedding (FTRL asked with no context fields) fails it, and
+    // `ctr-models`' weighted-sampling test guards the learners without this noise.
     let (sum_shed, sum_ref) = ref_c
         .iter()
         .filter_map(|(k, r)| Some((shed_c.get(k)?, r)))
@@ -497,6 +526,71 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     assert!(
         aggregate.abs() <= 0.0164 + 4.0 * 0.0105,
         "the serving variant biased by shedding: its per-context estimates sum {aggregate:+.4} off"
+    );
+
+    // What the ranking API answers for every (ad, context) of the stream, from each run's final
+    // state. Redis holds each key's estimate as of its last impression, and under shedding that
+    // impression is more often a negative standing for many, learned just before the write:
+    // hence the -1.6% above. The API evaluates the model when asked, as the frontend gets it.
+    // The `shedding_noise` example reads it so (16 seeds each): K = 2: mean -0.12% (standard
+    // error 0.06%), sd 0.24%; K = 4: 0.00% (0.10%), sd 0.39%; K = 10: -0.26% (0.11%), sd 0.45%.
+    // This test's runs sit lower and scatter more (-0.35% to -2.4% over its first runs; why is
+    // open, docs/RELIABILITY.md §4), so the bound is the written estimates' one. The exact
+    // property is the other: every answer is what the owners' final checkpoint predicts.
+    let settled = |port: u16| {
+        let body = http_get(&format!("http://127.0.0.1:{port}/readyz"))?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (v["ready"] == true && v["replica"]["lag"] == 0).then_some(())
+    };
+    eventually(
+        Duration::from_secs(60),
+        "both replicas to reflect their owners",
+        || settled(shed_port).and(settled(port)),
+        || format!("{}\n{}", shed_scorer.output(), s.output()),
+    );
+    let mut asked: BTreeMap<(String, String), LabeledImpression> = BTreeMap::new();
+    for (_, _, bytes) in &stream.records {
+        let l: LabeledImpression = ctr_schemas::wire::decode(bytes).unwrap();
+        asked.insert((l.ad_id.clone(), l.context.key()), l);
+    }
+    let served = |port: u16, l: &LabeledImpression| {
+        let c = &l.context;
+        let body = http_get(&format!(
+            "http://127.0.0.1:{port}/v1/ctr?ad_id={}&query_category={}&geo={}&device={}",
+            l.ad_id, c.query_category, c.geo, c.device
+        ))
+        .expect("GET /v1/ctr");
+        json_f64(&body, "pctr").expect("a pctr")
+    };
+    let shed_api: Vec<f64> = asked.values().map(|l| served(shed_port, l)).collect();
+    let ref_api: Vec<f64> = asked.values().map(|l| served(port, l)).collect();
+    let api = shed_api.iter().sum::<f64>() / ref_api.iter().sum::<f64>() - 1.0;
+    s.stop();
+    shed_scorer.stop();
+    // After a clean stop each owner has checkpointed its final state: the API must have
+    // answered what that state predicts.
+    let shed_ckpt = checkpointed(&shed_prefix, &topic, asked.values());
+    let ref_ckpt = checkpointed(&ref_prefix, &topic, asked.values());
+    let worst = |api: &[f64], ckpt: &[f64]| {
+        api.iter()
+            .zip(ckpt)
+            .map(|(a, c)| (a / c - 1.0).abs())
+            .fold(0.0, f64::max)
+    };
+    eprintln!(
+        "shed/unshed sum of the API's pCTR over {} (ad, context) keys: {api:+.4}; from the checkpoints {:+.4}; API vs checkpoint, largest relative difference: shed {:.2e}, unshed {:.2e}",
+        asked.len(),
+        shed_ckpt.iter().sum::<f64>() / ref_ckpt.iter().sum::<f64>() - 1.0,
+        worst(&shed_api, &shed_ckpt),
+        worst(&ref_api, &ref_ckpt),
+    );
+    assert!(
+        worst(&shed_api, &shed_ckpt) <= 1e-9 && worst(&ref_api, &ref_ckpt) <= 1e-9,
+        "the API answers what the owners' final state predicts, shed or not"
+    );
+    assert!(
+        api.abs() <= 0.0164 + 4.0 * 0.0105,
+        "the served model biased by shedding: the API's estimates sum {api:+.4} off"
     );
 }
 

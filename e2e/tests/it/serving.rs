@@ -11,7 +11,6 @@ use ctr_e2e::*;
 use ctr_models::Impression;
 use ctr_schemas::Context;
 use ctr_schemas::partition::partition_of;
-use ctr_scorer::state::PartitionState;
 
 const PARTITIONS: i32 = 4;
 
@@ -97,17 +96,7 @@ fn answers(port: u16, qs: &[Question]) -> Vec<(f64, String, String)> {
 /// scorer's own checkpoint code, for each question (the acceptance's reference), and the
 /// source the evidence in that state implies.
 fn from_checkpoints(prefix: &str, topic: &str, qs: &[Question]) -> Vec<(f64, &'static str)> {
-    let mut con = redis();
-    let states: Vec<PartitionState> = (0..PARTITIONS)
-        .map(|p| {
-            let bytes: Vec<u8> = redis::cmd("HGET")
-                .arg(format!("{prefix}scorer:ckpt:{topic}:{p}"))
-                .arg("state")
-                .query(&mut con)
-                .unwrap();
-            PartitionState::restore(&bytes).unwrap()
-        })
-        .collect();
+    let states = checkpointed_states(prefix, topic, PARTITIONS);
     qs.iter()
         .map(|q| {
             let st = &states[partition_of(&q.ad, PARTITIONS as u32) as usize];
