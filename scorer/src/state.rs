@@ -742,6 +742,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn negatives_are_sampled_per_ad_and_position() {
+        // At a keep-rate of 1/4, negatives alternating between two slots: each slot's fourth
+        // is kept, standing for four of its own slot (grouped by ad alone, the fourth overall
+        // would stand for two of each).
+        let mut s = Sampler::default();
+        let kept: Vec<(usize, f64)> = (0..16)
+            .filter_map(|i| {
+                let position = 1 + (i % 2) as u32;
+                s.keep_negative("a", position, 1.0, 0.25).map(|w| (i, w))
+            })
+            .collect();
+        assert_eq!(kept, vec![(6, 4.0), (7, 4.0), (14, 4.0), (15, 4.0)]);
+        // Another ad's groups are its own.
+        assert_eq!(s.keep_negative("b", 1, 1.0, 0.25), None);
+    }
+
+    #[test]
     fn admission_thins_only_negatives_and_asks_only_while_thinning() {
         let mut t = Thinning::default();
         // Not thinning and nothing carried: passed on without asking what the record is.
