@@ -95,10 +95,14 @@ impl Router {
 
     /// Passes ownership changes to the workers; waits until revoked partitions are handed
     /// over (published, checkpointed, committed).
-    async fn apply(&self, ctx: &GroupContext) {
+    /// Hands the group's membership changes to the workers; returns the partitions that
+    /// moved (revoked or assigned).
+    async fn apply(&self, ctx: &GroupContext) -> Vec<i32> {
+        let mut moved = Vec::new();
         for change in ctx.take_changes() {
             match change {
                 Membership::Revoked(parts) => {
+                    moved.extend_from_slice(&parts);
                     let mut acks = Vec::new();
                     for p in parts {
                         let (tx, rx) = oneshot::channel();
@@ -112,12 +116,14 @@ impl Router {
                     }
                 }
                 Membership::Assigned(parts) => {
+                    moved.extend_from_slice(&parts);
                     for p in parts {
                         let _ = self.queue(p).send(Work::Assign(p)).await;
                     }
                 }
             }
         }
+        moved
     }
 }
 
@@ -190,8 +196,21 @@ pub async fn run(
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut failed = None;
         let mut gone = None;
-        let mut thinning = Thinning::default();
+        // Stage two's open groups, per partition. A partition that moves forgets them: its
+        // next owner (this process again, or another) reads on from the last committed
+        // offset, so negatives dropped after it are read again, and carrying their count too
+        // would count them twice. An unfinished group is lost instead, as at the end of a run.
+        let mut thinning: std::collections::HashMap<i32, Thinning> = Default::default();
         let mut dropped_before: std::collections::HashMap<i32, u32> = Default::default();
+        let forget =
+            |moved: Vec<i32>,
+             thinning: &mut std::collections::HashMap<i32, Thinning>,
+             dropped_before: &mut std::collections::HashMap<i32, u32>| {
+                for p in moved {
+                    thinning.remove(&p);
+                    dropped_before.remove(&p);
+                }
+            };
         let mut dropped_total = 0u64;
         loop {
             heartbeat.beat();
@@ -202,12 +221,13 @@ pub async fn run(
                     break;
                 }
                 msg = consumer.recv() => {
-                    router.apply(consumer.context()).await;
+                    forget(router.apply(consumer.context()).await, &mut thinning, &mut dropped_before);
                     match msg {
                         Ok(m) => {
                             let (partition, offset) = (m.partition(), m.offset());
                             let key = m.key().unwrap_or_default();
-                            let thinned = match thinning.admit(key, control.thinning(), || {
+                            let groups = thinning.entry(partition).or_default();
+                            let thinned = match groups.admit(key, control.thinning(), || {
                                 negative_at(&m)
                             }) {
                                 Some(n) => n,
@@ -235,7 +255,7 @@ pub async fn run(
                     }
                 }
                 _ = tick.tick() => {
-                    router.apply(consumer.context()).await;
+                    forget(router.apply(consumer.context()).await, &mut thinning, &mut dropped_before);
                     control.count(Counted::Dropped, std::mem::take(&mut dropped_total));
                     if let Err(outage) = consumer.context().check(cfg.service.policy.outage_budget) {
                         gone = Some(outage);

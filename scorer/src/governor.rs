@@ -23,8 +23,9 @@
 //!    the others before decoding ([`crate::state::Thinning`], decided from the message key
 //!    and the `ctr.clicked` and `ctr.position` headers the joiner sets); the kept one stands
 //!    for `k` in the totals and in learning. Totals are then exact but for each ad's
-//!    unfinished groups (fewer than `k` negatives per position), and dropped records escape
-//!    dedupe. `k` doubles per step up to `--max-thinning` (`ctr_scorer_thinning_factor`);
+//!    unfinished groups (fewer than `k` negatives per position; forgotten when a partition
+//!    moves, since its dropped records after the last commit are read again), and dropped
+//!    records escape dedupe. `k` doubles per step up to `--max-thinning` (`ctr_scorer_thinning_factor`);
 //!    on recovery stage two is undone first. Records without `ctr.clicked` are never
 //!    dropped.
 //!

@@ -290,8 +290,9 @@ impl Policy {
 /// standing for all of them.
 ///
 /// Carried counts like [`Sampler`], so an ad's totals are exact but for its groups'
-/// unfinished tails (fewer than `k` per position), whatever the governor does to `k`, and stay
-/// integers. Decided from the key and the headers alone, so a dropped record costs neither a
+/// unfinished tails (fewer than `k` per position, and lost when the partition moves: the
+/// consumer keeps one `Thinning` per partition and forgets it then), whatever the governor
+/// does to `k`, and stay integers. Decided from the key and the headers alone, so a dropped record costs neither a
 /// copy nor a decode.
 #[derive(Debug, Clone, Default)]
 pub struct Thinning {
