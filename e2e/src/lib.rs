@@ -1098,7 +1098,9 @@ pub fn checkpointed_states(
     (0..partitions)
         .map(|p| {
             let bytes: Vec<u8> = redis::cmd("HGET")
-                .arg(format!("{prefix}scorer:ckpt:{topic}:{p}"))
+                .arg(ctr_schemas::contract::keys::scorer_checkpoint(
+                    prefix, topic, p,
+                ))
                 .arg("state")
                 .query(&mut con)
                 .expect("a checkpoint of every partition");

@@ -78,7 +78,8 @@ fn identical_model_state(partitions: u32, workers: usize) {
             let mut covered = 0i64;
             let mut states = Vec::new();
             for p in 0..partitions {
-                let ckpt = format!("{prefix}scorer:ckpt:{topic}:{p}");
+                let ckpt =
+                    ctr_schemas::contract::keys::scorer_checkpoint(&prefix, &topic, p as i32);
                 let next: Option<i64> = redis::cmd("HGET")
                     .arg(&ckpt)
                     .arg("next")

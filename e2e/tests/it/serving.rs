@@ -10,6 +10,7 @@ use std::time::Duration;
 use ctr_e2e::*;
 use ctr_models::Impression;
 use ctr_schemas::Context;
+use ctr_schemas::contract::keys;
 use ctr_schemas::partition::partition_of;
 
 const PARTITIONS: i32 = 4;
@@ -137,7 +138,7 @@ fn fences(prefix: &str, topic: &str) -> Vec<i64> {
     (0..PARTITIONS)
         .map(|p| {
             let v: Option<i64> = redis::cmd("GET")
-                .arg(format!("{prefix}offset:{topic}:{p}"))
+                .arg(keys::offset_fence(prefix, topic, p))
                 .query(&mut con)
                 .unwrap();
             v.unwrap_or(-1)
@@ -151,7 +152,7 @@ fn checkpoint_next(prefix: &str, topic: &str) -> Vec<i64> {
     (0..PARTITIONS)
         .map(|p| {
             let v: Option<i64> = redis::cmd("HGET")
-                .arg(format!("{prefix}scorer:ckpt:{topic}:{p}"))
+                .arg(keys::scorer_checkpoint(prefix, topic, p))
                 .arg("next")
                 .query(&mut con)
                 .unwrap();
