@@ -52,6 +52,15 @@ fn negative_at<M: Message>(m: &M) -> Option<u32> {
     negative.then_some(position)
 }
 
+/// Stage-two shedding's state of one partition, in the consumer.
+#[derive(Debug, Default)]
+struct PartitionShedding {
+    /// Its open groups of dropped negatives.
+    groups: Thinning,
+    /// Records dropped unread since the last one passed on (for the worker's gap check).
+    dropped_before: u32,
+}
+
 /// The consumer's context: the runtime's group context, with a hook that records the consumer
 /// lag per partition for the shedding governor and /metrics.
 fn context(control: Arc<Control>, topic: String) -> GroupContext {
@@ -94,9 +103,8 @@ impl Router {
     }
 
     /// Passes ownership changes to the workers; waits until revoked partitions are handed
-    /// over (published, checkpointed, committed).
-    /// Hands the group's membership changes to the workers; returns the partitions that
-    /// moved (revoked or assigned).
+    /// over (published, checkpointed, committed). Returns the partitions that moved (revoked
+    /// or assigned).
     async fn apply(&self, ctx: &GroupContext) -> Vec<i32> {
         let mut moved = Vec::new();
         for change in ctx.take_changes() {
@@ -196,21 +204,11 @@ pub async fn run(
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut failed = None;
         let mut gone = None;
-        // Stage two's open groups, per partition. A partition that moves forgets them: its
-        // next owner (this process again, or another) reads on from the last committed
-        // offset, so negatives dropped after it are read again, and carrying their count too
-        // would count them twice. An unfinished group is lost instead, as at the end of a run.
-        let mut thinning: std::collections::HashMap<i32, Thinning> = Default::default();
-        let mut dropped_before: std::collections::HashMap<i32, u32> = Default::default();
-        let forget =
-            |moved: Vec<i32>,
-             thinning: &mut std::collections::HashMap<i32, Thinning>,
-             dropped_before: &mut std::collections::HashMap<i32, u32>| {
-                for p in moved {
-                    thinning.remove(&p);
-                    dropped_before.remove(&p);
-                }
-            };
+        // Stage two's state per partition. A partition that moves forgets it: its next owner
+        // (this process again, or another) reads on from the last committed offset, so
+        // negatives dropped after it are read again, and carrying their count too would count
+        // them twice. An unfinished group is lost instead, as at the end of a run.
+        let mut shedding: std::collections::HashMap<i32, PartitionShedding> = Default::default();
         let mut dropped_total = 0u64;
         loop {
             heartbeat.beat();
@@ -221,18 +219,20 @@ pub async fn run(
                     break;
                 }
                 msg = consumer.recv() => {
-                    forget(router.apply(consumer.context()).await, &mut thinning, &mut dropped_before);
+                    for p in router.apply(consumer.context()).await {
+                        shedding.remove(&p);
+                    }
                     match msg {
                         Ok(m) => {
                             let (partition, offset) = (m.partition(), m.offset());
                             let key = m.key().unwrap_or_default();
-                            let groups = thinning.entry(partition).or_default();
-                            let thinned = match groups.admit(key, control.thinning(), || {
+                            let shed = shedding.entry(partition).or_default();
+                            let thinned = match shed.groups.admit(key, control.thinning(), || {
                                 negative_at(&m)
                             }) {
                                 Some(n) => n,
                                 None => {
-                                    *dropped_before.entry(partition).or_default() += 1;
+                                    shed.dropped_before += 1;
                                     dropped_total += 1;
                                     continue;
                                 }
@@ -242,7 +242,7 @@ pub async fn run(
                                 offset,
                                 payload: m.payload().map(<[u8]>::to_vec),
                                 thinned,
-                                dropped_before: dropped_before.remove(&partition).unwrap_or(0),
+                                dropped_before: std::mem::take(&mut shed.dropped_before),
                             };
                             drop(m);
                             if router.queue(partition).send(work).await.is_err() {
@@ -255,7 +255,9 @@ pub async fn run(
                     }
                 }
                 _ = tick.tick() => {
-                    forget(router.apply(consumer.context()).await, &mut thinning, &mut dropped_before);
+                    for p in router.apply(consumer.context()).await {
+                        shedding.remove(&p);
+                    }
                     control.count(Counted::Dropped, std::mem::take(&mut dropped_total));
                     if let Err(outage) = consumer.context().check(cfg.service.policy.outage_budget) {
                         gone = Some(outage);
