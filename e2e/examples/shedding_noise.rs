@@ -160,8 +160,7 @@ fn estimates(
         let Some(thinned) = thin.admit(l.ad_id.as_bytes(), k, negative) else {
             continue;
         };
-        let ad: usize = l.ad_id[3..].parse().expect("ad-NNN");
-        let state = &mut parts[ad % PARTITIONS];
+        let state = &mut parts[partition(l)];
         let ctx_key = l.context.key();
         let policy = Policy {
             negative_rate: rate,
@@ -183,20 +182,25 @@ fn estimates(
             })
             .p;
         out.ads.insert(l.ad_id.clone(), ad_level);
-        out.contexts
-            .insert(format!("{}:{ctx_key}", l.ad_id), serving.predict(&top).p);
-        last.insert(format!("{}:{ctx_key}", l.ad_id), i);
+        let key = format!("{}:{ctx_key}", l.ad_id);
+        out.contexts.insert(key.clone(), serving.predict(&top).p);
+        last.insert(key, i);
     }
     for (key, i) in last {
         let l = &labels[i];
-        let ad: usize = l.ad_id[3..].parse().expect("ad-NNN");
-        let state = &parts[ad % PARTITIONS];
+        let state = &parts[partition(l)];
         let pairs = l.context.pairs();
         let top = top_slot(l, &pairs, state);
         out.served
             .insert(key, state.models().variants()[0].predict(&top).p);
     }
     out
+}
+
+/// The partition of `l`'s ad (`ad-NNN`): NNN modulo the partitions.
+fn partition(l: &LabeledImpression) -> usize {
+    let ad: usize = l.ad_id[3..].parse().expect("ad-NNN");
+    ad % PARTITIONS
 }
 
 /// `l`'s ad in its context (`pairs`) at the top slot, at `state`'s newest event time.

@@ -416,7 +416,7 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
     let mut con = redis();
     for (ad, (imps, clicks)) in &stream.expected {
         let (got_imps, got_clicks): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-            .arg(format!("{shed_prefix}ad:{ad}"))
+            .arg(ctr_schemas::contract::keys::ad(&shed_prefix, ad))
             .arg("imps")
             .arg("clicks")
             .query(&mut con)
@@ -578,15 +578,14 @@ fn shedding_at_five_times_capacity_bounds_lag_and_memory_and_keeps_estimates() {
             .map(|(a, c)| (a / c - 1.0).abs())
             .fold(0.0, f64::max)
     };
+    let (worst_shed, worst_ref) = (worst(&shed_api, &shed_ckpt), worst(&ref_api, &ref_ckpt));
     eprintln!(
-        "shed/unshed sum of the API's pCTR over {} (ad, context) keys: {api:+.4}; from the checkpoints {:+.4}; API vs checkpoint, largest relative difference: shed {:.2e}, unshed {:.2e}",
+        "shed/unshed sum of the API's pCTR over {} (ad, context) keys: {api:+.4}; from the checkpoints {:+.4}; API vs checkpoint, largest relative difference: shed {worst_shed:.2e}, unshed {worst_ref:.2e}",
         asked.len(),
         shed_ckpt.iter().sum::<f64>() / ref_ckpt.iter().sum::<f64>() - 1.0,
-        worst(&shed_api, &shed_ckpt),
-        worst(&ref_api, &ref_ckpt),
     );
     assert!(
-        worst(&shed_api, &shed_ckpt) <= 1e-9 && worst(&ref_api, &ref_ckpt) <= 1e-9,
+        worst_shed <= 1e-9 && worst_ref <= 1e-9,
         "the API answers what the owners' final state predicts, shed or not"
     );
     assert!(
