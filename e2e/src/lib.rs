@@ -196,6 +196,19 @@ impl Service {
         Some(kb * 1024)
     }
 
+    /// CPU time the process has used so far, user and system (seconds, from /proc; the
+    /// kernel counts in ticks of 1/100 s on Linux's default `CLK_TCK`).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command name (which may hold spaces, so split after its `)`):
+        // state is field 3; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
+
     /// Whether the process has not exited yet.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
