@@ -69,16 +69,106 @@ pub fn create_topics(topics: &[(&str, i32)]) {
     }
 }
 
+/// Whether the stack's Redis is a cluster (`CTR_REDIS_CLUSTER`, as `scripts/stack env` sets
+/// it for `CTR_REDIS_MODE=cluster`): the services are started with `--redis-cluster`.
+pub fn redis_cluster() -> bool {
+    // As the services read it (clap's `FalseyValueParser`).
+    std::env::var("CTR_REDIS_CLUSTER").is_ok_and(|v| {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "" | "0" | "n" | "no" | "f" | "false" | "off"
+        )
+    })
+}
+
+/// A test's connection to the stack's Redis: one server, or a cluster (commands routed by
+/// their keys' slot; `KEYS` asks every master).
+#[allow(missing_debug_implementations)] // redis-rs's cluster connection has no Debug
+pub enum TestRedis {
+    /// A single Redis.
+    Single(redis::Connection),
+    /// A Redis Cluster.
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl redis::ConnectionLike for TestRedis {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        match self {
+            Self::Single(c) => c.req_command(cmd),
+            Self::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn supports_pipelining(&self) -> bool {
+        match self {
+            Self::Single(c) => c.supports_pipelining(),
+            Self::Cluster(c) => c.supports_pipelining(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Self::Single(c) => c.check_connection(),
+            Self::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Self::Single(c) => c.is_open(),
+            Self::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+/// A connection to the Redis at `url` (a cluster's nodes, comma-separated, when
+/// [`redis_cluster`]).
+pub fn redis_at(url: &str) -> redis::RedisResult<TestRedis> {
+    if redis_cluster() {
+        redis::cluster::ClusterClient::new(url.split(',').collect::<Vec<_>>())?
+            .get_connection()
+            .map(|c| TestRedis::Cluster(Box::new(c)))
+    } else {
+        redis::Client::open(url)?
+            .get_connection()
+            .map(TestRedis::Single)
+    }
+}
+
 /// A connection to the stack's Redis.
-pub fn redis() -> redis::Connection {
-    redis::Client::open(redis_url())
-        .and_then(|c| c.get_connection())
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot reach Redis at {} ({e}); run `scripts/stack up`",
-                redis_url()
-            )
-        })
+pub fn redis() -> TestRedis {
+    redis_at(&redis_url()).unwrap_or_else(|e| {
+        panic!(
+            "cannot reach Redis at {} ({e}); run `scripts/stack up`",
+            redis_url()
+        )
+    })
 }
 
 /// Path of a workspace binary, built into the same target directory as this test.
@@ -125,6 +215,8 @@ impl Service {
     fn spawn(name: &str, command: &mut Command) -> Self {
         let mut child = command
             .env("RUST_LOG", "info,rdkafka=warn")
+            // Where the stack is, the test says in flags; what kind of Redis it is
+            // (`CTR_REDIS_CLUSTER`), the services inherit.
             .env_remove("CTR_KAFKA_BROKERS")
             .env_remove("CTR_REDIS_URL")
             .stdout(Stdio::piped())
@@ -276,10 +368,7 @@ pub fn eventually<T>(
 }
 
 /// Per-ad (impressions, clicks) as the scorer published them under `prefix`.
-pub fn published_ad_counts(
-    con: &mut redis::Connection,
-    prefix: &str,
-) -> BTreeMap<String, (u64, u64)> {
+pub fn published_ad_counts(con: &mut TestRedis, prefix: &str) -> BTreeMap<String, (u64, u64)> {
     let pattern = format!("{prefix}ad:*");
     let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(con).unwrap();
     let mut out = BTreeMap::new();
@@ -290,7 +379,8 @@ pub fn published_ad_counts(
             .arg("clicks")
             .query(con)
             .unwrap();
-        out.insert(key[prefix.len() + 3..].to_string(), (imps, clicks));
+        let ad = ctr_schemas::contract::keys::ad_of_key(prefix, &key).expect("an ad key");
+        out.insert(ad.to_string(), (imps, clicks));
     }
     out
 }

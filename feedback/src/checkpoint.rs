@@ -18,8 +18,8 @@
 use ctr_runtime::Policy;
 pub use ctr_runtime::redis::CheckpointError;
 use ctr_runtime::redis::FencedStore;
+use ctr_runtime::redis::RedisConn;
 use ctr_schemas::contract::keys;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::join::PartitionJoin;
@@ -45,7 +45,7 @@ pub struct CheckpointStore {
 impl CheckpointStore {
     /// A store of the join checkpoints of `group`'s partitions under `redis_prefix`.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         policy: Policy,
         redis_prefix: &str,
         group: &str,

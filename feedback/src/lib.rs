@@ -45,6 +45,7 @@ pub async fn run(
     let redis = ctr_runtime::redis::Redis::connect(
         &cfg.service.redis_url,
         cfg.service.redis_ca_file.as_deref(),
+        cfg.service.redis_cluster,
         cfg.service.policy,
     )
     .await

@@ -19,6 +19,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use ctr_runtime::kafka::{GroupContext, Membership, ProduceError, TrackedProducer};
+use ctr_runtime::redis::RedisConn;
 use ctr_runtime::{DependencyError, Heartbeat, Policy};
 use ctr_schemas::contract::{DeadLetter, headers, keys};
 use ctr_schemas::{Click, Encoder, LabelKind, LabeledImpression, Serve, decode_valid};
@@ -27,7 +28,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -470,7 +470,7 @@ async fn check_partitions(cfg: &FeedbackConfig) -> Result<(), FeedbackError> {
 /// that ends the process.
 pub async fn run_joiner(
     cfg: FeedbackConfig,
-    redis: ConnectionManager,
+    redis: RedisConn,
     heartbeat: Heartbeat,
     stop: watch::Receiver<bool>,
 ) -> Result<(), FeedbackError> {
@@ -488,7 +488,7 @@ pub async fn run_joiner(
 async fn join(
     consumer: &StreamConsumer<GroupContext>,
     cfg: FeedbackConfig,
-    redis: ConnectionManager,
+    redis: RedisConn,
     heartbeat: Heartbeat,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), FeedbackError> {
@@ -593,7 +593,7 @@ async fn join(
 struct SignalBoard {
     key: String,
     instance: String,
-    redis: ConnectionManager,
+    redis: RedisConn,
     policy: Policy,
     detector: StallDetector,
 }

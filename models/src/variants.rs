@@ -236,6 +236,12 @@ impl Variant {
         self.ftrl.as_ref()
     }
 
+    /// Parameters held: count keys plus FTRL coordinates.
+    pub fn parameters(&self) -> usize {
+        self.counts.as_ref().map_or(0, CountModel::keys)
+            + self.ftrl.as_ref().map_or(0, Ftrl::coordinates)
+    }
+
     /// FTRL's input for an impression: fills `features` with its features (and, for a
     /// combined variant, the count estimate `est` as one) and returns the offset its weights
     /// add to ([`Offset`]). The count estimate's logit is computed once for both.

@@ -28,10 +28,15 @@ impl ServiceFlags {
         if self.redis.redis_prefix.is_empty() {
             return Err("redis_prefix must not be empty".into());
         }
+        if self.redis.redis_prefix.contains(['{', '}']) {
+            // The key layout's hash tags would be the prefix's: every key in one cluster slot.
+            return Err("redis_prefix must not contain '{' or '}'".into());
+        }
         Ok(Service {
             policy: self.dependencies.policy()?,
             kafka: self.kafka.check()?,
             redis_url: self.redis.redis_url,
+            redis_cluster: self.redis.redis_cluster,
             redis_ca_file: self.redis.redis_ca_file,
             redis_prefix: self.redis.redis_prefix,
         })
@@ -43,8 +48,11 @@ impl ServiceFlags {
 pub struct Service {
     /// The brokers and how to reach them.
     pub kafka: KafkaConnection,
-    /// The Redis URL (it may carry a password: `Debug` shows only its host part).
+    /// The Redis URL (it may carry a password: `Debug` shows only its host part); with
+    /// `redis_cluster`, one or more nodes' URLs, comma-separated.
     pub redis_url: String,
+    /// Whether the URL names nodes of a Redis Cluster.
+    pub redis_cluster: bool,
     /// The CA that signs the Redis server's certificate, for `rediss://`.
     pub redis_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key.
@@ -66,6 +74,7 @@ impl std::fmt::Debug for Service {
         f.debug_struct("Service")
             .field("kafka", &self.kafka)
             .field("redis_url", &redis)
+            .field("redis_cluster", &self.redis_cluster)
             .field("redis_ca_file", &self.redis_ca_file)
             .field("redis_prefix", &self.redis_prefix)
             .field("policy", &self.policy)
@@ -170,6 +179,12 @@ pub struct RedisFlags {
         default_value = "redis://127.0.0.1:16379/"
     )]
     pub redis_url: String,
+    /// The URL names nodes of a Redis Cluster (one or more, comma-separated: the others are
+    /// found from them). Keys that are written or read together share a hash tag
+    /// (ARCHITECTURE.md, "Redis key layout").
+    /// `CTR_REDIS_CLUSTER`: `1`/`true` for a cluster; `0`, `false`, `no`, `off` or empty not.
+    #[arg(long, env = "CTR_REDIS_CLUSTER", value_parser = clap::builder::FalseyValueParser::new())]
+    pub redis_cluster: bool,
     /// PEM file of the CA that signed the Redis server's certificate, for a `rediss://` URL
     /// (without it the system's trusted roots verify the server).
     #[arg(long, env = "CTR_REDIS_CA_FILE")]
@@ -230,6 +245,7 @@ mod tests {
             },
             redis: RedisFlags {
                 redis_url: "rediss://scorer:s3cret@redis.internal:6380/".into(),
+                redis_cluster: false,
                 redis_ca_file: None,
                 redis_prefix: "ctr:".into(),
             },

@@ -1,17 +1,108 @@
-//! Redis for a service: the connection (ACL user and TLS from the URL, checked at start), and
-//! the fenced checkpoint store every service keeps its partition state in.
+//! Redis for a service: the connection (ACL user and TLS from the URL, checked at start; a
+//! single server or a Redis Cluster), and the fenced checkpoint store every service keeps its
+//! partition state in.
 //!
-//! Connections are redis-rs `ConnectionManager`s (multiplexed, reconnecting) whose response
-//! timeout is the [`Policy`]'s call deadline, so a frozen Redis is a timed-out call; calls
-//! that must survive an outage go through [`Policy::retry`].
+//! A single Redis is reached through redis-rs `ConnectionManager`s (multiplexed,
+//! reconnecting), a cluster through its `ClusterConnection` (one multiplexed connection per
+//! node, routed by key slot, following the cluster's redirections); both are a [`RedisConn`].
+//! Their response timeout is the [`Policy`]'s call deadline, so a frozen Redis is a timed-out
+//! call; calls that must survive an outage go through [`Policy::retry`].
+//!
+//! On a cluster every command and script must name keys of one slot: the key layout's hash
+//! tags (`ctr_schemas::contract::keys`) keep what is written together in one slot, and a
+//! caller that reads keys of many slots asks per slot ([`RedisConn::is_cluster`]).
 
 use std::path::Path;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, FromRedisValue, Script, ScriptInvocation};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ScriptInvocation, Value};
 
 use crate::policy::{DependencyError, Policy};
+
+/// A connection to a single Redis or to a Redis Cluster. Cheap to clone: clones share the
+/// underlying multiplexed connections.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// A single Redis server.
+    Single(ConnectionManager),
+    /// A Redis Cluster: commands are routed to the master of their keys' slot.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Whether this is a cluster: commands must name keys of one slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// Runs `cmds` (each naming keys of one slot) and returns their answers in order: on a
+    /// single Redis as one pipeline, on a cluster each on its own, all at once (a pipeline is
+    /// routed as one unit, to one slot's node).
+    pub async fn query_each<T: FromRedisValue>(&self, cmds: &[Cmd]) -> redis::RedisResult<Vec<T>> {
+        match self {
+            Self::Single(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                pipe.query_async(&mut c.clone()).await
+            }
+            Self::Cluster(c) => {
+                let each = cmds.iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<T>(&mut c).await }
+                });
+                futures::future::try_join_all(each).await
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "RedisConn::Single",
+            Self::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The cluster slot of `key` (what its hash tag, else the whole key, hashes to): keys of one
+/// slot may be named by one command or script.
+pub fn slot_of(key: &str) -> redis::cluster_routing::Slot {
+    redis::cluster_routing::Slot::for_key(key)
+}
 
 /// Why Redis could not be reached or used.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +126,18 @@ pub enum RedisError {
     Client(#[from] redis::RedisError),
 }
 
+/// How a service reaches its Redis. (Created once per process: its size does not matter.)
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
+enum Clients {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
 /// A Redis deployment as a service reaches it: the client and the policy for its calls.
 #[derive(Debug, Clone)]
 pub struct Redis {
-    client: Client,
+    client: Clients,
     policy: Policy,
 }
 
@@ -46,34 +145,63 @@ impl Redis {
     /// The client for `url` (`redis://[user:password@]host:port/`, `rediss://` for TLS,
     /// verified against `ca_file` if given, else the system's trusted roots), checked with one
     /// `PING` on a plain connection: refused credentials or an unreachable Redis are an error
-    /// at start, where a reconnecting connection would retry them silently.
+    /// at start, where a reconnecting connection would retry them silently. With `cluster`,
+    /// `url` names one or more of the cluster's nodes, comma-separated (the others are found
+    /// from them), and the check asks the cluster for its slots.
     pub async fn connect(
         url: &str,
         ca_file: Option<&Path>,
+        cluster: bool,
         policy: Policy,
     ) -> Result<Self, RedisError> {
         // rustls needs a process-wide crypto provider; a second install is refused, harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = match ca_file {
-            None => Client::open(url)?,
+        let certs = match ca_file {
+            None => None,
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|source| RedisError::CaFile {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                let certs = redis::TlsCertificates {
+                Some(redis::TlsCertificates {
                     client_tls: None,
                     root_cert: Some(pem),
-                };
-                Client::build_with_tls(url, certs)?
+                })
             }
         };
+        let client = if cluster {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            let mut builder = ClusterClientBuilder::new(nodes)
+                .connection_timeout(policy.call_timeout)
+                .response_timeout(policy.call_timeout)
+                .overall_response_timeout(Some(policy.call_timeout));
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            Clients::Cluster(builder.build()?)
+        } else {
+            Clients::Single(match certs {
+                None => Client::open(url)?,
+                Some(certs) => Client::build_with_tls(url, certs)?,
+            })
+        };
+        let redis = Self { client, policy };
         let ping = async {
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await
+            let ping = redis::cmd("PING");
+            match &redis.client {
+                Clients::Single(c) => {
+                    let mut conn = c.get_multiplexed_async_connection().await?;
+                    ping.query_async::<String>(&mut conn).await
+                }
+                Clients::Cluster(c) => {
+                    // Connecting reads the cluster's slots from the nodes named.
+                    let mut conn = c.get_async_connection().await?;
+                    ping.query_async::<String>(&mut conn).await
+                }
+            }
         };
         match tokio::time::timeout(policy.call_timeout, ping).await {
-            Ok(Ok(_)) => Ok(Self { client, policy }),
+            Ok(Ok(_)) => Ok(redis),
             Ok(Err(e)) => Err(RedisError::Start(e.to_string())),
             Err(_) => Err(RedisError::Start(format!(
                 "no answer to PING within {:?}",
@@ -87,27 +215,47 @@ impl Redis {
         self.policy
     }
 
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.client, Clients::Cluster(_))
+    }
+
     /// A reconnecting, multiplexed connection whose calls time out after the policy's deadline.
-    pub async fn manager(&self) -> Result<ConnectionManager, RedisError> {
+    pub async fn manager(&self) -> Result<RedisConn, RedisError> {
         self.manager_with_timeout(self.policy.call_timeout).await
     }
 
     /// A connection of its own for blocking reads (`XREAD BLOCK`): on a shared multiplexed
     /// connection they would hold up every command queued behind them. Its deadline is the
     /// policy's plus the longest block.
-    pub async fn blocking_manager(&self, block: Duration) -> Result<ConnectionManager, RedisError> {
+    pub async fn blocking_manager(&self, block: Duration) -> Result<RedisConn, RedisError> {
         self.manager_with_timeout(self.policy.call_timeout + block)
             .await
     }
 
-    async fn manager_with_timeout(
-        &self,
-        timeout: Duration,
-    ) -> Result<ConnectionManager, RedisError> {
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(self.policy.call_timeout));
-        let connect = self.client.get_connection_manager_with_config(config);
+    async fn manager_with_timeout(&self, timeout: Duration) -> Result<RedisConn, RedisError> {
+        let connect = async {
+            match &self.client {
+                Clients::Single(client) => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_response_timeout(Some(timeout))
+                        .set_connection_timeout(Some(self.policy.call_timeout));
+                    client
+                        .get_connection_manager_with_config(config)
+                        .await
+                        .map(RedisConn::Single)
+                }
+                Clients::Cluster(client) => {
+                    let config = redis::cluster::ClusterConfig::new()
+                        .set_response_timeout(timeout)
+                        .set_connection_timeout(self.policy.call_timeout);
+                    client
+                        .get_async_connection_with_config(config)
+                        .await
+                        .map(RedisConn::Cluster)
+                }
+            }
+        };
         match tokio::time::timeout(self.policy.call_timeout, connect).await {
             Ok(conn) => Ok(conn?),
             Err(_) => Err(RedisError::Start(format!(
@@ -122,7 +270,7 @@ impl Redis {
 /// safe to repeat: a call that timed out may have run.
 pub async fn run_script<T: FromRedisValue>(
     policy: &Policy,
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     what: &str,
     invocation: &ScriptInvocation<'_>,
 ) -> Result<T, DependencyError<redis::RedisError>> {
@@ -193,7 +341,7 @@ pub struct Saved {
 /// both its inputs; the scorer: the next labeled offset); the store only compares them.
 /// Loads and saves follow the [`Policy`]: a save is idempotent, so a retried one is harmless.
 pub struct FencedStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     policy: Policy,
     key: Box<dyn Fn(i32) -> String + Send + Sync>,
     fence: &'static [&'static str],
@@ -212,7 +360,7 @@ impl std::fmt::Debug for FencedStore {
 impl FencedStore {
     /// A store whose partition `p` lives at `key(p)`, fenced by the hash fields `fence`.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         policy: Policy,
         key: impl Fn(i32) -> String + Send + Sync + 'static,
         fence: &'static [&'static str],

@@ -150,6 +150,13 @@ pub const JOINER_SIGNAL_FRESH_MS: i64 = 30_000;
 
 /// The Redis key layout, `<prefix>` first (default `ctr:`). IDs and context values never
 /// contain `:`, `|` or `=` (the event contract enforces it), so keys parse back unambiguously.
+///
+/// Hash tags (the part in braces) say which keys Redis Cluster keeps in one slot, as a
+/// script or a multi-key command needs them: a labeled partition's write fence, model stream
+/// and checkpoint share `{topic:partition}`; an ad's keys share `{ad}`; the scorers' health
+/// reports share `{scorer}`. Redis takes the first `{...}` of a key as its tag, so braces in an
+/// ID do not split an ad's keys (both start with `{` and the ID), and the prefix may not hold
+/// braces. A single Redis ignores the braces: they are part of the name.
 pub mod keys {
     /// Hash of the joiners' signals, one field per joiner process.
     pub fn joiner_signal(prefix: &str) -> String {
@@ -163,38 +170,61 @@ pub mod keys {
 
     /// The scorer's checkpoint of a labeled-topic partition.
     pub fn scorer_checkpoint(prefix: &str, topic: &str, p: i32) -> String {
-        format!("{prefix}scorer:ckpt:{topic}:{p}")
+        format!("{prefix}scorer:ckpt:{}", partition_tag(topic, p))
     }
 
     /// The last labeled offset of partition `p` applied to Redis (the write fence).
     pub fn offset_fence(prefix: &str, topic: &str, p: i32) -> String {
-        format!("{prefix}offset:{topic}:{p}")
+        format!("{prefix}offset:{}", partition_tag(topic, p))
     }
 
     /// The stream of the serving variant's deltas of partition `p`, for replicas.
     pub fn model_stream(prefix: &str, topic: &str, p: i32) -> String {
-        format!("{prefix}model:{topic}:{p}")
+        format!("{prefix}model:{}", partition_tag(topic, p))
+    }
+
+    /// `{topic:p}`: the hash tag of a labeled partition's keys.
+    fn partition_tag(topic: &str, p: i32) -> String {
+        format!("{{{topic}:{p}}}")
+    }
+
+    /// The names a labeled partition's checkpoint, write fence and model stream had before
+    /// the layout had hash tags (`<prefix>scorer:ckpt:<topic>:<p>`, ...), in that order: an
+    /// owner renames them on a single Redis before it first reads them.
+    pub fn untagged_partition_keys(prefix: &str, topic: &str, p: i32) -> [String; 3] {
+        [
+            format!("{prefix}scorer:ckpt:{topic}:{p}"),
+            format!("{prefix}offset:{topic}:{p}"),
+            format!("{prefix}model:{topic}:{p}"),
+        ]
     }
 
     /// An ad's estimate and totals over all contexts.
     pub fn ad(prefix: &str, ad_id: &str) -> String {
-        format!("{prefix}ad:{ad_id}")
+        format!("{prefix}ad:{{{ad_id}}}")
+    }
+
+    /// The ad of an [`ad`] key under `prefix` (`None` for any other key).
+    pub fn ad_of_key<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(prefix)?
+            .strip_prefix("ad:{")?
+            .strip_suffix('}')
     }
 
     /// An ad's estimate and totals in one full context (`context_key` as
     /// [`crate::Context::key`] makes it).
     pub fn ad_context(prefix: &str, ad_id: &str, context_key: &str) -> String {
-        format!("{prefix}adctx:{ad_id}:{context_key}")
+        format!("{prefix}adctx:{{{ad_id}}}:{context_key}")
     }
 
     /// One scorer process's health report.
     pub fn monitor_report(prefix: &str, instance: &str) -> String {
-        format!("{prefix}monitor:scorer:{instance}")
+        format!("{prefix}monitor:{{scorer}}:{instance}")
     }
 
-    /// The set of scorer processes that report.
+    /// The set of scorer processes that report (in the reports' slot: they are read together).
     pub fn monitor_set(prefix: &str) -> String {
-        format!("{prefix}monitor:scorers")
+        format!("{prefix}monitor:{{scorer}}")
     }
 }
 

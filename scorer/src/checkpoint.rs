@@ -27,32 +27,51 @@
 
 use ctr_runtime::Policy;
 pub use ctr_runtime::redis::CheckpointError;
-use ctr_runtime::redis::FencedStore;
+use ctr_runtime::redis::RedisConn;
+use ctr_runtime::redis::{FencedStore, run_script};
 use ctr_schemas::contract::keys;
-use redis::aio::ConnectionManager;
+use redis::Script;
 
 use crate::state::PartitionState;
+
+const ADOPT_LUA: &str = r#"
+-- KEYS[1..3]: the untagged names; KEYS[4..6]: the tagged ones, in the same order.
+local moved = 0
+for i = 1, 3 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('EXISTS', KEYS[i + 3]) == 0 then
+    redis.call('RENAME', KEYS[i], KEYS[i + 3])
+    moved = moved + 1
+  end
+end
+return moved
+"#;
 
 /// Reads and writes the checkpoints of one topic's partitions (the runtime's fenced store,
 /// fenced by `next`; each save trims the partition's model stream in the same script).
 #[derive(Debug)]
 pub struct CheckpointStore {
     store: FencedStore,
+    conn: RedisConn,
+    policy: Policy,
+    adopt: Script,
     redis_prefix: String,
     topic: String,
 }
 
 impl CheckpointStore {
     /// A store of the checkpoints of `topic`'s partitions under `redis_prefix`.
-    pub fn new(conn: ConnectionManager, policy: Policy, redis_prefix: &str, topic: &str) -> Self {
+    pub fn new(conn: RedisConn, policy: Policy, redis_prefix: &str, topic: &str) -> Self {
         let (prefix, t) = (redis_prefix.to_string(), topic.to_string());
         Self {
             store: FencedStore::new(
-                conn,
+                conn.clone(),
                 policy,
                 move |p| keys::scorer_checkpoint(&prefix, &t, p),
                 &["next"],
             ),
+            conn,
+            policy,
+            adopt: Script::new(ADOPT_LUA),
             redis_prefix: redis_prefix.to_string(),
             topic: topic.to_string(),
         }
@@ -77,9 +96,45 @@ impl CheckpointStore {
         &mut self,
         partition: i32,
     ) -> Result<Option<(PartitionState, Option<i64>)>, CheckpointError> {
+        self.adopt_untagged(partition).await?;
         self.store
             .load_with(partition, PartitionState::restore)
             .await
+    }
+
+    /// On a single Redis, renames the partition's checkpoint, write fence and model stream
+    /// from their names before the key layout had hash tags, where the tagged ones do not
+    /// exist yet: a scorer upgraded over a running deployment resumes where the old one left
+    /// off. (A cluster never held the old names: the services could not use one before.)
+    async fn adopt_untagged(&self, partition: i32) -> Result<(), CheckpointError> {
+        if self.conn.is_cluster() {
+            return Ok(());
+        }
+        let old = keys::untagged_partition_keys(&self.redis_prefix, &self.topic, partition);
+        let new = [
+            keys::scorer_checkpoint(&self.redis_prefix, &self.topic, partition),
+            keys::offset_fence(&self.redis_prefix, &self.topic, partition),
+            keys::model_stream(&self.redis_prefix, &self.topic, partition),
+        ];
+        let mut invocation = self.adopt.prepare_invoke();
+        for key in old.iter().chain(&new) {
+            invocation.key(key);
+        }
+        let moved: i64 = run_script(
+            &self.policy,
+            &self.conn,
+            &format!("renaming partition {partition}'s keys to the tagged layout"),
+            &invocation,
+        )
+        .await?;
+        if moved > 0 {
+            tracing::info!(
+                partition,
+                moved,
+                "adopted the partition's keys from the untagged layout"
+            );
+        }
+        Ok(())
     }
 
     /// Writes `state` unless a newer checkpoint is stored; returns whether it was written and

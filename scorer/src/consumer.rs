@@ -140,7 +140,7 @@ impl Router {
 /// the loop (it must act while the loop waits on a full queue), until `stop`.
 pub async fn run(
     cfg: Arc<ScorerConfig>,
-    redis: redis::aio::ConnectionManager,
+    redis: ctr_runtime::redis::RedisConn,
     control: Arc<Control>,
     liveness: Liveness,
     mut stop: watch::Receiver<bool>,

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ctr_runtime::DependencyError;
+use ctr_runtime::redis::RedisConn;
 use ctr_schemas::contract::{JOINER_SIGNAL_FRESH_MS, JoinerSignal};
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -41,7 +41,7 @@ pub struct GuardError(DependencyError<redis::RedisError>);
 /// with it the process: learning on without the guard could learn a click-stream stall.
 pub async fn guard(
     control: std::sync::Arc<Control>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     policy: ctr_runtime::Policy,
     key: String,
     mut stop: watch::Receiver<bool>,

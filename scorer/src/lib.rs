@@ -98,6 +98,7 @@ pub async fn run(
     let redis = ctr_runtime::redis::Redis::connect(
         &config.service.redis_url,
         config.service.redis_ca_file.as_deref(),
+        config.service.redis_cluster,
         policy,
     )
     .await?;

@@ -53,10 +53,14 @@
 //! cluster with the keys of a partition in one slot); the stack runs a single Redis.
 
 use ctr_models::Level;
+use std::collections::HashMap;
+
+use ctr_runtime::redis::RedisConn;
+use ctr_runtime::redis::slot_of;
 use ctr_runtime::{DependencyError, Policy};
 use ctr_schemas::contract::keys;
 use redis::Script;
-use redis::aio::ConnectionManager;
+use redis::cluster_routing::Slot;
 
 use crate::state::Total;
 
@@ -77,6 +81,25 @@ for i = 5, #ARGV, 5 do
 end
 redis.call('SET', KEYS[1], last)
 return 1
+"#;
+
+const VALUES_LUA: &str = r#"
+-- A Redis Cluster's share of a batch in one slot. KEYS: the slot's estimate keys. ARGV[1]:
+-- the batch's last offset; ARGV[2]: model name; then 4 per key: pctr, source, impressions,
+-- clicks. Each key is fenced by its own `ver`: a value as of an offset at or below the one
+-- it holds is not written.
+local last = tonumber(ARGV[1])
+local written = 0
+for i = 1, #KEYS do
+  local ver = tonumber(redis.call('HGET', KEYS[i], 'ver') or '-1')
+  if ver < last then
+    local a = 3 + (i - 1) * 4
+    redis.call('HSET', KEYS[i], 'pctr', ARGV[a], 'src', ARGV[a + 1], 'imps', ARGV[a + 2],
+               'clicks', ARGV[a + 3], 'model', ARGV[2], 'ver', last)
+    written = written + 1
+  end
+end
+return written
 "#;
 
 /// The current estimate and totals of one key.
@@ -104,9 +127,10 @@ pub fn source_name(level: Level) -> &'static str {
 /// Writes batches to Redis.
 #[derive(Clone)]
 pub struct Publisher {
-    conn: ConnectionManager,
+    conn: RedisConn,
     policy: Policy,
     script: Script,
+    values_script: Script,
     prefix: String,
 }
 
@@ -120,11 +144,12 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     /// A publisher under `prefix` that calls Redis under `policy`.
-    pub fn new(conn: ConnectionManager, policy: Policy, prefix: &str) -> Self {
+    pub fn new(conn: RedisConn, policy: Policy, prefix: &str) -> Self {
         Self {
             conn,
             policy,
             script: Script::new(APPLY_LUA),
+            values_script: Script::new(VALUES_LUA),
             prefix: prefix.to_string(),
         }
     }
@@ -142,6 +167,10 @@ impl Publisher {
         model: &str,
         delta: &[u8],
     ) -> Result<bool, DependencyError<redis::RedisError>> {
+        if self.conn.is_cluster() {
+            self.apply_values_per_slot(partition, last_offset, estimates, model)
+                .await?;
+        }
         let mut inv = self
             .script
             .key(keys::offset_fence(&self.prefix, topic, partition));
@@ -150,7 +179,14 @@ impl Publisher {
             .arg(model)
             .arg(delta)
             .arg(ctr_runtime::wall_ms());
-        for e in estimates {
+        // On a cluster the values went first, slot by slot; this script then moves the
+        // partition's fence and appends to its stream.
+        let in_script = if self.conn.is_cluster() {
+            &[][..]
+        } else {
+            estimates
+        };
+        for e in in_script {
             inv.arg(&e.key)
                 .arg(format!("{:.8}", e.pctr))
                 .arg(source_name(e.level))
@@ -165,5 +201,38 @@ impl Publisher {
         )
         .await?;
         Ok(written == 1)
+    }
+
+    /// On a Redis Cluster: writes the batch's estimates, one script per slot (an ad's keys
+    /// share one), all slots at once, each key only if its `ver` is below `last_offset`.
+    async fn apply_values_per_slot(
+        &self,
+        partition: i32,
+        last_offset: i64,
+        estimates: &[Published],
+        model: &str,
+    ) -> Result<(), DependencyError<redis::RedisError>> {
+        let mut slots: HashMap<Slot, Vec<&Published>> = HashMap::new();
+        for e in estimates {
+            slots.entry(slot_of(&e.key)).or_default().push(e);
+        }
+        let what = format!("publishing partition {partition}'s estimates");
+        let writes = slots.into_values().map(|group| {
+            let mut inv = self.values_script.prepare_invoke();
+            inv.arg(last_offset).arg(model);
+            for e in group {
+                inv.key(&e.key)
+                    .arg(format!("{:.8}", e.pctr))
+                    .arg(source_name(e.level))
+                    .arg(e.total.imps)
+                    .arg(e.total.clicks);
+            }
+            let what = &what;
+            async move {
+                ctr_runtime::redis::run_script::<i64>(&self.policy, &self.conn, what, &inv).await
+            }
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
     }
 }

@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ctr_models::{Feature, Variant, VariantConfig};
+use ctr_runtime::redis::RedisConn;
 use ctr_schemas::partition::partition_of;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{FromRedisValue, Value};
 use serde::Serialize;
@@ -51,6 +51,9 @@ use ctr_schemas::contract::keys;
 const READ_COUNT: usize = 64;
 /// How long one read waits for a new entry, ms.
 const BLOCK_MS: usize = 500;
+/// On a Redis Cluster, how long a round of stream reads that found nothing waits before the
+/// next (the freshness it costs: up to this much).
+const CLUSTER_POLL: Duration = Duration::from_millis(10);
 /// Longest a read of the model streams blocks waiting for an entry.
 pub const BLOCK: Duration = Duration::from_millis(BLOCK_MS as u64);
 
@@ -354,7 +357,7 @@ impl Entry {
 /// the replica serves what it has (see the module docs).
 pub async fn follow(
     replica: Arc<Replica>,
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     mut store: CheckpointStore,
     prefix: String,
     topic: String,
@@ -396,11 +399,8 @@ pub async fn follow(
                 format!("{}-0", v.unwrap_or(-1) + 1)
             })
             .collect();
-        let opts = StreamReadOptions::default()
-            .count(READ_COUNT)
-            .block(BLOCK_MS);
         let read: redis::RedisResult<StreamReadReply> = tokio::select! {
-            r = redis::AsyncCommands::xread_options(&mut conn, &streams, &ids, &opts) => r,
+            r = read_streams(&mut conn, &streams, &ids) => r,
             _ = stop.changed() => break,
         };
         let reply = match read {
@@ -446,10 +446,52 @@ pub async fn follow(
     }
 }
 
+/// Reads the model streams after `ids`, at most [`READ_COUNT`] entries of each. On a single
+/// Redis one read names every stream and blocks up to [`BLOCK`] for an entry. On a cluster the
+/// streams are in different slots: each is read on its own, all at once, and a round that
+/// finds nothing waits [`CLUSTER_POLL`] before returning (a blocking read per stream would
+/// hold up the node's shared connection).
+async fn read_streams(
+    conn: &mut RedisConn,
+    streams: &[String],
+    ids: &[String],
+) -> redis::RedisResult<StreamReadReply> {
+    if !conn.is_cluster() {
+        let opts = StreamReadOptions::default()
+            .count(READ_COUNT)
+            .block(BLOCK_MS);
+        return redis::AsyncCommands::xread_options(conn, streams, ids, &opts).await;
+    }
+    let reads = streams.iter().zip(ids).map(|(stream, id)| {
+        let mut c = conn.clone();
+        let opts = StreamReadOptions::default().count(READ_COUNT);
+        async move {
+            redis::AsyncCommands::xread_options::<_, _, StreamReadReply>(
+                &mut c,
+                &[stream],
+                &[id],
+                &opts,
+            )
+            .await
+        }
+    });
+    let mut reply = StreamReadReply::default();
+    for r in futures::future::try_join_all(reads).await? {
+        reply.keys.extend(r.keys);
+    }
+    if reply.keys.iter().all(|k| k.ids.is_empty()) {
+        tokio::time::sleep(CLUSTER_POLL).await;
+    }
+    Ok(reply)
+}
+
 /// Reads the owners' write fences, for the lag `/readyz` reports.
-async fn read_fences(replica: &Replica, conn: &mut ConnectionManager, fences: &[String]) {
-    let got: redis::RedisResult<Vec<Option<i64>>> =
-        redis::cmd("MGET").arg(fences).query_async(conn).await;
+async fn read_fences(replica: &Replica, conn: &mut RedisConn, fences: &[String]) {
+    let gets: Vec<redis::Cmd> = fences
+        .iter()
+        .map(|f| redis::cmd("GET").arg(f).clone())
+        .collect();
+    let got: redis::RedisResult<Vec<Option<i64>>> = conn.query_each(&gets).await;
     if let Ok(values) = got {
         for (part, v) in replica.parts.iter().zip(values) {
             part.owners.store(v.unwrap_or(-1), Ordering::Release);

@@ -198,8 +198,7 @@ impl ServingState {
 
     /// Model parameters held: count keys plus FTRL coordinates.
     pub fn parameters(&self) -> usize {
-        self.variant.counts().map_or(0, |c| c.keys())
-            + self.variant.ftrl().map_or(0, |f| f.coordinates())
+        self.variant.parameters()
     }
 
     /// Exact-total keys held (ads and ads in full contexts).

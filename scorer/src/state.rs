@@ -20,7 +20,7 @@ use std::hash::BuildHasherDefault;
 use ctr_models::example::hash_str;
 use ctr_models::snapshot::{self, SnapshotError};
 use ctr_models::variants::legacy::ModelSetV1;
-use ctr_models::{Impression, ModelError, ModelSet};
+use ctr_models::{Impression, ModelError, ModelSet, Variant};
 use ctr_schemas::{LabelKind, LabeledImpression};
 
 use crate::hold::Held;
@@ -402,6 +402,16 @@ impl PartitionState {
     /// Newest event time learned from (Unix ms; `i64::MIN` before the first).
     pub fn newest_ms(&self) -> i64 {
         self.newest_ms
+    }
+
+    /// Exact-total keys held (ads, and ads in full contexts).
+    pub fn total_keys(&self) -> usize {
+        self.totals.len()
+    }
+
+    /// Model parameters held, over every variant (count keys plus FTRL coordinates).
+    pub fn parameters(&self) -> usize {
+        self.models.variants().iter().map(Variant::parameters).sum()
     }
 
     /// Exact totals of `ad` (over all contexts when `context_key` is `None`).

@@ -34,9 +34,7 @@ fn restart_until_exact(
         _ => scorer_with(t, prefix, free_port(), redis_url, &policy),
     };
     let mut services = [start(0), start(1)];
-    let mut con = redis::Client::open(redis_url)
-        .and_then(|c| c.get_connection())
-        .expect("Redis answers");
+    let mut con = redis_at(redis_url).expect("Redis answers");
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut restarts = 0;
     while published_ad_counts(&mut con, prefix) != *want {

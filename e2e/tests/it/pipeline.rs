@@ -146,9 +146,7 @@ pub(crate) fn assert_published_exactly_at(
     want: &BTreeMap<String, (u64, u64)>,
     services: &[&Service],
 ) {
-    let mut con = redis::Client::open(url)
-        .and_then(|c| c.get_connection())
-        .expect("Redis answers");
+    let mut con = redis_at(url).expect("Redis answers");
     let total: u64 = want.values().map(|c| c.0).sum();
     let seen = std::cell::Cell::new(0u64);
     let got = eventually(

@@ -290,7 +290,11 @@ fn published(prefix: &str, kind: &str) -> BTreeMap<String, f64> {
                 .arg("pctr")
                 .query(&mut con)
                 .unwrap();
-            (key[prefix.len() + kind.len()..].to_string(), p)
+            // An ad key by its ad; any other by the rest of its key.
+            let name = ctr_schemas::contract::keys::ad_of_key(prefix, &key)
+                .unwrap_or(&key[prefix.len() + kind.len()..])
+                .to_string();
+            (name, p)
         })
         .collect()
 }

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ctr_models::Metrics;
+use ctr_runtime::redis::RedisConn;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::warn;
@@ -57,7 +57,7 @@ const ADS_SHOWN: usize = 15;
 /// Reads the live reports, the joiner signals and the busiest ads' published estimates.
 async fn read(
     cfg: &ScorerConfig,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
 ) -> redis::RedisResult<(Vec<InstanceReport>, HashMap<String, String>)> {
     let prefix = &cfg.service.redis_prefix;
     let index = index_key(prefix);
@@ -87,19 +87,23 @@ async fn read(
 type Published = (Option<f64>, Option<String>, Option<i64>);
 
 /// Adds what Redis serves now for each ad in the view.
-async fn add_published(cfg: &ScorerConfig, redis: &mut ConnectionManager, view: &mut SystemView) {
+async fn add_published(cfg: &ScorerConfig, redis: &mut RedisConn, view: &mut SystemView) {
     if view.ads.is_empty() {
         return;
     }
-    let mut pipe = redis::pipe();
-    for a in &view.ads {
-        pipe.cmd("HMGET")
-            .arg(keys::ad(&cfg.service.redis_prefix, &a.health.ad_id))
-            .arg("pctr")
-            .arg("model")
-            .arg("ver");
-    }
-    let rows: redis::RedisResult<Vec<Published>> = pipe.query_async(redis).await;
+    let reads: Vec<redis::Cmd> = view
+        .ads
+        .iter()
+        .map(|a| {
+            redis::cmd("HMGET")
+                .arg(keys::ad(&cfg.service.redis_prefix, &a.health.ad_id))
+                .arg("pctr")
+                .arg("model")
+                .arg("ver")
+                .clone()
+        })
+        .collect();
+    let rows: redis::RedisResult<Vec<Published>> = redis.query_each(&reads).await;
     match rows {
         Ok(rows) => {
             for (a, (pctr, model, ver)) in view.ads.iter_mut().zip(rows) {
@@ -115,7 +119,7 @@ async fn add_published(cfg: &ScorerConfig, redis: &mut ConnectionManager, view: 
 pub async fn collect(
     cfg: Arc<ScorerConfig>,
     monitor: Arc<Monitor>,
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(COLLECT_EVERY);

@@ -110,7 +110,7 @@ pub(super) fn busiest_first(ads: &mut Vec<AdHealth>) {
 pub async fn report(
     cfg: Arc<ScorerConfig>,
     control: Arc<Control>,
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     instance: String,
     mut stop: watch::Receiver<bool>,
 ) {

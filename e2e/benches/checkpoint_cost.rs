@@ -1,0 +1,168 @@
+//! What a scorer checkpoint costs as the partition's state grows (issue 19): bytes and time
+//! per checkpoint, and restore time, at a fixed rate of change.
+//!
+//! Run (stack up: the checkpoints go to the stack's Redis through the scorer's own store):
+//! `cargo bench -p ctr-e2e --bench checkpoint_cost -- [largest size, default 10000000]`
+//!
+//! One partition's [`PartitionState`] with the scorer's default variants (counts, FTRL,
+//! combined) is fed labels whose contexts never repeat (500 ads; each label's query category
+//! is new), so every label adds one exact-total key (its ad in its context) and model keys.
+//! At each size (100k, 300k, 1M, 3M, 10M exact-total keys at the third checkpoint) the same
+//! change is applied before each of three checkpoints: 10,000 more labels. Each checkpoint is
+//! timed as the scorer takes it (`PartitionState::snapshot`, then `CheckpointStore::save`: one
+//! fenced Lua script carrying the body), and the last is restored (`CheckpointStore::load`:
+//! read and decode). A checkpoint Redis refuses (one value is capped by `proto-max-bulk-len`,
+//! 512 MB by default) is reported as refused.
+//!
+//! Model maintenance (eviction of idle FTRL coordinates and faded counts) is not run, so the
+//! models grow with the contexts as the exact totals do: the figure is the checkpoint's cost
+//! per key of state, whichever part holds it.
+
+use std::time::Instant;
+
+use ctr_e2e::{redis_cluster, redis_url, unique};
+use ctr_models::{ModelSet, VariantConfig, VariantKind};
+use ctr_runtime::Policy;
+use ctr_runtime::redis::Redis;
+use ctr_schemas::{Context, LabelKind, LabeledImpression};
+use ctr_scorer::checkpoint::CheckpointStore;
+use ctr_scorer::state::{PartitionState, Policy as LearnPolicy};
+
+/// Labels between two checkpoints: the fixed rate of change.
+const CHANGE: u64 = 10_000;
+const ADS: u64 = 500;
+const SIZES: [usize; 5] = [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000];
+
+/// Label `i`: ad `i mod 500`, a query category seen nowhere else, one click in 50.
+fn label(i: u64) -> LabeledImpression {
+    let ad = format!("ad-{:03}", i % ADS);
+    LabeledImpression {
+        label_id: format!("{i}:{ad}"),
+        serve_id: i as i64,
+        campaign_id: format!("camp-{}", i % ADS % 60),
+        ad_id: ad,
+        position: (i % 4 + 1) as i32,
+        context: Context {
+            query_category: format!("q{i}"),
+            geo: format!("g{}", i % 12),
+            device: ["mobile", "desktop", "tablet"][(i % 3) as usize].into(),
+            extra: Default::default(),
+        },
+        clicked: i.is_multiple_of(50),
+        // 10 labels per second of event time.
+        ts_ms: 1_760_000_000_000 + i as i64 * 100,
+        click_ts_ms: i.is_multiple_of(50).then_some(1_760_000_000_000 + i as i64 * 100 + 500),
+        kind: LabelKind::Label,
+    }
+}
+
+fn feed(state: &mut PartitionState, from: u64, to: u64) {
+    let mut released = Vec::new();
+    for i in from..to {
+        let l = label(i);
+        state
+            .apply(&l, &l.context.key(), LearnPolicy::NORMAL, &mut released)
+            .expect("the generator's labels are valid");
+        released.clear();
+    }
+    state.next_offset = Some(to as i64);
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let largest: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map_or(10_000_000, |a| {
+            a.parse().expect("the largest size, a number")
+        });
+    let redis = Redis::connect(&redis_url(), None, redis_cluster(), Policy::default())
+        .await
+        .expect("Redis (scripts/stack up)");
+    let prefix = format!("{}:", unique("ckptbench"));
+    let mut store = CheckpointStore::new(
+        redis.manager().await.unwrap(),
+        redis.policy(),
+        &prefix,
+        "labels",
+    );
+    let models = ModelSet::new(
+        [
+            VariantKind::Counts,
+            VariantKind::Ftrl,
+            VariantKind::Combined,
+        ]
+        .map(VariantConfig::of)
+        .to_vec(),
+    )
+    .unwrap();
+    let mut state = PartitionState::new(models, 900_000);
+    println!(
+        "machine: {} cores; one partition, variants counts, ftrl, combined; {CHANGE} new labels (new contexts) before each checkpoint",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| exact-total keys | model parameters | checkpoint bytes | encode | checkpoint (encode + fenced write) | restore (read + decode) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut fed = 0u64;
+    for size in SIZES.into_iter().filter(|s| *s <= largest) {
+        // Each label adds one (ad, context) key beside the 500 ad keys: the third
+        // checkpoint is taken at `size` keys.
+        let target = (size as u64).saturating_sub(ADS + 3 * CHANGE);
+        feed(&mut state, fed, target.max(fed));
+        fed = target.max(fed);
+        let (mut bytes, mut encode, mut save) = (0usize, Vec::new(), Vec::new());
+        let mut refused = None;
+        for _ in 0..3 {
+            feed(&mut state, fed, fed + CHANGE);
+            fed += CHANGE;
+            let t = Instant::now();
+            let body = state.snapshot();
+            encode.push(t.elapsed().as_secs_f64());
+            bytes = body.len();
+            let t = Instant::now();
+            match store.save(0, &state).await {
+                Ok((written, _)) => {
+                    assert!(written, "a checkpoint ahead of the stored one is written");
+                    save.push(t.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    refused = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let restore = if refused.is_none() {
+            let t = Instant::now();
+            let restored = store.load(0).await.expect("load").expect("a checkpoint");
+            let took = t.elapsed().as_secs_f64();
+            assert_eq!(restored.next_offset, state.next_offset);
+            format!("{:.3} s", took)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {} | {:.1} MB ({:.0} B/key) | {:.3} s | {} | {restore} |",
+            state.total_keys(),
+            state.parameters(),
+            bytes as f64 / 1e6,
+            bytes as f64 / (state.total_keys() + state.parameters()) as f64,
+            mean(&encode),
+            refused.as_ref().map_or_else(
+                || format!("{:.3} s", mean(&save)),
+                |e| format!("refused: {e}")
+            ),
+        );
+        if refused.is_some() {
+            break;
+        }
+    }
+    // The bench's keys: the checkpoint (the model stream was never written).
+    let mut conn = redis.manager().await.unwrap();
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(store.key(0))
+        .query_async(&mut conn)
+        .await;
+}
