@@ -51,7 +51,9 @@ fn label(i: u64) -> LabeledImpression {
         clicked: i.is_multiple_of(50),
         // 10 labels per second of event time.
         ts_ms: 1_760_000_000_000 + i as i64 * 100,
-        click_ts_ms: i.is_multiple_of(50).then_some(1_760_000_000_000 + i as i64 * 100 + 500),
+        click_ts_ms: i
+            .is_multiple_of(50)
+            .then_some(1_760_000_000_000 + i as i64 * 100 + 500),
         kind: LabelKind::Label,
     }
 }

@@ -114,6 +114,74 @@ fn sigkill_of_one_scorer_changes_no_count() {
     r.stop();
 }
 
+/// A deployment whose partition keys have the names they had before the key layout's hash
+/// tags (`scorer:ckpt:<topic>:<p>`, `offset:...`, `model:...`) is upgraded: the new scorer
+/// adopts them (renames them on its single Redis) and resumes where the old one stopped. If it
+/// did not, it would find no checkpoint, start empty from the group's committed offsets, and
+/// publish only the second half's totals.
+#[test]
+fn an_upgraded_scorer_adopts_the_untagged_partition_keys_and_stays_exact() {
+    if redis_cluster() {
+        // A cluster never held the untagged names (the services could not use one before).
+        return;
+    }
+    let topic = format!("{}.labeled", unique("adopt"));
+    create_topics(&[(&topic, 2)]);
+    let stream = labeled_stream(&topic, 10_000, 60, 13);
+    let prefix = format!("{}:", unique("adopt"));
+    let group = format!("{topic}-g");
+    let half = stream.records.len() / 2;
+    produce_all(&stream.records[..half]);
+    let port = free_port();
+    let old = start_scorer(&topic, &group, &prefix, port, &[]);
+    eventually(
+        Duration::from_secs(60),
+        "the first scorer to apply the first half",
+        || {
+            let p = page(port)?;
+            let seen = metric_sum(&p, "ctr_scorer_records_total", "")?;
+            (seen >= half as f64).then_some(())
+        },
+        || old.output(),
+    );
+    // Its drain publishes, checkpoints and commits what it applied.
+    old.stop();
+    let mut con = redis();
+    for p in 0..2 {
+        let untagged = ctr_schemas::contract::keys::untagged_partition_keys(&prefix, &topic, p);
+        let tagged = [
+            ctr_schemas::contract::keys::scorer_checkpoint(&prefix, &topic, p),
+            ctr_schemas::contract::keys::offset_fence(&prefix, &topic, p),
+            ctr_schemas::contract::keys::model_stream(&prefix, &topic, p),
+        ];
+        for (from, to) in tagged.iter().zip(&untagged) {
+            let _: () = redis::cmd("RENAME")
+                .arg(from)
+                .arg(to)
+                .query(&mut con)
+                .unwrap_or_else(|e| panic!("renaming {from}: {e}"));
+        }
+    }
+    // The estimates too, so that every key below is written again by the new scorer.
+    let ad_keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}ad*"))
+        .query(&mut con)
+        .unwrap();
+    for key in ad_keys {
+        let _: () = redis::cmd("DEL").arg(&key).query(&mut con).unwrap();
+    }
+    let port = free_port();
+    let new = start_scorer(&topic, &group, &prefix, port, &[]);
+    produce_all(&stream.records[half..]);
+    assert_counts(&prefix, &stream.expected, &[&new]);
+    assert!(
+        metric(&page(port).unwrap(), "ctr_scorer_restores_total").unwrap_or(0.0) >= 1.0,
+        "the new scorer restored the adopted checkpoints:\n{}",
+        new.output()
+    );
+    new.stop();
+}
+
 #[test]
 fn rank_orders_by_bid_times_pctr_and_rejects_bad_requests() {
     let topic = format!("{}.labeled", unique("rank"));
