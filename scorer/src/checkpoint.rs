@@ -1,7 +1,7 @@
 //! Durable checkpoints of each partition's state ([`PartitionState`]: models, dedupe memory,
 //! next offset).
 //!
-//! Where: Redis, key `<prefix>scorer:ckpt:<topic>:<partition>`, a hash with `next` (the next
+//! Where: Redis, key `<prefix>scorer:ckpt:{<topic>:<partition>}`, a hash with `next` (the next
 //! offset to read), `state` (the state in the project's snapshot container: magic, version,
 //! length, checksum) and `t` (the owner's wall clock when written), kept by the runtime's
 //! fenced store (`ctr_runtime::redis::FencedStore`). Redis because it is already the scorer's durable store (append-only file,

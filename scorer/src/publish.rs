@@ -1,15 +1,16 @@
-//! The Redis side: key layout, and the atomic apply of one partition's batch.
+//! The Redis side: key layout, and the fenced apply of one partition's batch.
 //!
 //! Key layout (prefix `P`, default `ctr:`; IDs and context values never contain `:`, `|` or
-//! `=`, which the event contract enforces):
+//! `=`, which the event contract enforces; braces are Redis Cluster hash tags, part of the
+//! name on a single Redis too):
 //!
 //! | key | type | fields |
 //! |-----|------|--------|
-//! | `P` `ad:` ad_id | hash | `imps`, `clicks`: exact totals over distinct labels (a late click adds a click); `pctr`: the ad's rate over all contexts (the serving variant's count model at the ad level; an FTRL-only variant's prediction with no context fields); `src`; `model`; `ver` |
-//! | `P` `adctx:` ad_id `:` context_key | hash | the same for the ad in one full context: the serving variant's prediction, written when the key sees an impression |
-//! | `P` `offset:` topic `:` partition | string | last Kafka offset applied to Redis |
-//! | `P` `scorer:ckpt:` topic `:` partition | hash | the partition's checkpoint (see [`crate::checkpoint`]) |
-//! | `P` `model:` topic `:` partition | stream | the serving variant's deltas, for replicas (below) |
+//! | `P` `ad:{` ad_id `}` | hash | `imps`, `clicks`: exact totals over distinct labels (a late click adds a click); `pctr`: the ad's rate over all contexts (the serving variant's count model at the ad level; an FTRL-only variant's prediction with no context fields); `src`; `model`; `ver` |
+//! | `P` `adctx:{` ad_id `}:` context_key | hash | the same for the ad in one full context: the serving variant's prediction, written when the key sees an impression |
+//! | `P` `offset:{` topic `:` partition `}` | string | last Kafka offset applied to Redis |
+//! | `P` `scorer:ckpt:{` topic `:` partition `}` | hash | the partition's checkpoint (see [`crate::checkpoint`]) |
+//! | `P` `model:{` topic `:` partition `}` | stream | the serving variant's deltas, for replicas (below) |
 //!
 //! `pctr` is calibrated and position-normalized: the click probability at the top slot (a
 //! frontend ranks by `bid × pctr`; the position effect is common to all candidates of a slot).
@@ -18,7 +19,7 @@
 //! serving variant's name and `ver` the partition offset the estimate reflects; the model
 //! version reported by the API is `model@ver`. `context_key` is [`ctr_schemas::Context::key`],
 //! e.g. `device=mobile|geo=US|query_category=travel`. A frontend reads with
-//! `HGET ctr:adctx:ad-00017:device=mobile|geo=US|query_category=travel pctr`.
+//! `HGET ctr:adctx:{ad-00017}:device=mobile|geo=US|query_category=travel pctr`.
 //!
 //! Exactly-once effect. The partition owner keeps the exact totals in its state
 //! ([`crate::state::PartitionState`]), which is checkpointed and replayed like the models, so a
@@ -49,8 +50,12 @@
 //! but not the stream makes the next batch's entry ID too low, and the script then refuses the
 //! batch (an error the worker reports) rather than write estimates replicas would not see.
 //!
-//! The script names keys in its arguments rather than `KEYS`, so it needs a single Redis (or a
-//! cluster with the keys of a partition in one slot); the stack runs a single Redis.
+//! On a single Redis the script names the estimate keys in its arguments. On a Redis Cluster
+//! a batch's keys are in many slots (an ad's keys share one; the fence and the stream share
+//! their partition's), so the batch is written in two steps: one script per slot writes each
+//! estimate key only if its own `ver` is below the batch's last offset, then the script above,
+//! with no estimate keys, moves the fence and appends the delta. ARCHITECTURE.md (decisions)
+//! says why this is as exact as the single script.
 
 use ctr_models::Level;
 use std::collections::HashMap;

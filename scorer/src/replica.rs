@@ -7,7 +7,8 @@
 //! 1. restores the owner's latest checkpoint ([`crate::checkpoint`]), keeping only the serving
 //!    variant, the exact totals and the ads' campaigns;
 //! 2. reads the partition's model stream ([`crate::publish`]) from the checkpoint's offset on,
-//!    blocking on Redis so an entry is applied as soon as the owner writes it, and applies
+//!    blocking on Redis so an entry is applied as soon as the owner writes it (on a Redis
+//!    Cluster, polling every 10 ms: the streams are in different slots), and applies
 //!    each delta; a delta that does not continue its version (the stream was trimmed past
 //!    it) makes it restore the checkpoint again.
 //!
@@ -23,7 +24,8 @@
 //! Freshness: an owner publishes a batch every `batch_ms` (20 ms) or `batch_size` records; the
 //! replica's blocking read returns when the entry is written. So an answer reflects the owners'
 //! state as of at most one batch interval plus a Redis round trip earlier (measured in
-//! docs/BENCHMARKS.md). Every answer carries its partition's version (`model@offset`).
+//! docs/BENCHMARKS.md); on a cluster, plus up to the 10 ms poll. Every answer carries its
+//! partition's version (`model@offset`).
 //!
 //! Readiness: ready once every partition was restored and the stream read to its end (caught
 //! up), and none is broken. If the owners stop, the replica keeps serving the last model it
