@@ -294,4 +294,26 @@ mod tests {
         mech.kafka_sasl_mechanism = "GSSAPI".into();
         assert!(mech.check().unwrap_err().contains("SCRAM-SHA-256"));
     }
+
+    /// Parses a service's flags from `args` (and the environment, as a service does).
+    fn parse(args: &[&str]) -> Result<Service, String> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            service: ServiceFlags,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("svc").chain(args.iter().copied()),
+        )
+        .map_err(|e| e.to_string())?;
+        cli.service.check()
+    }
+
+    #[test]
+    fn redis_cluster_is_a_flag_and_the_prefix_may_not_hold_a_hash_tag() {
+        assert!(parse(&["--redis-cluster"]).unwrap().redis_cluster);
+        // Braces in the prefix would be every key's hash tag: one cluster slot for everything.
+        let e = parse(&["--redis-prefix={ctr}:"]).unwrap_err();
+        assert!(e.contains("'{'"), "{e}");
+    }
 }

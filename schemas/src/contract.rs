@@ -283,4 +283,53 @@ mod tests {
         partial.as_object_mut().unwrap().remove("totals");
         assert!(serde_json::from_value::<JoinerSignal>(partial).is_err());
     }
+
+    /// Redis Cluster's hash tag of `key`: between its first `{` and the next `}`, if not empty.
+    fn hash_tag(key: &str) -> Option<&str> {
+        let open = key.find('{')?;
+        let close = key[open + 1..].find('}')?;
+        Some(&key[open + 1..open + 1 + close]).filter(|t| !t.is_empty())
+    }
+
+    #[test]
+    fn keys_written_together_share_a_hash_tag_and_an_ad_key_parses_back() {
+        let p = "ctr:";
+        // One partition's fence, model stream and checkpoint: the scripts name them together.
+        let partition = [
+            keys::offset_fence(p, "ctr.labeled", 3),
+            keys::model_stream(p, "ctr.labeled", 3),
+            keys::scorer_checkpoint(p, "ctr.labeled", 3),
+        ];
+        for k in &partition {
+            assert_eq!(hash_tag(k), Some("ctr.labeled:3"), "{k}");
+        }
+        assert_ne!(
+            hash_tag(&keys::offset_fence(p, "ctr.labeled", 4)),
+            hash_tag(&partition[0])
+        );
+        // An ad's keys, even with braces in its ID.
+        for ad in ["ad-00017", "a{b", "a}b"] {
+            let ad_key = keys::ad(p, ad);
+            let tag = hash_tag(&ad_key);
+            assert!(tag.is_some(), "{ad}");
+            assert_eq!(
+                hash_tag(&keys::ad_context(p, ad, "device=mobile|geo=US")),
+                tag
+            );
+        }
+        // The dashboard's reports and their set are read together.
+        assert_eq!(
+            hash_tag(&keys::monitor_report(p, "host-1")),
+            hash_tag(&keys::monitor_set(p))
+        );
+        assert_eq!(
+            keys::ad_of_key(p, &keys::ad(p, "ad-00017")),
+            Some("ad-00017")
+        );
+        assert_eq!(
+            keys::ad_of_key(p, &keys::ad_context(p, "ad-1", "geo=US")),
+            None
+        );
+        assert_eq!(keys::ad_of_key("other:", &keys::ad(p, "ad-1")), None);
+    }
 }
