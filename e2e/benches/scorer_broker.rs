@@ -86,7 +86,7 @@ fn freshness() {
     let mut acks = Vec::new();
     for i in 0..200i64 {
         let ad = format!("fresh-{}", i % 8);
-        let key = format!("{prefix}ad:{ad}");
+        let key = ctr_schemas::contract::keys::ad(&prefix, &ad);
         let before: Option<u64> = redis::cmd("HGET")
             .arg(&key)
             .arg("clicks")

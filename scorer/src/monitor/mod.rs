@@ -2,7 +2,7 @@
 //!
 //! Two halves, both in every scorer process:
 //! - **Report**: once a second each process writes what it knows to Redis,
-//!   `<prefix>monitor:scorer:<instance>` (JSON [`InstanceReport`], expiring after 15 s): its
+//!   `<prefix>monitor:{scorer}:<instance>` (JSON [`InstanceReport`], expiring after 15 s): its
 //!   records per outcome since it started, consumer lag per partition, shedding and the
 //!   learning guard, freshness, each model's progressive metrics merged over its partitions,
 //!   and its busiest ads. Metrics travel as their sums (with a coarse AUC histogram), so they
