@@ -10,7 +10,7 @@
 //!
 //! On a cluster every command and script must name keys of one slot: the key layout's hash
 //! tags (`ctr_schemas::contract::keys`) keep what is written together in one slot, and a
-//! caller that reads keys of many slots asks per slot ([`RedisConn::is_cluster`]).
+//! caller that reads keys of many slots asks per key ([`RedisConn::query_each`]).
 
 use std::path::Path;
 use std::time::Duration;
@@ -213,11 +213,6 @@ impl Redis {
     /// The policy calls to this Redis follow.
     pub fn policy(&self) -> Policy {
         self.policy
-    }
-
-    /// Whether this is a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.client, Clients::Cluster(_))
     }
 
     /// A reconnecting, multiplexed connection whose calls time out after the policy's deadline.

@@ -64,7 +64,7 @@ use ctr_runtime::redis::RedisConn;
 use ctr_runtime::redis::slot_of;
 use ctr_runtime::{DependencyError, Policy};
 use ctr_schemas::contract::keys;
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 use redis::cluster_routing::Slot;
 
 use crate::state::Total;
@@ -127,6 +127,15 @@ pub fn source_name(level: Level) -> &'static str {
         Level::BackedOff => "backed_off",
         Level::Prior => "prior",
     }
+}
+
+/// Adds an estimate's values to a script's arguments: pctr, source, impressions, clicks (the
+/// order both scripts read them in).
+fn value_args(inv: &mut ScriptInvocation<'_>, e: &Published) {
+    inv.arg(format!("{:.8}", e.pctr))
+        .arg(source_name(e.level))
+        .arg(e.total.imps)
+        .arg(e.total.clicks);
 }
 
 /// Writes batches to Redis.
@@ -192,11 +201,8 @@ impl Publisher {
             estimates
         };
         for e in in_script {
-            inv.arg(&e.key)
-                .arg(format!("{:.8}", e.pctr))
-                .arg(source_name(e.level))
-                .arg(e.total.imps)
-                .arg(e.total.clicks);
+            inv.arg(&e.key);
+            value_args(&mut inv, e);
         }
         let written: i32 = ctr_runtime::redis::run_script(
             &self.policy,
@@ -226,11 +232,8 @@ impl Publisher {
             let mut inv = self.values_script.prepare_invoke();
             inv.arg(last_offset).arg(model);
             for e in group {
-                inv.key(&e.key)
-                    .arg(format!("{:.8}", e.pctr))
-                    .arg(source_name(e.level))
-                    .arg(e.total.imps)
-                    .arg(e.total.clicks);
+                inv.key(&e.key);
+                value_args(&mut inv, e);
             }
             let what = &what;
             async move {
