@@ -64,8 +64,8 @@ use ctr_runtime::redis::RedisConn;
 use ctr_runtime::redis::slot_of;
 use ctr_runtime::{DependencyError, Policy};
 use ctr_schemas::contract::keys;
-use redis::{Script, ScriptInvocation};
 use redis::cluster_routing::Slot;
+use redis::{Script, ScriptInvocation};
 
 use crate::state::Total;
 
