@@ -188,9 +188,19 @@ pub mod keys {
         format!("{{{topic}:{p}}}")
     }
 
-    /// The names a labeled partition's checkpoint, write fence and model stream had before
-    /// the layout had hash tags (`<prefix>scorer:ckpt:<topic>:<p>`, ...), in that order: an
-    /// owner renames them on a single Redis before it first reads them.
+    /// A labeled partition's checkpoint, write fence and model stream, in that order (the
+    /// keys that share its hash tag).
+    pub fn partition_keys(prefix: &str, topic: &str, p: i32) -> [String; 3] {
+        [
+            scorer_checkpoint(prefix, topic, p),
+            offset_fence(prefix, topic, p),
+            model_stream(prefix, topic, p),
+        ]
+    }
+
+    /// The names [`partition_keys`] had before the layout had hash tags
+    /// (`<prefix>scorer:ckpt:<topic>:<p>`, ...), in the same order: an owner renames them on a
+    /// single Redis before it first reads them.
     pub fn untagged_partition_keys(prefix: &str, topic: &str, p: i32) -> [String; 3] {
         [
             format!("{prefix}scorer:ckpt:{topic}:{p}"),
@@ -295,14 +305,11 @@ mod tests {
     fn keys_written_together_share_a_hash_tag_and_an_ad_key_parses_back() {
         let p = "ctr:";
         // One partition's fence, model stream and checkpoint: the scripts name them together.
-        let partition = [
-            keys::offset_fence(p, "ctr.labeled", 3),
-            keys::model_stream(p, "ctr.labeled", 3),
-            keys::scorer_checkpoint(p, "ctr.labeled", 3),
-        ];
+        let partition = keys::partition_keys(p, "ctr.labeled", 3);
         for k in &partition {
             assert_eq!(hash_tag(k), Some("ctr.labeled:3"), "{k}");
         }
+        assert_eq!(partition[1], keys::offset_fence(p, "ctr.labeled", 3));
         assert_ne!(
             hash_tag(&keys::offset_fence(p, "ctr.labeled", 4)),
             hash_tag(&partition[0])

@@ -27,8 +27,7 @@
 
 use ctr_runtime::Policy;
 pub use ctr_runtime::redis::CheckpointError;
-use ctr_runtime::redis::RedisConn;
-use ctr_runtime::redis::{FencedStore, run_script};
+use ctr_runtime::redis::{FencedStore, RedisConn, run_script};
 use ctr_schemas::contract::keys;
 use redis::Script;
 
@@ -111,11 +110,7 @@ impl CheckpointStore {
             return Ok(());
         }
         let old = keys::untagged_partition_keys(&self.redis_prefix, &self.topic, partition);
-        let new = [
-            keys::scorer_checkpoint(&self.redis_prefix, &self.topic, partition),
-            keys::offset_fence(&self.redis_prefix, &self.topic, partition),
-            keys::model_stream(&self.redis_prefix, &self.topic, partition),
-        ];
+        let new = keys::partition_keys(&self.redis_prefix, &self.topic, partition);
         let mut invocation = self.adopt.prepare_invoke();
         for key in old.iter().chain(&new) {
             invocation.key(key);

@@ -57,11 +57,10 @@
 //! with no estimate keys, moves the fence and appends the delta. ARCHITECTURE.md (decisions)
 //! says why this is as exact as the single script.
 
-use ctr_models::Level;
 use std::collections::HashMap;
 
-use ctr_runtime::redis::RedisConn;
-use ctr_runtime::redis::slot_of;
+use ctr_models::Level;
+use ctr_runtime::redis::{RedisConn, slot_of};
 use ctr_runtime::{DependencyError, Policy};
 use ctr_schemas::contract::keys;
 use redis::cluster_routing::Slot;

@@ -149,11 +149,7 @@ fn an_upgraded_scorer_adopts_the_untagged_partition_keys_and_stays_exact() {
     let mut con = redis();
     for p in 0..2 {
         let untagged = ctr_schemas::contract::keys::untagged_partition_keys(&prefix, &topic, p);
-        let tagged = [
-            ctr_schemas::contract::keys::scorer_checkpoint(&prefix, &topic, p),
-            ctr_schemas::contract::keys::offset_fence(&prefix, &topic, p),
-            ctr_schemas::contract::keys::model_stream(&prefix, &topic, p),
-        ];
+        let tagged = ctr_schemas::contract::keys::partition_keys(&prefix, &topic, p);
         for (from, to) in tagged.iter().zip(&untagged) {
             let _: () = redis::cmd("RENAME")
                 .arg(from)
