@@ -19,6 +19,9 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
+mod hosts;
+pub use hosts::{NetHost, ports_of};
+
 /// The wall clock in Unix ms.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -210,6 +213,12 @@ impl Service {
     /// Starts the binary `bin_name` with `args`, its output captured.
     pub fn start(name: &str, bin_name: &str, args: &[String]) -> Self {
         Self::spawn(name, Command::new(bin(bin_name)).args(args))
+    }
+
+    /// Starts `command` (a service binary run some other way, e.g. inside a [`NetHost`]), its
+    /// output captured.
+    pub fn start_command(name: &str, command: &mut Command) -> Self {
+        Self::spawn(name, command)
     }
 
     fn spawn(name: &str, command: &mut Command) -> Self {
@@ -1215,14 +1224,47 @@ pub fn checkpointed_states(
 /// Starts `ctr-scorer` on the stack for `topic`, in consumer group `group`, writing Redis keys
 /// under `prefix`, serving HTTP on `port`, with `extra` flags.
 pub fn start_scorer(topic: &str, group: &str, prefix: &str, port: u16, extra: &[&str]) -> Service {
+    let args = scorer_args(topic, group, prefix, &format!("127.0.0.1:{port}"), extra);
+    Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
+}
+
+/// [`start_scorer`] inside the simulated host `host`, its HTTP port on the host's address.
+pub fn start_scorer_on(
+    host: &NetHost,
+    topic: &str,
+    group: &str,
+    prefix: &str,
+    port: u16,
+    extra: &[&str],
+) -> Service {
+    let args = scorer_args(
+        topic,
+        group,
+        prefix,
+        &format!("{}:{port}", host.addr),
+        extra,
+    );
+    Service::start_command(
+        &format!("scorer@{}", host.ns),
+        host.command(&bin("ctr-scorer")).args(&args),
+    )
+}
+
+fn scorer_args(
+    topic: &str,
+    group: &str,
+    prefix: &str,
+    http_addr: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let mut args = vec![
         format!("--brokers={}", brokers()),
         format!("--labeled-topic={topic}"),
         format!("--group={group}"),
         format!("--redis-url={}", redis_url()),
         format!("--redis-prefix={prefix}"),
-        format!("--http-addr=127.0.0.1:{port}"),
+        format!("--http-addr={http_addr}"),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    Service::start(&format!("scorer:{port}"), "ctr-scorer", &args)
+    args
 }

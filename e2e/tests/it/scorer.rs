@@ -114,6 +114,117 @@ fn sigkill_of_one_scorer_changes_no_count() {
     r.stop();
 }
 
+/// Two scorers on two simulated hosts (network namespaces, [`NetHost`]); one host's link goes
+/// down mid-stream, with no process killed: its broker session lapses, the other host's
+/// scorer takes its partitions over from their checkpoints, and the totals end exact. The link
+/// then comes back while the cut-off scorer may still hold writes it could not send: the
+/// partitions' fences must refuse them.
+#[test]
+#[ignore = "needs root for `ip netns` and the default stack's loopback ports (scripts/test runs it)"]
+fn a_host_cut_off_mid_stream_hands_its_partitions_over_and_totals_end_exact() {
+    let topic = format!("{}.labeled", unique("cut"));
+    create_topics(&[(&topic, 4)]);
+    let stream = labeled_stream(&topic, 30_000, 120, 11);
+    let prefix = format!("{}:", unique("cut"));
+    let group = format!("{topic}-hosts");
+    let (mut a, mut b) = (NetHost::create(1), NetHost::create(2));
+    for port in ports_of(&brokers())
+        .into_iter()
+        .chain(ports_of(&redis_url()))
+    {
+        a.relay(port);
+        b.relay(port);
+    }
+    let fast_ckpt = ["--checkpoint-ms=500"];
+    let (pa, pb) = (free_port(), free_port());
+    let page_on =
+        |host: &NetHost, port: u16| http_get(&format!("http://{}:{port}/metrics", host.addr));
+    let mut sa = start_scorer_on(&a, &topic, &group, &prefix, pa, &fast_ckpt);
+    let sb = start_scorer_on(&b, &topic, &group, &prefix, pb, &fast_ckpt);
+    eventually(
+        Duration::from_secs(60),
+        "the scorers on both hosts to hold partitions",
+        || {
+            let x = metric(&page_on(&a, pa)?, "ctr_scorer_assigned_partitions")?;
+            let y = metric(&page_on(&b, pb)?, "ctr_scorer_assigned_partitions")?;
+            (x >= 1.0 && y >= 1.0 && x + y == 4.0).then_some(())
+        },
+        || format!("{}\n{}", sa.output(), sb.output()),
+    );
+    let third = stream.records.len() / 3;
+    produce_all(&stream.records[..third]);
+    eventually(
+        Duration::from_secs(60),
+        "host A's scorer to apply and checkpoint records",
+        || {
+            let p = page_on(&a, pa)?;
+            let applied = metric(&p, "ctr_scorer_applied_total")?;
+            let ckpts = metric_sum(&p, "ctr_scorer_checkpoint_seconds_count", "")?;
+            (applied > 0.0 && ckpts > 0.0).then_some(())
+        },
+        || sa.output(),
+    );
+    // Cut host A off while the second third is being produced.
+    let producing = produce_in_slices(stream.records[third..2 * third].to_vec());
+    std::thread::sleep(Duration::from_millis(300));
+    a.link_down();
+    producing.join().unwrap();
+    produce_all(&stream.records[2 * third..]);
+    eventually(
+        Duration::from_secs(60),
+        "host B's scorer to take every partition over",
+        || {
+            let p = page_on(&b, pb)?;
+            (metric(&p, "ctr_scorer_assigned_partitions")? == 4.0
+                && metric(&p, "ctr_scorer_restores_total")? >= 1.0)
+                .then_some(())
+        },
+        || format!("--- B\n{}\n--- A (cut off)\n{}", sb.output(), sa.output()),
+    );
+    // B holds everything, A is still cut off: B alone must reach the exact totals.
+    assert_counts(&prefix, &stream.expected, &[&sb, &sa]);
+    // Heal the link. What A held back is refused by the partitions' fences; A rejoins the
+    // group and takes a share of the partitions again, from B's checkpoints.
+    a.link_up();
+    eventually(
+        Duration::from_secs(60),
+        "host A's scorer to rejoin and hold partitions again",
+        || {
+            let x = metric(&page_on(&a, pa)?, "ctr_scorer_assigned_partitions")?;
+            let y = metric(&page_on(&b, pb)?, "ctr_scorer_assigned_partitions")?;
+            (x >= 1.0 && x + y == 4.0).then_some(())
+        },
+        || format!("--- A\n{}\n--- B\n{}", sa.output(), sb.output()),
+    );
+    // Then more traffic, which both hosts learn: the totals end exact again.
+    let mut want = stream.expected.clone();
+    let mut enc = ctr_schemas::Encoder::<LabeledImpression>::new();
+    let more: Vec<(String, String, Vec<u8>)> = (0..2_000i64)
+        .map(|i| {
+            let (ad, campaign) = (
+                format!("ad-{:03}", i % 120),
+                format!("camp-{}", i % 120 % 7),
+            );
+            let clicked = i % 10 == 0;
+            let ts = LABELS_T0 + 40_000 * 20 + i * 20;
+            let l = single_label(20_000_000 + i, &ad, &campaign, clicked, ts);
+            let e = want.entry(ad.clone()).or_default();
+            e.0 += 1;
+            e.1 += u64::from(clicked);
+            (topic.clone(), ad, enc.encode(&l).expect("encodes"))
+        })
+        .collect();
+    produce_all(&more);
+    assert_counts(&prefix, &want, &[&sb, &sa]);
+    assert!(
+        sa.exit_status().is_none(),
+        "host A's scorer exited after the link came back:\n{}",
+        sa.output()
+    );
+    sa.stop();
+    sb.stop();
+}
+
 /// A deployment whose partition keys have the names they had before the key layout's hash
 /// tags (`scorer:ckpt:<topic>:<p>`, `offset:...`, `model:...`) is upgraded: the new scorer
 /// adopts them (renames them on its single Redis) and resumes where the old one stopped. If it
