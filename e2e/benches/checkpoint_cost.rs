@@ -9,10 +9,10 @@
 //! is new), so every label adds one exact-total key (its ad in its context) and model keys.
 //! At each size (100k, 300k, 1M, 3M, 10M exact-total keys at the third checkpoint) the same
 //! change is applied before each of three checkpoints: 10,000 more labels. Each checkpoint is
-//! timed as the scorer takes it (`PartitionState::snapshot`, then `CheckpointStore::save`: one
-//! fenced Lua script carrying the body), and the last is restored (`CheckpointStore::load`:
-//! read and decode). A checkpoint Redis refuses (one value is capped by `proto-max-bulk-len`,
-//! 512 MB by default) is reported as refused.
+//! timed as the scorer takes it (`PartitionState::snapshot`, then `CheckpointStore::save`: a
+//! body over 8 MiB is staged in chunks of that size, then one fenced Lua script commits it),
+//! and the last is restored (`CheckpointStore::load`: read and decode). A checkpoint Redis
+//! refuses is reported as refused.
 //!
 //! Model maintenance (eviction of idle FTRL coordinates and faded counts) is not run, so the
 //! models grow with the contexts as the exact totals do: the figure is the checkpoint's cost
@@ -23,7 +23,7 @@ use std::time::Instant;
 use ctr_e2e::{redis_cluster, redis_url, unique};
 use ctr_models::{ModelSet, VariantConfig, VariantKind};
 use ctr_runtime::Policy;
-use ctr_runtime::redis::Redis;
+use ctr_runtime::redis::{Redis, chunk_key};
 use ctr_schemas::{Context, LabelKind, LabeledImpression};
 use ctr_scorer::checkpoint::CheckpointStore;
 use ctr_scorer::state::{PartitionState, Policy as LearnPolicy};
@@ -161,10 +161,21 @@ async fn main() {
             break;
         }
     }
-    // The bench's keys: the checkpoint (the model stream was never written).
+    // The bench's keys: the checkpoint and its chunks (the model stream was never written).
     let mut conn = redis.manager().await.unwrap();
-    let _: Result<(), _> = redis::cmd("DEL")
-        .arg(store.key(0))
+    let key = store.key(0);
+    let (generation, chunks): (Option<String>, Option<usize>) = redis::cmd("HMGET")
+        .arg(&key)
+        .arg("gen")
+        .arg("chunks")
         .query_async(&mut conn)
-        .await;
+        .await
+        .unwrap_or_default();
+    let mut doomed = vec![key.clone()];
+    if let (Some(generation), Some(chunks)) = (generation, chunks) {
+        doomed.extend((0..chunks).map(|i| chunk_key(&key, &generation, i)));
+    }
+    for key in doomed {
+        let _: Result<(), _> = redis::cmd("UNLINK").arg(key).query_async(&mut conn).await;
+    }
 }

@@ -1200,25 +1200,43 @@ pub const FAST_JOIN: [&str; 4] = [
 ];
 
 /// Each partition's state as the scorer checkpointed it under `prefix` for `topic` (partitions
-/// `0..partitions`), restored with the scorer's own code.
+/// `0..partitions`), read and restored with the scorer's own store.
 pub fn checkpointed_states(
     prefix: &str,
     topic: &str,
     partitions: i32,
 ) -> Vec<ctr_scorer::state::PartitionState> {
-    let mut con = redis();
     (0..partitions)
-        .map(|p| {
-            let bytes: Vec<u8> = redis::cmd("HGET")
-                .arg(ctr_schemas::contract::keys::scorer_checkpoint(
-                    prefix, topic, p,
-                ))
-                .arg("state")
-                .query(&mut con)
-                .expect("a checkpoint of every partition");
-            ctr_scorer::state::PartitionState::restore(&bytes).expect("the checkpoint restores")
-        })
+        .map(|p| scorer_checkpoint(prefix, topic, p).expect("a checkpoint of every partition"))
         .collect()
+}
+
+/// Partition `p`'s state as the scorer checkpointed it under `prefix` for `topic`, if it did,
+/// read through the scorer's own store (which reassembles a body saved in chunks).
+pub fn scorer_checkpoint(
+    prefix: &str,
+    topic: &str,
+    p: i32,
+) -> Option<ctr_scorer::state::PartitionState> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the scorer's async store");
+    rt.block_on(async {
+        let redis = ctr_runtime::redis::Redis::connect(
+            &redis_url(),
+            None,
+            redis_cluster(),
+            ctr_runtime::Policy::default(),
+        )
+        .await
+        .expect("Redis (scripts/stack up)");
+        let conn = redis.manager().await.expect("a Redis connection");
+        ctr_scorer::checkpoint::CheckpointStore::new(conn, redis.policy(), prefix, topic)
+            .load(p)
+            .await
+            .expect("the checkpoint reads and restores")
+    })
 }
 
 /// Starts `ctr-scorer` on the stack for `topic`, in consumer group `group`, writing Redis keys

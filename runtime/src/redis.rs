@@ -286,7 +286,7 @@ pub enum CheckpointError {
     /// The stored body does not decode: starting afresh would lose or double-count what it
     /// holds, so the owner refuses to.
     #[error(
-        "checkpoint {key} is unreadable ({reason}); refusing to start the partition from scratch: inspect or delete the key"
+        "checkpoint {key} is unreadable ({reason}); refusing to start the partition from scratch: inspect or delete the key (and its chunks, `<key>:<gen>:<i>`, or `{{<key>}}:<gen>:<i>` for a key without a hash tag, if its `gen` field names some)"
     )]
     Corrupt {
         /// The checkpoint's key.
@@ -297,24 +297,100 @@ pub enum CheckpointError {
 }
 
 const SAVE_LUA: &str = r#"
--- KEYS[1]: the checkpoint hash; KEYS[2] (optional): a stream that follows the checkpoints.
--- ARGV[1]: the writer's wall clock (Unix ms); ARGV[2]: the body; then pairs fence field, value.
+-- KEYS[1]: the checkpoint hash; KEYS[2] (if ARGV[5] is 1): a stream that follows the
+-- checkpoints; then the staged chunks of the body, in order. ARGV[1]: the writer's wall
+-- clock (Unix ms); ARGV[2]: the body when it is stored inline, else empty; ARGV[3]: the
+-- chunks' generation, empty when inline; ARGV[4]: the number of chunks; ARGV[5]: 1 with a
+-- stream; ARGV[6]: what a chunk's name starts with (`chunk_key`); then pairs fence field, value.
+local hash = KEYS[1]
+local first_chunk = tonumber(ARGV[5]) == 1 and 3 or 2
+local gen = ARGV[3]
+local old_gen = redis.call('HGET', hash, 'gen')
 local first_old = nil
-for i = 3, #ARGV, 2 do
-  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+for i = 7, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', hash, ARGV[i]) or '-1')
   if first_old == nil then first_old = old end
-  if tonumber(ARGV[i + 1]) < old then return 0 end
+  if tonumber(ARGV[i + 1]) < old then
+    -- Refused: the staged chunks will never be read (unless this is a retry of a save that
+    -- was committed, and so is the stored generation).
+    if gen ~= old_gen then
+      for j = first_chunk, #KEYS do redis.call('UNLINK', KEYS[j]) end
+    end
+    return 0
+  end
 end
-local fields = {'state', ARGV[2], 't', ARGV[1]}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
+-- A staged chunk that expired (a save slower than the staging lifetime) must not be committed.
+for j = first_chunk, #KEYS do
+  if redis.call('EXISTS', KEYS[j]) == 0 then return -1 end
+end
+local old_chunks = tonumber(redis.call('HGET', hash, 'chunks') or '0')
+local fields = {'t', ARGV[1]}
+if gen == '' then
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = ARGV[2]
+  redis.call('HDEL', hash, 'gen', 'chunks')
+else
+  fields[#fields + 1] = 'gen'
+  fields[#fields + 1] = gen
+  fields[#fields + 1] = 'chunks'
+  fields[#fields + 1] = ARGV[4]
+  redis.call('HDEL', hash, 'state')
+  for j = first_chunk, #KEYS do redis.call('PERSIST', KEYS[j]) end
+end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', hash, unpack(fields))
+-- The previous generation's chunks (same slot: their names carry the hash's tag).
+if old_gen and old_gen ~= gen then
+  for i = 0, old_chunks - 1 do
+    redis.call('UNLINK', ARGV[6] .. old_gen .. ':' .. i)
+  end
+end
 -- Entries of the stream below the previous checkpoint's first fence value describe what that
 -- checkpoint already holds: nobody who restores it, or this one, needs them.
-if KEYS[2] and first_old and first_old > 0 then
+if first_chunk == 3 and first_old and first_old > 0 then
   redis.call('XTRIM', KEYS[2], 'MINID', first_old)
 end
 return 1
 "#;
+
+/// The largest single Redis value a checkpoint writes: a larger body is stored in chunks of
+/// this size. Redis refuses any value over `proto-max-bulk-len` (512 MB by default), and it
+/// runs a command, a script and the freeing of a value without serving anyone else: a 500 MB
+/// body in one script stopped Redis for 16 s (docs/BENCHMARKS.md, "Past one box").
+pub const MAX_VALUE_BYTES: usize = 8 << 20;
+
+/// How long a staged chunk lives before its checkpoint is committed: a writer that dies
+/// between staging and committing leaves nothing behind for longer.
+const STAGING_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// Loads retried when the checkpoint was replaced between reading its hash and its chunks.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// The key of chunk `i` of generation `generation` of the checkpoint at `key`, in `key`'s
+/// Redis Cluster slot: `key:generation:i` when `key` has a hash tag, `{key}:generation:i`
+/// (the whole key as the tag) when it has no brace at all. (A key with braces that do not
+/// make a tag has no such name; on a cluster its chunked save fails with Redis's CROSSSLOT
+/// error. The project's keys are of the first two kinds.)
+pub fn chunk_key(key: &str, generation: &str, i: usize) -> String {
+    format!("{}{generation}:{i}", chunk_prefix(key))
+}
+
+fn chunk_prefix(key: &str) -> String {
+    if hash_tag(key).is_some() || key.contains(['{', '}']) {
+        format!("{key}:")
+    } else {
+        format!("{{{key}}}:")
+    }
+}
+
+/// The part of `key` Redis Cluster hashes when it is not the whole key: between the first `{`
+/// and the first `}` after it, if not empty.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    let close = rest.find('}')?;
+    (close > 0).then(|| &rest[..close])
+}
 
 /// What a checkpoint holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,17 +406,27 @@ pub struct Saved {
 /// Durable per-partition checkpoints in Redis, fenced: a save whose fence values are behind
 /// the stored ones (an owner that lost its partition and has not noticed yet) writes nothing.
 ///
-/// Layout: one hash per partition at `key(partition)`, with `state` (the body), `t` (the
-/// writer's wall clock, Unix ms) and one field per fence value (input offsets, `-1` = none).
-/// Which offsets fence a checkpoint is the owner's business (the joiner: the next offsets of
-/// both its inputs; the scorer: the next labeled offset); the store only compares them.
-/// Loads and saves follow the [`Policy`]: a save is idempotent, so a retried one is harmless.
+/// Layout: one hash per partition at `key(partition)`, with `t` (the writer's wall clock, Unix
+/// ms), one field per fence value (input offsets, `-1` = none), and the body: inline in
+/// `state` when it is at most [`MAX_VALUE_BYTES`], else in chunks of that size at
+/// [`chunk_key`]`(key, gen, 0..chunks)`, named by the fields `gen` and `chunks`. Which offsets
+/// fence a checkpoint is the owner's business (the joiner: the next offsets of both its
+/// inputs; the scorer: the next labeled offset); the store only compares them.
+///
+/// A chunked save stages its chunks first (each its own `SET`, expiring after ten minutes),
+/// then commits in one script: checks the fence, makes the chunks permanent, points the hash
+/// at them and deletes the previous generation's. So a reader sees a whole checkpoint, old or
+/// new, and Redis is never held by more than one chunk's write; while a checkpoint is being
+/// replaced, Redis holds both. A load that finds a chunk gone (replaced meanwhile) reads the
+/// hash again. Loads and saves follow the [`Policy`]: each step is idempotent, so a retried one
+/// is harmless.
 pub struct FencedStore {
     conn: RedisConn,
     policy: Policy,
     key: Box<dyn Fn(i32) -> String + Send + Sync>,
     fence: &'static [&'static str],
     save: Script,
+    chunk_bytes: usize,
 }
 
 impl std::fmt::Debug for FencedStore {
@@ -348,6 +434,7 @@ impl std::fmt::Debug for FencedStore {
         f.debug_struct("FencedStore")
             .field("example_key", &(self.key)(0))
             .field("fence", &self.fence)
+            .field("chunk_bytes", &self.chunk_bytes)
             .finish()
     }
 }
@@ -366,7 +453,15 @@ impl FencedStore {
             key: Box::new(key),
             fence,
             save: Script::new(SAVE_LUA),
+            chunk_bytes: MAX_VALUE_BYTES,
         }
+    }
+
+    /// The same store with bodies over `bytes` (at least 1) written in chunks of `bytes`
+    /// instead of [`MAX_VALUE_BYTES`] (tests exercise chunking with small bodies).
+    pub fn with_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.chunk_bytes = bytes.max(1);
+        self
     }
 
     /// The key of partition `partition`'s checkpoint.
@@ -380,34 +475,106 @@ impl FencedStore {
         partition: i32,
     ) -> Result<Option<Saved>, DependencyError<redis::RedisError>> {
         let key = self.key(partition);
+        for _ in 0..LOAD_ATTEMPTS {
+            let Some(head) = self.load_head(&key).await? else {
+                return Ok(None);
+            };
+            let body = match head.body {
+                Body::Inline(body) => Some(body),
+                Body::Chunks { generation, chunks } => {
+                    self.load_chunks(&key, &generation, chunks).await?
+                }
+            };
+            if let Some(body) = body {
+                return Ok(Some(Saved {
+                    fence: head.fence,
+                    body,
+                    saved_ms: head.saved_ms,
+                }));
+            }
+            tracing::debug!(
+                key,
+                "checkpoint replaced while it was read; reading it again"
+            );
+        }
+        Err(DependencyError::Failed(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "checkpoint replaced on every read",
+            format!("{key}: its chunks changed under {LOAD_ATTEMPTS} reads in a row"),
+        ))))
+    }
+
+    /// The hash of the checkpoint at `key` (`None` if it holds no body).
+    async fn load_head(
+        &self,
+        key: &str,
+    ) -> Result<Option<Head>, DependencyError<redis::RedisError>> {
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(&key).arg("state").arg("t").arg(self.fence);
+        cmd.arg(key)
+            .arg("state")
+            .arg("t")
+            .arg("gen")
+            .arg("chunks")
+            .arg(self.fence);
         let conn = &self.conn;
-        let (body, saved_ms, fence): (Option<Vec<u8>>, Option<i64>, Vec<Option<i64>>) = {
-            let got: Vec<redis::Value> = self
+        let got: Vec<redis::Value> = self
+            .policy
+            .retry(&format!("loading checkpoint {key}"), || {
+                let mut c = conn.clone();
+                let cmd = cmd.clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        let mut values = got.into_iter();
+        let mut next = || values.next().unwrap_or(redis::Value::Nil);
+        let body_inline: Option<Vec<u8>> = from_value(next(), key)?;
+        let saved_ms: Option<i64> = from_value(next(), key)?;
+        let generation: Option<String> = from_value(next(), key)?;
+        let chunks: Option<usize> = from_value(next(), key)?;
+        let mut fence = Vec::with_capacity(self.fence.len());
+        for _ in self.fence {
+            let v: Option<i64> = from_value(next(), key)?;
+            fence.push(v.filter(|&v| v >= 0));
+        }
+        let body = match (body_inline, generation.zip(chunks)) {
+            (Some(body), _) => Body::Inline(body),
+            (None, Some((generation, chunks))) => Body::Chunks { generation, chunks },
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Head {
+            body,
+            saved_ms,
+            fence,
+        }))
+    }
+
+    /// The body in `chunks` chunks of `generation`, or `None` if one is gone (the checkpoint
+    /// was replaced since its hash was read).
+    async fn load_chunks(
+        &self,
+        key: &str,
+        generation: &str,
+        chunks: usize,
+    ) -> Result<Option<Vec<u8>>, DependencyError<redis::RedisError>> {
+        let mut body = Vec::new();
+        for i in 0..chunks {
+            let chunk = chunk_key(key, generation, i);
+            let conn = &self.conn;
+            let part: Option<Vec<u8>> = self
                 .policy
-                .retry(&format!("loading checkpoint {key}"), || {
+                .retry(&format!("loading checkpoint chunk {chunk}"), || {
                     let mut c = conn.clone();
-                    let cmd = cmd.clone();
+                    let mut cmd = redis::cmd("GET");
+                    cmd.arg(&chunk);
                     async move { cmd.query_async(&mut c).await }
                 })
                 .await?;
-            let mut values = got.into_iter();
-            let mut next = || values.next().unwrap_or(redis::Value::Nil);
-            let body: Option<Vec<u8>> = from_value(next(), &key)?;
-            let saved: Option<i64> = from_value(next(), &key)?;
-            let mut fence = Vec::with_capacity(self.fence.len());
-            for _ in self.fence {
-                let v: Option<i64> = from_value(next(), &key)?;
-                fence.push(v.filter(|&v| v >= 0));
-            }
-            (body, saved, fence)
-        };
-        Ok(body.map(|body| Saved {
-            fence,
-            body,
-            saved_ms,
-        }))
+            let Some(part) = part else {
+                return Ok(None);
+            };
+            body.extend_from_slice(&part);
+        }
+        Ok(Some(body))
     }
 
     /// The stored checkpoint of `partition` decoded by `decode`, with its writer's wall clock
@@ -447,11 +614,42 @@ impl FencedStore {
             "a checkpoint is saved with one value per fence field"
         );
         let key = self.key(partition);
+        let chunked = body.len() > self.chunk_bytes;
+        // Unique per save: staging must never overwrite the chunks of a committed checkpoint,
+        // which readers may be reading (two saves in one millisecond, two hosts' processes with
+        // the same pid).
+        let generation = if chunked {
+            use std::hash::{BuildHasher, Hasher};
+            let random = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            format!("{wall_ms}-{random:016x}")
+        } else {
+            String::new()
+        };
+        let mut chunk_keys = Vec::new();
+        if chunked {
+            for (i, part) in body.chunks(self.chunk_bytes).enumerate() {
+                let chunk = chunk_key(&key, &generation, i);
+                self.stage(&chunk, part).await?;
+                chunk_keys.push(chunk);
+            }
+        }
         let mut invocation = self.save.key(&key);
         if let Some(stream) = trim {
             invocation.key(stream);
         }
-        invocation.arg(wall_ms).arg(body);
+        for chunk in &chunk_keys {
+            invocation.key(chunk);
+        }
+        let inline: &[u8] = if chunked { &[] } else { body };
+        invocation
+            .arg(wall_ms)
+            .arg(inline)
+            .arg(&generation)
+            .arg(chunk_keys.len())
+            .arg(u8::from(trim.is_some()))
+            .arg(chunk_prefix(&key));
         for (field, value) in self.fence.iter().zip(fence) {
             invocation.arg(*field).arg(*value);
         }
@@ -462,8 +660,49 @@ impl FencedStore {
             &invocation,
         )
         .await?;
+        if written < 0 {
+            return Err(DependencyError::Failed(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "checkpoint chunks expired before the commit",
+                format!(
+                    "{key}: a staged chunk of generation {generation} was gone after {STAGING_TTL_MS} ms"
+                ),
+            ))));
+        }
         Ok(written == 1)
     }
+
+    /// Writes one chunk of a body being saved, expiring unless a commit makes it permanent.
+    async fn stage(
+        &self,
+        chunk: &str,
+        part: &[u8],
+    ) -> Result<(), DependencyError<redis::RedisError>> {
+        let conn = &self.conn;
+        self.policy
+            .retry(&format!("staging checkpoint chunk {chunk}"), || {
+                let mut c = conn.clone();
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(chunk).arg(part).arg("PX").arg(STAGING_TTL_MS);
+                async move { cmd.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+}
+
+/// A checkpoint hash's fields, as [`FencedStore::load`] reads them.
+struct Head {
+    body: Body,
+    saved_ms: Option<i64>,
+    fence: Vec<Option<i64>>,
+}
+
+/// Where a checkpoint's body is.
+enum Body {
+    /// In the hash's `state` field.
+    Inline(Vec<u8>),
+    /// In `chunks` chunks of `generation` ([`chunk_key`]).
+    Chunks { generation: String, chunks: usize },
 }
 
 fn from_value<T: redis::FromRedisValue>(
@@ -477,4 +716,25 @@ fn from_value<T: redis::FromRedisValue>(
             format!("{key}: {}", redis::RedisError::from(e)),
         )))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_is_in_its_checkpoints_cluster_slot() {
+        for key in [
+            "ctr:scorer:ckpt:{ctr.labeled:3}",
+            "ctr:feedback:ckpt:ctr-joiner:ctr.serves:7",
+        ] {
+            for i in [0, 1, 200] {
+                let chunk = chunk_key(key, "1764816000000-42", i);
+                assert_eq!(slot_of(&chunk), slot_of(key), "{chunk} and {key}");
+            }
+        }
+        assert_eq!(hash_tag("a{b}c{d}"), Some("b"));
+        assert_eq!(hash_tag("a{}b{c}"), None);
+        assert_eq!(hash_tag("a{b"), None);
+    }
 }

@@ -68,41 +68,24 @@ fn identical_model_state(partitions: u32, workers: usize) {
             &format!("--workers={workers}"),
         ],
     );
-    let mut con = redis();
     // Every partition's checkpoint, once together they cover every record (a fresh topic's
     // offsets start at 0, so a partition's next offset is its record count).
-    let checkpoints: Vec<Vec<u8>> = eventually(
+    let live: Vec<_> = eventually(
         Duration::from_secs(120),
         "checkpoints covering every record",
         || {
             let mut covered = 0i64;
             let mut states = Vec::new();
             for p in 0..partitions {
-                let ckpt =
-                    ctr_schemas::contract::keys::scorer_checkpoint(&prefix, &topic, p as i32);
-                let next: Option<i64> = redis::cmd("HGET")
-                    .arg(&ckpt)
-                    .arg("next")
-                    .query(&mut con)
-                    .ok()?;
-                covered += next?;
-                states.push(
-                    redis::cmd("HGET")
-                        .arg(&ckpt)
-                        .arg("state")
-                        .query(&mut con)
-                        .ok()?,
-                );
+                let state = scorer_checkpoint(&prefix, &topic, p as i32)?;
+                covered += state.next_offset?;
+                states.push(state);
             }
             (covered >= n as i64).then_some(states)
         },
         || scorer.output(),
     );
     scorer.stop();
-    let live: Vec<_> = checkpoints
-        .iter()
-        .map(|s| ctr_scorer::state::PartitionState::restore(s).expect("a checkpoint decodes"))
-        .collect();
 
     // Offline: the backtest's replay loop over the file, in the same layout.
     let cfg = ctr_backtest::run::RunConfig {

@@ -3,6 +3,7 @@
 mod backtest;
 mod broker;
 mod chaos;
+mod checkpoint;
 mod dashboard;
 mod ingest;
 mod joiner;
