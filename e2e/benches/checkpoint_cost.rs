@@ -2,7 +2,9 @@
 //! per checkpoint, and restore time, at a fixed rate of change.
 //!
 //! Run (stack up: the checkpoints go to the stack's Redis through the scorer's own store):
-//! `cargo bench -p ctr-e2e --bench checkpoint_cost -- [largest size, default 10000000]`
+//! `cargo bench -p ctr-e2e --bench checkpoint_cost -- [largest size, default 10000000] [--one-value]`
+//! (`--one-value`: the baseline, each body in one Redis value written by one script, as before
+//! checkpoints were chunked)
 //!
 //! One partition's [`PartitionState`] with the scorer's default variants (counts, FTRL,
 //! combined) is fed labels whose contexts never repeat (500 ads; each label's query category
@@ -14,13 +16,18 @@
 //! and the last is restored (`CheckpointStore::load`: read and decode). A checkpoint Redis
 //! refuses is reported as refused.
 //!
+//! Beside each save, another client PINGs Redis in a loop on its own thread: the longest
+//! answer during the saves is how long Redis stopped serving others.
+//!
 //! Model maintenance (eviction of idle FTRL coordinates and faded counts) is not run, so the
 //! models grow with the contexts as the exact totals do: the figure is the checkpoint's cost
 //! per key of state, whichever part holds it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use ctr_e2e::{redis_cluster, redis_url, unique};
+use ctr_e2e::{redis, redis_cluster, redis_url, unique};
 use ctr_models::{ModelSet, VariantConfig, VariantKind};
 use ctr_runtime::Policy;
 use ctr_runtime::redis::{Redis, chunk_key};
@@ -70,6 +77,47 @@ fn feed(state: &mut PartitionState, from: u64, to: u64) {
     state.next_offset = Some(to as i64);
 }
 
+/// Another client of the same Redis, PINGing in a loop on its own thread; while `watch`ed,
+/// it keeps the longest answer.
+struct Pinger {
+    watching: Arc<AtomicBool>,
+    longest_us: Arc<AtomicU64>,
+}
+
+impl Pinger {
+    fn start() -> Self {
+        let (watching, longest_us) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (w, l) = (Arc::clone(&watching), Arc::clone(&longest_us));
+        std::thread::spawn(move || {
+            let mut con = redis();
+            loop {
+                let t = Instant::now();
+                let _: String = redis::cmd("PING").query(&mut con).expect("PING");
+                if w.load(Ordering::Relaxed) {
+                    l.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+        Self {
+            watching,
+            longest_us,
+        }
+    }
+
+    fn watch(&self, on: bool) {
+        self.watching.store(on, Ordering::Relaxed);
+    }
+
+    /// The longest PING while watched since the last call, in seconds.
+    fn take_longest(&self) -> f64 {
+        self.longest_us.swap(0, Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let largest: usize = std::env::args()
@@ -78,6 +126,8 @@ async fn main() {
         .map_or(10_000_000, |a| {
             a.parse().expect("the largest size, a number")
         });
+    // The baseline: the body in one value, written by one script (as before chunking).
+    let one_value = std::env::args().any(|a| a == "--one-value");
     let redis = Redis::connect(&redis_url(), None, redis_cluster(), Policy::default())
         .await
         .expect("Redis (scripts/stack up)");
@@ -88,6 +138,9 @@ async fn main() {
         &prefix,
         "labels",
     );
+    if one_value {
+        store = store.with_chunk_bytes(usize::MAX);
+    }
     let models = ModelSet::new(
         [
             VariantKind::Counts,
@@ -100,13 +153,19 @@ async fn main() {
     .unwrap();
     let mut state = PartitionState::new(models, 900_000);
     println!(
-        "machine: {} cores; one partition, variants counts, ftrl, combined; {CHANGE} new labels (new contexts) before each checkpoint",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "machine: {} cores; one partition, variants counts, ftrl, combined; {CHANGE} new labels (new contexts) before each checkpoint; body {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if one_value {
+            "in one value"
+        } else {
+            "in chunks of 8 MiB"
+        }
     );
     println!(
-        "| exact-total keys | model parameters | checkpoint bytes | encode | checkpoint (encode + fenced write) | restore (read + decode) |"
+        "| exact-total keys | model parameters | checkpoint bytes | encode | checkpoint (encode + fenced write) | longest PING meanwhile | restore (read + decode) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
+    let pinger = Pinger::start();
     let mut fed = 0u64;
     for size in SIZES.into_iter().filter(|s| *s <= largest) {
         // Each label adds one (ad, context) key beside the 500 ad keys: the third
@@ -124,7 +183,10 @@ async fn main() {
             encode.push(t.elapsed().as_secs_f64());
             bytes = body.len();
             let t = Instant::now();
-            match store.save(0, &state).await {
+            pinger.watch(true);
+            let saved = store.save(0, &state).await;
+            pinger.watch(false);
+            match saved {
                 Ok((written, _)) => {
                     assert!(written, "a checkpoint ahead of the stored one is written");
                     save.push(t.elapsed().as_secs_f64());
@@ -145,8 +207,9 @@ async fn main() {
         } else {
             "-".into()
         };
+        let longest_ping = pinger.take_longest();
         println!(
-            "| {} | {} | {:.1} MB ({:.0} B/key) | {:.3} s | {} | {restore} |",
+            "| {} | {} | {:.1} MB ({:.0} B/key) | {:.3} s | {} | {longest_ping:.3} s | {restore} |",
             state.total_keys(),
             state.parameters(),
             bytes as f64 / 1e6,

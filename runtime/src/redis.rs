@@ -556,22 +556,34 @@ impl FencedStore {
         generation: &str,
         chunks: usize,
     ) -> Result<Option<Vec<u8>>, DependencyError<redis::RedisError>> {
+        use futures::stream::{self, StreamExt, TryStreamExt};
+        // A few chunks in flight: the next is on its way while one is copied.
+        let mut parts = stream::iter(0..chunks)
+            .map(|i| {
+                let chunk = chunk_key(key, generation, i);
+                let conn = self.conn.clone();
+                let policy = self.policy;
+                async move {
+                    policy
+                        .retry(&format!("loading checkpoint chunk {chunk}"), || {
+                            let mut c = conn.clone();
+                            let mut cmd = redis::cmd("GET");
+                            cmd.arg(&chunk);
+                            async move { cmd.query_async::<Option<Vec<u8>>>(&mut c).await }
+                        })
+                        .await
+                }
+            })
+            .buffered(4);
         let mut body = Vec::new();
-        for i in 0..chunks {
-            let chunk = chunk_key(key, generation, i);
-            let conn = &self.conn;
-            let part: Option<Vec<u8>> = self
-                .policy
-                .retry(&format!("loading checkpoint chunk {chunk}"), || {
-                    let mut c = conn.clone();
-                    let mut cmd = redis::cmd("GET");
-                    cmd.arg(&chunk);
-                    async move { cmd.query_async(&mut c).await }
-                })
-                .await?;
+        while let Some(part) = parts.try_next().await? {
             let Some(part) = part else {
                 return Ok(None);
             };
+            if body.is_empty() {
+                // Every chunk but the last is as long as the first.
+                body.reserve_exact(part.len().saturating_mul(chunks));
+            }
             body.extend_from_slice(&part);
         }
         Ok(Some(body))

@@ -4,7 +4,9 @@
 //! Where: Redis, key `<prefix>scorer:ckpt:{<topic>:<partition>}`, a hash with `next` (the next
 //! offset to read), `state` (the state in the project's snapshot container: magic, version,
 //! length, checksum) and `t` (the owner's wall clock when written), kept by the runtime's
-//! fenced store (`ctr_runtime::redis::FencedStore`). Redis because it is already the scorer's durable store (append-only file,
+//! fenced store (`ctr_runtime::redis::FencedStore`). A state over 8 MiB is not in `state` but
+//! in chunks `<key>:<gen>:<i>` (`gen` and `chunks` fields), staged and then committed by the
+//! same fenced script. Redis because it is already the scorer's durable store (append-only file,
 //! fsync every second), because a partition may move to a scorer on another host (a local file
 //! would not follow it), and because the partition's applied offset (`<prefix>offset:...`)
 //! lives there too.
@@ -74,6 +76,13 @@ impl CheckpointStore {
             redis_prefix: redis_prefix.to_string(),
             topic: topic.to_string(),
         }
+    }
+
+    /// The same store writing bodies over `bytes` in chunks of `bytes` instead of
+    /// [`ctr_runtime::redis::MAX_VALUE_BYTES`] (the checkpoint bench compares with one value).
+    pub fn with_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.store = self.store.with_chunk_bytes(bytes);
+        self
     }
 
     /// The Redis key of `partition`'s checkpoint.
