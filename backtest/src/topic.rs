@@ -223,8 +223,11 @@ impl LabeledTopic {
             tpl.add_partition_offset(&range.topic, p, Offset::Offset(start))?;
             plan.push((p, start, end));
         }
-        consumer.assign(&tpl)?;
-        // Queues are split after the assignment (an assignment deactivates earlier ones).
+        // Each partition gets its own queue before the assignment starts fetching. Split after
+        // it, a fetch that lands first goes to the consumer's queue (librdkafka#3231): a replay
+        // under load once waited 60 s on a partition whose records had all gone there. A queue
+        // split by the application stays split (librdkafka marks it and the fetch start leaves
+        // it alone), and this consumer is assigned once.
         let mut partitions = Vec::new();
         for (p, start, end) in plan {
             let queue = consumer
@@ -242,6 +245,7 @@ impl LabeledTopic {
                 read: 0,
             });
         }
+        consumer.assign(&tpl)?;
         Ok(Self {
             consumer,
             partitions,
@@ -258,8 +262,17 @@ impl LabeledTopic {
                 if part.done || part.head.is_some() {
                     break;
                 }
-                // Serve the consumer's events (errors, statistics); nothing else arrives there.
-                let _ = self.consumer.poll(Duration::ZERO);
+                // Serve the consumer's events. Its errors are transient ones librdkafka retries
+                // (a partition that stays silent is caught below). Records never arrive there
+                // (every partition has its own queue); one that did would be lost, so it is an
+                // error rather than dropped.
+                if let Some(Ok(stray)) = self.consumer.poll(Duration::ZERO) {
+                    return Err(std::io::Error::other(format!(
+                        "partition {} offset {} arrived outside its partition's queue",
+                        stray.partition(),
+                        stray.offset()
+                    )));
+                }
                 let polled = part.queue.poll(Duration::from_millis(100));
                 let Some(msg) = polled else {
                     let quiet = part.last_seen.elapsed();
