@@ -8,6 +8,8 @@ use std::time::Duration;
 use ctr_models::{BetaPrior, VariantConfig, VariantKind};
 use ctr_runtime::flags::{Service, ServiceFlags};
 
+use crate::retention::Retention;
+
 /// Settings as given: the command line of `ctr-scorer`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -78,6 +80,19 @@ pub struct ScorerArgs {
     /// FTRL coordinates idle this long in event time are evicted, ms.
     #[arg(long, env = "CTR_SCORER_IDLE_MS", default_value_t = 3_600_000)]
     pub idle_ms: i64,
+    /// Exact totals of a key (an ad, or an ad in one context) unchanged this long in event
+    /// time leave the hot state, ms (their values stay in Redis and are read back when the key
+    /// returns; see the `retention` module). 0: keep every key hot forever.
+    #[arg(long, env = "CTR_SCORER_TOTALS_HOT_MS", default_value_t = 86_400_000)]
+    pub totals_hot_ms: i64,
+    /// Retired keys each partition remembers (its filter takes 12 bits per key): one that
+    /// returns after more have retired since it did starts again from zero.
+    #[arg(
+        long,
+        env = "CTR_SCORER_TOTALS_REMEMBERED",
+        default_value_t = 1_000_000
+    )]
+    pub totals_remembered: usize,
     /// Shed load (sample negatives) when overloaded.
     #[arg(long, env = "CTR_SCORER_SHEDDING", default_value_t = true, action = clap::ArgAction::Set)]
     pub shedding: bool,
@@ -136,6 +151,8 @@ pub struct ScorerConfig {
     pub dedupe_horizon_ms: i64,
     /// `--idle-ms`: FTRL coordinates idle this long (event time) are evicted.
     pub idle_ms: i64,
+    /// `--totals-hot-ms`, `--totals-remembered`: how the exact totals stay bounded.
+    pub retention: Retention,
     /// `--shedding`: shed load when overloaded.
     pub shedding: bool,
     /// `--lag-bound`: consumer lag that counts as overload.
@@ -226,6 +243,12 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             "must be >= 1000",
         )?;
         check(a.idle_ms > 0, "idle_ms", "must be > 0")?;
+        check(a.totals_hot_ms >= 0, "totals_hot_ms", "must be >= 0")?;
+        check(
+            a.totals_hot_ms == 0 || a.totals_remembered > 0,
+            "totals_remembered",
+            "must be > 0 while keys retire (totals_hot_ms > 0)",
+        )?;
         check(a.lag_bound > 0, "lag_bound", "must be > 0")?;
         check(
             a.min_rate > 0.0 && a.min_rate <= 1.0,
@@ -260,6 +283,10 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             checkpoint_every: Duration::from_millis(a.checkpoint_ms),
             dedupe_horizon_ms: a.dedupe_horizon_ms,
             idle_ms: a.idle_ms,
+            retention: Retention {
+                hot_ms: a.totals_hot_ms,
+                remembered: a.totals_remembered,
+            },
             shedding: a.shedding,
             lag_bound: a.lag_bound,
             min_rate: a.min_rate,

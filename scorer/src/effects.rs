@@ -1,5 +1,6 @@
 //! A worker's effects on the world behind one narrow trait, [`Effects`]: restoring a
-//! partition, publishing a batch, saving a checkpoint, dead-lettering, committing offsets.
+//! partition, publishing a batch, reading back a retired key's totals, saving a checkpoint,
+//! dead-lettering, committing offsets.
 //!
 //! The exactly-once protocol is an order of these effects (a batch is published before the
 //! checkpoint that covers it, every dead letter is delivered before the checkpoint that moves
@@ -20,7 +21,7 @@ use tracing::{debug, warn};
 use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::deadletter::DeadLetters;
 use crate::publish::{Published, Publisher};
-use crate::state::PartitionState;
+use crate::state::{PartitionState, Total};
 
 /// One partition's batch as written to Redis.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +53,13 @@ pub trait Effects: Send + 'static {
         &mut self,
         batch: Batch<'_>,
     ) -> impl Future<Output = Result<bool, DependencyError<redis::RedisError>>> + Send;
+
+    /// The totals published under the estimate key `key` and the offset they are exact as of
+    /// ([`Publisher::read_total`]).
+    fn read_total(
+        &mut self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<(Total, i64)>, DependencyError<redis::RedisError>>> + Send;
 
     /// Saves the partition's state unless a newer checkpoint is stored; whether it was
     /// written, and its size in bytes.
@@ -119,6 +127,14 @@ impl Effects for Live {
             b.model,
             b.delta,
         )
+    }
+
+    fn read_total(
+        &mut self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<(Total, i64)>, DependencyError<redis::RedisError>>> + Send
+    {
+        self.publisher.read_total(key)
     }
 
     fn save(

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the service's settings.
 //! - [`state`]: one partition's state (models, dedupe, sampling) and what a record does to it.
+//! - [`retention`]: bounded exact totals: keys leave the hot state and come back from Redis.
 //! - [`hold`]: clicks held until the negatives of their time have arrived.
 //! - [`worker`]: keyed workers, each the single owner of its partitions' state.
 //! - [`consumer`]: the Kafka consumer-group loop that feeds the workers.
@@ -36,6 +37,7 @@ pub mod load;
 pub mod monitor;
 pub mod publish;
 pub mod replica;
+pub mod retention;
 pub mod serving;
 pub mod state;
 pub mod worker;

@@ -213,6 +213,35 @@ impl Publisher {
         Ok(written == 1)
     }
 
+    /// The totals of one estimate key as last published, with the partition offset they are
+    /// exact as of (`ver`), for a key coming back into a partition's hot state
+    /// ([`crate::retention`]); `None` if Redis has no totals under it. Follows the dependency
+    /// policy.
+    pub async fn read_total(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Total, i64)>, DependencyError<redis::RedisError>> {
+        let (imps, clicks, ver): (Option<u64>, Option<u64>, Option<i64>) = self
+            .policy
+            .retry(&format!("reading the totals at {key}"), || {
+                let mut c = self.conn.clone();
+                async move {
+                    redis::cmd("HMGET")
+                        .arg(key)
+                        .arg("imps")
+                        .arg("clicks")
+                        .arg("ver")
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(match (imps, clicks, ver) {
+            (Some(imps), Some(clicks), Some(ver)) => Some((Total { imps, clicks }, ver)),
+            _ => None,
+        })
+    }
+
     /// On a Redis Cluster: writes the batch's estimates, one script per slot (an ad's keys
     /// share one), all slots at once, each key only if its `ver` is below `last_offset`.
     async fn apply_values_per_slot(

@@ -32,8 +32,16 @@ use crate::state::{Total, context_total_hash, total_key_in};
 type HashMap64<V> = HashMap<u64, V, BuildHasherDefault<NoHashHasher<u64>>>;
 
 /// Format of an encoded [`PartitionDelta`] (in the project's snapshot container). 2 added the
-/// variant's offset ([`ctr_models::Offset`]); 1 is still read.
-pub const DELTA_FORMAT: u16 = 2;
+/// variant's offset ([`ctr_models::Offset`]), 3 the retired totals; 1 and 2 are still read.
+pub const DELTA_FORMAT: u16 = 3;
+
+/// A [`PartitionDelta`] of format 2.
+#[derive(Deserialize)]
+struct PartitionDeltaV2 {
+    model: VariantDelta,
+    totals: Vec<(u64, Total)>,
+    campaigns: Vec<(u64, String)>,
+}
 
 /// A [`PartitionDelta`] of format 1.
 #[derive(Deserialize)]
@@ -53,6 +61,10 @@ pub struct PartitionDelta {
     pub totals: Vec<(u64, Total)>,
     /// Campaigns of the batch's ads, by ad key.
     pub campaigns: Vec<(u64, String)>,
+    /// Total keys that left the owner's hot state ([`crate::retention`]); an ad's key takes
+    /// the ad's campaign with it. Applied before `totals`: a key may retire and come back
+    /// between two written deltas.
+    pub retired: Vec<u64>,
 }
 
 impl PartitionDelta {
@@ -65,10 +77,17 @@ impl PartitionDelta {
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         match snapshot::open(bytes)? {
             (DELTA_FORMAT, body) => snapshot::decode_body(body),
+            (2, body) => snapshot::decode_body::<PartitionDeltaV2>(body).map(|d| Self {
+                model: d.model,
+                totals: d.totals,
+                campaigns: d.campaigns,
+                retired: Vec::new(),
+            }),
             (1, body) => snapshot::decode_body::<PartitionDeltaV1>(body).map(|d| Self {
                 model: d.model.into_current(),
                 totals: d.totals,
                 campaigns: d.campaigns,
+                retired: Vec::new(),
             }),
             (found, _) => Err(SnapshotError::UnsupportedVersion {
                 found,
@@ -225,6 +244,10 @@ impl ServingState {
             });
         }
         self.variant.apply(&delta.model)?;
+        for key in &delta.retired {
+            self.totals.remove(key);
+            self.campaigns.remove(key);
+        }
         self.totals.extend(delta.totals.iter().copied());
         for (ad, campaign) in &delta.campaigns {
             if self.campaigns.get(ad) != Some(campaign) {
@@ -337,6 +360,7 @@ mod tests {
             model: v.delta(&touched, &Default::default()),
             totals,
             campaigns,
+            retired: Vec::new(),
         }
     }
 

@@ -8,7 +8,9 @@
 //! Four parts:
 //! - the models ([`ModelSet`]: the variants learning side by side, one of them serving);
 //! - exact totals (impressions, clicks) per ad and per ad in a full context, over distinct
-//!   labels, shed or not: the numbers published beside each estimate;
+//!   labels, shed or not: the numbers published beside each estimate (bounded: a key unchanged
+//!   for a while leaves the hot state and is read back from Redis when it returns, see
+//!   [`crate::retention`]);
 //! - [`Dedupe`]: label IDs seen recently, so the labels a restarted joiner re-emits (same
 //!   deterministic ID, new offset) are dropped;
 //! - [`Sampler`]: which negatives to learn from while shedding load, with the importance weight
@@ -24,6 +26,7 @@ use ctr_models::{Impression, ModelError, ModelSet, Variant};
 use ctr_schemas::{LabelKind, LabeledImpression};
 
 use crate::hold::Held;
+use crate::retention::{Retention, RetiredKeys};
 use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
@@ -50,9 +53,17 @@ pub struct Total {
     pub clicks: u64,
 }
 
+/// A hot key's totals, and the partition's event time when they last changed (for
+/// retirement: [`crate::retention`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Kept {
+    total: Total,
+    changed_ms: i64,
+}
+
 /// Key of an ad's totals, or of the ad in one context (`context_key`), in [`PartitionState`].
-/// Hashes, not strings: 24 bytes per key (plus the table's slack); 64-bit collisions are
-/// negligible at the millions of keys one partition holds.
+/// Hashes, not strings: [`crate::retention::HOT_KEY_BYTES`] per key (plus the table's slack);
+/// 64-bit collisions are negligible at the millions of keys one partition holds.
 pub fn total_key(ad: &str, context_key: Option<&str>) -> u64 {
     let ad_hash = hash_str(TOTAL_AD_NS, ad);
     match context_key {
@@ -349,7 +360,7 @@ pub struct PartitionState {
     pub next_offset: Option<i64>,
     models: ModelSet,
     dedupe: Dedupe,
-    totals: HashMap64<Total>,
+    totals: HashMap64<Kept>,
     /// Event time of the newest label learned (for model maintenance).
     newest_ms: i64,
     #[serde(skip)]
@@ -358,9 +369,18 @@ pub struct PartitionState {
     /// body of format 1, which is this layout without it and what follows.
     held: Held,
     /// Each ad's campaign (by [`ad_total_key`]), as its latest label named it: a serving
-    /// replica asked about a known ad without its campaign uses it. Last: format 2 is this
-    /// layout without it.
+    /// replica asked about a known ad without its campaign uses it. Format 2 is this
+    /// layout without it and what follows.
     campaigns: HashMap64<String>,
+    /// Newest event time of a counted record: the clock keys retire by (format 5 added this
+    /// field and those below; [`crate::retention`]).
+    clock_ms: i64,
+    /// The keys retired from `totals`, approximately.
+    retired: RetiredKeys,
+    /// Keys brought back from a Redis value as of a later offset than the record that brought
+    /// them back (a replay below what was published): a record of the key at or below that
+    /// offset is already in the value. Dropped once the partition reads past it.
+    seeded: HashMap64<i64>,
 }
 
 /// The impression the models see for label `l`, whose context pairs are `pairs`.
@@ -386,6 +406,9 @@ impl PartitionState {
             sampler: Sampler::default(),
             held: Held::default(),
             campaigns: HashMap64::default(),
+            clock_ms: i64::MIN,
+            retired: RetiredKeys::default(),
+            seeded: HashMap64::default(),
         }
     }
 
@@ -421,7 +444,71 @@ impl PartitionState {
 
     /// Exact totals of the key [`total_key`] gives.
     pub fn total_at(&self, key: u64) -> Total {
-        self.totals.get(&key).copied().unwrap_or_default()
+        self.totals.get(&key).map(|k| k.total).unwrap_or_default()
+    }
+
+    /// The keys retired from the hot totals, approximately.
+    pub fn retired(&self) -> &RetiredKeys {
+        &self.retired
+    }
+
+    /// Whether a record of the key `key` ([`total_key`]) needs the key's value from Redis
+    /// first: it is not hot, and it may have retired ([`crate::retention`]).
+    pub fn needs_seed(&self, key: u64) -> bool {
+        !self.totals.contains_key(&key) && self.retired.may_contain(key)
+    }
+
+    /// Brings `key` back into the hot totals with its value in Redis: totals `found.0` as of
+    /// partition offset `found.1` (`None`: Redis holds none, and it starts from zero). Call it
+    /// after setting `next_offset` past the record that brought it back: if that record is at
+    /// or below the value's offset, it and the key's records up to that offset are already in
+    /// the value, and [`PartitionState::apply`] does not add them again.
+    pub fn seed(&mut self, key: u64, found: Option<(Total, i64)>) {
+        let (total, ver) = found.unwrap_or((Total::default(), -1));
+        self.totals.insert(
+            key,
+            Kept {
+                total,
+                changed_ms: self.clock_ms,
+            },
+        );
+        if let Some(offset) = self.next_offset.map(|n| n - 1)
+            && ver >= offset
+        {
+            self.seeded.insert(key, ver);
+        }
+    }
+
+    /// Retires the keys unchanged for `retention.hot_ms` of event time, except those `busy`
+    /// says were changed since they were last published (their values are not in Redis yet).
+    /// Returns the keys retired: a replica of the partition drops them too.
+    pub fn retire(&mut self, retention: Retention, busy: impl Fn(u64) -> bool) -> Vec<u64> {
+        if let Some(next) = self.next_offset {
+            self.seeded.retain(|_, ver| *ver >= next);
+        }
+        if retention.hot_ms <= 0 || self.clock_ms == i64::MIN {
+            return Vec::new();
+        }
+        let cutoff = self.clock_ms.saturating_sub(retention.hot_ms);
+        let mut out = Vec::new();
+        self.totals.retain(|key, kept| {
+            let keep = kept.changed_ms >= cutoff || busy(*key);
+            if !keep {
+                out.push(*key);
+            }
+            keep
+        });
+        for key in &out {
+            self.retired.insert(*key, retention.remembered);
+            // An ad's key: its campaign goes with it (its next label names it again).
+            self.campaigns.remove(key);
+            self.seeded.remove(key);
+        }
+        // A table emptied by a wave of retirements gives its memory back.
+        if self.totals.capacity() > 4 * self.totals.len().max(1_024) {
+            self.totals.shrink_to(2 * self.totals.len());
+        }
+        out
     }
 
     /// The campaign of `ad` as its latest label named it.
@@ -435,7 +522,10 @@ impl PartitionState {
         let variant = self.models.take_variant(model)?;
         Some(crate::serving::ServingState::new(
             variant,
-            self.totals,
+            self.totals
+                .into_iter()
+                .map(|(key, kept)| (key, kept.total))
+                .collect(),
             self.campaigns,
             self.next_offset.map(|n| n - 1),
         ))
@@ -460,10 +550,19 @@ impl PartitionState {
             if self.campaigns.get(&ad_key) != Some(&l.campaign_id) {
                 self.campaigns.insert(ad_key, l.campaign_id.clone());
             }
+            self.clock_ms = self.clock_ms.max(l.ts_ms);
+            let offset = self.next_offset.map(|n| n - 1);
             for key in [ad_key, total_key(&l.ad_id, Some(context_key))] {
-                let t = self.totals.entry(key).or_default();
-                t.imps += u64::from(imps) * u64::from(stands_for);
-                t.clicks += u64::from(clicks);
+                let kept = self.totals.entry(key).or_default();
+                kept.changed_ms = self.clock_ms;
+                // Brought back from Redis with a value that already counts this record.
+                if let (Some(offset), Some(&ver)) = (offset, self.seeded.get(&key))
+                    && offset <= ver
+                {
+                    continue;
+                }
+                kept.total.imps += u64::from(imps) * u64::from(stands_for);
+                kept.total.clicks += u64::from(clicks);
             }
         }
         if l.kind == LabelKind::Label && !l.clicked && outcome != Outcome::Duplicate {
@@ -547,7 +646,8 @@ impl PartitionState {
         snapshot::encode_version(self, CHECKPOINT_FORMAT)
     }
 
-    /// Restores [`PartitionState::snapshot`]'s output, or a checkpoint of format 3 (models of
+    /// Restores [`PartitionState::snapshot`]'s output, or a checkpoint of format 4 (no key
+    /// retired yet), 3 (also models of
     /// their format 1, converted: `ctr_models::variants::legacy`), 2 (also before the ads'
     /// campaigns were kept: it restores with none known, and each ad's next label names it
     /// again) or 1 (also before clicks were held: none held either). The sampler restarts
@@ -555,14 +655,19 @@ impl PartitionState {
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
         match snapshot::open(bytes)? {
             (CHECKPOINT_FORMAT, body) => snapshot::decode_body(body),
-            (3, body) => snapshot::decode_body::<StateV3>(body).map(StateV3::into_current),
+            (4, body) => snapshot::decode_body::<StateV4>(body).map(StateV4::into_current),
+            (3, body) => snapshot::decode_body::<StateV3>(body)
+                .map(StateV3::into_v4)
+                .map(StateV4::into_current),
             (2, body) => snapshot::decode_body::<StateV2>(body)
                 .map(StateV2::into_v3)
-                .map(StateV3::into_current),
+                .map(StateV3::into_v4)
+                .map(StateV4::into_current),
             (1, body) => snapshot::decode_body::<StateV1>(body)
                 .map(StateV1::into_v2)
                 .map(StateV2::into_v3)
-                .map(StateV3::into_current),
+                .map(StateV3::into_v4)
+                .map(StateV4::into_current),
             (found, _) => Err(SnapshotError::UnsupportedVersion {
                 found,
                 supported: CHECKPOINT_FORMAT,
@@ -572,8 +677,50 @@ impl PartitionState {
 }
 
 /// Format of the checkpoint body: 2 added the held clicks, 3 the ads' campaigns, 4 the models'
-/// format 2 (each variant's offset; `ctr_models::snapshot::FORMAT_VERSION`).
-pub const CHECKPOINT_FORMAT: u16 = 4;
+/// format 2 (each variant's offset; `ctr_models::snapshot::FORMAT_VERSION`), 5 the bounded
+/// totals (when each key last changed, the retirement clock, the retired keys and the seeded
+/// keys' offsets: [`crate::retention`]).
+pub const CHECKPOINT_FORMAT: u16 = 5;
+
+/// A checkpoint body of format 4: totals without retirement.
+#[derive(Deserialize)]
+struct StateV4 {
+    next_offset: Option<i64>,
+    models: ModelSet,
+    dedupe: Dedupe,
+    totals: HashMap64<Total>,
+    newest_ms: i64,
+    held: Held,
+    campaigns: HashMap64<String>,
+}
+
+impl StateV4 {
+    /// Every key counts as changed at the newest event time the state knows: none retires
+    /// before a full retention period has passed.
+    fn into_current(self) -> PartitionState {
+        let clock_ms = self.newest_ms.max(self.dedupe.newest_ms);
+        PartitionState {
+            next_offset: self.next_offset,
+            models: self.models,
+            dedupe: self.dedupe,
+            totals: self
+                .totals
+                .into_iter()
+                .map(|(key, total)| {
+                    let changed_ms = clock_ms;
+                    (key, Kept { total, changed_ms })
+                })
+                .collect(),
+            newest_ms: self.newest_ms,
+            sampler: Sampler::default(),
+            held: self.held,
+            campaigns: self.campaigns,
+            clock_ms,
+            retired: RetiredKeys::default(),
+            seeded: HashMap64::default(),
+        }
+    }
+}
 
 /// A checkpoint body of format 3: the current layout with the models of format 1.
 #[derive(Deserialize)]
@@ -588,14 +735,13 @@ struct StateV3 {
 }
 
 impl StateV3 {
-    fn into_current(self) -> PartitionState {
-        PartitionState {
+    fn into_v4(self) -> StateV4 {
+        StateV4 {
             next_offset: self.next_offset,
             models: self.models.into_current(),
             dedupe: self.dedupe,
             totals: self.totals,
             newest_ms: self.newest_ms,
-            sampler: Sampler::default(),
             held: self.held,
             campaigns: self.campaigns,
         }
@@ -950,7 +1096,7 @@ pub(crate) mod tests {
                 next_offset: st.next_offset,
                 models: &ModelSetV1::of(&st.models),
                 dedupe: &st.dedupe,
-                totals: &st.totals,
+                totals: &st.totals.iter().map(|(k, v)| (*k, v.total)).collect(),
                 newest_ms: st.newest_ms,
             },
             1,
@@ -967,8 +1113,8 @@ pub(crate) mod tests {
         assert!(matches!(
             PartitionState::restore(&future),
             Err(SnapshotError::UnsupportedVersion {
-                found: 5,
-                supported: 4
+                found: 6,
+                supported: 5
             })
         ));
     }
@@ -996,7 +1142,7 @@ pub(crate) mod tests {
                 next_offset: Some(100),
                 models: &ModelSetV1::of(&st.models),
                 dedupe: &st.dedupe,
-                totals: &st.totals,
+                totals: &st.totals.iter().map(|(k, v)| (*k, v.total)).collect(),
                 newest_ms: st.newest_ms,
                 held: &st.held,
             },

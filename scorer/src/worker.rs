@@ -67,6 +67,14 @@ pub enum WorkerError {
         /// The last error.
         source: DependencyError<redis::RedisError>,
     },
+    /// A retired key's totals could not be read back within the policy.
+    #[error("{source}")]
+    ReadTotal {
+        /// The partition.
+        partition: i32,
+        /// The last error.
+        source: DependencyError<redis::RedisError>,
+    },
     /// The dead-letter topic did not acknowledge a poison record.
     #[error("dead-lettering: {0}")]
     DeadLetter(#[from] ProduceError),
@@ -132,6 +140,8 @@ struct Owned {
     maintain_due: bool,
     /// What the serving variant's maintenance dropped and no written delta has carried yet.
     evicted: Evicted,
+    /// Total keys retired from the hot state that no written delta has carried yet.
+    retired: Vec<u64>,
     /// Records consumed since the last publish, and the last one's offset.
     pending: usize,
     last_offset: Option<i64>,
@@ -322,6 +332,7 @@ impl<E: Effects> Worker<E> {
                     state,
                     maintain_due: false,
                     evicted: Evicted::default(),
+                    retired: Vec::new(),
                     pending: 0,
                     last_offset: None,
                     dirty: Dirty::default(),
@@ -355,15 +366,20 @@ impl<E: Effects> Worker<E> {
         own.changed = true;
         let started = Instant::now();
         let mut released = Vec::new();
-        let result = decode_valid::<LabeledImpression>(payload)
-            .map_err(Poison::from)
-            .and_then(|l| {
-                let ctx_key = l.context.key();
-                own.state
-                    .apply(&l, &ctx_key, policy, &mut released)
-                    .map(|o| (l, ctx_key, o))
-                    .map_err(Poison::from)
-            });
+        let decoded = decode_valid::<LabeledImpression>(payload).map(|l| {
+            let ctx_key = l.context.key();
+            (l, ctx_key)
+        });
+        if let Ok((l, ctx_key)) = &decoded {
+            self.bring_back(p, l, ctx_key).await?;
+        }
+        let own = self.parts.get_mut(&p).expect("owned above");
+        let result = decoded.map_err(Poison::from).and_then(|(l, ctx_key)| {
+            own.state
+                .apply(&l, &ctx_key, policy, &mut released)
+                .map(|o| (l, ctx_key, o))
+                .map_err(Poison::from)
+        });
         // Clicks learned now that their negatives arrived: their ads' estimates changed.
         for l in released {
             own.dirty.mark(l);
@@ -399,6 +415,42 @@ impl<E: Effects> Worker<E> {
         own.last_offset = Some(offset);
         self.pending += 1;
         self.tally[counted as usize] += 1;
+        Ok(())
+    }
+
+    /// Brings the keys of `l` (its ad, and the ad in its context `ctx_key`) that retired from
+    /// partition `p`'s hot totals back, with their values in Redis ([`crate::retention`]).
+    async fn bring_back(
+        &mut self,
+        p: i32,
+        l: &LabeledImpression,
+        ctx_key: &str,
+    ) -> Result<(), WorkerError> {
+        let prefix = &self.cfg.service.redis_prefix;
+        for context in [None, Some(ctx_key)] {
+            let key = total_key(&l.ad_id, context);
+            let own = self.parts.get(&p).expect("owned by the caller");
+            if !own.state.needs_seed(key) {
+                continue;
+            }
+            let redis_key = match context {
+                None => keys::ad(prefix, &l.ad_id),
+                Some(c) => keys::ad_context(prefix, &l.ad_id, c),
+            };
+            let found = self
+                .effects
+                .read_total(&redis_key)
+                .await
+                .map_err(|source| WorkerError::ReadTotal {
+                    partition: p,
+                    source,
+                })?;
+            let found_label = if found.is_some() { "found" } else { "absent" };
+            metrics::counter!("ctr_scorer_totals_returned_total", "in_redis" => found_label)
+                .increment(1);
+            let own = self.parts.get_mut(&p).expect("owned by the caller");
+            own.state.seed(key, found);
+        }
         Ok(())
     }
 
@@ -438,6 +490,7 @@ impl<E: Effects> Worker<E> {
             model: model.delta(&touched, &own.evicted),
             totals,
             campaigns,
+            retired: own.retired.clone(),
         }
         .encode()
     }
@@ -534,6 +587,21 @@ impl<E: Effects> Worker<E> {
             if let Some(e) = serving.and_then(|i| evicted.into_iter().nth(i)) {
                 own.evicted.extend(e);
             }
+            // Keys changed in this batch are published by it: they stay.
+            let busy: std::collections::HashSet<u64> = own
+                .dirty
+                .ads
+                .iter()
+                .flat_map(|(ad, (_, contexts))| {
+                    std::iter::once(total_key(ad, None))
+                        .chain(contexts.keys().map(|c| total_key(ad, Some(c))))
+                })
+                .collect();
+            let retired = own
+                .state
+                .retire(self.cfg.retention, |key| busy.contains(&key));
+            metrics::counter!("ctr_scorer_totals_retired_total").increment(retired.len() as u64);
+            own.retired.extend(retired);
         }
         let delta = self.delta(&own);
         let estimates = self.estimates(&mut own);
@@ -562,6 +630,7 @@ impl<E: Effects> Worker<E> {
         if applied {
             if let Some(own) = self.parts.get_mut(&p) {
                 own.evicted = Evicted::default();
+                own.retired.clear();
             }
             metrics::counter!("ctr_scorer_applied_total").increment(records as u64);
         } else {
@@ -691,10 +760,14 @@ mod tests {
     }
 
     /// Effects that record themselves; a save can be refused (a newer checkpoint exists).
+    /// Published totals go to a fake Redis, fenced per key by offset as the scripts do, and
+    /// `load` restores `checkpoint`.
     #[derive(Debug, Default)]
     struct Recorder {
         seen: Arc<Mutex<Vec<Seen>>>,
         refuse_saves: bool,
+        redis: Arc<Mutex<HashMap<String, (crate::state::Total, i64)>>>,
+        checkpoint: Option<Vec<u8>>,
     }
 
     impl Recorder {
@@ -708,7 +781,10 @@ mod tests {
             &mut self,
             _partition: i32,
         ) -> Result<Option<PartitionState>, CheckpointError> {
-            Ok(None)
+            Ok(self
+                .checkpoint
+                .as_ref()
+                .map(|bytes| PartitionState::restore(bytes).unwrap()))
         }
 
         fn publish(
@@ -716,7 +792,26 @@ mod tests {
             b: Batch<'_>,
         ) -> impl Future<Output = Result<bool, DependencyError<redis::RedisError>>> + Send {
             self.note(Seen::Publish(b.partition, b.last_offset));
+            let mut redis = self.redis.lock().unwrap();
+            for e in b.estimates {
+                if redis
+                    .get(&e.key)
+                    .is_none_or(|(_, ver)| *ver < b.last_offset)
+                {
+                    redis.insert(e.key.clone(), (e.total, b.last_offset));
+                }
+            }
             async { Ok(true) }
+        }
+
+        fn read_total(
+            &mut self,
+            key: &str,
+        ) -> impl Future<
+            Output = Result<Option<(crate::state::Total, i64)>, DependencyError<redis::RedisError>>,
+        > + Send {
+            let found = self.redis.lock().unwrap().get(key).copied();
+            async move { Ok(found) }
         }
 
         fn save(
@@ -787,6 +882,7 @@ mod tests {
         let effects = Recorder {
             seen: Arc::clone(&seen),
             refuse_saves,
+            ..Recorder::default()
         };
         let worker = Worker::new(0, config(), Arc::new(Control::default()), effects);
         let (tx, rx) = mpsc::channel(64);
@@ -858,5 +954,162 @@ mod tests {
                 assert!(offsets.is_empty(), "committed {offsets:?}: {seen:?}");
             }
         }
+    }
+
+    /// A labeled impression of `ad` in the context with geo `geo`, at `ts_ms`, as a record of
+    /// partition 0 at `offset`.
+    fn record_in(ad: &str, geo: &str, offset: i64, ts_ms: i64) -> Work {
+        let serve_id = offset + 1;
+        let id = LabeledImpression::label_id_for(serve_id, ad);
+        let mut label = crate::state::tests::label(&id, ad, offset % 7 == 0, ts_ms);
+        label.serve_id = serve_id;
+        label.click_ts_ms = label.clicked.then_some(ts_ms + 500);
+        label.context.geo = geo.into();
+        let mut payload = Vec::new();
+        Encoder::<LabeledImpression>::new()
+            .encode_into(&label, &mut payload)
+            .unwrap();
+        Work::Record {
+            partition: 0,
+            offset,
+            payload: Some(payload),
+            thinned: 1,
+            dropped_before: 0,
+        }
+    }
+
+    /// Feeds `records` (all of partition 0) to `worker` in batches of 10, each published, with
+    /// maintenance (retirement) before every third batch's publish.
+    async fn feed(worker: &mut Worker<Recorder>, records: Vec<Work>) {
+        for (i, batch) in records.chunks(10).enumerate() {
+            for r in batch {
+                let Work::Record {
+                    offset, payload, ..
+                } = r
+                else {
+                    unreachable!()
+                };
+                worker
+                    .handle(Work::Record {
+                        partition: 0,
+                        offset: *offset,
+                        payload: payload.clone(),
+                        thinned: 1,
+                        dropped_before: 0,
+                    })
+                    .await
+                    .unwrap();
+            }
+            if i % 3 == 2 {
+                worker.parts.get_mut(&0).unwrap().maintain_due = true;
+            }
+            worker.publish(0).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn retired_keys_come_back_from_redis_exact_also_when_a_replay_passes_them_again() {
+        let cfg = {
+            let args = crate::ScorerArgs::parse_from([
+                "ctr-scorer",
+                "--models=counts",
+                "--serve-model=counts",
+                "--totals-hot-ms=1000",
+            ]);
+            Arc::new(ScorerConfig::try_from(args).unwrap())
+        };
+        // Two ads in six contexts; every context goes quiet for seconds of event time and
+        // comes back, so keys retire and return again and again.
+        let geos = ["US", "DE", "FR", "IT", "ES", "NL"];
+        let t0 = 1_760_000_000_000;
+        let records: Vec<Work> = (0..600)
+            .map(|i: i64| {
+                let phase = (i / 50) as usize;
+                let geo = geos[(phase + (i as usize % 2)) % geos.len()];
+                let ad = if i % 5 == 0 { "ad-b" } else { "ad-a" };
+                record_in(ad, geo, i, t0 + i * 100)
+            })
+            .collect();
+        let redis = Arc::new(Mutex::new(HashMap::new()));
+        let recorder = |checkpoint| Recorder {
+            redis: Arc::clone(&redis),
+            checkpoint,
+            ..Recorder::default()
+        };
+        let clone = |r: &[Work]| -> Vec<Work> {
+            r.iter()
+                .map(|w| match w {
+                    Work::Record {
+                        offset, payload, ..
+                    } => Work::Record {
+                        partition: 0,
+                        offset: *offset,
+                        payload: payload.clone(),
+                        thinned: 1,
+                        dropped_before: 0,
+                    },
+                    _ => unreachable!(),
+                })
+                .collect()
+        };
+
+        // The first owner: checkpoints at offset 300, goes on to 450, and dies unannounced.
+        let mut first = Worker::new(
+            0,
+            Arc::clone(&cfg),
+            Arc::new(Control::default()),
+            recorder(None),
+        );
+        first.handle(Work::Assign(0)).await.unwrap();
+        feed(&mut first, clone(&records[..300])).await;
+        let own = &first.parts[&0];
+        let checkpoint = own.state.snapshot();
+        assert!(
+            !own.state.retired().is_empty(),
+            "keys retired in the first half"
+        );
+        feed(&mut first, clone(&records[300..450])).await;
+        let hot_keys = first.parts[&0].state.total_keys();
+        drop(first);
+
+        // The next owner restores the checkpoint and replays from 300, through keys the first
+        // owner brought back and published past where the replay is.
+        let mut next = Worker::new(
+            0,
+            cfg,
+            Arc::new(Control::default()),
+            recorder(Some(checkpoint)),
+        );
+        next.handle(Work::Assign(0)).await.unwrap();
+        feed(&mut next, clone(&records[300..])).await;
+
+        // Every key in Redis holds the totals of every record, counted once.
+        let mut want: HashMap<String, (u64, u64)> = HashMap::new();
+        for w in &records {
+            let Work::Record { payload, .. } = w else {
+                unreachable!()
+            };
+            let l = decode_valid::<LabeledImpression>(payload.as_deref()).unwrap();
+            for key in [
+                keys::ad("ctr:", &l.ad_id),
+                keys::ad_context("ctr:", &l.ad_id, &l.context.key()),
+            ] {
+                let e = want.entry(key).or_default();
+                e.0 += 1;
+                e.1 += u64::from(l.clicked);
+            }
+        }
+        let got: HashMap<String, (u64, u64)> = redis
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, (t, _))| (k.clone(), (t.imps, t.clicks)))
+            .collect();
+        assert_eq!(got, want);
+        assert!(
+            hot_keys < want.len(),
+            "retired keys left the hot state: {hot_keys} of {}",
+            want.len()
+        );
     }
 }
