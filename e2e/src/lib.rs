@@ -378,8 +378,27 @@ pub fn eventually<T>(
 
 /// Per-ad (impressions, clicks) as the scorer published them under `prefix`.
 pub fn published_ad_counts(con: &mut TestRedis, prefix: &str) -> BTreeMap<String, (u64, u64)> {
-    let pattern = format!("{prefix}ad:*");
-    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(con).unwrap();
+    published_counts(con, &format!("{prefix}ad:*"))
+        .into_iter()
+        .map(|(key, counts)| {
+            let ad = ctr_schemas::contract::keys::ad_of_key(prefix, &key).expect("an ad key");
+            (ad.to_string(), counts)
+        })
+        .collect()
+}
+
+/// (impressions, clicks) of every (ad, context) key under `prefix`, by the key's name after
+/// the prefix.
+pub fn published_context_counts(con: &mut TestRedis, prefix: &str) -> BTreeMap<String, (u64, u64)> {
+    published_counts(con, &format!("{prefix}adctx:*"))
+        .into_iter()
+        .map(|(key, counts)| (key[prefix.len()..].to_string(), counts))
+        .collect()
+}
+
+/// (impressions, clicks) of every estimate key matching `pattern`, by key.
+fn published_counts(con: &mut TestRedis, pattern: &str) -> BTreeMap<String, (u64, u64)> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(con).unwrap();
     let mut out = BTreeMap::new();
     for key in keys {
         let (imps, clicks): (u64, u64) = redis::cmd("HMGET")
@@ -388,8 +407,7 @@ pub fn published_ad_counts(con: &mut TestRedis, prefix: &str) -> BTreeMap<String
             .arg("clicks")
             .query(con)
             .unwrap();
-        let ad = ctr_schemas::contract::keys::ad_of_key(prefix, &key).expect("an ad key");
-        out.insert(ad.to_string(), (imps, clicks));
+        out.insert(key, (imps, clicks));
     }
     out
 }

@@ -463,7 +463,8 @@ impl PartitionState {
     /// after setting `next_offset` past the record that brought it back: if that record is at
     /// or below the value's offset, it and the key's records up to that offset are already in
     /// the value, and [`PartitionState::apply`] does not add them again.
-    pub fn seed(&mut self, key: u64, found: Option<(Total, i64)>) {
+    /// Returns whether the value is ahead of the record (a replay below what was published).
+    pub fn seed(&mut self, key: u64, found: Option<(Total, i64)>) -> bool {
         let (total, ver) = found.unwrap_or((Total::default(), -1));
         self.totals.insert(
             key,
@@ -476,7 +477,9 @@ impl PartitionState {
             && ver >= offset
         {
             self.seeded.insert(key, ver);
+            return true;
         }
+        false
     }
 
     /// Retires the keys unchanged for `retention.hot_ms` of event time, except those `busy`

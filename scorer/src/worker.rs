@@ -445,11 +445,16 @@ impl<E: Effects> Worker<E> {
                     partition: p,
                     source,
                 })?;
-            let found_label = if found.is_some() { "found" } else { "absent" };
+            let own = self.parts.get_mut(&p).expect("owned by the caller");
+            let found_label = match (found.is_some(), own.state.seed(key, found)) {
+                (false, _) => "absent",
+                (true, false) => "found",
+                // A replay below what was published: records up to the value's offset are
+                // in it already.
+                (true, true) => "found_ahead",
+            };
             metrics::counter!("ctr_scorer_totals_returned_total", "in_redis" => found_label)
                 .increment(1);
-            let own = self.parts.get_mut(&p).expect("owned by the caller");
-            own.state.seed(key, found);
         }
         Ok(())
     }
@@ -724,6 +729,11 @@ impl<E: Effects> Worker<E> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let partition = p.to_string();
+            metrics::gauge!("ctr_scorer_hot_total_keys", "partition" => partition.clone())
+                .set(own.state.total_keys() as f64);
+            metrics::gauge!("ctr_scorer_retired_filter_bytes", "partition" => partition)
+                .set(own.state.retired().bytes() as f64);
             let newest = own.state.newest_ms();
             reports.insert(
                 p,

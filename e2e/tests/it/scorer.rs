@@ -1,5 +1,5 @@
 //! The scorer against the real broker and Redis (issue #5): SIGKILL of one of two scorers
-//! changes no count, duplicate labels are dropped, load shedding keeps estimates, and the
+//! changes no count (also of keys that retire from the hot state and come back), duplicate labels are dropped, load shedding keeps estimates, and the
 //! ranking API orders candidates by bid × pCTR.
 
 use std::collections::BTreeMap;
@@ -50,7 +50,9 @@ fn sigkill_of_one_scorer_changes_no_count() {
         format!("{}:", unique("ref")),
     );
     let group = format!("{topic}-chaos");
-    let fast_ckpt = ["--checkpoint-ms=500"];
+    // The stream spans 600 s of event time: with 5 s of hot retention, the rarer (ad, context)
+    // keys and ads retire and come back again and again, also across the SIGKILL.
+    let fast_ckpt = ["--checkpoint-ms=500", "--totals-hot-ms=5000"];
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
     let s1 = start_scorer(&topic, &group, &chaos, p1, &fast_ckpt);
     let s2 = start_scorer(&topic, &group, &chaos, p2, &fast_ckpt);
@@ -88,7 +90,23 @@ fn sigkill_of_one_scorer_changes_no_count() {
 
     assert_counts(&reference, &stream.expected, &[&r]);
     assert_counts(&chaos, &stream.expected, &[&s2]);
+    // Every (ad, context) key too: the same as the failure-free run that never retired any.
+    let mut con = redis();
+    let contexts = published_context_counts(&mut con, &reference);
+    assert!(contexts.len() > 1_000, "{} context keys", contexts.len());
+    assert_eq!(
+        published_context_counts(&mut con, &chaos),
+        contexts,
+        "(ad, context) totals with retirement and a SIGKILL"
+    );
     let p = page(p2).unwrap();
+    let returned = metric_sum(&p, "ctr_scorer_totals_returned_total", "found").unwrap_or(0.0);
+    let retired = metric(&p, "ctr_scorer_totals_retired_total").unwrap_or(0.0);
+    assert!(
+        returned >= 100.0 && retired >= returned,
+        "keys retired ({retired}) and came back from Redis ({returned}):\n{}",
+        s2.output()
+    );
     assert_eq!(
         metric(&p, "ctr_scorer_assigned_partitions"),
         Some(4.0),
