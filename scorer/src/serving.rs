@@ -465,5 +465,38 @@ mod tests {
         );
         assert_eq!(a.evidence, Evidence::Exact);
         assert_eq!(a.total, owner.total("bb", Some(&seen.context.key())));
+
+        // The owner retires every key (event time moved on): so does the replica, and the
+        // context that was exact evidence no longer is. A key that came back in the same
+        // delta is held again.
+        let later = label(3_000 + 2_000_000, "c", "US");
+        owner.next_offset = Some(offset + 1);
+        owner
+            .apply(
+                &later,
+                &later.context.key(),
+                Policy::NORMAL,
+                &mut Vec::new(),
+            )
+            .unwrap();
+        let retention = crate::retention::Retention {
+            hot_ms: 1_000,
+            remembered: 10_000,
+        };
+        let retired = owner.retire(retention, |_| false);
+        assert!(retired.len() >= 2 * ads.len(), "{retired:?}");
+        let mut delta = delta_of(&owner, &[later]);
+        delta.retired = retired;
+        let total_keys = r.total_keys();
+        r.apply(offset - 1, offset, &delta).unwrap();
+        assert_eq!(r.total_keys(), owner.total_keys());
+        assert!(r.total_keys() < total_keys);
+        let a = r.answer(
+            "bb",
+            None,
+            &RequestContext::new(&pairs, &key),
+            &mut Vec::new(),
+        );
+        assert_eq!(a.evidence, Evidence::Prior, "{a:?}");
     }
 }
