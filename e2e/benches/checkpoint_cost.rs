@@ -27,48 +27,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use ctr_e2e::{redis, redis_cluster, redis_url, unique};
+use ctr_e2e::{fresh_context_label, redis, redis_cluster, redis_url, unique};
 use ctr_models::{ModelSet, VariantConfig, VariantKind};
 use ctr_runtime::Policy;
 use ctr_runtime::redis::{Redis, chunk_key};
-use ctr_schemas::{Context, LabelKind, LabeledImpression};
 use ctr_scorer::checkpoint::CheckpointStore;
 use ctr_scorer::state::{PartitionState, Policy as LearnPolicy};
 
 /// Labels between two checkpoints: the fixed rate of change.
 const CHANGE: u64 = 10_000;
+/// Ads of [`fresh_context_label`].
 const ADS: u64 = 500;
 const SIZES: [usize; 5] = [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000];
-
-/// Label `i`: ad `i mod 500`, a query category seen nowhere else, one click in 50.
-fn label(i: u64) -> LabeledImpression {
-    let ad = format!("ad-{:03}", i % ADS);
-    LabeledImpression {
-        label_id: format!("{i}:{ad}"),
-        serve_id: i as i64,
-        campaign_id: format!("camp-{}", i % ADS % 60),
-        ad_id: ad,
-        position: (i % 4 + 1) as i32,
-        context: Context {
-            query_category: format!("q{i}"),
-            geo: format!("g{}", i % 12),
-            device: ["mobile", "desktop", "tablet"][(i % 3) as usize].into(),
-            extra: Default::default(),
-        },
-        clicked: i.is_multiple_of(50),
-        // 10 labels per second of event time.
-        ts_ms: 1_760_000_000_000 + i as i64 * 100,
-        click_ts_ms: i
-            .is_multiple_of(50)
-            .then_some(1_760_000_000_000 + i as i64 * 100 + 500),
-        kind: LabelKind::Label,
-    }
-}
 
 fn feed(state: &mut PartitionState, from: u64, to: u64) {
     let mut released = Vec::new();
     for i in from..to {
-        let l = label(i);
+        // 10 labels per second of event time.
+        let l = fresh_context_label(i, 100);
         state
             .apply(&l, &l.context.key(), LearnPolicy::NORMAL, &mut released)
             .expect("the generator's labels are valid");

@@ -905,6 +905,33 @@ pub fn start_ingest(serves: &str, clicks: &str, port: u16, extra: &[&str]) -> Se
 /// Event time of the first generated label.
 pub const LABELS_T0: i64 = 1_760_000_000_000;
 
+/// Label `i` of a stream whose contexts never repeat (the state-growth benches): ad `i mod
+/// 500`, a query category seen nowhere else, one click in 50, one label per `step_ms` of event
+/// time from [`LABELS_T0`].
+pub fn fresh_context_label(i: u64, step_ms: i64) -> LabeledImpression {
+    const ADS: u64 = 500;
+    let ad = format!("ad-{:03}", i % ADS);
+    let ts_ms = LABELS_T0 + i as i64 * step_ms;
+    let clicked = i.is_multiple_of(50);
+    LabeledImpression {
+        label_id: LabeledImpression::label_id_for(i as i64 + 1, &ad),
+        serve_id: i as i64 + 1,
+        campaign_id: format!("camp-{}", i % ADS % 60),
+        ad_id: ad,
+        position: (i % 4 + 1) as i32,
+        context: Context {
+            query_category: format!("q{i}"),
+            geo: format!("g{}", i % 12),
+            device: ["mobile", "desktop", "tablet"][(i % 3) as usize].into(),
+            extra: Default::default(),
+        },
+        clicked,
+        ts_ms,
+        click_ts_ms: clicked.then_some(ts_ms + 500),
+        kind: LabelKind::Label,
+    }
+}
+
 /// A labeled stream and the exact per-ad totals it implies.
 #[derive(Debug)]
 pub struct Stream {

@@ -33,6 +33,10 @@
 //! so the partition offset orders every write of its keys. Kafka's committed offset is only
 //! where reading resumes.
 //!
+//! A key's `imps`, `clicks` and `ver` are also where its totals live once it has retired from
+//! the owner's hot state: a record of the key that comes back reads them, and counts on from
+//! them ([`crate::retention`]).
+//!
 //! Why every key ends right: the batches that are written cover the partition's offsets
 //! without a gap (an owner starts from a checkpoint at or below the stored offset, and only
 //! skips batches that end at or below it), and a key's value in a written batch is its value
