@@ -23,8 +23,9 @@
 //! costs one Redis read, which finds nothing.
 //!
 //! Memory: a hot key costs [`HOT_KEY_BYTES`] plus the table's slack; the filter costs
-//! `remembered × 12 / 8` bytes at most; a partition's totals are bounded by the keys changed in
-//! the last `hot_ms` of event time (plus one maintenance interval) and that filter.
+//! `remembered × 12 / 8` bytes at most. So a partition's totals are bounded by the keys changed
+//! in the last `hot_ms` of event time plus one checkpoint interval (retirement runs with each
+//! checkpoint's maintenance), and that filter. docs/BENCHMARKS.md has the figures.
 
 use std::collections::VecDeque;
 
