@@ -89,7 +89,35 @@ fn run(topic: &str, total: usize, extra: &[&str]) -> Vec<Sample> {
         );
     }
     s.stop();
+    unlink_prefix(&prefix);
     samples
+}
+
+/// Deletes every key under `prefix` (millions of estimate keys: left behind, they would slow
+/// every later test that lists keys).
+fn unlink_prefix(prefix: &str) {
+    let mut con = redis();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query(&mut con)
+            .expect("SCAN");
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query(&mut con)
+                .expect("UNLINK");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
 }
 
 /// The sample nearest to `fraction` of the topic counted.
