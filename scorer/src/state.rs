@@ -1166,6 +1166,66 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_checkpoint_of_format_4_restores_with_every_key_hot_until_a_full_retention_passes() {
+        #[derive(Serialize)]
+        struct V4<'a> {
+            next_offset: Option<i64>,
+            models: &'a ModelSet,
+            dedupe: &'a Dedupe,
+            totals: &'a HashMap64<Total>,
+            newest_ms: i64,
+            held: &'a Held,
+            campaigns: &'a HashMap64<String>,
+        }
+        let mut st = state();
+        for i in 0..100 {
+            let mut l = label(&format!("s{i}:a"), "a", false, 1_000 * i);
+            l.context.geo = format!("g{}", i % 5);
+            st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+                .unwrap();
+        }
+        let v4 = snapshot::encode_version(
+            &V4 {
+                next_offset: Some(100),
+                models: &st.models,
+                dedupe: &st.dedupe,
+                totals: &st.totals.iter().map(|(k, v)| (*k, v.total)).collect(),
+                newest_ms: st.newest_ms,
+                held: &st.held,
+                campaigns: &st.campaigns,
+            },
+            4,
+        );
+        let mut restored = PartitionState::restore(&v4).unwrap();
+        assert_eq!(restored.models(), st.models());
+        assert_eq!(restored.total_keys(), 6);
+        assert_eq!(
+            restored.total("a", None),
+            Total {
+                imps: 100,
+                clicks: 0
+            }
+        );
+        assert_eq!(restored.campaign_of("a"), Some("c1"));
+        let retention = Retention {
+            hot_ms: 5_000,
+            remembered: 1_000,
+        };
+        // Every key counts as changed at the newest event time the checkpoint knew.
+        assert!(restored.retire(retention, |_| false).is_empty());
+        let l = label("s200:b", "b", false, 99_000 + 5_001);
+        restored
+            .apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
+            .unwrap();
+        let retired = restored.retire(retention, |_| false);
+        assert_eq!(retired.len(), 6, "ad a and its five contexts");
+        assert_eq!(restored.total_keys(), 2);
+        assert_eq!(restored.campaign_of("a"), None);
+        assert!(restored.needs_seed(total_key("a", None)));
+        assert!(!restored.needs_seed(total_key("b", None)), "hot");
+    }
+
+    #[test]
     fn an_invalid_example_is_an_error_and_learns_nothing() {
         let mut st = state();
         let mut l = label("s1:a", "a", false, 1);
