@@ -17,9 +17,9 @@
 //!
 //! What is forgotten. The filter holds [`GENERATIONS`] generations of `remembered /
 //! GENERATIONS` keys each; when the newest is full a new one starts and the oldest is dropped.
-//! So it remembers at least the last `3/4 × remembered` keys retired in the partition. A key
-//! that comes back after more keys than that have retired since it did starts again from zero,
-//! and its next write replaces its old value in Redis. A false positive (about 1% of new keys)
+//! So it remembers at least the last `3/4 × remembered` keys retired in the partition, and at
+//! most the last `remembered`. A key that comes back after the filter has forgotten it starts
+//! again from zero, and its next write replaces its old value in Redis. A false positive (about 1% of new keys)
 //! costs one Redis read, which finds nothing.
 //!
 //! Memory: a hot key costs [`HOT_KEY_BYTES`] plus the table's slack; the filter costs
