@@ -455,7 +455,7 @@ impl PartitionState {
     /// Whether a record of the key `key` ([`total_key`]) needs the key's value from Redis
     /// first: it is not hot, and it may have retired ([`crate::retention`]).
     pub fn needs_seed(&self, key: u64) -> bool {
-        !self.retired.is_empty() && !self.totals.contains_key(&key) && self.retired.may_contain(key)
+        !self.totals.contains_key(&key) && self.retired.may_contain(key)
     }
 
     /// Brings `key` back into the hot totals with its value in Redis: totals `found.0` as of
