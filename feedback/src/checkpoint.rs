@@ -89,6 +89,7 @@ impl CheckpointStore {
         Ok(self
             .store
             .save(partition, &fence, &body, None, ctr_runtime::wall_ms())
-            .await?)
+            .await?
+            .is_some())
     }
 }

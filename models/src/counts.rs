@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::decay::{Counter, DecayClock};
 use crate::error::{Result, check_weight, config};
 use crate::example::{Impression, Keys, MAX_CONTEXT_FIELDS, combine};
-use crate::keymap::{Found, KeyMap};
+use crate::keymap::{Found, KeyMap, merge_keyed};
 use crate::smoothing::BetaPrior;
 
 /// Every count key of one impression (campaign, ad, ad × each context field, ad × the whole
@@ -220,6 +220,24 @@ pub struct CountsDelta {
 }
 
 impl CountsDelta {
+    /// This delta followed by `later` (a delta of the same model from where this one ends), as
+    /// one: applied to a model as of this delta's start, it gives the model as of `later`'s
+    /// end. (Applying the two in turn gives the same unless the decay landmark moved in
+    /// `later`; the caller that merges checks it did not.)
+    pub fn merge(&mut self, later: CountsDelta) {
+        self.clock = later.clock;
+        self.global = later.global;
+        self.positions = later.positions;
+        merge_keyed(
+            &mut self.set,
+            &mut self.removed,
+            later.set.into_iter().map(|(t, k, c)| ((t, k), c)),
+            later.removed,
+            |(t, k, c)| ((*t, *k), *c),
+            |((t, k), c)| (t, k, c),
+        );
+    }
+
     /// Counters set plus counters removed.
     pub fn len(&self) -> usize {
         self.set.len() + self.removed.len()
@@ -626,6 +644,11 @@ impl CountModel {
         for &(t, k, c) in &delta.set {
             *self.table_mut(t).entry_or_default(k) = c;
         }
+    }
+
+    /// The decay clock counters are stored under.
+    pub fn clock(&self) -> &DecayClock {
+        &self.clock
     }
 
     /// Number of keys stored.

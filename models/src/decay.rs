@@ -47,6 +47,12 @@ impl DecayClock {
         self.now_ms
     }
 
+    /// The landmark stored values are relative to (Unix ms; `i64::MIN` before the first
+    /// event). When it moves, every stored value was rescaled.
+    pub fn landmark_ms(&self) -> i64 {
+        self.landmark_ms
+    }
+
     /// Weight of an event at `ts_ms`, relative to the landmark. Call [`DecayClock::observe`]
     /// first so the landmark is set.
     pub fn weight(&self, ts_ms: i64) -> f64 {

@@ -352,14 +352,28 @@ impl WindowedMetrics {
     }
 }
 
+/// Serializes a map as a map, its entries in key order.
+fn in_key_order<K: Ord + Serialize, V: Serialize, H, S: serde::Serializer>(
+    map: &HashMap<K, V, H>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut entries: Vec<(&K, &V)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    serializer.collect_map(entries)
+}
+
 /// Metrics sliced by ad and by context field value, bounded in the number of slices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlicedMetrics {
     max_slices: usize,
     auc_bins: usize,
+    /// Serialized in key order, as is `by_field`: the encoding of equal slices is the same
+    /// bytes however each table was filled (an incremental checkpoint diffs those bytes).
+    #[serde(serialize_with = "in_key_order")]
     by_ad: AdSlices,
     /// Keyed by the field's hash ([`crate::example::field_key`]) so recording allocates nothing;
     /// the names are kept for reports.
+    #[serde(serialize_with = "in_key_order")]
     by_field: FieldSlices,
     /// Records whose slice did not fit under `max_slices`.
     overflow: Metrics,

@@ -88,6 +88,19 @@ pub struct FtrlDelta {
 }
 
 impl FtrlDelta {
+    /// This delta followed by `later` (a delta of the same learner from where this one ends),
+    /// as one: applied once, it does what the two do applied in turn.
+    pub fn merge(&mut self, later: FtrlDelta) {
+        crate::keymap::merge_keyed(
+            &mut self.set,
+            &mut self.removed,
+            later.set,
+            later.removed,
+            |s| *s,
+            |s| s,
+        );
+    }
+
     /// Coordinates set plus coordinates removed.
     pub fn len(&self) -> usize {
         self.set.len() + self.removed.len()
@@ -366,6 +379,23 @@ impl Ftrl {
         for (k, c) in &delta.set {
             *self.coords.entry_or_default(*k) = *c;
         }
+    }
+
+    /// The admission filter: two rows of 2^`filter_bits` one-byte counters.
+    pub fn admission_filter(&self) -> &[u8] {
+        &self.filter
+    }
+
+    /// Replaces the admission filter with `filter` (from [`Ftrl::admission_filter`] of a
+    /// learner with the same `filter_bits`); one of another size is refused.
+    pub fn set_admission_filter(&mut self, filter: Vec<u8>) -> Result<()> {
+        config(
+            "admission filter",
+            filter.len() == self.filter.len(),
+            "has another size than this learner's filter_bits make",
+        )?;
+        self.filter = filter;
+        Ok(())
     }
 
     /// Whether the two hold the same coordinates (the admission filters may differ).

@@ -283,6 +283,43 @@ impl<V: Copy + Default> KeyMap<V> {
     }
 }
 
+/// Merges a later delta's keys into an earlier one's, for deltas that are applied by removing
+/// `removed` first and then writing `set` (absolute values). Afterwards the pair, applied
+/// once, does what the two did applied in turn: a key ends with the value the later delta set,
+/// else removed if the later removed it, else as the earlier left it. `split` and `join`
+/// convert between a delta's entry and its (key, value) pair.
+pub(crate) fn merge_keyed<K, V, S>(
+    set: &mut Vec<S>,
+    removed: &mut Vec<K>,
+    later_set: impl IntoIterator<Item = (K, V)>,
+    later_removed: Vec<K>,
+    split: impl Fn(&S) -> (K, V),
+    join: impl Fn((K, V)) -> S,
+) where
+    K: std::hash::Hash + Eq + Copy,
+    V: Copy,
+{
+    type Fixed = foldhash::fast::FixedState;
+    let mut last: std::collections::HashMap<K, Option<V>, Fixed> =
+        std::collections::HashMap::with_capacity_and_hasher(
+            set.len() + removed.len(),
+            Fixed::default(),
+        );
+    last.extend(removed.drain(..).map(|k| (k, None)));
+    last.extend(set.drain(..).map(|s| {
+        let (k, v) = split(&s);
+        (k, Some(v))
+    }));
+    last.extend(later_removed.into_iter().map(|k| (k, None)));
+    last.extend(later_set.into_iter().map(|(k, v)| (k, Some(v))));
+    for (k, v) in last {
+        match v {
+            Some(v) => set.push(join((k, v))),
+            None => removed.push(k),
+        }
+    }
+}
+
 /// Equal when both hold the same keys with equal values, whatever the layout (a restored
 /// table has the same contents but may place them differently).
 impl<V: Copy + Default + PartialEq> PartialEq for KeyMap<V> {

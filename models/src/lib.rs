@@ -36,6 +36,6 @@ pub use ftrl::{Ftrl, FtrlConfig};
 pub use smoothing::{BetaPrior, PriorError};
 pub use snapshot::SnapshotError;
 pub use variants::{
-    Evicted, ModelSet, Offset, Prediction, Touched, Variant, VariantConfig, VariantDelta,
-    VariantKind,
+    Evicted, ModelSet, ModelSetExtras, ModelSetExtrasRef, Offset, Prediction, Touched, Variant,
+    VariantConfig, VariantDelta, VariantKind,
 };

@@ -67,11 +67,17 @@ pub fn encode<T: Serialize>(state: &T) -> Vec<u8> {
     encode_version(state, FORMAT_VERSION)
 }
 
+/// `state` encoded as a snapshot's body, without the container: for a caller that frames it
+/// itself (an incremental checkpoint diffs it against an earlier body).
+pub fn encode_body<T: Serialize>(state: &T) -> Vec<u8> {
+    postcard::to_allocvec(state).expect("model state always serializes")
+}
+
 /// Encodes `state` into a snapshot marked with `version`: the format version of the body's
 /// type, for a state kept by another crate in this container (each type numbers its own
 /// formats; [`FORMAT_VERSION`] is that of [`crate::ModelSet`]).
 pub fn encode_version<T: Serialize>(state: &T, version: u16) -> Vec<u8> {
-    let body = postcard::to_allocvec(state).expect("model state always serializes");
+    let body = encode_body(state);
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&version.to_le_bytes());

@@ -447,6 +447,13 @@ impl Variant {
         Ok(())
     }
 
+    /// The landmark of the count model's decay clock, if the variant has one: when it moves,
+    /// every counter was rescaled ([`crate::decay`]), so a delta no longer says all that
+    /// changed since an earlier one ([`CountsDelta::merge`]).
+    pub fn decay_landmark(&self) -> Option<i64> {
+        self.counts.as_ref().map(|c| c.clock().landmark_ms())
+    }
+
     /// Whether `other` holds the same parameters: every prediction of the two is the same.
     /// (Metrics and FTRL's admission filter, which no prediction reads, may differ.)
     pub fn same_parameters(&self, other: &Variant) -> bool {
@@ -545,6 +552,20 @@ pub struct VariantDelta {
 }
 
 impl VariantDelta {
+    /// This delta followed by `later` (of the same variant, from where this one ends), as one:
+    /// applied once, it does what the two do applied in turn, unless the count model's decay
+    /// landmark moved in `later` ([`Variant::decay_landmark`]: the caller checks).
+    pub fn merge(&mut self, later: VariantDelta) {
+        if let (Some(c), Some(l)) = (&mut self.counts, later.counts) {
+            c.merge(l);
+        }
+        if let (Some(f), Some(l)) = (&mut self.ftrl, later.ftrl) {
+            f.merge(l);
+        }
+        self.platt = later.platt;
+        self.offset = later.offset;
+    }
+
     /// Parameters set or removed.
     pub fn len(&self) -> usize {
         self.counts.as_ref().map_or(0, CountsDelta::len)
@@ -555,6 +576,40 @@ impl VariantDelta {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// What a variant holds besides its parameters: its metrics, and FTRL's admission filter.
+/// Bounded by the variant's settings (slices, window, filter bits), not by the keys it has
+/// seen; an incremental checkpoint carries it as bytes, diffed against the last one's.
+#[derive(Debug, Serialize)]
+pub struct VariantExtrasRef<'a> {
+    metrics: &'a Metrics,
+    window: &'a WindowedMetrics,
+    slices: &'a SlicedMetrics,
+    admission: Option<&'a [u8]>,
+}
+
+/// [`VariantExtrasRef`], decoded (the same encoding).
+#[derive(Debug, Deserialize)]
+pub struct VariantExtras {
+    metrics: Metrics,
+    window: WindowedMetrics,
+    slices: SlicedMetrics,
+    admission: Option<Vec<u8>>,
+}
+
+/// [`ModelSet::extras`]: every variant's extras and the example count.
+#[derive(Debug, Serialize)]
+pub struct ModelSetExtrasRef<'a> {
+    variants: Vec<VariantExtrasRef<'a>>,
+    examples: u64,
+}
+
+/// [`ModelSetExtrasRef`], decoded (the same encoding), for [`ModelSet::set_extras`].
+#[derive(Debug, Deserialize)]
+pub struct ModelSetExtras {
+    variants: Vec<VariantExtras>,
+    examples: u64,
 }
 
 /// Several variants learning side by side from the same stream.
@@ -644,6 +699,80 @@ impl ModelSet {
             .iter_mut()
             .map(|v| v.maintain(cutoff_ms))
             .collect()
+    }
+
+    /// What the set holds besides its parameters (every variant's [`VariantExtras`] and the
+    /// example count), borrowed: its encoding is [`ModelSetExtras`]'.
+    pub fn extras(&self) -> ModelSetExtrasRef<'_> {
+        ModelSetExtrasRef {
+            variants: self
+                .variants
+                .iter()
+                .map(|v| VariantExtrasRef {
+                    metrics: &v.metrics,
+                    window: &v.window,
+                    slices: &v.slices,
+                    admission: v.ftrl.as_ref().map(Ftrl::admission_filter),
+                })
+                .collect(),
+            examples: self.examples,
+        }
+    }
+
+    /// Replaces what the set holds besides its parameters with `extras` (from
+    /// [`ModelSet::extras`] of a set of the same variants). On an error (another number of
+    /// variants, or an admission filter of another size) nothing has changed.
+    pub fn set_extras(&mut self, extras: ModelSetExtras) -> Result<()> {
+        let fits = extras.variants.len() == self.variants.len()
+            && self.variants.iter().zip(&extras.variants).all(|(v, e)| {
+                v.ftrl.as_ref().map(|f| f.admission_filter().len())
+                    == e.admission.as_ref().map(Vec::len)
+            });
+        if !fits {
+            return Err(ModelError::Config {
+                name: "extras",
+                problem: "come from a set of other variants",
+            });
+        }
+        for (v, e) in self.variants.iter_mut().zip(extras.variants) {
+            v.metrics = e.metrics;
+            v.window = e.window;
+            v.slices = e.slices;
+            if let (Some(f), Some(a)) = (&mut v.ftrl, e.admission) {
+                f.set_admission_filter(a)?;
+            }
+        }
+        self.examples = extras.examples;
+        Ok(())
+    }
+
+    /// [`Variant::touch`] of every variant, into `touched` (one per variant, in order).
+    pub fn touch(&self, x: &Impression<'_>, touched: &mut [Touched]) {
+        for (v, t) in self.variants.iter().zip(touched) {
+            v.touch(x, t);
+        }
+    }
+
+    /// [`Variant::apply`] of one delta per variant, in order. The deltas must come from a set of
+    /// the same variants; otherwise nothing has changed and the error says so.
+    pub fn apply(&mut self, deltas: &[VariantDelta]) -> Result<()> {
+        let fits = deltas.len() == self.variants.len()
+            && self.variants.iter().zip(deltas).all(|(v, d)| {
+                d.counts.is_some() == v.counts.is_some()
+                    && d.ftrl.is_some() == v.ftrl.is_some()
+                    && d.platt.is_some() == v.platt.is_some()
+                    && std::mem::discriminant(&d.offset) == std::mem::discriminant(&v.offset)
+            });
+        if !fits {
+            return Err(ModelError::Config {
+                name: "deltas",
+                problem: "come from a set of other variants",
+            });
+        }
+        for (v, d) in self.variants.iter_mut().zip(deltas) {
+            v.apply(d)?;
+        }
+        Ok(())
     }
 
     /// The full state as a snapshot (see [`crate::snapshot`]).

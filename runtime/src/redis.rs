@@ -301,13 +301,14 @@ const SAVE_LUA: &str = r#"
 -- checkpoints; then the staged chunks of the body, in order. ARGV[1]: the writer's wall
 -- clock (Unix ms); ARGV[2]: the body when it is stored inline, else empty; ARGV[3]: the
 -- chunks' generation, empty when inline; ARGV[4]: the number of chunks; ARGV[5]: 1 with a
--- stream; ARGV[6]: what a chunk's name starts with (`chunk_key`); then pairs fence field, value.
+-- stream; ARGV[6]: what a chunk's name starts with (`chunk_key`); ARGV[7]: the new chain's
+-- id; then pairs fence field, value.
 local hash = KEYS[1]
 local first_chunk = tonumber(ARGV[5]) == 1 and 3 or 2
 local gen = ARGV[3]
 local old_gen = redis.call('HGET', hash, 'gen')
 local first_old = nil
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local old = tonumber(redis.call('HGET', hash, ARGV[i]) or '-1')
   if first_old == nil then first_old = old end
   if tonumber(ARGV[i + 1]) < old then
@@ -337,7 +338,14 @@ else
   redis.call('HDEL', hash, 'state')
   for j = first_chunk, #KEYS do redis.call('PERSIST', KEYS[j]) end
 end
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+-- A new chain starts at this body: the previous one's increments describe older states.
+local old_links = tonumber(redis.call('HGET', hash, 'links') or '0')
+for i = 0, old_links - 1 do redis.call('HDEL', hash, 'inc:' .. i) end
+fields[#fields + 1] = 'chain'
+fields[#fields + 1] = ARGV[7]
+fields[#fields + 1] = 'links'
+fields[#fields + 1] = 0
 redis.call('HSET', hash, unpack(fields))
 -- The previous generation's chunks (same slot: their names carry the hash's tag).
 if old_gen and old_gen ~= gen then
@@ -348,6 +356,35 @@ end
 -- Entries of the stream below the previous checkpoint's first fence value describe what that
 -- checkpoint already holds: nobody who restores it, or this one, needs them.
 if first_chunk == 3 and first_old and first_old > 0 then
+  redis.call('XTRIM', KEYS[2], 'MINID', first_old)
+end
+return 1
+"#;
+
+const APPEND_LUA: &str = r#"
+-- KEYS[1]: the checkpoint hash; KEYS[2] (if ARGV[5] is 1): a stream that follows the
+-- checkpoints. ARGV[1]: the writer's wall clock (Unix ms); ARGV[2]: the increment; ARGV[3]:
+-- the chain it extends; ARGV[4]: the links that chain has in the writer's view; ARGV[5]: 1
+-- with a stream; then pairs fence field, value. Returns 1 (appended), 0 (refused: the stored
+-- fence is ahead) or 2 (diverged: the stored checkpoint is not the state the increment
+-- starts from).
+local hash = KEYS[1]
+local first_old = nil
+for i = 6, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', hash, ARGV[i]) or '-1')
+  if first_old == nil then first_old = old end
+  if tonumber(ARGV[i + 1]) < old then return 0 end
+end
+local links = tonumber(ARGV[4])
+local stored = tonumber(redis.call('HGET', hash, 'links') or '-1')
+if redis.call('HGET', hash, 'chain') ~= ARGV[3] then return 2 end
+-- A retry of an append that was committed.
+if stored == links + 1 and redis.call('HGET', hash, 'inc:' .. links) == ARGV[2] then return 1 end
+if stored ~= links then return 2 end
+local fields = {'t', ARGV[1], 'inc:' .. links, ARGV[2], 'links', links + 1}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', hash, unpack(fields))
+if tonumber(ARGV[5]) == 1 and first_old and first_old > 0 then
   redis.call('XTRIM', KEYS[2], 'MINID', first_old)
 end
 return 1
@@ -397,10 +434,38 @@ fn hash_tag(key: &str) -> Option<&str> {
 pub struct Saved {
     /// The fence values in the store's field order (`None`: not stored, or stored as -1).
     pub fence: Vec<Option<i64>>,
-    /// The state, as its owner encoded it.
+    /// The state, as its owner encoded it: the chain's base.
     pub body: Vec<u8>,
+    /// The increments appended to the base since ([`FencedStore::append`]), oldest first.
+    pub increments: Vec<Vec<u8>>,
+    /// The chain the base and its increments form (`None`: saved before chains existed; the
+    /// next save starts one).
+    pub chain: Option<Chain>,
     /// The writer's wall clock when it was saved (Unix ms; `None` if not recorded).
     pub saved_ms: Option<i64>,
+}
+
+/// A base checkpoint and the increments appended to it: an append names the chain and how many
+/// links it has in the writer's view, so an increment is only ever applied on top of the state
+/// it was computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// Unique per base saved.
+    pub id: String,
+    /// Increments appended to the base.
+    pub links: usize,
+}
+
+/// What [`FencedStore::append`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// The increment is the chain's newest link.
+    Linked(Chain),
+    /// A stored fence value is ahead: nothing written (as [`FencedStore::save`] refuses).
+    Refused,
+    /// The stored checkpoint is not the one the increment starts from (another writer saved
+    /// since, or the chain was replaced): nothing written; save a whole state instead.
+    Diverged,
 }
 
 /// Durable per-partition checkpoints in Redis, fenced: a save whose fence values are behind
@@ -412,6 +477,14 @@ pub struct Saved {
 /// [`chunk_key`]`(key, gen, 0..chunks)`, named by the fields `gen` and `chunks`. Which offsets
 /// fence a checkpoint is the owner's business (the joiner: the next offsets of both its
 /// inputs; the scorer: the next labeled offset); the store only compares them.
+///
+/// A store can also keep a partition's state as a chain: a base (what [`FencedStore::save`]
+/// writes) and increments appended to it ([`FencedStore::append`]), each in a hash field
+/// `inc:<i>` of at most [`MAX_VALUE_BYTES`] (a larger one is refused), named by the fields
+/// `chain` (an id unique per base) and `links` (increments appended). An append is written
+/// only on top of the chain and link count its writer started from, so a reader applies every
+/// increment to exactly the state it was computed from; a save starts a new chain and deletes
+/// the old one's increments in the same script. A load returns the base and the increments.
 ///
 /// A chunked save stages its chunks first (each its own `SET`, expiring after ten minutes),
 /// then commits in one script: checks the fence, makes the chunks permanent, points the hash
@@ -426,6 +499,7 @@ pub struct FencedStore {
     key: Box<dyn Fn(i32) -> String + Send + Sync>,
     fence: &'static [&'static str],
     save: Script,
+    append: Script,
     chunk_bytes: usize,
 }
 
@@ -453,6 +527,7 @@ impl FencedStore {
             key: Box::new(key),
             fence,
             save: Script::new(SAVE_LUA),
+            append: Script::new(APPEND_LUA),
             chunk_bytes: MAX_VALUE_BYTES,
         }
     }
@@ -485,10 +560,17 @@ impl FencedStore {
                     self.load_chunks(&key, &generation, chunks).await?
                 }
             };
-            if let Some(body) = body {
+            let increments = match (&body, &head.chain) {
+                (Some(_), Some(chain)) => self.load_increments(&key, chain).await?,
+                (Some(_), None) => Some(Vec::new()),
+                (None, _) => None,
+            };
+            if let (Some(body), Some(increments)) = (body, increments) {
                 return Ok(Some(Saved {
                     fence: head.fence,
                     body,
+                    increments,
+                    chain: head.chain,
                     saved_ms: head.saved_ms,
                 }));
             }
@@ -515,6 +597,8 @@ impl FencedStore {
             .arg("t")
             .arg("gen")
             .arg("chunks")
+            .arg("chain")
+            .arg("links")
             .arg(self.fence);
         let conn = &self.conn;
         let got: Vec<redis::Value> = self
@@ -531,6 +615,8 @@ impl FencedStore {
         let saved_ms: Option<i64> = from_value(next(), key)?;
         let generation: Option<String> = from_value(next(), key)?;
         let chunks: Option<usize> = from_value(next(), key)?;
+        let chain: Option<String> = from_value(next(), key)?;
+        let links: Option<usize> = from_value(next(), key)?;
         let mut fence = Vec::with_capacity(self.fence.len());
         for _ in self.fence {
             let v: Option<i64> = from_value(next(), key)?;
@@ -545,7 +631,50 @@ impl FencedStore {
             body,
             saved_ms,
             fence,
+            chain: chain.map(|id| Chain {
+                id,
+                links: links.unwrap_or(0),
+            }),
         }))
+    }
+
+    /// The increments of `chain` at `key`, or `None` if the chain was replaced since its hash
+    /// was read (each read names the chain in the same command as the increments it reads).
+    async fn load_increments(
+        &self,
+        key: &str,
+        chain: &Chain,
+    ) -> Result<Option<Vec<Vec<u8>>>, DependencyError<redis::RedisError>> {
+        // A few at a time: each is at most MAX_VALUE_BYTES.
+        const PER_READ: usize = 4;
+        let mut out = Vec::with_capacity(chain.links);
+        let conn = &self.conn;
+        for first in (0..chain.links).step_by(PER_READ) {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(key).arg("chain");
+            for i in first..(first + PER_READ).min(chain.links) {
+                cmd.arg(format!("inc:{i}"));
+            }
+            let got: Vec<Option<Vec<u8>>> = self
+                .policy
+                .retry(&format!("loading increments of checkpoint {key}"), || {
+                    let mut c = conn.clone();
+                    let cmd = cmd.clone();
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            let mut got = got.into_iter();
+            if got.next().flatten().as_deref() != Some(chain.id.as_bytes()) {
+                return Ok(None);
+            }
+            for increment in got {
+                let Some(increment) = increment else {
+                    return Ok(None);
+                };
+                out.push(increment);
+            }
+        }
+        Ok(Some(out))
     }
 
     /// The body in `chunks` chunks of `generation`, or `None` if one is gone (the checkpoint
@@ -599,6 +728,15 @@ impl FencedStore {
         let Some(saved) = self.load(partition).await? else {
             return Ok(None);
         };
+        if !saved.increments.is_empty() {
+            return Err(CheckpointError::Corrupt {
+                key: self.key(partition),
+                reason: format!(
+                    "it has {} increments, and this owner restores whole states only",
+                    saved.increments.len()
+                ),
+            });
+        }
         match decode(&saved.body) {
             Ok(state) => Ok(Some((state, saved.saved_ms))),
             Err(e) => Err(CheckpointError::Corrupt {
@@ -609,9 +747,9 @@ impl FencedStore {
     }
 
     /// Writes `body` as `partition`'s checkpoint with `fence` (one value per fence field, -1
-    /// for none) unless a stored checkpoint is ahead of it; returns whether it was written.
-    /// With `trim`, the stream at that key loses the entries below the previous checkpoint's
-    /// first fence value (in the same atomic script).
+    /// for none) unless a stored checkpoint is ahead of it; returns the chain it starts (`None`:
+    /// not written). With `trim`, the stream at that key loses the entries below the previous
+    /// checkpoint's first fence value (in the same atomic script).
     pub async fn save(
         &mut self,
         partition: i32,
@@ -619,7 +757,7 @@ impl FencedStore {
         body: &[u8],
         trim: Option<&str>,
         wall_ms: i64,
-    ) -> Result<bool, DependencyError<redis::RedisError>> {
+    ) -> Result<Option<Chain>, DependencyError<redis::RedisError>> {
         assert_eq!(
             fence.len(),
             self.fence.len(),
@@ -627,15 +765,10 @@ impl FencedStore {
         );
         let key = self.key(partition);
         let chunked = body.len() > self.chunk_bytes;
-        // Unique per save: staging must never overwrite the chunks of a committed checkpoint,
-        // which readers may be reading (two saves in one millisecond, two hosts' processes with
-        // the same pid).
+        // The chunks' generation is the chain's id: both unique per save.
+        let chain = unique_id(wall_ms);
         let generation = if chunked {
-            use std::hash::{BuildHasher, Hasher};
-            let random = std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish();
-            format!("{wall_ms}-{random:016x}")
+            chain.clone()
         } else {
             String::new()
         };
@@ -661,7 +794,8 @@ impl FencedStore {
             .arg(&generation)
             .arg(chunk_keys.len())
             .arg(u8::from(trim.is_some()))
-            .arg(chunk_prefix(&key));
+            .arg(chunk_prefix(&key))
+            .arg(&chain);
         for (field, value) in self.fence.iter().zip(fence) {
             invocation.arg(*field).arg(*value);
         }
@@ -681,7 +815,68 @@ impl FencedStore {
                 ),
             ))));
         }
-        Ok(written == 1)
+        Ok((written == 1).then_some(Chain {
+            id: chain,
+            links: 0,
+        }))
+    }
+
+    /// Appends `increment` to `partition`'s chain `chain` (as its writer last saw it) with
+    /// `fence`, unless a stored fence value is ahead or the stored checkpoint is not that chain
+    /// with that many links ([`Appended`]). With `trim`, as [`FencedStore::save`]. An increment
+    /// over [`MAX_VALUE_BYTES`] (or this store's chunk size) is not written: the caller saves
+    /// a whole state instead.
+    pub async fn append(
+        &mut self,
+        partition: i32,
+        fence: &[i64],
+        chain: &Chain,
+        increment: &[u8],
+        trim: Option<&str>,
+        wall_ms: i64,
+    ) -> Result<Appended, DependencyError<redis::RedisError>> {
+        assert_eq!(
+            fence.len(),
+            self.fence.len(),
+            "a checkpoint is appended with one value per fence field"
+        );
+        if increment.len() > self.chunk_bytes {
+            return Ok(Appended::Diverged);
+        }
+        let key = self.key(partition);
+        let mut invocation = self.append.key(&key);
+        if let Some(stream) = trim {
+            invocation.key(stream);
+        }
+        invocation
+            .arg(wall_ms)
+            .arg(increment)
+            .arg(&chain.id)
+            .arg(chain.links)
+            .arg(u8::from(trim.is_some()));
+        for (field, value) in self.fence.iter().zip(fence) {
+            invocation.arg(*field).arg(*value);
+        }
+        let outcome: i32 = run_script(
+            &self.policy,
+            &self.conn,
+            &format!("appending to checkpoint {key}"),
+            &invocation,
+        )
+        .await?;
+        Ok(match outcome {
+            1 => Appended::Linked(Chain {
+                id: chain.id.clone(),
+                links: chain.links + 1,
+            }),
+            0 => Appended::Refused,
+            _ => Appended::Diverged,
+        })
+    }
+
+    /// The largest body stored in one value ([`MAX_VALUE_BYTES`] unless a test set another).
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
     }
 
     /// Writes one chunk of a body being saved, expiring unless a commit makes it permanent.
@@ -702,11 +897,23 @@ impl FencedStore {
     }
 }
 
+/// An id no other save makes: staging must never overwrite the chunks of a committed
+/// checkpoint, which readers may be reading (two saves in one millisecond, two hosts' processes
+/// with the same pid), and an increment must never land on a chain it was not computed from.
+fn unique_id(wall_ms: i64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{wall_ms}-{random:016x}")
+}
+
 /// A checkpoint hash's fields, as [`FencedStore::load`] reads them.
 struct Head {
     body: Body,
     saved_ms: Option<i64>,
     fence: Vec<Option<i64>>,
+    chain: Option<Chain>,
 }
 
 /// Where a checkpoint's body is.

@@ -29,11 +29,11 @@
 
 use ctr_runtime::Policy;
 pub use ctr_runtime::redis::CheckpointError;
-use ctr_runtime::redis::{FencedStore, RedisConn, run_script};
+use ctr_runtime::redis::{Appended, FencedStore, RedisConn, run_script};
 use ctr_schemas::contract::keys;
 use redis::Script;
 
-use crate::state::PartitionState;
+use crate::state::{Compaction, PartitionState};
 
 const ADOPT_LUA: &str = r#"
 -- KEYS[1..3]: the untagged names; KEYS[4..6]: the tagged ones, in the same order.
@@ -57,10 +57,12 @@ pub struct CheckpointStore {
     adopt: Script,
     redis_prefix: String,
     topic: String,
+    compaction: Compaction,
 }
 
 impl CheckpointStore {
-    /// A store of the checkpoints of `topic`'s partitions under `redis_prefix`.
+    /// A store of the checkpoints of `topic`'s partitions under `redis_prefix`, chained as
+    /// [`Compaction::DEFAULT`] says.
     pub fn new(conn: RedisConn, policy: Policy, redis_prefix: &str, topic: &str) -> Self {
         let (prefix, t) = (redis_prefix.to_string(), topic.to_string());
         Self {
@@ -75,7 +77,14 @@ impl CheckpointStore {
             adopt: Script::new(ADOPT_LUA),
             redis_prefix: redis_prefix.to_string(),
             topic: topic.to_string(),
+            compaction: Compaction::DEFAULT,
         }
+    }
+
+    /// The same store chaining checkpoints as `compaction` says.
+    pub fn with_compaction(mut self, compaction: Compaction) -> Self {
+        self.compaction = compaction;
+        self
     }
 
     /// The same store writing bodies over `bytes` in chunks of `bytes` instead of
@@ -105,9 +114,21 @@ impl CheckpointStore {
         partition: i32,
     ) -> Result<Option<(PartitionState, Option<i64>)>, CheckpointError> {
         self.adopt_untagged(partition).await?;
-        self.store
-            .load_with(partition, PartitionState::restore)
-            .await
+        let Some(saved) = self.store.load(partition).await? else {
+            return Ok(None);
+        };
+        let mut state =
+            PartitionState::restore_chain(&saved.body, &saved.increments).map_err(|e| {
+                CheckpointError::Corrupt {
+                    key: self.key(partition),
+                    reason: e.to_string(),
+                }
+            })?;
+        if let Some(chain) = saved.chain {
+            let linked = saved.increments.iter().map(Vec::len).sum();
+            state.based(chain, saved.body.len(), linked);
+        }
+        Ok(Some((state, saved.saved_ms)))
     }
 
     /// On a single Redis, renames the partition's checkpoint, write fence and model stream
@@ -141,25 +162,90 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// Writes `state` unless a newer checkpoint is stored; returns whether it was written and
-    /// the snapshot's size in bytes.
+    /// Writes `state` unless a newer checkpoint is stored: as an increment on the chain it was
+    /// restored from or last saved as, or whole when there is none, when the chain is due for
+    /// compaction, or when another writer extended or replaced the chain since
+    /// ([`crate::state::Compaction`]). Returns what was written (`None`: refused).
     pub async fn save(
         &mut self,
         partition: i32,
-        state: &PartitionState,
-    ) -> Result<(bool, usize), CheckpointError> {
-        let bytes = state.snapshot();
+        state: &mut PartitionState,
+    ) -> Result<Option<Saved>, CheckpointError> {
         let stream = keys::model_stream(&self.redis_prefix, &self.topic, partition);
-        let written = self
+        let fence = [state.next_offset.unwrap_or(-1)];
+        if let Some(prepared) = state.increment(self.compaction)
+            && prepared.body.len() <= self.store.chunk_bytes()
+        {
+            let chain = state.chain().expect("an increment extends a chain").clone();
+            let appended = self
+                .store
+                .append(
+                    partition,
+                    &fence,
+                    &chain,
+                    &prepared.body,
+                    Some(&stream),
+                    ctr_runtime::wall_ms(),
+                )
+                .await?;
+            match appended {
+                Appended::Linked(chain) => {
+                    let saved = Saved {
+                        kind: Kind::Increment,
+                        bytes: prepared.body.len(),
+                    };
+                    state.linked(prepared, chain);
+                    return Ok(Some(saved));
+                }
+                Appended::Refused => return Ok(None),
+                Appended::Diverged => {}
+            }
+        }
+        let bytes = state.snapshot();
+        let chain = self
             .store
             .save(
                 partition,
-                &[state.next_offset.unwrap_or(-1)],
+                &fence,
                 &bytes,
                 Some(&stream),
                 ctr_runtime::wall_ms(),
             )
             .await?;
-        Ok((written, bytes.len()))
+        Ok(chain.map(|chain| {
+            state.based(chain, bytes.len(), 0);
+            Saved {
+                kind: Kind::Whole,
+                bytes: bytes.len(),
+            }
+        }))
+    }
+}
+
+/// What [`CheckpointStore::save`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Saved {
+    /// A whole state or an increment.
+    pub kind: Kind,
+    /// Its size.
+    pub bytes: usize,
+}
+
+/// The kinds of checkpoint written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A whole state: a chain's base.
+    Whole,
+    /// The change since the chain's last link.
+    Increment,
+}
+
+impl Kind {
+    /// Its label in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Whole => "whole",
+            Kind::Increment => "increment",
+        }
     }
 }

@@ -9,6 +9,7 @@ use ctr_models::{BetaPrior, VariantConfig, VariantKind};
 use ctr_runtime::flags::{Service, ServiceFlags};
 
 use crate::retention::Retention;
+use crate::state::Compaction;
 
 /// Settings as given: the command line of `ctr-scorer`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -73,6 +74,10 @@ pub struct ScorerArgs {
     /// Checkpoint interval, ms.
     #[arg(long, env = "CTR_SCORER_CHECKPOINT_MS", default_value_t = 10_000)]
     pub checkpoint_ms: u64,
+    /// Increments appended to a partition's checkpoint before a whole state is saved again
+    /// (sooner once they outweigh it); 0: every checkpoint saves the whole state.
+    #[arg(long, env = "CTR_SCORER_CHECKPOINT_LINKS", default_value_t = 32)]
+    pub checkpoint_links: usize,
     /// How far back in event time label IDs are remembered for dedupe, ms. Must exceed the
     /// joiner's window + grace + late horizon + checkpoint interval.
     #[arg(long, env = "CTR_SCORER_DEDUPE_HORIZON_MS", default_value_t = 900_000)]
@@ -147,6 +152,8 @@ pub struct ScorerConfig {
     pub queue_capacity: usize,
     /// `--checkpoint-ms`: checkpoint interval.
     pub checkpoint_every: Duration,
+    /// `--checkpoint-links`: how a partition's checkpoint chain is compacted.
+    pub compaction: Compaction,
     /// `--dedupe-horizon-ms`.
     pub dedupe_horizon_ms: i64,
     /// `--idle-ms`: FTRL coordinates idle this long (event time) are evicted.
@@ -281,6 +288,9 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             workers: a.workers,
             queue_capacity: a.queue_capacity,
             checkpoint_every: Duration::from_millis(a.checkpoint_ms),
+            compaction: Compaction {
+                max_links: a.checkpoint_links,
+            },
             dedupe_horizon_ms: a.dedupe_horizon_ms,
             idle_ms: a.idle_ms,
             retention: Retention {

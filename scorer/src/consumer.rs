@@ -173,7 +173,8 @@ pub async fn run(
                 cfg.service.policy,
                 &cfg.service.redis_prefix,
                 &cfg.labeled_topic,
-            ),
+            )
+            .with_compaction(cfg.compaction),
             dead_letters: DeadLetters::new(dead_letters.clone(), &cfg.deadletter_topic),
             consumer: Arc::clone(&consumer),
             topic: cfg.labeled_topic.clone(),

@@ -18,7 +18,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
-use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::checkpoint::{CheckpointError, CheckpointStore, Saved};
 use crate::deadletter::DeadLetters;
 use crate::publish::{Published, Publisher};
 use crate::state::{PartitionState, Total};
@@ -61,13 +61,13 @@ pub trait Effects: Send + 'static {
         key: &str,
     ) -> impl Future<Output = Result<Option<(Total, i64)>, DependencyError<redis::RedisError>>> + Send;
 
-    /// Saves the partition's state unless a newer checkpoint is stored; whether it was
-    /// written, and its size in bytes.
+    /// Saves the partition's state (whole, or the increment since its last checkpoint) unless a
+    /// newer checkpoint is stored; what was written (`None`: nothing).
     fn save(
         &mut self,
         partition: i32,
-        state: &PartitionState,
-    ) -> impl Future<Output = Result<(bool, usize), CheckpointError>> + Send;
+        state: &mut PartitionState,
+    ) -> impl Future<Output = Result<Option<Saved>, CheckpointError>> + Send;
 
     /// Sends a poison record to the dead-letter topic (not yet acknowledged).
     fn dead_letter(
@@ -140,8 +140,8 @@ impl Effects for Live {
     fn save(
         &mut self,
         partition: i32,
-        state: &PartitionState,
-    ) -> impl Future<Output = Result<(bool, usize), CheckpointError>> + Send {
+        state: &mut PartitionState,
+    ) -> impl Future<Output = Result<Option<Saved>, CheckpointError>> + Send {
         self.store.save(partition, state)
     }
 

@@ -24,6 +24,7 @@
 //! - [`run`]: wires them together; `main.rs` only parses settings and calls it.
 
 pub mod api;
+pub mod bytediff;
 pub mod checkpoint;
 pub mod config;
 pub mod consumer;

@@ -78,7 +78,12 @@ struct Generation {
 impl Generation {
     fn new(capacity: usize) -> Self {
         Self {
-            filter: BloomFilter::with_num_bits(capacity * BITS_PER_KEY).hashes(HASHES),
+            // Keys are our own hashes (`insert_hash`), so the filter's hasher is never used;
+            // a fixed seed makes a filter rebuilt from the same keys the same value (an
+            // incremental checkpoint replays retirements into it).
+            filter: BloomFilter::with_num_bits(capacity * BITS_PER_KEY)
+                .seed(&0)
+                .hashes(HASHES),
             capacity: capacity as u64,
             len: 0,
         }

@@ -26,7 +26,10 @@ use ctr_models::{Impression, ModelError, ModelSet, Variant};
 use ctr_schemas::{LabelKind, LabeledImpression};
 
 use crate::hold::Held;
+
+mod increment;
 use crate::retention::{Retention, RetiredKeys};
+pub use increment::{Compaction, INCREMENT_FORMAT, Prepared};
 use nohash_hasher::NoHashHasher;
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +103,11 @@ pub struct Dedupe {
     buckets: BTreeMap<i64, HashSet64>,
 }
 
+/// The hash a label ID is remembered by.
+pub fn label_id_hash(label_id: &str) -> u64 {
+    hash_str(LABEL_ID_NS, label_id)
+}
+
 /// What [`Dedupe::check`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -131,11 +139,15 @@ impl Dedupe {
 
     /// Whether `label_id` (of a label with event time `ts_ms`) was seen; remembers it if not.
     pub fn check(&mut self, label_id: &str, ts_ms: i64) -> Seen {
+        self.check_id(label_id_hash(label_id), ts_ms)
+    }
+
+    /// [`Dedupe::check`] of the label whose ID hashes to `id` ([`label_id_hash`]).
+    pub fn check_id(&mut self, id: u64, ts_ms: i64) -> Seen {
         let bucket = ts_ms.div_euclid(self.bucket_ms);
         if self.newest_ms != i64::MIN && bucket < self.oldest_kept_bucket() {
             return Seen::Unchecked;
         }
-        let id = hash_str(LABEL_ID_NS, label_id);
         // A new bucket starts at the size of the newest one, so it does not grow by rehashing
         // through every power of two as it fills.
         let size_hint = self
@@ -365,6 +377,9 @@ pub struct PartitionState {
     newest_ms: i64,
     #[serde(skip)]
     sampler: Sampler,
+    /// What changed since the last checkpoint ([`increment`]).
+    #[serde(skip)]
+    changes: increment::Changes,
     /// Clicks waiting for the negatives of their time. After the fields of the checkpoint
     /// body of format 1, which is this layout without it and what follows.
     held: Held,
@@ -404,6 +419,7 @@ impl PartitionState {
             totals: HashMap64::default(),
             newest_ms: i64::MIN,
             sampler: Sampler::default(),
+            changes: increment::Changes::default(),
             held: Held::default(),
             campaigns: HashMap64::default(),
             clock_ms: i64::MIN,
@@ -466,6 +482,7 @@ impl PartitionState {
     /// Returns whether the value is ahead of the record (a replay below what was published).
     pub fn seed(&mut self, key: u64, found: Option<(Total, i64)>) -> bool {
         let (total, ver) = found.unwrap_or((Total::default(), -1));
+        self.changes.key(key);
         self.totals.insert(
             key,
             Kept {
@@ -501,6 +518,7 @@ impl PartitionState {
             }
             keep
         });
+        self.changes.retired(&out, retention.remembered);
         for key in &out {
             self.retired.insert(*key, retention.remembered);
             // An ad's key: its campaign goes with it (its next label names it again).
@@ -546,7 +564,8 @@ impl PartitionState {
         policy: Policy,
         released: &mut Vec<LabeledImpression>,
     ) -> Result<Outcome, ModelError> {
-        let outcome = self.learn(l, policy)?;
+        let ctx_key = total_key(&l.ad_id, Some(context_key));
+        let outcome = self.learn(l, ctx_key, policy)?;
         if let Some((imps, clicks)) = outcome.count_delta() {
             let stands_for = if l.clicked { 1 } else { policy.thinned.max(1) };
             let ad_key = total_key(&l.ad_id, None);
@@ -555,7 +574,8 @@ impl PartitionState {
             }
             self.clock_ms = self.clock_ms.max(l.ts_ms);
             let offset = self.next_offset.map(|n| n - 1);
-            for key in [ad_key, total_key(&l.ad_id, Some(context_key))] {
+            for key in [ad_key, ctx_key] {
+                self.changes.key(key);
                 let kept = self.totals.entry(key).or_default();
                 kept.changed_ms = self.clock_ms;
                 // Brought back from Redis with a value that already counts this record.
@@ -581,6 +601,8 @@ impl PartitionState {
             };
             if learned {
                 self.newest_ms = self.newest_ms.max(p.ts_ms);
+                let ctx_key = total_key(&p.ad_id, Some(&p.context.key()));
+                self.changes.impression(&p, ctx_key);
             }
             released.push(p);
         }
@@ -592,9 +614,18 @@ impl PartitionState {
         self.held.len()
     }
 
-    fn learn(&mut self, l: &LabeledImpression, policy: Policy) -> Result<Outcome, ModelError> {
-        if self.dedupe.check(&l.label_id, l.ts_ms) == Seen::Duplicate {
-            return Ok(Outcome::Duplicate);
+    /// Learns from `l`, whose (ad, context) total key is `ctx_key`, as `policy` says.
+    fn learn(
+        &mut self,
+        l: &LabeledImpression,
+        ctx_key: u64,
+        policy: Policy,
+    ) -> Result<Outcome, ModelError> {
+        let id = label_id_hash(&l.label_id);
+        match self.dedupe.check_id(id, l.ts_ms) {
+            Seen::Duplicate => return Ok(Outcome::Duplicate),
+            Seen::New => self.changes.remembered(l.ts_ms, id),
+            Seen::Unchecked => {}
         }
         let pairs = l.context.pairs();
         let x = impression(l, &pairs);
@@ -603,6 +634,7 @@ impl PartitionState {
             LabelKind::LateClick if !policy.learn => Outcome::CorrectionGuarded,
             LabelKind::LateClick => {
                 self.models.correct(&x, 1.0)?;
+                self.changes.impression(l, ctx_key);
                 Outcome::Corrected
             }
             LabelKind::Label if !policy.learn => Outcome::Guarded { clicked: l.clicked },
@@ -621,6 +653,7 @@ impl PartitionState {
                 ) {
                     Some(weight) => {
                         self.models.learn(&x, false, weight)?;
+                        self.changes.impression(l, ctx_key);
                         self.newest_ms = self.newest_ms.max(l.ts_ms);
                         Outcome::Learned {
                             weight,
@@ -641,7 +674,9 @@ impl PartitionState {
         if self.newest_ms == i64::MIN {
             return Vec::new();
         }
-        self.models.maintain(self.newest_ms.saturating_sub(idle_ms))
+        let evicted = self.models.maintain(self.newest_ms.saturating_sub(idle_ms));
+        self.changes.evicted(&evicted);
+        evicted
     }
 
     /// The state in the project's snapshot container, format [`CHECKPOINT_FORMAT`].
@@ -716,6 +751,7 @@ impl StateV4 {
                 .collect(),
             newest_ms: self.newest_ms,
             sampler: Sampler::default(),
+            changes: increment::Changes::default(),
             held: self.held,
             campaigns: self.campaigns,
             clock_ms,

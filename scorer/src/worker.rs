@@ -676,13 +676,16 @@ impl<E: Effects> Worker<E> {
             };
             debug_assert!(own.pending == 0, "checkpoint before publish");
             let started = Instant::now();
-            let (written, bytes) = self.effects.save(p, &own.state).await?;
+            let saved = self.effects.save(p, &mut own.state).await?;
             own.changed = false;
-            metrics::histogram!("ctr_scorer_checkpoint_seconds")
-                .record(started.elapsed().as_secs_f64());
-            metrics::gauge!("ctr_scorer_checkpoint_bytes", "partition" => p.to_string())
-                .set(bytes as f64);
-            if !written {
+            if let Some(saved) = saved {
+                let kind = saved.kind.label();
+                metrics::histogram!("ctr_scorer_checkpoint_seconds", "kind" => kind)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("ctr_scorer_checkpoint_bytes", "kind" => kind)
+                    .record(saved.bytes as f64);
+            }
+            if saved.is_none() {
                 warn!(
                     partition = p,
                     "a newer checkpoint exists (partition moved to another scorer); not overwriting it"
@@ -762,6 +765,7 @@ mod tests {
     use ctr_schemas::Encoder;
 
     use super::*;
+    use crate::checkpoint::{Kind, Saved};
 
     /// What the fake saw, in order.
     #[derive(Debug, Clone, PartialEq)]
@@ -775,13 +779,22 @@ mod tests {
 
     /// Effects that record themselves; a save can be refused (a newer checkpoint exists).
     /// Published totals go to a fake Redis, fenced per key by offset as the scripts do, and
-    /// `load` restores `checkpoint`.
+    /// checkpoints to a fake chain (a base and increments, as the fenced store keeps them).
     #[derive(Debug, Default)]
     struct Recorder {
         seen: Arc<Mutex<Vec<Seen>>>,
         refuse_saves: bool,
         redis: Arc<Mutex<HashMap<String, (crate::state::Total, i64)>>>,
-        checkpoint: Option<Vec<u8>>,
+        checkpoint: Arc<Mutex<FakeChain>>,
+    }
+
+    /// One partition's checkpoint chain.
+    #[derive(Debug, Default)]
+    struct FakeChain {
+        base: Option<Vec<u8>>,
+        increments: Vec<Vec<u8>>,
+        chain: Option<ctr_runtime::redis::Chain>,
+        bases: usize,
     }
 
     impl Recorder {
@@ -795,10 +808,13 @@ mod tests {
             &mut self,
             _partition: i32,
         ) -> Result<Option<PartitionState>, CheckpointError> {
-            Ok(self
-                .checkpoint
-                .as_ref()
-                .map(|bytes| PartitionState::restore(bytes).unwrap()))
+            let stored = self.checkpoint.lock().unwrap();
+            Ok(stored.base.as_ref().map(|base| {
+                let mut state = PartitionState::restore_chain(base, &stored.increments).unwrap();
+                let linked = stored.increments.iter().map(Vec::len).sum();
+                state.based(stored.chain.clone().unwrap(), base.len(), linked);
+                state
+            }))
         }
 
         fn publish(
@@ -831,11 +847,45 @@ mod tests {
         fn save(
             &mut self,
             partition: i32,
-            state: &PartitionState,
-        ) -> impl Future<Output = Result<(bool, usize), CheckpointError>> + Send {
+            state: &mut PartitionState,
+        ) -> impl Future<Output = Result<Option<Saved>, CheckpointError>> + Send {
             self.note(Seen::Save(partition, state.next_offset));
-            let written = !self.refuse_saves;
-            async move { Ok((written, 0)) }
+            let saved = (!self.refuse_saves).then(|| {
+                let mut stored = self.checkpoint.lock().unwrap();
+                let prepared = state
+                    .increment(crate::state::Compaction::DEFAULT)
+                    .filter(|_| stored.chain.as_ref() == state.chain());
+                if let Some(prepared) = prepared {
+                    let bytes = prepared.body.len();
+                    let chain = stored.chain.as_mut().unwrap();
+                    chain.links += 1;
+                    stored.increments.push(prepared.body.clone());
+                    state.linked(prepared, stored.chain.clone().unwrap());
+                    return Saved {
+                        kind: Kind::Increment,
+                        bytes,
+                    };
+                }
+                let base = state.snapshot();
+                stored.bases += 1;
+                let chain = ctr_runtime::redis::Chain {
+                    id: stored.bases.to_string(),
+                    links: 0,
+                };
+                state.based(chain.clone(), base.len(), 0);
+                let bytes = base.len();
+                *stored = FakeChain {
+                    base: Some(base),
+                    increments: Vec::new(),
+                    chain: Some(chain),
+                    bases: stored.bases,
+                };
+                Saved {
+                    kind: Kind::Whole,
+                    bytes,
+                }
+            });
+            async move { Ok(saved) }
         }
 
         fn dead_letter(
@@ -1045,39 +1095,39 @@ mod tests {
             })
             .collect();
         let redis = Arc::new(Mutex::new(HashMap::new()));
-        let recorder = |checkpoint| Recorder {
+        let checkpoint = Arc::new(Mutex::new(FakeChain::default()));
+        let recorder = || Recorder {
             redis: Arc::clone(&redis),
-            checkpoint,
+            checkpoint: Arc::clone(&checkpoint),
             ..Recorder::default()
         };
 
-        // The first owner: checkpoints at offset 300, goes on to 450, and dies unannounced.
+        // The first owner: checkpoints every 100 records up to offset 300 (a whole state, then
+        // increments), goes on to 450, and dies unannounced.
         let mut first = Worker::new(
             0,
             Arc::clone(&cfg),
             Arc::new(Control::default()),
-            recorder(None),
+            recorder(),
         );
         first.handle(Work::Assign(0)).await.unwrap();
-        feed(&mut first, &records[..300]).await;
+        for part in records[..300].chunks(100) {
+            feed(&mut first, part).await;
+            first.checkpoint_all().await.unwrap();
+        }
         let own = &first.parts[&0];
-        let checkpoint = own.state.snapshot();
         assert!(
             !own.state.retired().is_empty(),
             "keys retired in the first half"
         );
+        assert_eq!(checkpoint.lock().unwrap().increments.len(), 2);
         feed(&mut first, &records[300..450]).await;
         let hot_keys = first.parts[&0].state.total_keys();
         drop(first);
 
         // The next owner restores the checkpoint and replays from 300, through keys the first
         // owner brought back and published past where the replay is.
-        let mut next = Worker::new(
-            0,
-            cfg,
-            Arc::new(Control::default()),
-            recorder(Some(checkpoint)),
-        );
+        let mut next = Worker::new(0, cfg, Arc::new(Control::default()), recorder());
         next.handle(Work::Assign(0)).await.unwrap();
         feed(&mut next, &records[300..]).await;
 
