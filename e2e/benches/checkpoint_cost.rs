@@ -1,20 +1,18 @@
 //! What a scorer checkpoint costs as the partition's state grows (issue 19): bytes and time
-//! per checkpoint, and restore time, at a fixed rate of change.
+//! per checkpoint, whole and incremental, and restore time, at a fixed rate of change.
 //!
 //! Run (stack up: the checkpoints go to the stack's Redis through the scorer's own store):
-//! `cargo bench -p ctr-e2e --bench checkpoint_cost -- [largest size, default 10000000] [--one-value]`
-//! (`--one-value`: the baseline, each body in one Redis value written by one script, as before
-//! checkpoints were chunked)
+//! `cargo bench -p ctr-e2e --bench checkpoint_cost -- [largest size, default 10000000]`
 //!
 //! One partition's [`PartitionState`] with the scorer's default variants (counts, FTRL,
 //! combined) is fed labels whose contexts never repeat (500 ads; each label's query category
 //! is new), so every label adds one exact-total key (its ad in its context) and model keys.
-//! At each size (100k, 300k, 1M, 3M, 10M exact-total keys at the third checkpoint) the same
-//! change is applied before each of three checkpoints: 10,000 more labels. Each checkpoint is
-//! timed as the scorer takes it (`PartitionState::snapshot`, then `CheckpointStore::save`: a
-//! body over 8 MiB is staged in chunks of that size, then one fenced Lua script commits it),
-//! and the last is restored (`CheckpointStore::load`: read and decode). A checkpoint Redis
-//! refuses is reported as refused.
+//! At each size (100k, 300k, 1M, 3M, 10M exact-total keys) the partition is first checkpointed
+//! whole (the baseline: what every checkpoint cost before increments, `--checkpoint-links=0`),
+//! then the same change is applied before each of three incremental checkpoints: 10,000 more
+//! labels. Each checkpoint is timed as the scorer takes it (`CheckpointStore::save`: encode,
+//! then the fenced write), and the chain (the whole state and its three increments) is
+//! restored (`CheckpointStore::load`: read, decode, apply).
 //!
 //! Beside each save, another client PINGs Redis in a loop on its own thread: the longest
 //! answer during the saves is how long Redis stopped serving others.
@@ -31,8 +29,8 @@ use ctr_e2e::{fresh_context_label, redis, redis_cluster, redis_url, unique};
 use ctr_models::{ModelSet, VariantConfig, VariantKind};
 use ctr_runtime::Policy;
 use ctr_runtime::redis::{Redis, chunk_key};
-use ctr_scorer::checkpoint::CheckpointStore;
-use ctr_scorer::state::{PartitionState, Policy as LearnPolicy};
+use ctr_scorer::checkpoint::{CheckpointStore, Kind, Saved};
+use ctr_scorer::state::{Compaction, PartitionState, Policy as LearnPolicy};
 
 /// Labels between two checkpoints: the fixed rate of change.
 const CHANGE: u64 = 10_000;
@@ -94,6 +92,23 @@ impl Pinger {
     }
 }
 
+/// One save, timed, with what it wrote.
+async fn timed_save(
+    store: &mut CheckpointStore,
+    state: &mut PartitionState,
+    pinger: &Pinger,
+) -> (Saved, f64) {
+    let t = Instant::now();
+    pinger.watch(true);
+    let saved = store.save(0, state).await;
+    pinger.watch(false);
+    let took = t.elapsed().as_secs_f64();
+    let saved = saved
+        .expect("a checkpoint is written")
+        .expect("a checkpoint ahead of the stored one is written");
+    (saved, took)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let largest: usize = std::env::args()
@@ -102,21 +117,21 @@ async fn main() {
         .map_or(10_000_000, |a| {
             a.parse().expect("the largest size, a number")
         });
-    // The baseline: the body in one value, written by one script (as before chunking).
-    let one_value = std::env::args().any(|a| a == "--one-value");
     let redis = Redis::connect(&redis_url(), None, redis_cluster(), Policy::default())
         .await
         .expect("Redis (scripts/stack up)");
     let prefix = format!("{}:", unique("ckptbench"));
-    let mut store = CheckpointStore::new(
-        redis.manager().await.unwrap(),
-        redis.policy(),
-        &prefix,
-        "labels",
-    );
-    if one_value {
-        store = store.with_chunk_bytes(usize::MAX);
-    }
+    let store = |compaction| {
+        let conn = redis.manager();
+        let policy = redis.policy();
+        let prefix = prefix.clone();
+        async move {
+            CheckpointStore::new(conn.await.unwrap(), policy, &prefix, "labels")
+                .with_compaction(compaction)
+        }
+    };
+    let mut whole = store(Compaction { max_links: 0 }).await;
+    let mut incremental = store(Compaction { max_links: 1_000 }).await;
     let models = ModelSet::new(
         [
             VariantKind::Counts,
@@ -129,80 +144,62 @@ async fn main() {
     .unwrap();
     let mut state = PartitionState::new(models, 900_000);
     println!(
-        "machine: {} cores; one partition, variants counts, ftrl, combined; {CHANGE} new labels (new contexts) before each checkpoint; body {}",
+        "machine: {} cores; one partition, variants counts, ftrl, combined; {CHANGE} new labels (new contexts) before each incremental checkpoint",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if one_value {
-            "in one value"
-        } else {
-            "in chunks of 8 MiB"
-        }
     );
     println!(
-        "| exact-total keys | model parameters | checkpoint bytes | encode | checkpoint (encode + fenced write) | longest PING meanwhile | restore (read + decode) |"
+        "| exact-total keys | model parameters | whole: bytes | whole: time | increment: bytes (of it, bounded parts) | increment: time | ratio bytes | ratio time | longest PING, whole / increments | restore (base + 3 increments) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let pinger = Pinger::start();
     let mut fed = 0u64;
     for size in SIZES.into_iter().filter(|s| *s <= largest) {
         // Each label adds one (ad, context) key beside the 500 ad keys: the third
-        // checkpoint is taken at `size` keys.
+        // increment is taken at `size` keys.
         let target = (size as u64).saturating_sub(ADS + 3 * CHANGE);
         feed(&mut state, fed, target.max(fed));
         fed = target.max(fed);
-        let (mut bytes, mut encode, mut save) = (0usize, Vec::new(), Vec::new());
-        let mut refused = None;
+        let (base, whole_s) = timed_save(&mut whole, &mut state, &pinger).await;
+        assert_eq!(base.kind, Kind::Whole);
+        let ping_whole = pinger.take_longest();
+        let (mut bytes, mut extras, mut took) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
             feed(&mut state, fed, fed + CHANGE);
             fed += CHANGE;
-            let t = Instant::now();
-            let body = state.snapshot();
-            encode.push(t.elapsed().as_secs_f64());
-            bytes = body.len();
-            let t = Instant::now();
-            pinger.watch(true);
-            let saved = store.save(0, &state).await;
-            pinger.watch(false);
-            match saved {
-                Ok((written, _)) => {
-                    assert!(written, "a checkpoint ahead of the stored one is written");
-                    save.push(t.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    refused = Some(e.to_string());
-                    break;
-                }
-            }
+            let (saved, s) = timed_save(&mut incremental, &mut state, &pinger).await;
+            assert_eq!(saved.kind, Kind::Increment, "compacted early");
+            bytes.push(saved.bytes as f64);
+            extras.push(saved.bounded_bytes as f64);
+            took.push(s);
         }
+        let ping_increments = pinger.take_longest();
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let restore = if refused.is_none() {
-            let t = Instant::now();
-            let restored = store.load(0).await.expect("load").expect("a checkpoint");
-            let took = t.elapsed().as_secs_f64();
-            assert_eq!(restored.next_offset, state.next_offset);
-            format!("{:.3} s", took)
-        } else {
-            "-".into()
-        };
-        let longest_ping = pinger.take_longest();
+        let t = Instant::now();
+        let restored = incremental
+            .load(0)
+            .await
+            .expect("load")
+            .expect("a checkpoint");
+        let restore = t.elapsed().as_secs_f64();
+        assert_eq!(restored.next_offset, state.next_offset);
+        assert_eq!(restored.total_keys(), state.total_keys());
+        assert_eq!(restored.parameters(), state.parameters());
+        drop(restored);
         println!(
-            "| {} | {} | {:.1} MB ({:.0} B/key) | {:.3} s | {} | {longest_ping:.3} s | {restore} |",
+            "| {} | {} | {:.1} MB | {whole_s:.3} s | {:.2} MB ({:.2} MB) | {:.3} s | {:.4} | {:.4} | {ping_whole:.3} s / {ping_increments:.3} s | {restore:.3} s |",
             state.total_keys(),
             state.parameters(),
-            bytes as f64 / 1e6,
-            bytes as f64 / (state.total_keys() + state.parameters()) as f64,
-            mean(&encode),
-            refused.as_ref().map_or_else(
-                || format!("{:.3} s", mean(&save)),
-                |e| format!("refused: {e}")
-            ),
+            base.bytes as f64 / 1e6,
+            mean(&bytes) / 1e6,
+            mean(&extras) / 1e6,
+            mean(&took),
+            mean(&bytes) / base.bytes as f64,
+            mean(&took) / whole_s,
         );
-        if refused.is_some() {
-            break;
-        }
     }
     // The bench's keys: the checkpoint and its chunks (the model stream was never written).
     let mut conn = redis.manager().await.unwrap();
-    let key = store.key(0);
+    let key = incremental.key(0);
     let (generation, chunks): (Option<String>, Option<usize>) = redis::cmd("HMGET")
         .arg(&key)
         .arg("gen")

@@ -193,6 +193,7 @@ impl CheckpointStore {
                     let saved = Saved {
                         kind: Kind::Increment,
                         bytes: prepared.body.len(),
+                        bounded_bytes: prepared.bounded_bytes,
                     };
                     state.linked(prepared, chain);
                     return Ok(Some(saved));
@@ -217,6 +218,7 @@ impl CheckpointStore {
             Saved {
                 kind: Kind::Whole,
                 bytes: bytes.len(),
+                bounded_bytes: 0,
             }
         }))
     }
@@ -229,6 +231,9 @@ pub struct Saved {
     pub kind: Kind,
     /// Its size.
     pub bytes: usize,
+    /// Of an increment, the bytes of its patch of the bounded parts (metrics, filters, held
+    /// clicks: [`crate::state::Prepared`]); 0 for a whole state.
+    pub bounded_bytes: usize,
 }
 
 /// The kinds of checkpoint written.

@@ -315,9 +315,12 @@ impl<E: Effects> Worker<E> {
                             serving: self.cfg.serve_model.clone(),
                         });
                     }
+                    let increments = st.chain().map_or(0, |c| c.links);
                     info!(partition = p, next_offset = ?st.next_offset, examples = st.models().examples(),
-                          "restored partition state from checkpoint");
+                          increments, "restored partition state from checkpoint");
                     metrics::counter!("ctr_scorer_restores_total").increment(1);
+                    metrics::counter!("ctr_scorer_restored_increments_total")
+                        .increment(increments as u64);
                     st
                 }
                 None => {
@@ -864,6 +867,7 @@ mod tests {
                     return Saved {
                         kind: Kind::Increment,
                         bytes,
+                        bounded_bytes: 0,
                     };
                 }
                 let base = state.snapshot();
@@ -883,6 +887,7 @@ mod tests {
                 Saved {
                     kind: Kind::Whole,
                     bytes,
+                    bounded_bytes: 0,
                 }
             });
             async move { Ok(saved) }

@@ -32,7 +32,7 @@ use ctr_schemas::events::Context;
 use serde::{Deserialize, Serialize};
 
 use super::{HashMap64, HashSet64, Kept, PartitionState, TOTAL_AD_NS};
-use crate::bytediff::{Chunks, Patch};
+use crate::bytediff::{Patch, Version};
 use crate::hold::Held;
 
 /// Format of an increment, numbered apart from the whole state's formats
@@ -67,8 +67,8 @@ struct Mark {
     linked_bytes: usize,
     /// The count models' decay landmarks then.
     landmarks: Vec<Option<i64>>,
-    /// The chunks of the bounded parts' encoding then.
-    extras: Chunks,
+    /// The bounded parts' encoding then.
+    extras: Version,
     /// The state's next offset then: where the next increment starts.
     from: Option<i64>,
 }
@@ -181,9 +181,10 @@ impl Increment {
 pub struct Prepared {
     /// The encoded increment.
     pub body: Vec<u8>,
-    /// Bytes of its bounded parts' patch that it carries.
-    pub extras_carried: usize,
-    extras: Chunks,
+    /// Bytes of its patch of the bounded parts (metrics, admission filters, held clicks,
+    /// seeded offsets) that it carries.
+    pub bounded_bytes: usize,
+    extras: Version,
 }
 
 /// When to save a whole state rather than another increment: after `max_links` increments, or
@@ -247,7 +248,7 @@ impl PartitionState {
             .enumerate()
             .map(|(i, v)| v.delta(&touched[i], c.evicted.get(i).unwrap_or(&no_eviction)))
             .collect();
-        let (extras, chunks) = Patch::diff(&mark.extras, &self.extras_bytes());
+        let (extras, version) = Patch::diff(&mark.extras, self.extras_bytes());
         let increment = Increment {
             from: mark.from,
             next_offset: self.next_offset,
@@ -269,15 +270,15 @@ impl PartitionState {
             dedupe: c.dedupe.clone(),
             extras,
         };
-        let extras_carried = increment.extras.carried();
+        let bounded_bytes = increment.extras.carried();
         let body = snapshot::encode_version(&increment, INCREMENT_FORMAT);
         if mark.linked_bytes + body.len() > mark.base_bytes {
             return None;
         }
         Some(Prepared {
             body,
-            extras_carried,
-            extras: chunks,
+            bounded_bytes,
+            extras: version,
         })
     }
 
@@ -310,7 +311,7 @@ impl PartitionState {
             base_bytes: bytes,
             linked_bytes,
             landmarks: self.landmarks(),
-            extras: Chunks::of(&self.extras_bytes()),
+            extras: Version::of(self.extras_bytes()),
             from: self.next_offset,
         });
     }
