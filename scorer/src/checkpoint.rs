@@ -2,14 +2,22 @@
 //! next offset).
 //!
 //! Where: Redis, key `<prefix>scorer:ckpt:{<topic>:<partition>}`, a hash with `next` (the next
-//! offset to read), `state` (the state in the project's snapshot container: magic, version,
-//! length, checksum) and `t` (the owner's wall clock when written), kept by the runtime's
-//! fenced store (`ctr_runtime::redis::FencedStore`). A state over 8 MiB is not in `state` but
-//! in chunks `<key>:<gen>:<i>` (`gen` and `chunks` fields), staged and then committed by the
-//! same fenced script. Redis because it is already the scorer's durable store (append-only file,
-//! fsync every second), because a partition may move to a scorer on another host (a local file
-//! would not follow it), and because the partition's applied offset (`<prefix>offset:...`)
-//! lives there too.
+//! offset to read), `state` (a whole state in the project's snapshot container: magic,
+//! version, length, checksum) and `t` (the owner's wall clock when written), kept by the
+//! runtime's fenced store (`ctr_runtime::redis::FencedStore`). A state over 8 MiB is not in
+//! `state` but in chunks `<key>:<gen>:<i>` (`gen` and `chunks` fields), staged and then
+//! committed by the same fenced script. Redis because it is already the scorer's durable store
+//! (append-only file, fsync every second), because a partition may move to a scorer on another
+//! host (a local file would not follow it), and because the partition's applied offset
+//! (`<prefix>offset:...`) lives there too.
+//!
+//! A checkpoint is a chain ([`crate::state`]'s `increment` module): the whole state, then
+//! increments, each what changed since the checkpoint before it, in the hash's fields
+//! `inc:<i>` under `chain` and `links`. A save appends an increment onto the chain this state
+//! was restored from or last saved as; it saves the whole state when there is none, when the
+//! chain is due for compaction ([`Compaction`]), and when the append is refused because
+//! another owner wrote since (the chain or its link count is not the one the increment was
+//! computed from). A load restores the whole state and applies the increments.
 //!
 //! Order of effects, which makes a hand-over exact:
 //! 1. a batch's totals and estimates are applied to Redis, fenced by offset

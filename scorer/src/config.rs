@@ -76,7 +76,7 @@ pub struct ScorerArgs {
     pub checkpoint_ms: u64,
     /// Increments appended to a partition's checkpoint before a whole state is saved again
     /// (sooner once they outweigh it); 0: every checkpoint saves the whole state.
-    #[arg(long, env = "CTR_SCORER_CHECKPOINT_LINKS", default_value_t = 32)]
+    #[arg(long, env = "CTR_SCORER_CHECKPOINT_LINKS", default_value_t = 256)]
     pub checkpoint_links: usize,
     /// How far back in event time label IDs are remembered for dedupe, ms. Must exceed the
     /// joiner's window + grace + late horizon + checkpoint interval.

@@ -98,11 +98,11 @@ fn exercise(key: String) {
 
         // A save behind the stored fence is refused, and its staged chunks deleted.
         assert!(
-            !store
+            store
                 .save(0, &[15], &body(5_000, 3), None, 3)
                 .await
                 .unwrap()
-                .is_some()
+                .is_none()
         );
         assert_eq!(keys_of(&mut con, &key), left);
         assert_eq!(store.load(0).await.unwrap().unwrap().body, second);

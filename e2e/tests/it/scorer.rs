@@ -117,6 +117,13 @@ fn sigkill_of_one_scorer_changes_no_count() {
         "the survivor restored the dead scorer's checkpoints:\n{}",
         s2.output()
     );
+    // Its checkpoints were chains: whole states and the increments after them (about 9 per
+    // partition by the SIGKILL in every run so far).
+    assert!(
+        metric(&p, "ctr_scorer_restored_increments_total").unwrap_or(0.0) >= 1.0,
+        "the survivor restored checkpoints with increments:\n{}",
+        s2.output()
+    );
     let duplicates = |port| {
         metric_sum(
             &page(port).unwrap(),

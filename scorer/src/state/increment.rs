@@ -198,7 +198,7 @@ pub struct Compaction {
 
 impl Compaction {
     /// The scorer's default (`--checkpoint-links`).
-    pub const DEFAULT: Compaction = Compaction { max_links: 32 };
+    pub const DEFAULT: Compaction = Compaction { max_links: 256 };
 }
 
 impl PartitionState {
