@@ -394,12 +394,16 @@ impl Variant {
     /// click on it may change: the owner of a batch calls this for each impression the batch
     /// learned from, then [`Variant::delta`].
     pub fn touch(&self, x: &Impression<'_>, touched: &mut Touched) {
-        let keys = Keys::of(x);
+        self.touch_keys(&Keys::of(x), touched);
+    }
+
+    /// [`Variant::touch`] of an impression whose keys are `keys`.
+    pub fn touch_keys(&self, keys: &Keys, touched: &mut Touched) {
         if self.counts.is_some() {
-            CountModel::touched_keys(&keys, &mut touched.counts);
+            CountModel::touched_keys(keys, &mut touched.counts);
         }
         if self.ftrl.is_some() {
-            impression_feature_keys(&self.cfg.features, &keys, &mut touched.ftrl);
+            impression_feature_keys(&self.cfg.features, keys, &mut touched.ftrl);
         }
     }
 
@@ -647,7 +651,9 @@ impl ModelSet {
     }
 
     /// Scores `x` with every variant, records the metrics, then lets each learn.
-    pub fn learn(&mut self, x: &Impression<'_>, clicked: bool, weight: f64) -> Result<()> {
+    /// Returns `x`'s keys, which it learned with (a caller that notes what changed keeps them:
+    /// [`ModelSet::touch_keys`]).
+    pub fn learn(&mut self, x: &Impression<'_>, clicked: bool, weight: f64) -> Result<Keys> {
         check_weight(weight)?;
         x.validate()?;
         let keys = Keys::of(x);
@@ -655,17 +661,18 @@ impl ModelSet {
             v.learn_keys(x, &keys, clicked, weight)?;
         }
         self.examples += 1;
-        Ok(())
+        Ok(keys)
     }
 
-    /// Applies a late-click correction to every variant (see [`Variant::correct`]).
-    pub fn correct(&mut self, x: &Impression<'_>, weight: f64) -> Result<()> {
+    /// Applies a late-click correction to every variant (see [`Variant::correct`]); returns
+    /// `x`'s keys, as [`ModelSet::learn`] does.
+    pub fn correct(&mut self, x: &Impression<'_>, weight: f64) -> Result<Keys> {
         check_weight(weight)?;
         x.validate()?;
         for v in &mut self.variants {
             v.correct(x, weight)?;
         }
-        Ok(())
+        Ok(Keys::of(x))
     }
 
     /// The variant `name`, to change in place.
@@ -746,10 +753,10 @@ impl ModelSet {
         Ok(())
     }
 
-    /// [`Variant::touch`] of every variant, into `touched` (one per variant, in order).
-    pub fn touch(&self, x: &Impression<'_>, touched: &mut [Touched]) {
+    /// [`Variant::touch_keys`] of every variant, into `touched` (one per variant, in order).
+    pub fn touch_keys(&self, keys: &Keys, touched: &mut [Touched]) {
         for (v, t) in self.variants.iter().zip(touched) {
-            v.touch(x, t);
+            v.touch_keys(keys, t);
         }
     }
 
@@ -1065,7 +1072,9 @@ mod tests {
         .map(VariantConfig::of)
         .to_vec();
         let mut set = ModelSet::new(configs).unwrap();
-        each_impression(3_000, |x, clicked| set.learn(x, clicked, 1.0).unwrap());
+        each_impression(3_000, |x, clicked| {
+            set.learn(x, clicked, 1.0).unwrap();
+        });
         let v1 = snapshot::encode_version(&legacy::ModelSetV1::of(&set), 1);
         let restored = ModelSet::restore(&v1).unwrap();
         assert_eq!(restored.examples(), set.examples());

@@ -1,5 +1,7 @@
 //! Instructions per labeled impression in one partition's state, for callgrind: what bounded
-//! totals (issue 19) add to the hot path.
+//! totals and the notes incremental checkpoints keep of what changed (issue 19) add to the hot
+//! path. (No checkpoint is taken here, so the notes grow over the whole run, where a scorer
+//! clears them at each checkpoint.)
 //!
 //! `cargo build --release -p ctr-scorer --example apply_cost`, then
 //! `valgrind --tool=callgrind target/release/examples/apply_cost [retiring]`.

@@ -564,8 +564,7 @@ impl PartitionState {
         policy: Policy,
         released: &mut Vec<LabeledImpression>,
     ) -> Result<Outcome, ModelError> {
-        let ctx_key = total_key(&l.ad_id, Some(context_key));
-        let outcome = self.learn(l, ctx_key, policy)?;
+        let outcome = self.learn(l, policy)?;
         if let Some((imps, clicks)) = outcome.count_delta() {
             let stands_for = if l.clicked { 1 } else { policy.thinned.max(1) };
             let ad_key = total_key(&l.ad_id, None);
@@ -574,7 +573,7 @@ impl PartitionState {
             }
             self.clock_ms = self.clock_ms.max(l.ts_ms);
             let offset = self.next_offset.map(|n| n - 1);
-            for key in [ad_key, ctx_key] {
+            for key in [ad_key, total_key(&l.ad_id, Some(context_key))] {
                 self.changes.key(key);
                 let kept = self.totals.entry(key).or_default();
                 kept.changed_ms = self.clock_ms;
@@ -595,14 +594,11 @@ impl PartitionState {
             // Validated when it was held, and the models reject only what validation rejects.
             let learned = {
                 let pairs = p.context.pairs();
-                self.models
-                    .learn(&impression(&p, &pairs), true, 1.0)
-                    .is_ok()
+                self.models.learn(&impression(&p, &pairs), true, 1.0)
             };
-            if learned {
+            if let Ok(keys) = learned {
                 self.newest_ms = self.newest_ms.max(p.ts_ms);
-                let ctx_key = total_key(&p.ad_id, Some(&p.context.key()));
-                self.changes.impression(&p, ctx_key);
+                self.changes.impression(&keys);
             }
             released.push(p);
         }
@@ -614,13 +610,8 @@ impl PartitionState {
         self.held.len()
     }
 
-    /// Learns from `l`, whose (ad, context) total key is `ctx_key`, as `policy` says.
-    fn learn(
-        &mut self,
-        l: &LabeledImpression,
-        ctx_key: u64,
-        policy: Policy,
-    ) -> Result<Outcome, ModelError> {
+    /// Learns from `l` as `policy` says.
+    fn learn(&mut self, l: &LabeledImpression, policy: Policy) -> Result<Outcome, ModelError> {
         let id = label_id_hash(&l.label_id);
         match self.dedupe.check_id(id, l.ts_ms) {
             Seen::Duplicate => return Ok(Outcome::Duplicate),
@@ -633,8 +624,8 @@ impl PartitionState {
         let outcome = match l.kind {
             LabelKind::LateClick if !policy.learn => Outcome::CorrectionGuarded,
             LabelKind::LateClick => {
-                self.models.correct(&x, 1.0)?;
-                self.changes.impression(l, ctx_key);
+                let keys = self.models.correct(&x, 1.0)?;
+                self.changes.impression(&keys);
                 Outcome::Corrected
             }
             LabelKind::Label if !policy.learn => Outcome::Guarded { clicked: l.clicked },
@@ -652,8 +643,8 @@ impl PartitionState {
                     policy.negative_rate,
                 ) {
                     Some(weight) => {
-                        self.models.learn(&x, false, weight)?;
-                        self.changes.impression(l, ctx_key);
+                        let keys = self.models.learn(&x, false, weight)?;
+                        self.changes.impression(&keys);
                         self.newest_ms = self.newest_ms.max(l.ts_ms);
                         Outcome::Learned {
                             weight,

@@ -23,15 +23,14 @@
 //! was rescaled: the change is the whole model), and when the chain is due for compaction (the
 //! caller's policy: [`PartitionState::increment`]).
 
-use ctr_models::example::{combine, hash_str};
+use ctr_models::example::Keys;
+use ctr_models::example::combine;
 use ctr_models::snapshot::{self, SnapshotError};
-use ctr_models::{Evicted, Impression, ModelSetExtras, ModelSetExtrasRef, Touched, VariantDelta};
+use ctr_models::{Evicted, ModelSetExtras, ModelSetExtrasRef, Touched, VariantDelta};
 use ctr_runtime::redis::Chain;
-use ctr_schemas::LabeledImpression;
-use ctr_schemas::events::Context;
 use serde::{Deserialize, Serialize};
 
-use super::{HashMap64, HashSet64, Kept, PartitionState, TOTAL_AD_NS};
+use super::{HashMap64, HashSet64, Kept, PartitionState};
 use crate::bytediff::{Patch, Version};
 use crate::hold::Held;
 
@@ -42,9 +41,9 @@ pub const INCREMENT_FORMAT: u16 = 101;
 /// What changed since the last checkpoint, noted as records are applied.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Changes {
-    /// Each impression learned from (or held, or corrected): its ad, campaign and context, by
-    /// a hash of the three. The parameters its learning may have changed are found from it.
-    impressions: HashMap64<(String, String, Context)>,
+    /// The keys of each impression learned from (or corrected), by a hash of its ad, context
+    /// and campaign: the parameters its learning may have changed are found from them.
+    impressions: HashMap64<Keys>,
     /// Total keys set, brought back or retired (an ad's key also stands for its campaign).
     keys: HashSet64,
     /// Per variant, what maintenance evicted.
@@ -74,13 +73,11 @@ struct Mark {
 }
 
 impl Changes {
-    /// Notes that learning from the impression of `l`, whose (ad, context) total key is
-    /// `ctx_total`, may have changed parameters.
-    pub(crate) fn impression(&mut self, l: &LabeledImpression, ctx_total: u64) {
-        let key = combine(ctx_total, hash_str(TOTAL_AD_NS, &l.campaign_id));
-        self.impressions
-            .entry(key)
-            .or_insert_with(|| (l.ad_id.clone(), l.campaign_id.clone(), l.context.clone()));
+    /// Notes that learning from an impression whose keys are `keys` may have changed
+    /// parameters.
+    pub(crate) fn impression(&mut self, keys: &Keys) {
+        let key = combine(combine(keys.ad, keys.context), keys.campaign);
+        self.impressions.entry(key).or_insert(*keys);
     }
 
     /// Notes that the total (and, for an ad's key, the campaign) at `key` changed.
@@ -229,16 +226,8 @@ impl PartitionState {
         }
         let c = &self.changes;
         let mut touched = vec![Touched::default(); self.models.variants().len()];
-        for (ad, campaign, context) in c.impressions.values() {
-            let pairs = context.pairs();
-            let x = Impression {
-                ad,
-                campaign,
-                position: 1,
-                context: &pairs,
-                ts_ms: 0,
-            };
-            self.models.touch(&x, &mut touched);
+        for keys in c.impressions.values() {
+            self.models.touch_keys(keys, &mut touched);
         }
         let no_eviction = Evicted::default();
         let models = self
