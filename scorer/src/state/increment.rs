@@ -48,9 +48,9 @@ pub(crate) struct Changes {
     keys: HashSet64,
     /// Per variant, what maintenance evicted.
     evicted: Vec<Evicted>,
-    /// Keys retired into the filter, in order, and the filter's size setting.
-    retired: Vec<u64>,
-    remembered: usize,
+    /// Keys retired into the filter, in order: each retirement's keys with the filter size
+    /// setting they went in under.
+    retired: Vec<Retired>,
     /// Label IDs the dedupe remembered, in order, with their event times.
     dedupe: Vec<(i64, u64)>,
     /// The last checkpoint, if this state knows it.
@@ -92,8 +92,13 @@ impl Changes {
 
     /// Notes keys retired into a filter sized for `remembered` keys.
     pub(crate) fn retired(&mut self, keys: &[u64], remembered: usize) {
-        self.retired.extend_from_slice(keys);
-        self.remembered = remembered;
+        if keys.is_empty() {
+            return;
+        }
+        self.retired.push(Retired {
+            remembered: remembered as u64,
+            keys: keys.to_vec(),
+        });
         self.keys.extend(keys);
     }
 
@@ -145,10 +150,16 @@ struct Increment {
     /// Totals and campaigns of the keys noted (`None`: not held any more).
     totals: Vec<(u64, Option<Kept>)>,
     campaigns: Vec<(u64, Option<String>)>,
-    retired: Vec<u64>,
-    remembered: u64,
+    retired: Vec<Retired>,
     dedupe: Vec<(i64, u64)>,
     extras: Patch,
+}
+
+/// Keys retired together into the filter, sized for `remembered` keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Retired {
+    remembered: u64,
+    keys: Vec<u64>,
 }
 
 impl Increment {
@@ -167,7 +178,6 @@ impl Increment {
             self.campaigns.drain(..).chain(later.campaigns).collect();
         self.campaigns = campaigns.into_iter().collect();
         self.retired.extend(later.retired);
-        self.remembered = later.remembered;
         self.dedupe.extend(later.dedupe);
         self.extras = later.extras;
     }
@@ -255,7 +265,6 @@ impl PartitionState {
                 .map(|k| (*k, self.campaigns.get(k).cloned()))
                 .collect(),
             retired: c.retired.clone(),
-            remembered: c.remembered as u64,
             dedupe: c.dedupe.clone(),
             extras,
         };
@@ -358,9 +367,11 @@ impl PartitionState {
                 None => state.campaigns.remove(&key),
             };
         }
-        let remembered = usize::try_from(merged.remembered).unwrap_or(usize::MAX);
-        for key in merged.retired {
-            state.retired.insert(key, remembered);
+        for retired in merged.retired {
+            let remembered = usize::try_from(retired.remembered).unwrap_or(usize::MAX);
+            for key in retired.keys {
+                state.retired.insert(key, remembered);
+            }
         }
         for (ts_ms, id) in merged.dedupe {
             state.dedupe.check_id(id, ts_ms);
@@ -465,7 +476,10 @@ mod tests {
             // Maintenance as the worker runs it: eviction and retirement, and a retired key
             // brought back from Redis.
             st.maintain(60_000);
-            st.retire(retention, |_| false);
+            // Not at every checkpoint: an increment without retirements follows one with.
+            if i % 1_000 == 999 {
+                st.retire(retention, |_| false);
+            }
             let back = total_key("ad3", None);
             if st.needs_seed(back) {
                 st.seed(back, Some((Total { imps: 7, clicks: 1 }, i)));
