@@ -531,6 +531,34 @@ mod tests {
     }
 
     #[test]
+    fn retirements_replay_under_their_own_filter_size_after_a_restore() {
+        // One owner retires keys into a filter sized for 10,000; the next, restored from that
+        // chain, retires none before its own increment: the chain must still rebuild the first
+        // owner's filter as it was.
+        let chain = |links| Chain {
+            id: "c".into(),
+            links,
+        };
+        let mut st = state(6.0 * 3_600_000.0);
+        (0..500).for_each(|i| apply(&mut st, i));
+        let base = st.snapshot();
+        st.based(chain(0), usize::MAX / 2, 0);
+        (500..1_000).for_each(|i| apply(&mut st, i));
+        let retention = Retention {
+            hot_ms: 60_000,
+            remembered: 10_000,
+        };
+        assert!(!st.retire(retention, |_| false).is_empty());
+        let first = st.increment(Compaction::DEFAULT).unwrap().body;
+        let mut next = PartitionState::restore_chain(&base, std::slice::from_ref(&first)).unwrap();
+        next.based(chain(1), usize::MAX / 2, first.len());
+        (1_000..1_500).for_each(|i| apply(&mut next, i));
+        let second = next.increment(Compaction::DEFAULT).unwrap().body;
+        let restored = PartitionState::restore_chain(&base, &[first, second]).unwrap();
+        assert_same(&restored, &next);
+    }
+
+    #[test]
     fn a_whole_state_is_due_without_a_base_past_the_link_limit_and_when_the_decay_landmark_moves() {
         // A half-life of 1 s: the landmark moves after 256 s of event time.
         let mut st = state(1_000.0);
