@@ -25,31 +25,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use ctr_e2e::{fresh_context_label, redis, redis_cluster, redis_url, unique};
-use ctr_models::{ModelSet, VariantConfig, VariantKind};
+use ctr_e2e::{
+    default_partition_state, feed_fresh_contexts, redis, redis_cluster, redis_url, unique,
+};
 use ctr_runtime::Policy;
 use ctr_runtime::redis::{Redis, chunk_key};
 use ctr_scorer::checkpoint::{CheckpointStore, Kind, Saved};
-use ctr_scorer::state::{Compaction, PartitionState, Policy as LearnPolicy};
+use ctr_scorer::state::{Compaction, PartitionState};
 
 /// Labels between two checkpoints: the fixed rate of change.
 const CHANGE: u64 = 10_000;
 /// Ads of [`fresh_context_label`].
 const ADS: u64 = 500;
 const SIZES: [usize; 5] = [100_000, 300_000, 1_000_000, 3_000_000, 10_000_000];
-
-fn feed(state: &mut PartitionState, from: u64, to: u64) {
-    let mut released = Vec::new();
-    for i in from..to {
-        // 10 labels per second of event time.
-        let l = fresh_context_label(i, 100);
-        state
-            .apply(&l, &l.context.key(), LearnPolicy::NORMAL, &mut released)
-            .expect("the generator's labels are valid");
-        released.clear();
-    }
-    state.next_offset = Some(to as i64);
-}
 
 /// Another client of the same Redis, PINGing in a loop on its own thread; while `watch`ed,
 /// it keeps the longest answer.
@@ -132,17 +120,7 @@ async fn main() {
     };
     let mut whole = store(Compaction { max_links: 0 }).await;
     let mut incremental = store(Compaction { max_links: 1_000 }).await;
-    let models = ModelSet::new(
-        [
-            VariantKind::Counts,
-            VariantKind::Ftrl,
-            VariantKind::Combined,
-        ]
-        .map(VariantConfig::of)
-        .to_vec(),
-    )
-    .unwrap();
-    let mut state = PartitionState::new(models, 900_000);
+    let mut state = default_partition_state();
     println!(
         "machine: {} cores; one partition, variants counts, ftrl, combined; {CHANGE} new labels (new contexts) before each incremental checkpoint",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -157,14 +135,14 @@ async fn main() {
         // Each label adds one (ad, context) key beside the 500 ad keys: the third
         // increment is taken at `size` keys.
         let target = (size as u64).saturating_sub(ADS + 3 * CHANGE);
-        feed(&mut state, fed, target.max(fed));
+        feed_fresh_contexts(&mut state, fed, target.max(fed));
         fed = target.max(fed);
         let (base, whole_s) = timed_save(&mut whole, &mut state, &pinger).await;
         assert_eq!(base.kind, Kind::Whole);
         let ping_whole = pinger.take_longest();
         let (mut bytes, mut extras, mut took) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
-            feed(&mut state, fed, fed + CHANGE);
+            feed_fresh_contexts(&mut state, fed, fed + CHANGE);
             fed += CHANGE;
             let (saved, s) = timed_save(&mut incremental, &mut state, &pinger).await;
             assert_eq!(saved.kind, Kind::Increment, "compacted early");

@@ -932,6 +932,42 @@ pub fn fresh_context_label(i: u64, step_ms: i64) -> LabeledImpression {
     }
 }
 
+/// One partition's state with the scorer's default variants (counts, FTRL, combined), as the
+/// checkpoint bench and tests grow it.
+pub fn default_partition_state() -> ctr_scorer::state::PartitionState {
+    use ctr_models::{ModelSet, VariantConfig, VariantKind};
+    let models = ModelSet::new(
+        [
+            VariantKind::Counts,
+            VariantKind::Ftrl,
+            VariantKind::Combined,
+        ]
+        .map(VariantConfig::of)
+        .to_vec(),
+    )
+    .expect("the default variants are valid");
+    ctr_scorer::state::PartitionState::new(models, 900_000)
+}
+
+/// Applies labels `from..to` of [`fresh_context_label`] (10 per second of event time) to
+/// `state`, as records at those offsets.
+pub fn feed_fresh_contexts(state: &mut ctr_scorer::state::PartitionState, from: u64, to: u64) {
+    let mut released = Vec::new();
+    for i in from..to {
+        let l = fresh_context_label(i, 100);
+        state
+            .apply(
+                &l,
+                &l.context.key(),
+                ctr_scorer::state::Policy::NORMAL,
+                &mut released,
+            )
+            .expect("the generator's labels are valid");
+        released.clear();
+    }
+    state.next_offset = Some(to as i64);
+}
+
 /// A labeled stream and the exact per-ad totals it implies.
 #[derive(Debug)]
 pub struct Stream {

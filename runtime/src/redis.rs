@@ -874,11 +874,6 @@ impl FencedStore {
         })
     }
 
-    /// The largest body stored in one value ([`MAX_VALUE_BYTES`] unless a test set another).
-    pub fn chunk_bytes(&self) -> usize {
-        self.chunk_bytes
-    }
-
     /// Writes one chunk of a body being saved, expiring unless a commit makes it permanent.
     async fn stage(
         &self,

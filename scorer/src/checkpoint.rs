@@ -172,8 +172,9 @@ impl CheckpointStore {
 
     /// Writes `state` unless a newer checkpoint is stored: as an increment on the chain it was
     /// restored from or last saved as, or whole when there is none, when the chain is due for
-    /// compaction, or when another writer extended or replaced the chain since
-    /// ([`crate::state::Compaction`]). Returns what was written (`None`: refused).
+    /// compaction, when another writer extended or replaced the chain since, or when the
+    /// increment is over the largest value the store writes ([`crate::state::Compaction`],
+    /// `FencedStore::append`). Returns what was written (`None`: refused).
     pub async fn save(
         &mut self,
         partition: i32,
@@ -181,9 +182,7 @@ impl CheckpointStore {
     ) -> Result<Option<Saved>, CheckpointError> {
         let stream = keys::model_stream(&self.redis_prefix, &self.topic, partition);
         let fence = [state.next_offset.unwrap_or(-1)];
-        if let Some(prepared) = state.increment(self.compaction)
-            && prepared.body.len() <= self.store.chunk_bytes()
-        {
+        if let Some(prepared) = state.increment(self.compaction) {
             let chain = state.chain().expect("an increment extends a chain").clone();
             let appended = self
                 .store

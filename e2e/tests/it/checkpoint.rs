@@ -33,6 +33,22 @@ fn a_checkpoint_over_the_value_cap_is_chunked_read_whole_and_replaced_without_le
     exercise(format!("{}:ckpt:g:t:0", unique("chunks")));
 }
 
+/// A store of one partition at `key` in the stack's Redis, writing values of at most 1,000
+/// bytes (so small bodies exercise chunking), fenced by `next`.
+async fn small_store(key: &str) -> FencedStore {
+    let redis = Redis::connect(&redis_url(), None, redis_cluster(), Policy::default())
+        .await
+        .expect("Redis (scripts/stack up)");
+    let key = key.to_string();
+    FencedStore::new(
+        redis.manager().await.unwrap(),
+        redis.policy(),
+        move |_| key.clone(),
+        &["next"],
+    )
+    .with_chunk_bytes(1_000)
+}
+
 fn exercise(key: String) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -40,17 +56,7 @@ fn exercise(key: String) {
         .unwrap();
     let mut con = redis();
     rt.block_on(async {
-        let redis = Redis::connect(&redis_url(), None, redis_cluster(), Policy::default())
-            .await
-            .expect("Redis (scripts/stack up)");
-        let k = key.clone();
-        let mut store = FencedStore::new(
-            redis.manager().await.unwrap(),
-            redis.policy(),
-            move |_| k.clone(),
-            &["next"],
-        )
-        .with_chunk_bytes(1_000);
+        let mut store = small_store(&key).await;
 
         // 10 chunks, the last one short.
         let first = body(9_500, 1);
@@ -131,17 +137,7 @@ fn increments_are_appended_only_onto_the_chain_and_links_they_were_computed_from
         .unwrap();
     let mut con = redis();
     rt.block_on(async {
-        let redis = Redis::connect(&redis_url(), None, redis_cluster(), Policy::default())
-            .await
-            .expect("Redis (scripts/stack up)");
-        let k = key.clone();
-        let mut store = FencedStore::new(
-            redis.manager().await.unwrap(),
-            redis.policy(),
-            move |_| k.clone(),
-            &["next"],
-        )
-        .with_chunk_bytes(1_000);
+        let mut store = small_store(&key).await;
         let base = body(500, 1);
         let chain = store
             .save(0, &[10], &base, None, 1)
@@ -232,19 +228,7 @@ fn increments_are_appended_only_onto_the_chain_and_links_they_were_computed_from
 /// before the first appended more cannot append onto it, and saves whole instead.
 #[test]
 fn a_scorer_partition_restores_from_its_base_and_increments_and_a_stale_owner_saves_whole() {
-    use ctr_models::{ModelSet, VariantConfig, VariantKind};
     use ctr_scorer::checkpoint::{CheckpointStore, Kind};
-    use ctr_scorer::state::{PartitionState, Policy as LearnPolicy};
-
-    let feed = |state: &mut PartitionState, from: u64, to: u64| {
-        for i in from..to {
-            let l = fresh_context_label(i, 100);
-            state
-                .apply(&l, &l.context.key(), LearnPolicy::NORMAL, &mut Vec::new())
-                .unwrap();
-        }
-        state.next_offset = Some(to as i64);
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -258,22 +242,12 @@ fn a_scorer_partition_restores_from_its_base_and_increments_and_a_stale_owner_sa
             CheckpointStore::new(redis.manager().await.unwrap(), redis.policy(), &prefix, "l")
         };
         let mut first = store().await;
-        let models = ModelSet::new(
-            [
-                VariantKind::Counts,
-                VariantKind::Ftrl,
-                VariantKind::Combined,
-            ]
-            .map(VariantConfig::of)
-            .to_vec(),
-        )
-        .unwrap();
-        let mut state = PartitionState::new(models, 900_000);
-        feed(&mut state, 0, 20_000);
+        let mut state = default_partition_state();
+        feed_fresh_contexts(&mut state, 0, 20_000);
         let kinds = |saved: Option<ctr_scorer::checkpoint::Saved>| saved.expect("written").kind;
         assert_eq!(kinds(first.save(0, &mut state).await.unwrap()), Kind::Whole);
         for round in 0..3 {
-            feed(&mut state, 20_000 + round * 500, 20_500 + round * 500);
+            feed_fresh_contexts(&mut state, 20_000 + round * 500, 20_500 + round * 500);
             assert_eq!(
                 kinds(first.save(0, &mut state).await.unwrap()),
                 Kind::Increment
@@ -290,12 +264,12 @@ fn a_scorer_partition_restores_from_its_base_and_increments_and_a_stale_owner_sa
         // The first owner goes on and appends; the second, which restored before that, has
         // learned the same records meanwhile and more: its increment does not follow the
         // chain any more, so it saves whole.
-        feed(&mut state, 21_500, 22_000);
+        feed_fresh_contexts(&mut state, 21_500, 22_000);
         assert_eq!(
             kinds(first.save(0, &mut state).await.unwrap()),
             Kind::Increment
         );
-        feed(&mut restored, 21_500, 22_500);
+        feed_fresh_contexts(&mut restored, 21_500, 22_500);
         assert_eq!(
             kinds(second.save(0, &mut restored).await.unwrap()),
             Kind::Whole
