@@ -1,6 +1,9 @@
 //! The ranking API's work per request, in process (issue 16): parse and check a `/v1/rank`
 //! body with 10 candidates, evaluate the serving variant (combined) for each from the
-//! replica, rank, and serialize the answer: everything the handler does but HTTP.
+//! replica, rank, and serialize the answer: everything the handler does but HTTP. A third
+//! figure asks the whole router (`ctr_scorer::api::router`: routing, the body limit, the
+//! concurrency limit, the deadline, the handler, the response) with an in-memory request:
+//! everything the process does per request but hyper's HTTP/1 and the socket.
 //!
 //! `cargo bench -p ctr-scorer --bench rank`; instruction counts (the figure the shared machine
 //! cannot blur): `valgrind --tool=callgrind target/release/deps/rank-* --bench --profile-time 5`.
@@ -17,7 +20,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use ctr_schemas::partition::partition_of;
 use ctr_schemas::{Context, LabelKind, LabeledImpression};
-use ctr_scorer::api::{parse_rank, rank_with};
+use ctr_scorer::api::{ApiState, Limits, parse_rank, rank_with};
 use ctr_scorer::config::parse_models;
 use ctr_scorer::replica::Replica;
 use ctr_scorer::state::{PartitionState, Policy};
@@ -137,5 +140,52 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// The whole router, asked in memory on a current-thread runtime.
+fn router(c: &mut Criterion) {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    let replica = std::sync::Arc::new(replica());
+    let state = ApiState::new(
+        Limits {
+            max_concurrency: 512,
+            timeout: std::time::Duration::from_millis(250),
+        },
+        replica,
+        None,
+        None,
+        Default::default(),
+        Default::default(),
+    );
+    let app = ctr_scorer::api::router(state);
+    let bodies: Vec<axum::body::Bytes> = bodies().into_iter().map(Into::into).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut i = 0;
+    c.bench_function(
+        "rank: the router, in memory (all but HTTP/1 and the socket)",
+        |b| {
+            b.iter(|| {
+                i = (i + 1) % bodies.len();
+                let request = Request::post("/v1/rank")
+                    .header("content-type", "application/json")
+                    .body(Body::from(bodies[i].clone()))
+                    .unwrap();
+                let response = rt.block_on(async {
+                    let response = app.clone().oneshot(request).await.unwrap();
+                    assert!(response.status().is_success());
+                    axum::body::to_bytes(response.into_body(), usize::MAX)
+                        .await
+                        .unwrap()
+                });
+                black_box(response)
+            })
+        },
+    );
+}
+
+criterion_group!(benches, bench, router);
 criterion_main!(benches);

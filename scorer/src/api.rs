@@ -10,6 +10,7 @@
 //! caught up with the owners they answer `503` as well. Errors are JSON `{"error": "..."}`
 //! naming the problem (the JSON path of a bad field).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,45 +42,74 @@ pub const MAX_CANDIDATES: usize = 1_000;
 /// Largest request body, bytes.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// What the handlers share.
+/// What the handlers share. Cloned for every request (axum's `State`), so it is one `Arc`:
+/// one reference count to move, not one per field.
 #[derive(Clone)]
-pub struct ApiState {
+pub struct ApiState(Arc<Shared>);
+
+/// The fields of [`ApiState`].
+struct Shared {
     replica: Arc<Replica>,
     metrics: Option<PrometheusHandle>,
     /// The learning side's switches; `None` in a serving-only process.
     control: Option<Arc<Control>>,
-    limits: (usize, Duration),
+    limits: Limits,
     monitor: Arc<crate::monitor::Monitor>,
     /// The process's work loops, for `/healthz`.
     liveness: ctr_runtime::Liveness,
+    /// `ctr_api_request_seconds` of each route, looked up once (not per request).
+    rank_seconds: metrics::Histogram,
+    ctr_seconds: metrics::Histogram,
 }
 
 impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiState")
-            .field("model", &self.replica.model())
+            .field("model", &self.0.replica.model())
             .finish()
     }
 }
 
+/// How much the `/v1` routes take on: requests in progress at once (beyond it, `503` at once)
+/// and one request's deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests in progress at once.
+    pub max_concurrency: usize,
+    /// One request's deadline.
+    pub timeout: Duration,
+}
+
+impl Limits {
+    /// `--api-max-concurrency` and `--api-timeout-ms`.
+    pub fn of(cfg: &ScorerConfig) -> Self {
+        Self {
+            max_concurrency: cfg.api_max_concurrency,
+            timeout: cfg.api_timeout,
+        }
+    }
+}
+
 impl ApiState {
-    /// The handlers' state: the replica that answers, and the limits from `cfg`.
+    /// The handlers' state: the replica that answers, and the `/v1` routes' limits.
     pub fn new(
-        cfg: &ScorerConfig,
+        limits: Limits,
         replica: Arc<Replica>,
         metrics: Option<PrometheusHandle>,
         control: Option<Arc<Control>>,
         monitor: Arc<crate::monitor::Monitor>,
         liveness: ctr_runtime::Liveness,
     ) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             replica,
             metrics,
             control,
-            limits: (cfg.api_max_concurrency, cfg.api_timeout),
+            limits,
             monitor,
             liveness,
-        }
+            rank_seconds: metrics::histogram!("ctr_api_request_seconds", "route" => "rank"),
+            ctr_seconds: metrics::histogram!("ctr_api_request_seconds", "route" => "ctr"),
+        }))
     }
 }
 
@@ -128,30 +158,35 @@ pub struct CtrResponse {
     pub model_version: Option<String>,
 }
 
-/// One ad the frontend may show.
+/// One ad the frontend may show. Its strings borrow from the request body where they can
+/// (an ID without JSON escapes): the handler allocates nothing per candidate to read it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Candidate {
+pub struct Candidate<'a> {
     /// The ad's ID (unique among the candidates).
-    pub ad_id: String,
+    #[serde(borrow)]
+    #[schema(value_type = String)]
+    pub ad_id: Cow<'a, str>,
     /// Bid per click, any currency unit; finite and >= 0.
     pub bid: f64,
     /// The ad's campaign: a new ad is estimated from it. Without it the campaign the model
     /// last saw for the ad is used.
-    #[serde(default)]
-    pub campaign_id: Option<String>,
+    #[serde(default, borrow)]
+    #[schema(value_type = Option<String>)]
+    pub campaign_id: Option<Cow<'a, str>>,
 }
 
 /// Body of `POST /v1/rank`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RankRequest {
+pub struct RankRequest<'a> {
     /// The query context: `query_category`, `geo` and `device` are required; any other field
     /// is an extra context field, evaluated as the model learned it (a field it never saw
     /// adds nothing).
     pub context: BTreeMap<String, String>,
     /// 1 to 1000 candidates with distinct ad IDs.
-    pub candidates: Vec<Candidate>,
+    #[serde(borrow)]
+    pub candidates: Vec<Candidate<'a>>,
     /// How many to return (default: all).
     #[serde(default)]
     pub k: Option<usize>,
@@ -159,9 +194,10 @@ pub struct RankRequest {
 
 /// One ranked ad.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Ranked {
+pub struct Ranked<'a> {
     /// The candidate's ad ID.
-    pub ad_id: String,
+    #[schema(value_type = String)]
+    pub ad_id: Cow<'a, str>,
     /// Its bid, as given.
     pub bid: f64,
     /// Calibrated click probability at the top slot.
@@ -171,16 +207,39 @@ pub struct Ranked {
     /// How the model obtained `pctr`.
     pub source: Source,
     /// `model@offset` of the ad's partition (see [`CtrResponse::model_version`]).
-    pub model_version: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub model_version: Option<ModelVersion<'a>>,
+}
+
+/// `model@offset`: the serving variant and the last offset of a partition an answer
+/// reflects. Serialized as that string, written straight into the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelVersion<'a> {
+    /// The serving variant.
+    pub model: &'a str,
+    /// The last offset of the ad's partition the replica reflects.
+    pub offset: i64,
+}
+
+impl std::fmt::Display for ModelVersion<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.model, self.offset)
+    }
+}
+
+impl Serialize for ModelVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Answer of `POST /v1/rank`: candidates by descending score (ties by ad ID).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RankResponse {
+pub struct RankResponse<'a> {
     /// The request's context as [`ctr_schemas::Context::key`] writes it.
     pub context_key: String,
     /// The first `k` candidates by descending score.
-    pub ranked: Vec<Ranked>,
+    pub ranked: Vec<Ranked<'a>>,
 }
 
 /// Every error body.
@@ -223,10 +282,10 @@ impl IntoResponse for ApiError {
     ),
     paths(rank, get_ctr),
     components(schemas(
-        RankRequest,
-        Candidate,
-        RankResponse,
-        Ranked,
+        RankRequest<'_>,
+        Candidate<'_>,
+        RankResponse<'_>,
+        Ranked<'_>,
         CtrResponse,
         Source,
         ErrorBody
@@ -256,8 +315,11 @@ async fn overloaded(err: BoxError) -> ApiError {
 
 /// The ranking API's routes (`/v1/ctr`, `/v1/rank`, the OpenAPI document) with their limits.
 pub fn router(state: ApiState) -> Router {
-    let (max_concurrency, timeout) = state.limits;
-    let dashboard = crate::dashboard::router(Arc::clone(&state.monitor));
+    let Limits {
+        max_concurrency,
+        timeout,
+    } = state.0.limits;
+    let dashboard = crate::dashboard::router(Arc::clone(&state.0.monitor));
     let v1 = Router::new()
         .route("/v1/rank", post(rank))
         .route("/v1/ctr", get(get_ctr))
@@ -299,7 +361,7 @@ pub async fn serve(
 /// bound; else `503` naming the stale ones. The HTTP server answering is not enough: a process
 /// whose loops are wedged is not alive.
 async fn healthz(State(s): State<ApiState>) -> Response {
-    match s.liveness.check() {
+    match s.0.liveness.check() {
         Ok(()) => "ok".into_response(),
         Err(stale) => (StatusCode::SERVICE_UNAVAILABLE, stale).into_response(),
     }
@@ -310,7 +372,7 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
-    match &s.metrics {
+    match &s.0.metrics {
         Some(h) => h.render().into_response(),
         None => (StatusCode::NOT_FOUND, "metrics not enabled").into_response(),
     }
@@ -319,8 +381,8 @@ async fn metrics(State(s): State<ApiState>) -> Response {
 /// Ready when the replica has caught up with the owners (see [`crate::replica`]); says how
 /// far behind and how old its model is, and whether this process's learning is paused.
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let status = s.replica.status();
-    let learning = s.control.as_ref().map(|c| c.learning());
+    let status = s.0.replica.status();
+    let learning = s.0.control.as_ref().map(|c| c.learning());
     let body = serde_json::json!({
         "ready": status.ready,
         "learning": learning,
@@ -336,7 +398,7 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 
 /// `503` until the replica has caught up: an answer from a half-restored model is wrong.
 fn check_ready(s: &ApiState) -> Result<(), ApiError> {
-    if s.replica.ready() {
+    if s.0.replica.ready() {
         Ok(())
     } else {
         Err(ApiError::unavailable(
@@ -358,7 +420,7 @@ fn context_from(mut fields: BTreeMap<String, String>, path: &str) -> Result<Cont
 /// Parses a JSON body; the error names the path of the offending field. A body that parses
 /// is parsed once, untracked (path tracking wraps every value the parser visits); only a
 /// failing one is parsed again to find where it failed.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+fn parse_json<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, ApiError> {
     if let Ok(value) = serde_json::from_slice(body) {
         return Ok(value);
     }
@@ -380,14 +442,14 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 /// Parses and checks a `POST /v1/rank` body: the request and its context, or the error the
 /// client gets (the handler's whole input handling, pure, so it can be fuzzed).
 /// The request's `context` map is moved into the returned [`Context`].
-pub fn parse_rank(body: &[u8]) -> Result<(RankRequest, Context), ApiError> {
-    let mut req: RankRequest = parse_json(body)?;
+pub fn parse_rank(body: &[u8]) -> Result<(RankRequest<'_>, Context), ApiError> {
+    let mut req: RankRequest<'_> = parse_json(body)?;
     let ctx = check_rank(&mut req)?;
     Ok((req, ctx))
 }
 
 /// Checks a ranking request; moves its context out, checked.
-fn check_rank(req: &mut RankRequest) -> Result<Context, ApiError> {
+fn check_rank(req: &mut RankRequest<'_>) -> Result<Context, ApiError> {
     let ctx = context_from(std::mem::take(&mut req.context), "context")?;
     if req.candidates.is_empty() || req.candidates.len() > MAX_CANDIDATES {
         return Err(ApiError::bad(format!(
@@ -401,7 +463,7 @@ fn check_rank(req: &mut RankRequest) -> Result<Context, ApiError> {
         .candidates
         .iter()
         .enumerate()
-        .map(|(i, c)| (c.ad_id.as_str(), i))
+        .map(|(i, c)| (c.ad_id.as_ref(), i))
         .collect();
     order.sort_unstable();
     if let Some(i) = order
@@ -437,45 +499,66 @@ fn check_rank(req: &mut RankRequest) -> Result<Context, ApiError> {
 #[utoipa::path(
     post,
     path = "/v1/rank",
-    request_body = RankRequest,
+    request_body = RankRequest<'_>,
     responses(
-        (status = 200, description = "Candidates by descending bid × pCTR", body = RankResponse),
+        (status = 200, description = "Candidates by descending bid × pCTR", body = RankResponse<'_>),
         (status = 400, description = "Malformed request; the message names the field", body = ErrorBody),
         (status = 413, description = "Body larger than 1 MiB"),
         (status = 503, description = "Overloaded, or the model replica is catching up; see Retry-After", body = ErrorBody)
     )
 )]
-async fn rank(State(s): State<ApiState>, body: Bytes) -> Result<Json<RankResponse>, ApiError> {
+async fn rank(State(s): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (req, ctx) = parse_rank(&body)?;
     check_ready(&s)?;
-    let response = rank_with(&s.replica, req, &ctx);
-    metrics::histogram!("ctr_api_request_seconds", "route" => "rank")
-        .record(started.elapsed().as_secs_f64());
-    Ok(Json(response))
+    let response = rank_with(&s.0.replica, req, &ctx);
+    let json = to_json(&response, 64 + 192 * response.ranked.len());
+    s.0.rank_seconds.record(started.elapsed().as_secs_f64());
+    Ok(json)
+}
+
+/// `value` as a JSON response, serialized into a buffer of `capacity` bytes to start with
+/// (axum's `Json` starts from 128 and grows: a ranking answer would be copied four times).
+fn to_json(value: &impl Serialize, capacity: usize) -> Response {
+    let mut buf = Vec::with_capacity(capacity);
+    match serde_json::to_writer(&mut buf, value) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            buf,
+        )
+            .into_response(),
+        // Unreachable for the API's own types (no maps with non-string keys, no failing
+        // `Serialize`), answered as axum's `Json` would.
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 /// Ranks a checked request's candidates with `replica`: by descending bid × pCTR (ties by
 /// ad ID), the top `k`. Pure but for reading the replica.
-pub fn rank_with(replica: &Replica, req: RankRequest, ctx: &Context) -> RankResponse {
+pub fn rank_with<'a>(
+    replica: &'a Replica,
+    req: RankRequest<'a>,
+    ctx: &Context,
+) -> RankResponse<'a> {
     let context_key = ctx.key();
     let pairs = ctx.pairs();
     let request_ctx = RequestContext::new(&pairs, &context_key);
-    let mut features = Vec::with_capacity(64);
-    let mut scored: Vec<(Candidate, Answer, Option<i64>)> = req
+    let answers = replica.answer_all(
+        &req.candidates,
+        |c| (c.ad_id.as_ref(), c.campaign_id.as_deref()),
+        &request_ctx,
+        &mut Vec::with_capacity(64),
+    );
+    let mut scored: Vec<(Candidate<'a>, Answer, Option<i64>)> = req
         .candidates
         .into_iter()
-        .map(|c| {
-            let (a, version) = replica.answer(
-                &c.ad_id,
-                c.campaign_id.as_deref(),
-                &request_ctx,
-                &mut features,
-            );
-            (c, a, version)
-        })
+        .zip(answers)
+        .map(|(c, (a, version))| (c, a, version))
         .collect();
-    let score = |(c, a, _): &(Candidate, Answer, Option<i64>)| c.bid * a.pctr;
+    let score = |(c, a, _): &(Candidate<'a>, Answer, Option<i64>)| c.bid * a.pctr;
     scored.sort_by(|a, b| {
         score(b)
             .total_cmp(&score(a))
@@ -499,9 +582,12 @@ pub fn rank_with(replica: &Replica, req: RankRequest, ctx: &Context) -> RankResp
     }
 }
 
-/// `model@version` of an answer.
-fn model_version(replica: &Replica, version: Option<i64>) -> Option<String> {
-    version.map(|v| format!("{}@{v}", replica.model()))
+/// `model@offset` of an answer.
+fn model_version(replica: &Replica, offset: Option<i64>) -> Option<ModelVersion<'_>> {
+    offset.map(|offset| ModelVersion {
+        model: replica.model(),
+        offset,
+    })
 }
 
 #[utoipa::path(
@@ -540,15 +626,14 @@ async fn get_ctr(
     check_ready(&s)?;
     let context_key = ctx.key();
     let pairs = ctx.pairs();
-    let (a, version) = s.replica.answer(
+    let (a, version) = s.0.replica.answer(
         &ad_id,
         campaign.as_deref(),
         &RequestContext::new(&pairs, &context_key),
         &mut Vec::new(),
     );
-    let model_version = model_version(&s.replica, version);
-    metrics::histogram!("ctr_api_request_seconds", "route" => "ctr")
-        .record(started.elapsed().as_secs_f64());
+    let model_version = model_version(&s.0.replica, version).map(|v| v.to_string());
+    s.0.ctr_seconds.record(started.elapsed().as_secs_f64());
     Ok(Json(CtrResponse {
         ad_id,
         context_key,
@@ -565,7 +650,7 @@ mod tests {
     use super::*;
 
     fn req(json: &str) -> Result<Context, ApiError> {
-        let mut r: RankRequest = parse_json(json.as_bytes())?;
+        let mut r: RankRequest<'_> = parse_json(json.as_bytes())?;
         check_rank(&mut r)
     }
 
@@ -631,7 +716,7 @@ mod tests {
             assert!(err.1.contains(expected), "{body}: got `{}`", err.1);
         }
         let bytes = [0xff, 0xfe, b'{'];
-        assert!(parse_json::<RankRequest>(&bytes).is_err());
+        assert!(parse_json::<RankRequest<'_>>(&bytes).is_err());
     }
 
     #[test]

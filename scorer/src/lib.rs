@@ -153,7 +153,7 @@ pub async fn run(
         api::serve(
             listener,
             api::ApiState::new(
-                &config,
+                api::Limits::of(&config),
                 Arc::clone(&replica),
                 metrics,
                 control.clone(),
