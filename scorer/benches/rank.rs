@@ -18,12 +18,10 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ctr_schemas::partition::partition_of;
 use ctr_schemas::{Context, LabelKind, LabeledImpression};
 use ctr_scorer::api::{ApiState, Limits, parse_rank, rank_with};
 use ctr_scorer::config::parse_models;
 use ctr_scorer::replica::Replica;
-use ctr_scorer::state::{PartitionState, Policy};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
@@ -31,16 +29,13 @@ const PARTITIONS: usize = 4;
 
 fn replica() -> Replica {
     let models = parse_models("counts,ftrl,combined").unwrap();
-    let mut states: Vec<PartitionState> = (0..PARTITIONS)
-        .map(|_| PartitionState::new(ctr_models::ModelSet::new(models.clone()).unwrap(), 900_000))
-        .collect();
     let mut rng = Pcg64Mcg::seed_from_u64(3);
     let pick = |rng: &mut Pcg64Mcg, v: &[&str]| v[rng.random_range(0..v.len())].to_string();
-    for i in 0..200_000i64 {
+    let labels = (0..200_000i64).map(move |i| {
         let ad = rng.random_range(0..500);
         let ad_id = format!("ad-{ad:03}");
         let clicked = rng.random_bool(0.01 + 0.06 * f64::from(ad % 10) / 10.0);
-        let l = LabeledImpression {
+        LabeledImpression {
             label_id: format!("{i}:{ad_id}"),
             serve_id: i,
             campaign_id: format!("camp-{}", ad % 7),
@@ -56,17 +51,9 @@ fn replica() -> Replica {
             click_ts_ms: clicked.then_some(1_760_000_000_000 + i * 20 + 500),
             kind: LabelKind::Label,
             ad_id,
-        };
-        let st = &mut states[partition_of(&l.ad_id, PARTITIONS as u32) as usize];
-        st.apply(&l, &l.context.key(), Policy::NORMAL, &mut Vec::new())
-            .unwrap();
-        st.next_offset = Some(i + 1);
-    }
-    let replica = Replica::new(&models, "combined", PARTITIONS);
-    for (p, st) in states.into_iter().enumerate() {
-        replica.install(p, st.into_serving("combined").unwrap());
-    }
-    replica
+        }
+    });
+    Replica::learned(&models, "combined", PARTITIONS, labels)
 }
 
 fn bodies() -> Vec<Vec<u8>> {

@@ -304,13 +304,14 @@ impl ServingState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::{PartitionState, Policy, total_key};
     use ctr_models::{ModelSet, Touched, VariantConfig, VariantKind};
     use ctr_schemas::{Context, LabelKind, LabeledImpression};
 
-    fn label(i: i64, ad: &str, geo: &str) -> LabeledImpression {
+    /// Label `i` of `ad` in `geo` (travel, mobile; a click every 13th; positions 1 to 3).
+    pub(crate) fn label(i: i64, ad: &str, geo: &str) -> LabeledImpression {
         LabeledImpression {
             label_id: format!("s{i}:{ad}"),
             serve_id: i,
