@@ -16,14 +16,22 @@
 //! the mean true rate), calibration (sum of estimates / sum of truths), and the share of the
 //! oracle's expected revenue that choosing the top 3 by bid × pCTR captures (the oracle
 //! chooses by bid × truth).
+//!
+//! A third row bounds what this much evidence allows: a learner told all of the truth but each
+//! ad's base rate and favourite category ([`Informed`]), trained on the same labeled stream.
+//! Where it falls short of a goal, no learner that must discover the rest is expected to meet
+//! it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
 use ctr_e2e::*;
-use ctr_ingest::sim::{SimEvent, Simulator};
+use ctr_ingest::sim::{
+    BASE_CTR_MEDIAN, BASE_CTR_SIGMA, CATEGORIES, FAVOURITE_CATEGORY_LIFT, OTHER_CATEGORY_LIFT,
+    SimEvent, Simulator,
+};
 use ctr_ingest::simulate::{SimulateArgs, sim_config};
 use ctr_schemas::{LabelKind, LabeledImpression, decode};
 
@@ -97,6 +105,98 @@ fn score(p: &[Vec<f64>], q: &[Vec<f64>], bids: &[Vec<f64>]) -> Scores {
     }
 }
 
+/// A learner told all of the truth but two things per ad (`ctr_ingest::sim`): its base click
+/// rate (log-normal prior with the simulator's median and spread) and which query category is
+/// its favourite (uniform prior; the lift there and elsewhere is told). Every other factor of
+/// each impression's true probability (drift, daily cycle, device lean, position) is told: the
+/// impression's `rest`, its truth over base × category lift. From the labeled stream it learns
+/// the two unknowns jointly, by their exact posterior on a grid (Poisson likelihood of each
+/// category's clicks given its exposure, Σ rest). Its pCTR is the posterior mean of base ×
+/// lift, times the question's `rest`. The bench's ceiling: a learner knowing the answer's form
+/// and everything but each ad's own two unknowns in advance, which no real learner does.
+struct Informed {
+    /// Per ad: the posterior mean of base × category lift, per query category.
+    by_ad: HashMap<String, [f64; CATEGORY_COUNT]>,
+    /// The same for an ad without labels: the prior's.
+    unseen: [f64; CATEGORY_COUNT],
+}
+
+const CATEGORY_COUNT: usize = CATEGORIES.len();
+
+/// Per ad and query category: clicks, and exposure (Σ of the impressions' `rest`).
+type Evidence = [(f64, f64); CATEGORY_COUNT];
+
+impl Informed {
+    const GRID: usize = 241;
+
+    fn lift(category: usize, favourite: usize) -> f64 {
+        if category == favourite {
+            FAVOURITE_CATEGORY_LIFT
+        } else {
+            OTHER_CATEGORY_LIFT
+        }
+    }
+
+    fn category(name: &str) -> usize {
+        CATEGORIES
+            .iter()
+            .position(|c| *c == name)
+            .expect("the simulator's categories")
+    }
+
+    fn learn(evidence: HashMap<String, Evidence>) -> Self {
+        Self {
+            by_ad: evidence
+                .into_iter()
+                .map(|(ad, e)| (ad, Self::posterior_mean(&e)))
+                .collect(),
+            unseen: Self::posterior_mean(&[(0.0, 0.0); CATEGORY_COUNT]),
+        }
+    }
+
+    /// E[base × lift(category | favourite)] for every category, under the posterior of (base,
+    /// favourite) given `evidence`.
+    fn posterior_mean(evidence: &Evidence) -> [f64; CATEGORY_COUNT] {
+        let (mu, sigma) = (BASE_CTR_MEDIAN.ln(), BASE_CTR_SIGMA);
+        let grid: Vec<f64> = (0..Self::GRID)
+            .map(|j| mu - 4.0 * sigma + 8.0 * sigma * j as f64 / (Self::GRID - 1) as f64)
+            .collect();
+        let log_post: Vec<[f64; CATEGORY_COUNT]> = grid
+            .iter()
+            .map(|g| {
+                let base = g.exp();
+                std::array::from_fn(|favourite| {
+                    -0.5 * ((g - mu) / sigma).powi(2)
+                        + evidence
+                            .iter()
+                            .enumerate()
+                            .map(|(c, (clicks, exposure))| {
+                                let rate = base * Self::lift(c, favourite);
+                                clicks * rate.ln() - rate * exposure
+                            })
+                            .sum::<f64>()
+                })
+            })
+            .collect();
+        let top = log_post.iter().flatten().copied().fold(f64::MIN, f64::max);
+        let (mut total, mut mean) = (0.0, [0.0; CATEGORY_COUNT]);
+        for (g, row) in grid.iter().zip(&log_post) {
+            for (favourite, lp) in row.iter().enumerate() {
+                let w = (lp - top).exp();
+                total += w;
+                for (c, m) in mean.iter_mut().enumerate() {
+                    *m += w * g.exp() * Self::lift(c, favourite);
+                }
+            }
+        }
+        mean.map(|m| m / total)
+    }
+
+    fn predict(&self, ad: &str, category: usize, rest: f64) -> f64 {
+        self.by_ad.get(ad).unwrap_or(&self.unseen)[category] * rest
+    }
+}
+
 fn main() {
     let python = std::env::var("CTR_PEERS_PYTHON")
         .expect("CTR_PEERS_PYTHON: a Python with vowpalwabbit (scripts/bench-serving sets it)");
@@ -152,10 +252,23 @@ fn main() {
     let mut seen = 0u64;
     let mut rng = Rng(12_345);
     let (mut truth, mut bids, mut requests) = (Vec::new(), Vec::new(), Vec::new());
-    for event in sim.by_ref() {
+    // For the ceiling learner: each impression's truth but its ad's base rate and category lift.
+    let index: HashMap<String, usize> = (0..sim.ads())
+        .map(|i| (sim.ad(i).0.to_string(), i))
+        .collect();
+    let rest = |sim: &Simulator, idx: usize, category: &str, truth: f64| {
+        let (base, favourite) = sim.ad_truth(idx);
+        truth / (base * Informed::lift(Informed::category(category), favourite))
+    };
+    let mut rest_of: HashMap<(i64, String), f64> = HashMap::new();
+    while let Some(event) = sim.next() {
         let SimEvent::Serve(s) = event else { continue };
         seen += 1;
         if seen <= SERVES {
+            for (shown, p) in s.ads.iter().zip(sim.last_serve_truth()) {
+                let r = rest(&sim, index[&shown.ad_id], &s.context.query_category, *p);
+                rest_of.insert((s.serve_id, shown.ad_id.clone()), r);
+            }
             continue;
         }
         truth.push(Vec::new());
@@ -165,6 +278,7 @@ fn main() {
             break;
         }
     }
+    let mut held_out_rest = vec![Vec::new(); requests.len()];
     for (r, (ctx, candidates, ts)) in requests.iter_mut().enumerate() {
         let mut chosen = HashSet::new();
         while chosen.len() < CANDIDATES {
@@ -174,7 +288,9 @@ fn main() {
         chosen.sort_unstable();
         for idx in chosen {
             let (ad, campaign, bid) = sim.ad(idx);
-            truth[r].push(sim.true_ctr(idx, ctx, 1, *ts));
+            let p = sim.true_ctr(idx, ctx, 1, *ts);
+            truth[r].push(p);
+            held_out_rest[r].push(rest(&sim, idx, &ctx.query_category, p));
             bids[r].push(bid);
             candidates.push((ad.to_string(), campaign.to_string()));
         }
@@ -267,9 +383,33 @@ fn main() {
         .collect();
     let vw: Vec<Vec<f64>> = vw_flat.chunks(CANDIDATES).map(<[f64]>::to_vec).collect();
 
-    let (ours, peer, oracle) = (
+    // The ceiling learner's evidence: each label's clicks and the rest of its truth.
+    let mut evidence: HashMap<String, Evidence> = HashMap::new();
+    for l in &labels {
+        let rest = rest_of[&(l.serve_id, l.ad_id.clone())];
+        let e = &mut evidence.entry(l.ad_id.clone()).or_default()
+            [Informed::category(&l.context.query_category)];
+        e.0 += f64::from(u8::from(l.clicked));
+        e.1 += rest;
+    }
+    let informed = Informed::learn(evidence);
+    let told: Vec<Vec<f64>> = requests
+        .iter()
+        .zip(&held_out_rest)
+        .map(|((ctx, candidates, _), rest)| {
+            let category = Informed::category(&ctx.query_category);
+            candidates
+                .iter()
+                .zip(rest)
+                .map(|((ad, _), rest)| informed.predict(ad, category, *rest))
+                .collect()
+        })
+        .collect();
+
+    let (ours, peer, ceiling, oracle) = (
         score(&truth, &served, &bids),
         score(&truth, &vw, &bids),
+        score(&truth, &told, &bids),
         score(&truth, &truth, &bids),
     );
     println!(
@@ -283,6 +423,10 @@ fn main() {
     for (name, s) in [
         ("the API (combined, from the replica)", &ours),
         ("Vowpal Wabbit, asked at request time", &peer),
+        (
+            "a learner told all but each ad's base rate and favourite category (the ceiling)",
+            &ceiling,
+        ),
         ("the truth", &oracle),
     ] {
         println!(

@@ -55,6 +55,21 @@ const DAY_MS: i64 = 86_400_000;
 /// Mean reversion of the drift per simulated minute: a deviation halves in about 4 hours.
 const DRIFT_REVERSION: f64 = 1.0 / 360.0;
 
+/// Ads' base click rates are log-normal with this median (capped at 0.2)...
+pub const BASE_CTR_MEDIAN: f64 = 0.02;
+/// ... and this standard deviation of their logarithm: a realistic spread for search ads.
+pub const BASE_CTR_SIGMA: f64 = 0.5;
+/// The `category` factor of the truth in the ad's favourite query category...
+pub const FAVOURITE_CATEGORY_LIFT: f64 = 2.0;
+/// ... and in every other category.
+pub const OTHER_CATEGORY_LIFT: f64 = 0.8;
+
+/// The `daily` factor of the truth at event time `ts_ms`: clicks peak at 20:00.
+pub fn daily_factor(amplitude: f64, ts_ms: i64) -> f64 {
+    let hour = ts_ms.rem_euclid(DAY_MS) as f64 / HOUR_MS as f64;
+    1.0 + amplitude * (std::f64::consts::TAU * (hour - 20.0) / 24.0).cos()
+}
+
 /// Multiplier on the click probability by position (1 = top).
 pub fn position_bias(position: i32) -> f64 {
     match position {
@@ -286,8 +301,7 @@ impl Simulator {
         }
         let ids = IdGenerator::new(cfg.shard)?;
         let mut rng = Pcg64Mcg::seed_from_u64(cfg.seed);
-        // Base CTRs: log-normal around 2%, a realistic spread for search ads.
-        let base = LogNormal::new((0.02f64).ln(), 0.5).expect("valid log-normal");
+        let base = LogNormal::new(BASE_CTR_MEDIAN.ln(), BASE_CTR_SIGMA).expect("valid log-normal");
         let ads = (0..cfg.ads)
             .map(|i| SimAd {
                 ad_id: format!("ad-{i:05}"),
@@ -355,21 +369,27 @@ impl Simulator {
         (&ad.ad_id, &ad.campaign_id, ad.bid)
     }
 
+    /// The parts of the truth that are ad `ad_index`'s alone: its base click rate and its
+    /// favourite query category (an index into [`CATEGORIES`]). For benches that bound what a
+    /// learner could recover from the traffic.
+    pub fn ad_truth(&self, ad_index: usize) -> (f64, usize) {
+        let ad = &self.ads[ad_index];
+        (ad.base_ctr, ad.favourite_category)
+    }
+
     /// The true click probability of `ad_index` at `position` in `ctx` at event time `ts_ms`.
     pub fn true_ctr(&self, ad_index: usize, ctx: &Context, position: i32, ts_ms: i64) -> f64 {
         let ad = &self.ads[ad_index];
         let cat = if CATEGORIES[ad.favourite_category] == ctx.query_category {
-            2.0
+            FAVOURITE_CATEGORY_LIFT
         } else {
-            0.8
+            OTHER_CATEGORY_LIFT
         };
         let dev = DEVICES
             .iter()
             .position(|d| *d == ctx.device)
             .map_or(1.0, |i| ad.device_lean[i]);
-        let hour = ts_ms.rem_euclid(DAY_MS) as f64 / HOUR_MS as f64;
-        let daily =
-            1.0 + self.cfg.daily_amplitude * (std::f64::consts::TAU * (hour - 20.0) / 24.0).cos();
+        let daily = daily_factor(self.cfg.daily_amplitude, ts_ms);
         let drift = self.drift[ad_index].exp();
         (ad.base_ctr * drift * daily * cat * dev * position_bias(position)).min(0.9)
     }
