@@ -13,6 +13,9 @@
 //! traffic had 3 × 3 × 2 contexts: nearly every request is a context the model never saw);
 //! each wrk thread makes 4,096 such requests at its start and cycles through them (the
 //! server keeps no answer between requests, so a repeated body costs it the same).
+//!
+//! Last, a `--serve-only` process over the same learners' state (the shape of a fleet of API
+//! processes): its memory, and the same throughput figures against its own `/healthz`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -168,6 +171,38 @@ fn freshness(topic: &str, port: u16, clicks: bool) -> (Vec<f64>, Vec<f64>) {
     (delays, acks)
 }
 
+/// `/healthz` (plain and through wrk's Lua `request()`) and then `/v1/rank` of process `s`
+/// (`who`, answering at `base`) at `connections`, each for 10 s; prints the rates, the
+/// server's CPU per request and the ratios.
+fn throughput(
+    who: &str,
+    s: &Service,
+    base: &str,
+    connections: u32,
+    rank_lua: &std::path::Path,
+    health_lua: &std::path::Path,
+) {
+    let health = wrk(s, &format!("{base}/healthz"), connections, None);
+    let health_lua = wrk(s, &format!("{base}/healthz"), connections, Some(health_lua));
+    let rank = wrk(s, &format!("{base}/v1/rank"), connections, Some(rank_lua));
+    println!(
+        "{who}, {connections} connections: /healthz {:.0} req/s (p99 {:.2} ms, server CPU {:.1} µs/request); /healthz through wrk's Lua request() {:.0} req/s ({:.1} µs); /v1/rank {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-2xx {} ({:.1} µs); ratio rank/healthz {:.2}, to /healthz through Lua {:.2}; server CPU per request rank/healthz {:.2}",
+        health.rate,
+        health.p99_ms,
+        health.server_cpu_us,
+        health_lua.rate,
+        health_lua.server_cpu_us,
+        rank.rate,
+        rank.p50_ms,
+        rank.p99_ms,
+        rank.non2xx,
+        rank.server_cpu_us,
+        rank.rate / health.rate,
+        rank.rate / health_lua.rate,
+        rank.server_cpu_us / health.server_cpu_us,
+    );
+}
+
 fn q(v: &[f64], f: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * f) as usize]
 }
@@ -209,30 +244,7 @@ fn main() {
     let health_lua = dir.join("health.lua");
     std::fs::write(&health_lua, HEALTH_LUA).unwrap();
     for connections in [16, 64] {
-        let health = wrk(&s, &format!("{base}/healthz"), connections, None);
-        let health_lua = wrk(
-            &s,
-            &format!("{base}/healthz"),
-            connections,
-            Some(&health_lua),
-        );
-        let rank = wrk(&s, &format!("{base}/v1/rank"), connections, Some(&lua));
-        println!(
-            "{connections} connections: /healthz {:.0} req/s (p99 {:.2} ms, server CPU {:.1} µs/request); /healthz through wrk's Lua request() {:.0} req/s ({:.1} µs); /v1/rank {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-2xx {} ({:.1} µs); ratio rank/healthz {:.2}, to /healthz through Lua {:.2}; server CPU per request rank/healthz {:.2}",
-            health.rate,
-            health.p99_ms,
-            health.server_cpu_us,
-            health_lua.rate,
-            health_lua.server_cpu_us,
-            rank.rate,
-            rank.p50_ms,
-            rank.p99_ms,
-            rank.non2xx,
-            rank.server_cpu_us,
-            rank.rate / health.rate,
-            rank.rate / health_lua.rate,
-            rank.server_cpu_us / health.server_cpu_us,
-        );
+        throughput("the learner", &s, &base, connections, &lua, &health_lua);
     }
     // Half the rank rate measured above at 64 connections, offered in a closed loop: each
     // connection waits 1 ms (wrk's `delay()`, in whole milliseconds: its event loop's timer)
@@ -319,6 +331,18 @@ fn main() {
         rss / (parameters + totals).max(1.0),
         s.rss_bytes().unwrap_or(0) >> 20
     );
+    // The fleet's shape: the same load on the serving-only process (the learner idle beside it).
+    let server_base = format!("http://127.0.0.1:{server_port}");
+    for connections in [16, 64] {
+        throughput(
+            "serving-only",
+            &server,
+            &server_base,
+            connections,
+            &lua,
+            &health_lua,
+        );
+    }
     server.stop();
     s.stop();
 }
