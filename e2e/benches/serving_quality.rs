@@ -386,7 +386,9 @@ fn main() {
     // The ceiling learner's evidence: each label's clicks and the rest of its truth.
     let mut evidence: HashMap<String, Evidence> = HashMap::new();
     for l in &labels {
-        let rest = rest_of[&(l.serve_id, l.ad_id.clone())];
+        let rest = *rest_of
+            .get(&(l.serve_id, l.ad_id.clone()))
+            .expect("every label's impression is in the re-run (same seed and settings)");
         let e = &mut evidence.entry(l.ad_id.clone()).or_default()
             [Informed::category(&l.context.query_category)];
         e.0 += f64::from(u8::from(l.clicked));

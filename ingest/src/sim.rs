@@ -65,7 +65,7 @@ pub const FAVOURITE_CATEGORY_LIFT: f64 = 2.0;
 pub const OTHER_CATEGORY_LIFT: f64 = 0.8;
 
 /// The `daily` factor of the truth at event time `ts_ms`: clicks peak at 20:00.
-pub fn daily_factor(amplitude: f64, ts_ms: i64) -> f64 {
+fn daily_factor(amplitude: f64, ts_ms: i64) -> f64 {
     let hour = ts_ms.rem_euclid(DAY_MS) as f64 / HOUR_MS as f64;
     1.0 + amplitude * (std::f64::consts::TAU * (hour - 20.0) / 24.0).cos()
 }
