@@ -9,9 +9,11 @@
 //! pairs), drift and a daily cycle on, 150,000 serves (~375k impressions) over ~14 h of event
 //! time, through the real joiner into the real scorer (defaults: `combined` serves). The
 //! held-out requests: the next 4,000 serves' contexts (the simulator rebuilt here from the
-//! same settings runs on past the stream), each with 8 distinct candidates drawn uniformly
-//! from the market (with their campaigns and bids); the truth is the simulator's click
-//! probability of each at the top slot at that time. Scored: normalized entropy against the
+//! same settings runs on past the stream), each with 8 distinct candidates (with their
+//! campaigns and bids) drawn two ways, each scored on its own ([`Draw`]): uniformly from the
+//! market, where most candidates are rare ads, and as the traffic draws the ads it shows. The
+//! truth is the simulator's click probability of each at the top slot at the request's time
+//! (the ads' drift as of the last held-out serve). Scored: normalized entropy against the
 //! truth (mean cross-entropy of the estimate under the true probability, over the entropy of
 //! the mean true rate), calibration (sum of estimates / sum of truths), and the share of the
 //! oracle's expected revenue that choosing the top 3 by bid × pCTR captures (the oracle
@@ -33,7 +35,7 @@ use ctr_ingest::sim::{
     SimEvent, Simulator,
 };
 use ctr_ingest::simulate::{SimulateArgs, sim_config};
-use ctr_schemas::{LabelKind, LabeledImpression, decode};
+use ctr_schemas::{Context, LabelKind, LabeledImpression, decode};
 
 const SERVES: u64 = 150_000;
 const HELD_OUT: usize = 4_000;
@@ -197,6 +199,123 @@ impl Informed {
     }
 }
 
+/// Each impression's truth over its ad's base rate × category lift: what the ceiling learner
+/// is told.
+fn rest(sim: &Simulator, idx: usize, category: &str, truth: f64) -> f64 {
+    let (base, favourite) = sim.ad_truth(idx);
+    truth / (base * Informed::lift(Informed::category(category), favourite))
+}
+
+/// How a held-out request's candidates are drawn from the market's ads.
+#[derive(Clone, Copy)]
+enum Draw {
+    /// Uniformly: most candidates are rare ads (the traffic is Zipf). The cold case.
+    Uniform,
+    /// As the traffic draws the ads it shows (the simulator's Zipf popularity): an ad is a
+    /// candidate as often as it is shown, as in an auction whose eligible ads are the ones
+    /// that get shown.
+    AsTraffic,
+}
+
+impl Draw {
+    fn describe(self) -> &'static str {
+        match self {
+            Draw::Uniform => "uniformly from the 500 ads",
+            Draw::AsTraffic => "as the traffic draws its ads (Zipf popularity)",
+        }
+    }
+}
+
+/// The held-out questions of one draw: per request, its candidates (ad, campaign) with their
+/// truths at the top slot, bids and the ceiling's `rest`.
+struct Questions {
+    candidates: Vec<Vec<(String, String)>>,
+    truth: Vec<Vec<f64>>,
+    bids: Vec<Vec<f64>>,
+    rest: Vec<Vec<f64>>,
+}
+
+impl Questions {
+    fn draw(sim: &Simulator, contexts: &[(Context, i64)], draw: Draw, rng: &mut Rng) -> Self {
+        // The simulator's popularity: ad index i is drawn with weight 1 / (i + 1).
+        let cumulative: Vec<f64> = (0..sim.ads())
+            .scan(0.0, |sum, i| {
+                *sum += 1.0 / (i + 1) as f64;
+                Some(*sum)
+            })
+            .collect();
+        let total = cumulative.last().copied().unwrap_or(0.0);
+        let mut q = Questions {
+            candidates: Vec::new(),
+            truth: Vec::new(),
+            bids: Vec::new(),
+            rest: Vec::new(),
+        };
+        for (ctx, ts) in contexts {
+            let mut chosen = HashSet::new();
+            while chosen.len() < CANDIDATES {
+                chosen.insert(match draw {
+                    Draw::Uniform => (rng.next_u64() % sim.ads() as u64) as usize,
+                    Draw::AsTraffic => {
+                        let u = rng.unit() * total;
+                        cumulative.partition_point(|c| *c < u).min(sim.ads() - 1)
+                    }
+                });
+            }
+            let mut chosen: Vec<usize> = chosen.into_iter().collect();
+            chosen.sort_unstable();
+            let (mut candidates, mut truth, mut bids, mut rests) = (vec![], vec![], vec![], vec![]);
+            for idx in chosen {
+                let (ad, campaign, bid) = sim.ad(idx);
+                let p = sim.true_ctr(idx, ctx, 1, *ts);
+                candidates.push((ad.to_string(), campaign.to_string()));
+                truth.push(p);
+                bids.push(bid);
+                rests.push(rest(sim, idx, &ctx.query_category, p));
+            }
+            q.candidates.push(candidates);
+            q.truth.push(truth);
+            q.bids.push(bids);
+            q.rest.push(rests);
+        }
+        q
+    }
+}
+
+/// The ranking API's pCTR for each candidate of `q`, asked one request at a time.
+fn ask_api(port: u16, contexts: &[(Context, i64)], q: &Questions) -> Vec<Vec<f64>> {
+    contexts
+        .iter()
+        .zip(q.candidates.iter().zip(&q.bids))
+        .map(|((ctx, _), (candidates, bids))| {
+            let mut fields: BTreeMap<String, String> = ctx.extra.clone();
+            fields.insert("query_category".into(), ctx.query_category.clone());
+            fields.insert("geo".into(), ctx.geo.clone());
+            fields.insert("device".into(), ctx.device.clone());
+            let body = serde_json::json!({
+                "context": fields,
+                "candidates": candidates.iter().zip(bids).map(|((ad, campaign), bid)| serde_json::json!({
+                    "ad_id": ad, "campaign_id": campaign, "bid": bid,
+                })).collect::<Vec<_>>(),
+            });
+            let (status, text) = http_post_json(
+                &format!("http://127.0.0.1:{port}/v1/rank"),
+                &body.to_string(),
+            );
+            assert_eq!(status, 200, "{text}");
+            let by_ad: BTreeMap<String, f64> = text
+                .split("\"ad_id\":\"")
+                .skip(1)
+                .map(|r| {
+                    let ad = r[..r.find('"').unwrap()].to_string();
+                    (ad, json_f64(r, "pctr").unwrap())
+                })
+                .collect();
+            candidates.iter().map(|(ad, _)| by_ad[ad]).collect()
+        })
+        .collect()
+}
+
 fn main() {
     let python = std::env::var("CTR_PEERS_PYTHON")
         .expect("CTR_PEERS_PYTHON: a Python with vowpalwabbit (scripts/bench-serving sets it)");
@@ -250,16 +369,11 @@ fn main() {
     let cli = Cli::parse_from(std::iter::once("sim".to_string()).chain(sim_args("s", "c")));
     let mut sim = Simulator::new(sim_config(&cli.args), None).expect("the market");
     let mut seen = 0u64;
-    let mut rng = Rng(12_345);
-    let (mut truth, mut bids, mut requests) = (Vec::new(), Vec::new(), Vec::new());
+    let mut contexts = Vec::new();
     // For the ceiling learner: each impression's truth but its ad's base rate and category lift.
     let index: HashMap<String, usize> = (0..sim.ads())
         .map(|i| (sim.ad(i).0.to_string(), i))
         .collect();
-    let rest = |sim: &Simulator, idx: usize, category: &str, truth: f64| {
-        let (base, favourite) = sim.ad_truth(idx);
-        truth / (base * Informed::lift(Informed::category(category), favourite))
-    };
     let mut rest_of: HashMap<(i64, String), f64> = HashMap::new();
     while let Some(event) = sim.next() {
         let SimEvent::Serve(s) = event else { continue };
@@ -271,64 +385,16 @@ fn main() {
             }
             continue;
         }
-        truth.push(Vec::new());
-        bids.push(Vec::new());
-        requests.push((s.context.clone(), Vec::new(), s.ts_ms));
-        if requests.len() == HELD_OUT {
+        contexts.push((s.context.clone(), s.ts_ms));
+        if contexts.len() == HELD_OUT {
             break;
         }
     }
-    let mut held_out_rest = vec![Vec::new(); requests.len()];
-    for (r, (ctx, candidates, ts)) in requests.iter_mut().enumerate() {
-        let mut chosen = HashSet::new();
-        while chosen.len() < CANDIDATES {
-            chosen.insert((rng.next_u64() % sim.ads() as u64) as usize);
-        }
-        let mut chosen: Vec<usize> = chosen.into_iter().collect();
-        chosen.sort_unstable();
-        for idx in chosen {
-            let (ad, campaign, bid) = sim.ad(idx);
-            let p = sim.true_ctr(idx, ctx, 1, *ts);
-            truth[r].push(p);
-            held_out_rest[r].push(rest(&sim, idx, &ctx.query_category, p));
-            bids[r].push(bid);
-            candidates.push((ad.to_string(), campaign.to_string()));
-        }
-    }
-
-    // The API's answers.
-    let mut served = Vec::new();
-    for ((ctx, candidates, _), bids) in requests.iter().zip(&bids) {
-        let mut fields: BTreeMap<String, String> = ctx.extra.clone();
-        fields.insert("query_category".into(), ctx.query_category.clone());
-        fields.insert("geo".into(), ctx.geo.clone());
-        fields.insert("device".into(), ctx.device.clone());
-        let body = serde_json::json!({
-            "context": fields,
-            "candidates": candidates.iter().zip(bids).map(|((ad, campaign), bid)| serde_json::json!({
-                "ad_id": ad, "campaign_id": campaign, "bid": bid,
-            })).collect::<Vec<_>>(),
-        });
-        let (status, text) = http_post_json(
-            &format!("http://127.0.0.1:{port}/v1/rank"),
-            &body.to_string(),
-        );
-        assert_eq!(status, 200, "{text}");
-        let by_ad: BTreeMap<String, f64> = text
-            .split("\"ad_id\":\"")
-            .skip(1)
-            .map(|r| {
-                let ad = r[..r.find('"').unwrap()].to_string();
-                (ad, json_f64(r, "pctr").unwrap())
-            })
-            .collect();
-        served.push(
-            candidates
-                .iter()
-                .map(|(ad, _)| by_ad[ad])
-                .collect::<Vec<f64>>(),
-        );
-    }
+    let mut rng = Rng(12_345);
+    let drawn: Vec<(Draw, Questions)> = [Draw::Uniform, Draw::AsTraffic]
+        .into_iter()
+        .map(|draw| (draw, Questions::draw(&sim, &contexts, draw, &mut rng)))
+        .collect();
 
     // Vowpal Wabbit on the labeled stream the scorer learned, asked the same questions.
     let dir = std::env::temp_dir().join(&base);
@@ -355,14 +421,17 @@ fn main() {
         writeln!(train, "{line}").unwrap();
     }
     train.flush().unwrap();
+    // Both draws' questions in one file, in order: one VW run answers them all.
     let mut queries =
         std::io::BufWriter::new(std::fs::File::create(dir.join("queries.jsonl")).unwrap());
-    for (ctx, candidates, _) in &requests {
-        for (ad, campaign) in candidates {
-            let line = serde_json::json!({
-                "ad_id": ad, "campaign_id": campaign, "context": context_json(ctx),
-            });
-            writeln!(queries, "{line}").unwrap();
+    for (_, q) in &drawn {
+        for ((ctx, _), candidates) in contexts.iter().zip(&q.candidates) {
+            for (ad, campaign) in candidates {
+                let line = serde_json::json!({
+                    "ad_id": ad, "campaign_id": campaign, "context": context_json(ctx),
+                });
+                writeln!(queries, "{line}").unwrap();
+            }
         }
     }
     queries.flush().unwrap();
@@ -381,7 +450,7 @@ fn main() {
         .lines()
         .map(|l| l.parse().unwrap())
         .collect();
-    let vw: Vec<Vec<f64>> = vw_flat.chunks(CANDIDATES).map(<[f64]>::to_vec).collect();
+    let mut vw_answers = vw_flat.chunks(CANDIDATES).map(<[f64]>::to_vec);
 
     // The ceiling learner's evidence: each label's clicks and the rest of its truth.
     let mut evidence: HashMap<String, Evidence> = HashMap::new();
@@ -395,48 +464,48 @@ fn main() {
         e.1 += rest;
     }
     let informed = Informed::learn(evidence);
-    let told: Vec<Vec<f64>> = requests
-        .iter()
-        .zip(&held_out_rest)
-        .map(|((ctx, candidates, _), rest)| {
-            let category = Informed::category(&ctx.query_category);
-            candidates
-                .iter()
-                .zip(rest)
-                .map(|((ad, _), rest)| informed.predict(ad, category, *rest))
-                .collect()
-        })
-        .collect();
 
-    let (ours, peer, ceiling, oracle) = (
-        score(&truth, &served, &bids),
-        score(&truth, &vw, &bids),
-        score(&truth, &told, &bids),
-        score(&truth, &truth, &bids),
-    );
     println!(
-        "machine: {} cores; {} labels learned (VW trained on the same {}), {HELD_OUT} held-out requests × {CANDIDATES} candidates",
+        "machine: {} cores; {} labels learned (VW trained on the same {}), {HELD_OUT} held-out requests × {CANDIDATES} candidates, drawn two ways",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         topic_size(&labeled),
         labels.len()
     );
-    println!("| estimate | NE vs truth | calibration | revenue share of the top 3 |");
-    println!("|---|---|---|---|");
-    for (name, s) in [
-        ("the API (combined, from the replica)", &ours),
-        ("Vowpal Wabbit, asked at request time", &peer),
-        (
-            "a learner told all but each ad's base rate and favourite category (the ceiling)",
-            &ceiling,
-        ),
-        ("the truth", &oracle),
-    ] {
-        println!(
-            "| {name} | {:.4} | {:.4} | {:.1}% |",
-            s.ne,
-            s.calibration,
-            100.0 * s.revenue_share
-        );
+    for (draw, q) in &drawn {
+        let served = ask_api(port, &contexts, q);
+        let vw: Vec<Vec<f64>> = vw_answers.by_ref().take(contexts.len()).collect();
+        let told: Vec<Vec<f64>> = contexts
+            .iter()
+            .zip(q.candidates.iter().zip(&q.rest))
+            .map(|((ctx, _), (candidates, rest))| {
+                let category = Informed::category(&ctx.query_category);
+                candidates
+                    .iter()
+                    .zip(rest)
+                    .map(|((ad, _), rest)| informed.predict(ad, category, *rest))
+                    .collect()
+            })
+            .collect();
+        println!("\ncandidates drawn {}:", draw.describe());
+        println!("| estimate | NE vs truth | calibration | revenue share of the top 3 |");
+        println!("|---|---|---|---|");
+        for (name, estimate) in [
+            ("the API (combined, from the replica)", &served),
+            ("Vowpal Wabbit, asked at request time", &vw),
+            (
+                "a learner told all but each ad's base rate and favourite category (the ceiling)",
+                &told,
+            ),
+            ("the truth", &q.truth),
+        ] {
+            let s = score(&q.truth, estimate, &q.bids);
+            println!(
+                "| {name} | {:.4} | {:.4} | {:.1}% |",
+                s.ne,
+                s.calibration,
+                100.0 * s.revenue_share
+            );
+        }
     }
     scorer.stop();
     feedback.stop();
