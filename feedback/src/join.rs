@@ -15,8 +15,11 @@
 //!   `max_out_of_order_ms`. Only times strictly below it are complete.
 //! - **Idle streams**: when a stream has had no events for `idle_ms` of wall-clock time, its
 //!   event time is taken to advance with the wall clock from then on, so an idle partition (or
-//!   the end of a finite stream) still closes windows. This is the only place wall-clock time
-//!   enters; a replay that does not pause produces exactly the labels of the live run. After a
+//!   the end of a finite stream) still closes windows. A stream that has never delivered
+//!   holds the other back for `idle_ms` from the partition's first event, then no longer (a
+//!   partition with serves but no clicks yet still closes its windows). This is the only
+//!   place wall-clock time enters; a replay that does not pause produces exactly the labels
+//!   of the live run. After a
 //!   restore from a checkpoint the idle timers restart ([`PartitionJoin::resume`]).
 //! - **Duplicates**: a second click on an ad already labeled positive (same click ID or not)
 //!   counts once; a serve delivered twice is joined once.
@@ -209,6 +212,8 @@ pub struct PartitionJoin {
     early_expiry: BinaryHeap<Reverse<(i64, i64)>>,
     serves_clock: StreamClock,
     clicks_clock: StreamClock,
+    /// Wall time from which a stream that has never delivered stops holding the other back
+    /// after `idle_ms`: the partition's first event (or its creation or resume, until then).
     created_wall: i64,
     stats: JoinStats,
 }
@@ -269,16 +274,29 @@ impl PartitionJoin {
         let min = match (s, c) {
             (Some(s), Some(c)) => s.min(c),
             // A stream that has never delivered anything does not hold the other back for
-            // longer than the idle timeout (a partition with serves but no clicks yet).
+            // longer than the idle timeout from the partition's first event (a partition with
+            // serves but no clicks yet).
             (Some(t), None) | (None, Some(t)) if started_idle => t,
             _ => return None,
         };
         Some(min - self.cfg.max_out_of_order_ms)
     }
 
+    /// The partition's first event starts the wait for the stream that has not delivered yet.
+    /// Timed from the partition's creation instead, a join started before its producers would
+    /// take the first fetch of one stream for all there is: with a backlog replayed, one fetch
+    /// of clicks spans minutes of event time, and its clicks whose serves are in the next
+    /// fetch would be orphans and their serves' labels negatives.
+    fn note_first_event(&mut self, now_wall_ms: i64) {
+        if self.serves_clock.max_ts.is_none() && self.clicks_clock.max_ts.is_none() {
+            self.created_wall = now_wall_ms;
+        }
+    }
+
     /// Accepts a validated serve.
     pub fn on_serve(&mut self, serve: Serve, now_wall_ms: i64, out: &mut Vec<Emit>) {
         self.stats.serves += 1;
+        self.note_first_event(now_wall_ms);
         self.serves_clock.observe(serve.ts_ms, now_wall_ms);
         let id = serve.serve_id;
         if self.pending.contains_key(&id) || self.closed.contains_key(&id) {
@@ -316,6 +334,7 @@ impl PartitionJoin {
     /// Accepts a validated click.
     pub fn on_click(&mut self, click: Click, now_wall_ms: i64, out: &mut Vec<Emit>) {
         self.stats.clicks += 1;
+        self.note_first_event(now_wall_ms);
         self.clicks_clock.observe(click.ts_ms, now_wall_ms);
         if self.pending.contains_key(&click.serve_id) || self.closed.contains_key(&click.serve_id) {
             self.match_click(&click, out);
@@ -588,6 +607,36 @@ mod tests {
         let c = c.to_labeled();
         assert_eq!(c.label_id, "1:b:late");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn clicks_fetched_before_their_serves_wait_for_them_at_start() {
+        // Up for longer than idle_ms with nothing (started before its producers), then a
+        // fetch of clicks spanning 9 s of event time arrives just before the fetch of their
+        // serves, as when a backlog is replayed.
+        let mut j = PartitionJoin::new(CFG, 0);
+        let mut out = vec![];
+        let wall = 60_000;
+        for i in 0..10 {
+            j.on_click(click(i, 100 + i, "a", 20_000 + i * 1_000), wall, &mut out);
+        }
+        for i in 0..10 {
+            j.on_serve(
+                serve(100 + i, 19_900 + i * 1_000, &["a"]),
+                wall + 5,
+                &mut out,
+            );
+        }
+        j.advance(wall + 10_000, &mut out);
+        assert_eq!(j.stats().orphan_clicks, 0, "{:?}", rows(&out));
+        let mut labels = rows(&out);
+        labels.sort();
+        let expected: Vec<_> = (0..10).map(|i| row(100 + i, "a", true, "label")).collect();
+        assert_eq!(labels, expected, "every serve labeled positive, once");
+        // The wait is bounded: a serve whose clicks never come still closes after idle_ms.
+        j.on_serve(serve(200, 40_000, &["b"]), wall + 20_000, &mut out);
+        j.advance(wall + 20_000 + 5_000 + 1_101, &mut out);
+        assert!(rows(&out).contains(&row(200, "b", false, "label")));
     }
 
     #[test]
