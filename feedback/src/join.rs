@@ -19,8 +19,8 @@
 //!   holds the other back for `idle_ms` from the partition's first event, then no longer (a
 //!   partition with serves but no clicks yet still closes its windows). This is the only
 //!   place wall-clock time enters; a replay that does not pause produces exactly the labels
-//!   of the live run. After a
-//!   restore from a checkpoint the idle timers restart ([`PartitionJoin::resume`]).
+//!   of the live run. After a restore from a checkpoint the idle timers restart
+//!   ([`PartitionJoin::resume`]).
 //! - **Duplicates**: a second click on an ad already labeled positive (same click ID or not)
 //!   counts once; a serve delivered twice is joined once.
 //! - **Late clicks**: a click on a known serve that can no longer make a positive (the serve
@@ -214,7 +214,7 @@ pub struct PartitionJoin {
     clicks_clock: StreamClock,
     /// Wall time from which a stream that has never delivered stops holding the other back
     /// after `idle_ms`: the partition's first event (or its creation or resume, until then).
-    created_wall: i64,
+    first_event_wall: i64,
     stats: JoinStats,
 }
 
@@ -237,7 +237,7 @@ impl PartitionJoin {
                 max_ts: None,
                 last_arrival_wall: now_wall_ms,
             },
-            created_wall: now_wall_ms,
+            first_event_wall: now_wall_ms,
             stats: JoinStats::default(),
         }
     }
@@ -247,7 +247,7 @@ impl PartitionJoin {
     pub fn resume(&mut self, now_wall_ms: i64) {
         self.serves_clock.last_arrival_wall = now_wall_ms;
         self.clicks_clock.last_arrival_wall = now_wall_ms;
-        self.created_wall = now_wall_ms;
+        self.first_event_wall = now_wall_ms;
     }
 
     /// The join's counters so far.
@@ -270,7 +270,7 @@ impl PartitionJoin {
         let idle = self.cfg.idle_ms;
         let s = self.serves_clock.effective(now_wall_ms, idle);
         let c = self.clicks_clock.effective(now_wall_ms, idle);
-        let started_idle = now_wall_ms - self.created_wall >= idle;
+        let started_idle = now_wall_ms - self.first_event_wall >= idle;
         let min = match (s, c) {
             (Some(s), Some(c)) => s.min(c),
             // A stream that has never delivered anything does not hold the other back for
@@ -289,7 +289,7 @@ impl PartitionJoin {
     /// fetch would be orphans and their serves' labels negatives.
     fn note_first_event(&mut self, now_wall_ms: i64) {
         if self.serves_clock.max_ts.is_none() && self.clicks_clock.max_ts.is_none() {
-            self.created_wall = now_wall_ms;
+            self.first_event_wall = now_wall_ms;
         }
     }
 
