@@ -31,11 +31,13 @@ use std::time::Duration;
 use clap::Parser;
 use ctr_e2e::*;
 use ctr_ingest::sim::{
-    BASE_CTR_MEDIAN, BASE_CTR_SIGMA, CATEGORIES, FAVOURITE_CATEGORY_LIFT, OTHER_CATEGORY_LIFT,
-    SimEvent, Simulator,
+    BASE_CTR_MEDIAN, BASE_CTR_SIGMA, CATEGORIES, SimEvent, Simulator, category_lift,
 };
 use ctr_ingest::simulate::{SimulateArgs, sim_config};
 use ctr_schemas::{Context, LabelKind, LabeledImpression, decode};
+use rand::SeedableRng;
+use rand::distr::Distribution;
+use rand::rngs::StdRng;
 
 const SERVES: u64 = 150_000;
 const HELD_OUT: usize = 4_000;
@@ -132,11 +134,7 @@ impl Informed {
     const GRID: usize = 241;
 
     fn lift(category: usize, favourite: usize) -> f64 {
-        if category == favourite {
-            FAVOURITE_CATEGORY_LIFT
-        } else {
-            OTHER_CATEGORY_LIFT
-        }
+        category_lift(category == favourite)
     }
 
     fn category(name: &str) -> usize {
@@ -237,14 +235,8 @@ struct Questions {
 
 impl Questions {
     fn draw(sim: &Simulator, contexts: &[(Context, i64)], draw: Draw, rng: &mut Rng) -> Self {
-        // The simulator's popularity: ad index i is drawn with weight 1 / (i + 1).
-        let cumulative: Vec<f64> = (0..sim.ads())
-            .scan(0.0, |sum, i| {
-                *sum += 1.0 / (i + 1) as f64;
-                Some(*sum)
-            })
-            .collect();
-        let total = cumulative.last().copied().unwrap_or(0.0);
+        // The traffic's draw has its own generator, so the uniform draw's is as before.
+        let mut popular = StdRng::seed_from_u64(54_321);
         let mut q = Questions {
             candidates: Vec::new(),
             truth: Vec::new(),
@@ -256,10 +248,7 @@ impl Questions {
             while chosen.len() < CANDIDATES {
                 chosen.insert(match draw {
                     Draw::Uniform => (rng.next_u64() % sim.ads() as u64) as usize,
-                    Draw::AsTraffic => {
-                        let u = rng.unit() * total;
-                        cumulative.partition_point(|c| *c < u).min(sim.ads() - 1)
-                    }
+                    Draw::AsTraffic => sim.popularity().sample(&mut popular),
                 });
             }
             let mut chosen: Vec<usize> = chosen.into_iter().collect();

@@ -60,9 +60,24 @@ pub const BASE_CTR_MEDIAN: f64 = 0.02;
 /// ... and this standard deviation of their logarithm: a realistic spread for search ads.
 pub const BASE_CTR_SIGMA: f64 = 0.5;
 /// The `category` factor of the truth in the ad's favourite query category...
-pub const FAVOURITE_CATEGORY_LIFT: f64 = 2.0;
+const FAVOURITE_CATEGORY_LIFT: f64 = 2.0;
 /// ... and in every other category.
-pub const OTHER_CATEGORY_LIFT: f64 = 0.8;
+const OTHER_CATEGORY_LIFT: f64 = 0.8;
+
+/// The `category` factor of the truth: the lift of the ad's favourite category, or of the
+/// others.
+pub fn category_lift(favourite: bool) -> f64 {
+    if favourite {
+        FAVOURITE_CATEGORY_LIFT
+    } else {
+        OTHER_CATEGORY_LIFT
+    }
+}
+
+/// The ad index of a rank drawn from the popularity (Zipf ranks start at 1).
+fn ad_of_rank(rank: f64) -> usize {
+    rank as usize - 1
+}
 
 /// The `daily` factor of the truth at event time `ts_ms`: clicks peak at 20:00.
 fn daily_factor(amplitude: f64, ts_ms: i64) -> f64 {
@@ -369,6 +384,12 @@ impl Simulator {
         (&ad.ad_id, &ad.campaign_id, ad.bid)
     }
 
+    /// How a serve draws its ads: an ad index, with the market's Zipf popularity. For benches
+    /// that draw candidates as the traffic draws the ads it shows.
+    pub fn popularity(&self) -> impl Distribution<usize> + '_ {
+        (&self.popularity).map(ad_of_rank)
+    }
+
     /// The parts of the truth that are ad `ad_index`'s alone: its base click rate and its
     /// favourite query category (an index into [`CATEGORIES`]). For benches that bound what a
     /// learner could recover from the traffic.
@@ -380,11 +401,7 @@ impl Simulator {
     /// The true click probability of `ad_index` at `position` in `ctx` at event time `ts_ms`.
     pub fn true_ctr(&self, ad_index: usize, ctx: &Context, position: i32, ts_ms: i64) -> f64 {
         let ad = &self.ads[ad_index];
-        let cat = if CATEGORIES[ad.favourite_category] == ctx.query_category {
-            FAVOURITE_CATEGORY_LIFT
-        } else {
-            OTHER_CATEGORY_LIFT
-        };
+        let cat = category_lift(CATEGORIES[ad.favourite_category] == ctx.query_category);
         let dev = DEVICES
             .iter()
             .position(|d| *d == ctx.device)
@@ -451,7 +468,7 @@ impl Simulator {
         let k = self.rng.random_range(1..=self.cfg.max_ads);
         let mut chosen: Vec<usize> = Vec::with_capacity(k);
         while chosen.len() < k {
-            let idx = self.popularity.sample(&mut self.rng) as usize - 1;
+            let idx = ad_of_rank(self.popularity.sample(&mut self.rng));
             if !chosen.contains(&idx) {
                 chosen.push(idx);
             }
