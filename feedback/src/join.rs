@@ -16,11 +16,12 @@
 //! - **Idle streams**: when a stream has had no events for `idle_ms` of wall-clock time, its
 //!   event time is taken to advance with the wall clock from then on, so an idle partition (or
 //!   the end of a finite stream) still closes windows. A stream that has never delivered
-//!   holds the other back for `idle_ms` from the partition's first event, then no longer (a
-//!   partition with serves but no clicks yet still closes its windows). This is the only
-//!   place wall-clock time enters; a replay that does not pause produces exactly the labels
-//!   of the live run. After a restore from a checkpoint the idle timers restart
-//!   ([`PartitionJoin::resume`]).
+//!   counts as having delivered at the partition's first event and been idle since (a
+//!   partition with serves but no clicks yet still closes its windows, at the pace of the
+//!   wall clock; a stream whose first fetch comes seconds after the other's, as at the start
+//!   of a replay, finds its partner still waiting). This is the only place wall-clock time
+//!   enters; a replay that does not pause produces exactly the labels of the live run. After
+//!   a restore from a checkpoint the idle timers restart ([`PartitionJoin::resume`]).
 //! - **Duplicates**: a second click on an ad already labeled positive (same click ID or not)
 //!   counts once; a serve delivered twice is joined once.
 //! - **Late clicks**: a click on a known serve that can no longer make a positive (the serve
@@ -212,10 +213,14 @@ pub struct PartitionJoin {
     early_expiry: BinaryHeap<Reverse<(i64, i64)>>,
     serves_clock: StreamClock,
     clicks_clock: StreamClock,
-    /// Wall time from which a stream that has never delivered stops holding the other back
-    /// after `idle_ms`: the partition's first event (or its creation or resume, until then).
+    /// When a stream that has never delivered counts as having gone idle: the partition's
+    /// first event (or its creation or resume, until then).
     first_event_wall: i64,
     stats: JoinStats,
+    /// Event time of the partition's first event: where a stream that has never delivered
+    /// counts as having been. Last, so a checkpoint from before it existed decodes with
+    /// `None` appended ([`crate::checkpoint`]).
+    first_event_ts: Option<i64>,
 }
 
 impl PartitionJoin {
@@ -239,6 +244,7 @@ impl PartitionJoin {
             },
             first_event_wall: now_wall_ms,
             stats: JoinStats::default(),
+            first_event_ts: None,
         }
     }
 
@@ -248,6 +254,11 @@ impl PartitionJoin {
         self.serves_clock.last_arrival_wall = now_wall_ms;
         self.clicks_clock.last_arrival_wall = now_wall_ms;
         self.first_event_wall = now_wall_ms;
+        // A checkpoint from before the first event's time was kept: the stream that has
+        // delivered stands in for it.
+        if self.first_event_ts.is_none() {
+            self.first_event_ts = self.serves_clock.max_ts.or(self.clicks_clock.max_ts);
+        }
     }
 
     /// The join's counters so far.
@@ -270,33 +281,47 @@ impl PartitionJoin {
         let idle = self.cfg.idle_ms;
         let s = self.serves_clock.effective(now_wall_ms, idle);
         let c = self.clicks_clock.effective(now_wall_ms, idle);
-        let started_idle = now_wall_ms - self.first_event_wall >= idle;
         let min = match (s, c) {
             (Some(s), Some(c)) => s.min(c),
-            // A stream that has never delivered anything does not hold the other back for
-            // longer than the idle timeout from the partition's first event (a partition with
-            // serves but no clicks yet).
-            (Some(t), None) | (None, Some(t)) if started_idle => t,
-            _ => return None,
+            // A stream that has never delivered counts as having delivered the partition's
+            // first event and been idle since: it holds the other back for `idle_ms`, then
+            // lets the watermark move with the wall clock from there (a partition with serves
+            // but no clicks yet still closes its windows).
+            (Some(t), None) | (None, Some(t)) => {
+                let quiet = StreamClock {
+                    max_ts: self.first_event_ts,
+                    last_arrival_wall: self.first_event_wall,
+                };
+                if now_wall_ms - self.first_event_wall < idle {
+                    return None;
+                }
+                t.min(quiet.effective(now_wall_ms, idle).unwrap_or(t))
+            }
+            (None, None) => return None,
         };
         Some(min - self.cfg.max_out_of_order_ms)
     }
 
-    /// The partition's first event starts the wait for the stream that has not delivered yet.
-    /// Timed from the partition's creation instead, a join started before its producers would
-    /// take the first fetch of one stream for all there is: with a backlog replayed, one fetch
-    /// of clicks spans minutes of event time, and its clicks whose serves are in the next
-    /// fetch would be orphans and their serves' labels negatives.
-    fn note_first_event(&mut self, now_wall_ms: i64) {
+    /// The partition's first event starts the wait for the stream that has not delivered
+    /// yet, and is where that stream counts as having been. Timed from the partition's
+    /// creation instead, a join started before its producers would take the first fetch of
+    /// one stream for all there is; and once the wait was over, letting the delivered stream
+    /// alone set the watermark did the same to a stream whose first fetch came later than
+    /// `idle_ms` after the other's (the consumer starts fetching a new topic's partitions one
+    /// by one). With a backlog replayed, one fetch of clicks spans minutes of event time: its
+    /// clicks whose serves were in a later fetch became orphans and their serves' labels
+    /// negatives.
+    fn note_first_event(&mut self, ts: i64, now_wall_ms: i64) {
         if self.serves_clock.max_ts.is_none() && self.clicks_clock.max_ts.is_none() {
             self.first_event_wall = now_wall_ms;
+            self.first_event_ts = Some(ts);
         }
     }
 
     /// Accepts a validated serve.
     pub fn on_serve(&mut self, serve: Serve, now_wall_ms: i64, out: &mut Vec<Emit>) {
         self.stats.serves += 1;
-        self.note_first_event(now_wall_ms);
+        self.note_first_event(serve.ts_ms, now_wall_ms);
         self.serves_clock.observe(serve.ts_ms, now_wall_ms);
         let id = serve.serve_id;
         if self.pending.contains_key(&id) || self.closed.contains_key(&id) {
@@ -334,7 +359,7 @@ impl PartitionJoin {
     /// Accepts a validated click.
     pub fn on_click(&mut self, click: Click, now_wall_ms: i64, out: &mut Vec<Emit>) {
         self.stats.clicks += 1;
-        self.note_first_event(now_wall_ms);
+        self.note_first_event(click.ts_ms, now_wall_ms);
         self.clicks_clock.observe(click.ts_ms, now_wall_ms);
         if self.pending.contains_key(&click.serve_id) || self.closed.contains_key(&click.serve_id) {
             self.match_click(&click, out);
@@ -466,7 +491,7 @@ fn label(serve: &Arc<Serve>, i: usize, click_ts_ms: Option<i64>, kind: LabelKind
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ctr_schemas::{AdShown, Context};
 
@@ -479,7 +504,7 @@ mod tests {
         max_pending: 1_000,
     };
 
-    fn serve(id: i64, ts: i64, ads: &[&str]) -> Serve {
+    pub(crate) fn serve(id: i64, ts: i64, ads: &[&str]) -> Serve {
         Serve {
             serve_id: id,
             ts_ms: ts,
@@ -502,7 +527,7 @@ mod tests {
         }
     }
 
-    fn click(id: i64, serve_id: i64, ad: &str, ts: i64) -> Click {
+    pub(crate) fn click(id: i64, serve_id: i64, ad: &str, ts: i64) -> Click {
         Click {
             click_id: id,
             serve_id,
@@ -637,6 +662,71 @@ mod tests {
         j.on_serve(serve(200, 40_000, &["b"]), wall + 20_000, &mut out);
         j.advance(wall + 20_000 + 5_000 + 1_101, &mut out);
         assert!(rows(&out).contains(&row(200, "b", false, "label")));
+    }
+
+    /// A replayed backlog where one stream's first fetch comes `delay` ms of wall time after
+    /// the other's: 60 serves 1 s of event time apart (a minute), each clicked 300 ms later,
+    /// all of one stream delivered at once, then all of the other. Returns the rows emitted
+    /// once both streams have gone idle.
+    fn one_stream_fetched_late(
+        clicks_first: bool,
+        delay: i64,
+    ) -> (Vec<(i64, String, bool, &'static str)>, JoinStats) {
+        let mut j = PartitionJoin::new(CFG, 0);
+        let mut out = vec![];
+        let serves = |j: &mut PartitionJoin, wall, out: &mut Vec<Emit>| {
+            for i in 0..60 {
+                j.on_serve(serve(100 + i, 10_000 + i * 1_000, &["a"]), wall, out);
+            }
+        };
+        let clicks = |j: &mut PartitionJoin, wall, out: &mut Vec<Emit>| {
+            for i in 0..60 {
+                j.on_click(click(i, 100 + i, "a", 10_300 + i * 1_000), wall, out);
+            }
+        };
+        let (first, then): (&dyn Fn(_, _, _), &dyn Fn(_, _, _)) = if clicks_first {
+            (&clicks, &serves)
+        } else {
+            (&serves, &clicks)
+        };
+        let wall = 100_000;
+        first(&mut j, wall, &mut out);
+        for t in (wall..wall + delay).step_by(200) {
+            j.advance(t, &mut out); // the service's ticker
+        }
+        then(&mut j, wall + delay, &mut out);
+        j.advance(wall + delay + 100_000, &mut out);
+        (rows(&out), j.stats())
+    }
+
+    #[test]
+    fn a_stream_fetched_seconds_after_the_other_at_start_loses_no_click() {
+        let expected: Vec<_> = (0..60).map(|i| row(100 + i, "a", true, "label")).collect();
+        // Shorter than idle_ms (5 s), and just past it: the first fetch of a just-created
+        // topic's partition can come seconds after the other topic's. Before, once idle_ms
+        // had passed, the stream that had delivered set the watermark alone, and all of its
+        // minute of event time was taken as complete: every click orphaned (clicks first), or
+        // every serve closed as a negative and its click a late correction (serves first).
+        for clicks_first in [true, false] {
+            for delay in [1_000, 5_100] {
+                let (mut labels, stats) = one_stream_fetched_late(clicks_first, delay);
+                labels.sort();
+                assert_eq!(
+                    (stats.orphan_clicks, stats.late_clicks),
+                    (0, 0),
+                    "clicks first: {clicks_first}, delay {delay}: {labels:?}"
+                );
+                assert_eq!(
+                    labels, expected,
+                    "clicks first: {clicks_first}, delay {delay}"
+                );
+            }
+        }
+        // Later than that, the silent stream counts as idle since the first event, like any
+        // stream silent for longer than idle_ms: 8 s credit it with 3 s of event time, so the
+        // clicks of the first 2.9 s (three) are orphans; the rest of the minute waits.
+        let (_, stats) = one_stream_fetched_late(true, 8_000);
+        assert_eq!((stats.orphan_clicks, stats.positives), (3, 57));
     }
 
     #[test]

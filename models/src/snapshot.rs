@@ -77,13 +77,17 @@ pub fn encode_body<T: Serialize>(state: &T) -> Vec<u8> {
 /// type, for a state kept by another crate in this container (each type numbers its own
 /// formats; [`FORMAT_VERSION`] is that of [`crate::ModelSet`]).
 pub fn encode_version<T: Serialize>(state: &T, version: u16) -> Vec<u8> {
-    let body = encode_body(state);
+    frame(&encode_body(state), version)
+}
+
+/// A body from [`encode_body`] in the container, marked with `version`.
+pub fn frame(body: &[u8], version: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&xxh3_64(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&xxh3_64(body).to_le_bytes());
+    out.extend_from_slice(body);
     out
 }
 
