@@ -34,7 +34,7 @@ use ctr_ingest::sim::{
     BASE_CTR_MEDIAN, BASE_CTR_SIGMA, CATEGORIES, SimEvent, Simulator, category_lift,
 };
 use ctr_ingest::simulate::{SimulateArgs, sim_config};
-use ctr_schemas::{Context, LabelKind, LabeledImpression, decode};
+use ctr_schemas::{Click, Context, LabelKind, LabeledImpression, decode};
 use rand::SeedableRng;
 use rand::distr::Distribution;
 use rand::rngs::StdRng;
@@ -454,11 +454,25 @@ fn main() {
     }
     let informed = Informed::learn(evidence);
 
+    // The joiner's dead letters: the simulator's orphan clicks name serves that never
+    // existed; a click of a real serve among them is a label lost (and its serve's label a
+    // wrong negative), which every estimate here would learn from.
+    let dead_letters = read_topic(&dead);
+    let lost = dead_letters
+        .iter()
+        .filter_map(|r| decode::<Click>(&r.payload).ok())
+        .filter(|c| rest_of.contains_key(&(c.serve_id, c.ad_id.clone())))
+        .count();
+
     println!(
         "machine: {} cores; {} labels learned (VW trained on the same {}), {HELD_OUT} held-out requests × {CANDIDATES} candidates, drawn two ways",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         topic_size(&labeled),
         labels.len()
+    );
+    println!(
+        "joiner: {} clicks dead-lettered, {lost} of them clicks of real serves (lost labels)",
+        dead_letters.len()
     );
     for (draw, q) in &drawn {
         let served = ask_api(port, &contexts, q);
