@@ -288,13 +288,15 @@ impl PartitionJoin {
             // lets the watermark move with the wall clock from there (a partition with serves
             // but no clicks yet still closes its windows).
             (Some(t), None) | (None, Some(t)) => {
+                if now_wall_ms - self.first_event_wall < idle {
+                    return None;
+                }
                 let quiet = StreamClock {
                     max_ts: self.first_event_ts,
                     last_arrival_wall: self.first_event_wall,
                 };
-                if now_wall_ms - self.first_event_wall < idle {
-                    return None;
-                }
+                // The first event's time is known once a stream has delivered (set then, or
+                // by `resume` for an older checkpoint); `t` only stands in for safety.
                 t.min(quiet.effective(now_wall_ms, idle).unwrap_or(t))
             }
             (None, None) => return None,
@@ -307,10 +309,10 @@ impl PartitionJoin {
     /// creation instead, a join started before its producers would take the first fetch of
     /// one stream for all there is; and once the wait was over, letting the delivered stream
     /// alone set the watermark did the same to a stream whose first fetch came later than
-    /// `idle_ms` after the other's (the consumer starts fetching a new topic's partitions one
-    /// by one). With a backlog replayed, one fetch of clicks spans minutes of event time: its
-    /// clicks whose serves were in a later fetch became orphans and their serves' labels
-    /// negatives.
+    /// `idle_ms` after the other's (a consumer does not start fetching a just-created topic's
+    /// partitions all at once). With a backlog replayed, one fetch spans minutes of event
+    /// time: the clicks whose serves were in a later fetch became orphans and their serves'
+    /// labels negatives.
     fn note_first_event(&mut self, ts: i64, now_wall_ms: i64) {
         if self.serves_clock.max_ts.is_none() && self.clicks_clock.max_ts.is_none() {
             self.first_event_wall = now_wall_ms;
