@@ -51,7 +51,8 @@ pub struct FeedbackArgs {
     /// How long closed serves are remembered for late-click corrections, event-time ms.
     #[arg(long, env = "CTR_JOIN_LATE_HORIZON_MS", default_value_t = 300_000)]
     pub late_horizon_ms: i64,
-    /// Most pending serves per partition before the earliest is closed early.
+    /// Most pending serves per partition before the earliest is closed early; also the most
+    /// serves whose clicks came first may wait for them before the earliest are orphans.
     #[arg(long, env = "CTR_JOIN_MAX_PENDING", default_value_t = 2_000_000)]
     pub max_pending: usize,
     /// Checkpoint interval, ms.

@@ -35,7 +35,8 @@
 //!   have arrived by then.
 //! - **Bounded memory**: at most `max_pending` serves wait; beyond that the serve with the
 //!   earliest close time is closed early (its negatives emitted now, counted as `evicted`); a
-//!   click for it then becomes a late correction. Nothing is dropped.
+//!   click for it then becomes a late correction. Likewise at most `max_pending` serves' early
+//!   clicks wait; beyond that the earliest are orphans now. Nothing is dropped.
 //!
 //! Memory per pending serve: the decoded [`Serve`] behind an `Arc` (labels share it instead of
 //! copying its strings) plus a map slot and a heap entry: about 220 bytes resident for a serve
@@ -61,7 +62,8 @@ pub struct JoinConfig {
     pub idle_ms: i64,
     /// How long a closed serve is remembered, for late-click corrections.
     pub late_horizon_ms: i64,
-    /// Most pending serves before the earliest is closed early.
+    /// Most pending serves before the earliest is closed early; also the most serves whose
+    /// clicks came first may wait for them before the earliest clicks are orphans.
     pub max_pending: usize,
 }
 
@@ -375,6 +377,18 @@ impl PartitionJoin {
             self.early_expiry
                 .push(Reverse((click.ts_ms, click.serve_id)));
             self.early.entry(click.serve_id).or_default().push(click);
+            // Bounded like the pending serves: beyond `max_pending` serves' worth of early
+            // clicks (clicks stamped far ahead of their serves' stream), the earliest go to
+            // the dead letters now rather than waiting for a watermark that may never come.
+            while self.early.len() > self.cfg.max_pending {
+                let Some(Reverse((_, serve_id))) = self.early_expiry.pop() else {
+                    break;
+                };
+                if let Some(clicks) = self.early.remove(&serve_id) {
+                    self.stats.orphan_clicks += clicks.len() as u64;
+                    out.extend(clicks.into_iter().map(Emit::Orphan));
+                }
+            }
         }
         self.advance(now_wall_ms, out);
     }
@@ -729,6 +743,31 @@ pub(crate) mod tests {
         // clicks of the first 2.9 s (three) are orphans; the rest of the minute waits.
         let (_, stats) = one_stream_fetched_late(true, 8_000);
         assert_eq!((stats.orphan_clicks, stats.positives), (3, 57));
+    }
+
+    #[test]
+    fn early_clicks_are_bounded_like_pending_serves() {
+        // Clicks stamped far in the future (a producer's broken clock) wait for a watermark
+        // that will not pass them for years; at most max_pending serves' worth do.
+        let cfg = JoinConfig {
+            max_pending: 3,
+            ..CFG
+        };
+        let mut j = PartitionJoin::new(cfg, 0);
+        let mut out = vec![];
+        j.on_serve(serve(1, 10_000, &["a"]), 0, &mut out);
+        let year_3000 = 32_503_680_000_000;
+        for i in 0..5 {
+            j.on_click(click(i, 100 + i, "a", year_3000 + i), 0, &mut out);
+        }
+        assert_eq!(
+            rows(&out),
+            [row(100, "a", true, "orphan"), row(101, "a", true, "orphan")]
+        );
+        assert_eq!(j.stats().orphan_clicks, 2);
+        // The ones kept still join if their serves come.
+        j.on_serve(serve(104, year_3000, &["a"]), 0, &mut out);
+        assert!(rows(&out).contains(&row(104, "a", true, "label")));
     }
 
     #[test]
