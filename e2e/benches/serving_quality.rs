@@ -23,6 +23,10 @@
 //! ad's base rate and favourite category ([`Informed`]), trained on the same labeled stream.
 //! Where it falls short of a goal, no learner that must discover the rest is expected to meet
 //! it.
+//!
+//! The header says how many clicks the joiner dead-lettered and how many of those were clicks
+//! of real serves (the simulator also makes orphans on purpose): a lost click is a wrong
+//! negative label that every row learns from, so a run that loses any is not clean.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
