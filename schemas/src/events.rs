@@ -467,6 +467,35 @@ mod tests {
     }
 
     #[test]
+    fn pairs_are_in_name_order_whatever_the_extra_names() {
+        // Extra names before, between and after the fixed ones; fixed ones empty or not.
+        let names = ["a", "dz", "f", "hour", "r", "zz"];
+        for mask in 0u32..(1 << (names.len() + 3)) {
+            let mut c = ctx();
+            for (i, n) in names.iter().enumerate() {
+                if mask & (1 << i) != 0 {
+                    c.extra.insert((*n).into(), "v".into());
+                }
+            }
+            let fixed = mask >> names.len();
+            if fixed & 1 == 0 {
+                c.device.clear();
+            }
+            if fixed & 2 == 0 {
+                c.geo.clear();
+            }
+            if fixed & 4 == 0 {
+                c.query_category.clear();
+            }
+            let pairs = c.pairs();
+            let mut sorted = pairs.clone();
+            sorted.sort_unstable();
+            assert_eq!(pairs, sorted, "{c:?}");
+            assert_eq!(pairs.len(), c.extra.len() + fixed.count_ones() as usize);
+        }
+    }
+
+    #[test]
     fn too_many_context_fields_are_invalid() {
         let mut c = ctx();
         for i in 0..MAX_EXTRA_CONTEXT_FIELDS {
