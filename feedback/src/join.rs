@@ -380,15 +380,7 @@ impl PartitionJoin {
             // Bounded like the pending serves: beyond `max_pending` serves' worth of early
             // clicks (clicks stamped far ahead of their serves' stream), the earliest go to
             // the dead letters now rather than waiting for a watermark that may never come.
-            while self.early.len() > self.cfg.max_pending {
-                let Some(Reverse((_, serve_id))) = self.early_expiry.pop() else {
-                    break;
-                };
-                if let Some(clicks) = self.early.remove(&serve_id) {
-                    self.stats.orphan_clicks += clicks.len() as u64;
-                    out.extend(clicks.into_iter().map(Emit::Orphan));
-                }
-            }
+            while self.early.len() > self.cfg.max_pending && self.orphan_earliest_early(out) {}
         }
         self.advance(now_wall_ms, out);
     }
@@ -463,6 +455,19 @@ impl PartitionJoin {
         }
     }
 
+    /// The early clicks of the serve whose earliest click is the earliest waiting become
+    /// orphans (none if they have joined their serve since); false when none wait.
+    fn orphan_earliest_early(&mut self, out: &mut Vec<Emit>) -> bool {
+        let Some(Reverse((_, serve_id))) = self.early_expiry.pop() else {
+            return false;
+        };
+        if let Some(clicks) = self.early.remove(&serve_id) {
+            self.stats.orphan_clicks += clicks.len() as u64;
+            out.extend(clicks.into_iter().map(Emit::Orphan));
+        }
+        true
+    }
+
     /// Closes every window the watermark has passed, expires early clicks and forgets old
     /// closed serves. Call on a timer too, so idle partitions make progress.
     pub fn advance(&mut self, now_wall_ms: i64, out: &mut Vec<Emit>) {
@@ -476,15 +481,12 @@ impl PartitionJoin {
             self.closing.pop();
             self.close(id, out);
         }
-        while let Some(&Reverse((ts, serve_id))) = self.early_expiry.peek() {
-            if ts >= wm {
-                break;
-            }
-            self.early_expiry.pop();
-            if let Some(clicks) = self.early.remove(&serve_id) {
-                self.stats.orphan_clicks += clicks.len() as u64;
-                out.extend(clicks.into_iter().map(Emit::Orphan));
-            }
+        while self
+            .early_expiry
+            .peek()
+            .is_some_and(|&Reverse((ts, _))| ts < wm)
+        {
+            self.orphan_earliest_early(out);
         }
         while let Some(&(forget_at, id)) = self.forgetting.front() {
             if forget_at >= wm {
