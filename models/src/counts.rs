@@ -275,6 +275,12 @@ fn smooth(c: Counter, scale: f64, parent: f64, strength: f64) -> (f64, f64) {
     ((k.clamp(0.0, n) + s * parent) / (n + s), n)
 }
 
+/// `p / (1 - p)`, with `p` kept off 0 and 1.
+fn odds(p: f64) -> f64 {
+    let p = p.clamp(1e-9, 1.0 - 1e-9);
+    p / (1.0 - p)
+}
+
 /// The global rate's prior from `cfg` (the count model's and [`BaseRate`]'s).
 fn global_prior(cfg: &CountsConfig) -> Result<BetaPrior> {
     BetaPrior::from_mean(cfg.global_prior_mean, cfg.global_prior_strength).map_err(|_| {
@@ -353,14 +359,20 @@ impl CountModel {
 
     /// The estimate for `x`, without learning from it.
     pub fn predict(&self, x: &Impression<'_>) -> Estimate {
-        self.predict_keys(x, &Keys::of(x))
+        self.predict_keys(x, &Keys::of(x), None)
     }
 
-    /// [`CountModel::predict`] with `x`'s keys already computed.
-    pub fn predict_keys(&self, x: &Impression<'_>, keys: &Keys) -> Estimate {
+    /// [`CountModel::predict`] with `x`'s keys already computed (`deviations` as in
+    /// [`CountModel::predict_located`]).
+    pub fn predict_keys(
+        &self,
+        x: &Impression<'_>,
+        keys: &Keys,
+        deviations: Option<&mut [f64; MAX_CONTEXT_FIELDS]>,
+    ) -> Estimate {
         let mut at = Located::default();
         self.find(keys, &mut at);
-        self.predict_located(x, &at)
+        self.predict_located(x, &at, deviations)
     }
 
     /// Finds where each of `keys`' count keys is, into `at`, after making room for all of them
@@ -390,7 +402,19 @@ impl CountModel {
     }
 
     /// [`CountModel::predict`] at keys from [`CountModel::locate`] (nothing changed since).
-    pub fn predict_located(&self, x: &Impression<'_>, at: &Located) -> Estimate {
+    ///
+    /// With `deviations`, also writes each context field's deviation from the ad into it (in
+    /// the impression's field order): the logit of the ad × field estimate minus the ad's.
+    /// Smoothing keeps it near 0 while the ad × field level has little evidence. A combined
+    /// variant weighs these per field ([`crate::variants`]): the estimate averages the field
+    /// levels with equal weights, where how much of a level's difference from the ad is real
+    /// differs from field to field.
+    pub fn predict_located(
+        &self,
+        x: &Impression<'_>,
+        at: &Located,
+        mut deviations: Option<&mut [f64; MAX_CONTEXT_FIELDS]>,
+    ) -> Estimate {
         let scale = self.clock.read_scale();
         let global = self.global_rate(scale);
         let campaign = self.campaigns.at(at.campaign.1).copied();
@@ -413,13 +437,15 @@ impl CountModel {
         let parent = if fields.is_empty() {
             p_ad
         } else {
-            let sum: f64 = fields
-                .iter()
-                .map(|(_, f)| {
-                    let c = self.fields.at(*f).copied().unwrap_or_default();
-                    smooth(c, scale, p_ad, self.cfg.field_strength).0
-                })
-                .sum();
+            let mut sum = 0.0;
+            for (i, (_, f)) in fields.iter().enumerate() {
+                let c = self.fields.at(*f).copied().unwrap_or_default();
+                let p = smooth(c, scale, p_ad, self.cfg.field_strength).0;
+                if let Some(d) = deviations.as_deref_mut() {
+                    d[i] = (odds(p) / odds(p_ad)).ln();
+                }
+                sum += p;
+            }
             sum / fields.len() as f64
         };
         let (p_ctx, n_ctx) = smooth(

@@ -51,6 +51,8 @@ mod ns {
     pub(super) const CROSS: u64 = 0xc7;
     pub(super) const CONTEXT: u64 = 0xcc;
     pub(super) const COUNT_FEATURE: u64 = 0xcf;
+    /// Mixed into a field name's hash for the key of that field's deviation feature.
+    pub(super) const FIELD_DEVIATION: u64 = 0xfd5a_3c1e_9b27_4d61;
 }
 
 /// Hash of `s` in `namespace` (namespaces keep equal strings in different roles apart).
@@ -80,7 +82,12 @@ pub fn campaign_key(campaign: &str) -> u64 {
 
 /// Key of one context field's value, e.g. geo=US.
 pub fn field_key(name: &str, value: &str) -> u64 {
-    combine(hash_str(ns::FIELD, name), hash_str(ns::FIELD, value))
+    field_key_of(hash_str(ns::FIELD, name), value)
+}
+
+/// [`field_key`] with the name's hash already computed.
+fn field_key_of(name: u64, value: &str) -> u64 {
+    combine(name, hash_str(ns::FIELD, value))
 }
 
 /// Key of a whole context, independent of the order of its fields.
@@ -106,6 +113,8 @@ pub struct Keys {
     /// The whole context ([`context_key`]).
     pub context: u64,
     fields: [u64; MAX_CONTEXT_FIELDS],
+    /// The hash of each field's name, in the same order.
+    names: [u64; MAX_CONTEXT_FIELDS],
     len: usize,
 }
 
@@ -113,9 +122,11 @@ impl Keys {
     /// The keys of `x`, computed once for every model that needs them.
     pub fn of(x: &Impression<'_>) -> Self {
         let mut fields = [0; MAX_CONTEXT_FIELDS];
+        let mut names = [0; MAX_CONTEXT_FIELDS];
         let len = x.context.len().min(MAX_CONTEXT_FIELDS);
-        for (slot, (name, value)) in fields.iter_mut().zip(x.context) {
-            *slot = field_key(name, value);
+        for ((slot, name_slot), (name, value)) in fields.iter_mut().zip(&mut names).zip(x.context) {
+            *name_slot = hash_str(ns::FIELD, name);
+            *slot = field_key_of(*name_slot, value);
         }
         Self {
             ad: ad_key(x.ad),
@@ -125,6 +136,7 @@ impl Keys {
                 .iter()
                 .fold(ns::CONTEXT, |acc, f| acc.wrapping_add(*f)),
             fields,
+            names,
             len,
         }
     }
@@ -142,6 +154,14 @@ impl Keys {
     /// [`field_key`] of each context field, in the impression's order.
     pub fn fields(&self) -> &[u64] {
         &self.fields[..self.len]
+    }
+
+    /// The key of each context field's deviation feature ([`deviation_key`]), in the
+    /// impression's order.
+    pub fn deviation_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.names[..self.len]
+            .iter()
+            .map(|n| n ^ ns::FIELD_DEVIATION)
     }
 }
 
@@ -221,6 +241,12 @@ pub fn shared_feature_keys() -> impl Iterator<Item = u64> {
     [ns::BIAS, ns::COUNT_FEATURE]
         .into_iter()
         .chain((1..=16u64).map(|p| combine(ns::POSITION, p)))
+}
+
+/// The key of the real-valued feature that carries the count model's deviation for the
+/// context field `name` (one per field name, whatever its value; see [`crate::variants`]).
+pub fn deviation_key(name: &str) -> u64 {
+    hash_str(ns::FIELD, name) ^ ns::FIELD_DEVIATION
 }
 
 /// The key of the real-valued feature that carries another model's estimate (see
