@@ -275,8 +275,8 @@ fn smooth(c: Counter, scale: f64, parent: f64, strength: f64) -> (f64, f64) {
     ((k.clamp(0.0, n) + s * parent) / (n + s), n)
 }
 
-/// `p / (1 - p)`, with `p` kept off 0 and 1.
-fn odds(p: f64) -> f64 {
+/// `p / (1 - p)`, with `p` kept off 0 and 1 (its log is the logit the variants use).
+pub(crate) fn odds(p: f64) -> f64 {
     let p = p.clamp(1e-9, 1.0 - 1e-9);
     p / (1.0 - p)
 }

@@ -159,9 +159,7 @@ impl Keys {
     /// The key of each context field's deviation feature ([`deviation_key`]), in the
     /// impression's order.
     pub fn deviation_keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.names[..self.len]
-            .iter()
-            .map(|n| n ^ ns::FIELD_DEVIATION)
+        self.names[..self.len].iter().map(|&n| deviation_key_of(n))
     }
 }
 
@@ -246,7 +244,12 @@ pub fn shared_feature_keys() -> impl Iterator<Item = u64> {
 /// The key of the real-valued feature that carries the count model's deviation for the
 /// context field `name` (one per field name, whatever its value; see [`crate::variants`]).
 pub fn deviation_key(name: &str) -> u64 {
-    hash_str(ns::FIELD, name) ^ ns::FIELD_DEVIATION
+    deviation_key_of(hash_str(ns::FIELD, name))
+}
+
+/// [`deviation_key`] of the field name whose hash is `name`.
+fn deviation_key_of(name: u64) -> u64 {
+    name ^ ns::FIELD_DEVIATION
 }
 
 /// The key of the real-valued feature that carries another model's estimate (see

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibration::Platt;
 use crate::counts::{
-    BaseRate, CountModel, CountsConfig, CountsDelta, Estimate, Level, Located, Table,
+    BaseRate, CountModel, CountsConfig, CountsDelta, Estimate, Level, Located, Table, odds,
 };
 use crate::error::{ModelError, Result, check_weight};
 use crate::eval::{Metrics, Scored, SlicedMetrics, WindowedMetrics};
@@ -173,8 +173,7 @@ pub enum Offset {
 }
 
 fn logit(p: f64) -> f64 {
-    let p = p.clamp(1e-9, 1.0 - 1e-9);
-    (p / (1.0 - p)).ln()
+    odds(p).ln()
 }
 
 impl Variant {
@@ -270,7 +269,7 @@ impl Variant {
                 value,
             });
         }
-        if matches!(self.offset, Offset::CountEstimate) {
+        if self.weighs_deviations() {
             features.extend(
                 keys.deviation_keys()
                     .zip(deviations)
@@ -284,13 +283,18 @@ impl Variant {
         }
     }
 
-    /// `deviations` if this variant's FTRL weighs the count model's field deviations (a
-    /// combined variant's does), else `None`.
+    /// Whether this variant's FTRL weighs the count model's field deviations (a combined
+    /// variant's does).
+    fn weighs_deviations(&self) -> bool {
+        matches!(self.offset, Offset::CountEstimate)
+    }
+
+    /// `deviations` if this variant [weighs them](Variant::weighs_deviations), else `None`.
     fn wants_deviations<'d>(
         &self,
         deviations: &'d mut [f64; MAX_CONTEXT_FIELDS],
     ) -> Option<&'d mut [f64; MAX_CONTEXT_FIELDS]> {
-        matches!(self.offset, Offset::CountEstimate).then_some(deviations)
+        self.weighs_deviations().then_some(deviations)
     }
 
     /// The running base rate, where the variant keeps one.
@@ -440,7 +444,7 @@ impl Variant {
         if self.ftrl.is_some() {
             impression_feature_keys(&self.cfg.features, keys, &mut touched.ftrl);
         }
-        if matches!(self.offset, Offset::CountEstimate) {
+        if self.weighs_deviations() {
             touched.ftrl.extend(keys.deviation_keys());
         }
     }
