@@ -80,7 +80,7 @@ pub struct ScorerArgs {
     pub checkpoint_links: usize,
     /// How far back in event time label IDs are remembered for dedupe, ms. Must exceed the
     /// joiner's window + grace + late horizon + checkpoint interval.
-    #[arg(long, env = "CTR_SCORER_DEDUPE_HORIZON_MS", default_value_t = 900_000)]
+    #[arg(long, env = "CTR_SCORER_DEDUPE_HORIZON_MS", default_value_t = DEFAULT_DEDUPE_HORIZON_MS)]
     pub dedupe_horizon_ms: i64,
     /// FTRL coordinates idle this long in event time are evicted, ms.
     #[arg(long, env = "CTR_SCORER_IDLE_MS", default_value_t = 3_600_000)]
@@ -181,6 +181,10 @@ fn check(ok: bool, name: &str, problem: &str) -> Result<(), crate::Error> {
         Err(crate::Error::Config(format!("{name} {problem}")))
     }
 }
+
+/// How far back in event time a scorer remembers label IDs for dedupe by default, ms (15
+/// minutes: the joiner's window, grace and late horizon plus a checkpoint interval fit in it).
+pub const DEFAULT_DEDUPE_HORIZON_MS: i64 = 900_000;
 
 /// Step size of the calibration layer a `+platt` variant gets (measured in
 /// `models/tests/learning.rs`: it repairs a shrunk model and leaves a calibrated one alone).

@@ -252,7 +252,7 @@ impl Replica {
         let mut states: Vec<PartitionState> = (0..partitions)
             .map(|_| {
                 let set = ctr_models::ModelSet::new(models.to_vec()).expect("valid models");
-                PartitionState::new(set, 900_000)
+                PartitionState::new(set, crate::config::DEFAULT_DEDUPE_HORIZON_MS)
             })
             .collect();
         for l in labels {
