@@ -1,6 +1,7 @@
 //! The ranking API answered from the model replica (issue 16): `POST /v1/rank` throughput
-//! against the same process's `/healthz` in the same run, latency at half that load, and
-//! freshness through the API (a label produced → the API's answer reflects it).
+//! against the same process's `/healthz` in the same run (five rounds of the two back to back,
+//! and their medians: [`ROUNDS`]), latency at half that load, and freshness through the API
+//! (a label produced → the API's answer reflects it).
 //!
 //! Run (stack up, release binaries built: `cargo build --release --workspace --bins`):
 //! `cargo bench -p ctr-e2e --bench rank_api` (needs wrk: `apt-get install wrk`).
@@ -82,8 +83,24 @@ struct Run {
 /// Runs wrk for 10 s against `url` (with a Lua `script`, if any), and reads the server's CPU
 /// time before and after.
 fn wrk(server: &Service, url: &str, connections: u32, script: Option<&std::path::Path>) -> Run {
+    wrk_for(10, server, url, connections, script)
+}
+
+/// [`wrk`] for `seconds`.
+fn wrk_for(
+    seconds: u32,
+    server: &Service,
+    url: &str,
+    connections: u32,
+    script: Option<&std::path::Path>,
+) -> Run {
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t2", &format!("-c{connections}"), "-d10s", "--latency"]);
+    cmd.args([
+        "-t2",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
     if let Some(s) = script {
         cmd.arg("-s").arg(s);
     }
@@ -171,9 +188,18 @@ fn freshness(topic: &str, port: u16, clicks: bool) -> (Vec<f64>, Vec<f64>) {
     (delays, acks)
 }
 
-/// `/healthz` (plain and through wrk's Lua `request()`) and then `/v1/rank` of process `s`
-/// (`who`, answering at `base`) at `connections`, each for 10 s; prints the rates, the
-/// server's CPU per request and the ratios.
+/// Rounds of [`throughput`]: the shared machine's speed moves from one 10-second run to the
+/// next by as much as ±20% (docs/BENCHMARKS.md), so a ratio of two runs taken 20 s apart
+/// carries that noise. Short runs of the two endpoints back to back, repeated, and the median
+/// of the rounds' ratios measure the ratio itself.
+const ROUNDS: usize = 5;
+/// Seconds of each wrk run in a round.
+const ROUND_SECONDS: u32 = 4;
+
+/// [`ROUNDS`] rounds, each `/healthz` (plain and through wrk's Lua `request()`) and then
+/// `/v1/rank` of process `s` (`who`, answering at `base`) at `connections` for
+/// [`ROUND_SECONDS`] each; prints each round's rates, the server's CPU per request and the
+/// ratios, then their medians.
 fn throughput(
     who: &str,
     s: &Service,
@@ -182,24 +208,45 @@ fn throughput(
     rank_lua: &std::path::Path,
     health_lua: &std::path::Path,
 ) {
-    let health = wrk(s, &format!("{base}/healthz"), connections, None);
-    let health_lua = wrk(s, &format!("{base}/healthz"), connections, Some(health_lua));
-    let rank = wrk(s, &format!("{base}/v1/rank"), connections, Some(rank_lua));
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for round in 1..=ROUNDS {
+        let run = |url: &str, script| wrk_for(ROUND_SECONDS, s, url, connections, script);
+        let health = run(&format!("{base}/healthz"), None);
+        let health_lua = run(&format!("{base}/healthz"), Some(health_lua));
+        let rank = run(&format!("{base}/v1/rank"), Some(rank_lua));
+        println!(
+            "{who}, {connections} connections, round {round}: /healthz {:.0} req/s ({:.1} µs server CPU per request); through wrk's Lua request() {:.0} req/s ({:.1} µs); /v1/rank {:.0} req/s, p99 {:.2} ms, non-2xx {} ({:.1} µs); ratio {:.2} (to Lua {:.2}); server CPU rank/healthz {:.2}",
+            health.rate,
+            health.server_cpu_us,
+            health_lua.rate,
+            health_lua.server_cpu_us,
+            rank.rate,
+            rank.p99_ms,
+            rank.non2xx,
+            rank.server_cpu_us,
+            rank.rate / health.rate,
+            rank.rate / health_lua.rate,
+            rank.server_cpu_us / health.server_cpu_us,
+        );
+        rounds.push((health, health_lua, rank));
+    }
+    let median = |f: &dyn Fn(&(Run, Run, Run)) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        q(&v, 0.5)
+    };
     println!(
-        "{who}, {connections} connections: /healthz {:.0} req/s (p99 {:.2} ms, server CPU {:.1} µs/request); /healthz through wrk's Lua request() {:.0} req/s ({:.1} µs); /v1/rank {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-2xx {} ({:.1} µs); ratio rank/healthz {:.2}, to /healthz through Lua {:.2}; server CPU per request rank/healthz {:.2}",
-        health.rate,
-        health.p99_ms,
-        health.server_cpu_us,
-        health_lua.rate,
-        health_lua.server_cpu_us,
-        rank.rate,
-        rank.p50_ms,
-        rank.p99_ms,
-        rank.non2xx,
-        rank.server_cpu_us,
-        rank.rate / health.rate,
-        rank.rate / health_lua.rate,
-        rank.server_cpu_us / health.server_cpu_us,
+        "{who}, {connections} connections, median of {ROUNDS} rounds: /healthz {:.0} req/s ({:.1} µs); through Lua {:.0} req/s ({:.1} µs); /v1/rank {:.0} req/s, p99 {:.2} ms ({:.1} µs); ratio rank/healthz {:.2}, to /healthz through Lua {:.2}; server CPU per request rank/healthz {:.2}",
+        median(&|r| r.0.rate),
+        median(&|r| r.0.server_cpu_us),
+        median(&|r| r.1.rate),
+        median(&|r| r.1.server_cpu_us),
+        median(&|r| r.2.rate),
+        median(&|r| r.2.p99_ms),
+        median(&|r| r.2.server_cpu_us),
+        median(&|r| r.2.rate / r.0.rate),
+        median(&|r| r.2.rate / r.1.rate),
+        median(&|r| r.2.server_cpu_us / r.0.server_cpu_us),
     );
 }
 
