@@ -255,8 +255,9 @@ impl std::fmt::Display for ModelVersion<'_> {
 }
 
 impl Serialize for ModelVersion<'_> {
-    /// Written into a stack buffer and serialized as one string: `collect_str` would go
-    /// through `fmt` and its escaping writer, a tenth of the response's cost.
+    /// Written into a stack buffer and serialized as one string: `collect_str` goes through
+    /// `fmt` and an escaping writer, which cost about 2k of the router's 80k instructions per
+    /// ten-candidate request (docs/BENCHMARKS.md).
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut offset = itoa::Buffer::new();
         let offset = offset.format(self.offset).as_bytes();
