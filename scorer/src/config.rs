@@ -48,6 +48,13 @@ pub struct ScorerArgs {
     /// a few dozen impressions; `CountsConfig::global_prior_strength` says why).
     #[arg(long, env = "CTR_PRIOR_STRENGTH", default_value_t = 10.0)]
     pub prior_strength: f64,
+    /// How long the models remember, ms of event time: the count model's counts and the running
+    /// base rates decay by half over this. Shorter follows a drifting click rate sooner and
+    /// keeps less evidence of each key; the tables stay bounded because faded keys are dropped
+    /// (`CountModel::evict_faded`). Part of a partition's state: it applies to partitions
+    /// started afresh.
+    #[arg(long, env = "CTR_HALF_LIFE_MS", default_value_t = 6 * 3_600_000)]
+    pub half_life_ms: u64,
     /// Model variants learning side by side: comma-separated kinds (counts, ftrl, combined),
     /// each optionally followed by `+platt` for the online calibration layer.
     #[arg(
@@ -231,10 +238,16 @@ impl TryFrom<ScorerArgs> for ScorerConfig {
             "must be 1..=10000",
         )?;
 
+        check(
+            a.half_life_ms >= 1_000,
+            "half_life_ms",
+            "must be >= 1000 (counts that never decay would grow without bound)",
+        )?;
         let mut models = parse_models(&a.models)?;
         for m in &mut models {
             m.counts.global_prior_mean = prior.mean();
             m.counts.global_prior_strength = a.prior_strength;
+            m.counts.half_life_ms = Some(a.half_life_ms as f64);
         }
         check(
             models.iter().any(|m| m.name == a.serve_model),
@@ -325,5 +338,23 @@ mod tests {
         for bad in ["", "counts,counts", "lasso", "counts+isotonic"] {
             assert!(parse_models(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_half_life_reaches_every_variant_and_a_too_short_one_is_refused() {
+        use clap::Parser;
+        let cfg = |half_life: &str| {
+            ScorerConfig::try_from(ScorerArgs::parse_from([
+                "ctr-scorer",
+                &format!("--half-life-ms={half_life}"),
+            ]))
+        };
+        let two_hours = cfg("7200000").unwrap();
+        assert_eq!(two_hours.models.len(), 3);
+        for m in &two_hours.models {
+            assert_eq!(m.counts.half_life_ms, Some(7_200_000.0), "{}", m.name);
+        }
+        let err = cfg("0").unwrap_err().to_string();
+        assert!(err.contains("half_life_ms must be >= 1000"), "{err}");
     }
 }
