@@ -75,6 +75,10 @@ pub const FADED_UNITS: f64 = 1e-3;
 /// Most positions tracked separately; lower slots share the last one.
 pub const MAX_POSITIONS: usize = 16;
 
+/// The decay's half-life of [`CountsConfig::default`], event-time ms (6 h; the scorer's
+/// `--half-life-ms` default).
+pub const DEFAULT_HALF_LIFE_MS: u64 = 6 * 3_600_000;
+
 /// Settings of the count model.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CountsConfig {
@@ -113,7 +117,7 @@ pub struct CountsConfig {
 impl Default for CountsConfig {
     fn default() -> Self {
         Self {
-            half_life_ms: Some(6.0 * 3_600_000.0),
+            half_life_ms: Some(DEFAULT_HALF_LIFE_MS as f64),
             global_prior_mean: 0.02,
             global_prior_strength: 10.0,
             campaign_strength: 8.0,

@@ -53,7 +53,7 @@ pub struct ScorerArgs {
     /// keeps less evidence of each key; the tables stay bounded because faded keys are dropped
     /// (`CountModel::evict_faded`). Part of a partition's state: it applies to partitions
     /// started afresh.
-    #[arg(long, env = "CTR_HALF_LIFE_MS", default_value_t = 6 * 3_600_000)]
+    #[arg(long, env = "CTR_HALF_LIFE_MS", default_value_t = ctr_models::counts::DEFAULT_HALF_LIFE_MS)]
     pub half_life_ms: u64,
     /// Model variants learning side by side: comma-separated kinds (counts, ftrl, combined),
     /// each optionally followed by `+platt` for the online calibration layer.
