@@ -465,8 +465,15 @@ fn context_from(mut fields: BTreeMap<String, String>, path: &str) -> Result<Cont
 /// Parses a JSON body; the error names the path of the offending field. A body that parses
 /// is parsed once, untracked (path tracking wraps every value the parser visits); only a
 /// failing one is parsed again to find where it failed.
+///
+/// The body's UTF-8 is checked once, whole, and then parsed as text: parsing bytes checks
+/// every string on its own, which cost a ranking request about 3,000 instructions. A body
+/// that is not UTF-8 goes to the second parse, whose error says where.
 fn parse_json<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, ApiError> {
-    if let Ok(value) = serde_json::from_slice(body) {
+    if let Some(value) = std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| serde_json::from_str(text).ok())
+    {
         return Ok(value);
     }
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -800,6 +807,17 @@ mod tests {
         }
         let bytes = [0xff, 0xfe, b'{'];
         assert!(parse_json::<RankRequest<'_>>(&bytes).is_err());
+        // Bytes that are not UTF-8 inside a string: the error still says where.
+        let mut body = format!(r#"{{{CTX},"candidates":[{{"ad_id":"a?","bid":1}}]}}"#).into_bytes();
+        let at = body.iter().position(|&b| b == b'?').unwrap();
+        body[at] = 0xff;
+        let err = parse_rank(&body).unwrap_err();
+        assert_eq!(err.0, StatusCode::BAD_REQUEST);
+        assert!(
+            err.1.starts_with("candidates[0].ad_id: "),
+            "got `{}`",
+            err.1
+        );
     }
 
     #[test]
