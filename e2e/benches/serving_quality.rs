@@ -498,7 +498,10 @@ fn main() {
         println!("|---|---|---|---|");
         for (name, estimate) in [
             ("the API (combined, from the replica)", &served),
-            ("Vowpal Wabbit, asked at request time", &vw),
+            (
+                "Vowpal Wabbit (rate chosen by its progressive loss), asked at request time",
+                &vw,
+            ),
             (
                 "a learner told all but each ad's base rate and favourite category (the ceiling)",
                 &told,
