@@ -8,9 +8,9 @@ ad crossed with each context field. Printed side by side: log loss, normalized e
 calibration (sum p / sum y) and examples per second of the learning loop alone (examples are
 built before the clock starts, for the peers as for ours, whose figure is the backtest's
 model-only rate). Vowpal Wabbit also runs once more at its best learning rate: the one of
-VW_RATES with the lowest progressive log loss on the stream, as its users tune it. Each learner runs `--repeat` times, the runs interleaved (ours, VW, River,
-ours, ...), and its best rate is reported: the machine is shared, and interleaving exposes every
-learner to the same noise. The learners are deterministic, so every repeat must give the same
+VW_RATES with the lowest progressive log loss on the stream, as its users tune it. Each learner
+runs `--repeat` times, the runs interleaved (ours, VW, River, ours, ...), and its best rate is
+reported: the machine is shared, and interleaving exposes every learner to the same noise. The learners are deterministic, so every repeat must give the same
 predictions; the script checks it. Then the second half alone: a linfa-logistic batch model fitted on the first
 half (ctr-backtest --batch-baseline) against every online learner over the same examples.
 

@@ -19,10 +19,11 @@ import sys
 
 from vowpalwabbit import Workspace
 
-BASE_ARGS = "--loss_function logistic --link logistic -b 22 --quiet"
+from compare import VW_ARGS, VW_RATES
+
 # VW's default learning rate is 0.5; a smaller one keeps a rare ad's few clicks from moving its
-# weights as far.
-SETTINGS = [f"-l {rate}" for rate in (0.5, 0.2, 0.1, 0.05, 0.02)]
+# weights as far. The flags and the rates are compare.py's.
+SETTINGS = [f"-l {rate}" for rate in VW_RATES]
 
 
 def features(r, position):
@@ -35,7 +36,7 @@ def features(r, position):
 
 def train(lines, setting):
     """A workspace trained on `lines` (one pass) and its progressive log loss per example."""
-    ws = Workspace(f"{BASE_ARGS} {setting}")
+    ws = Workspace(f"{' '.join(VW_ARGS)} {setting}")
     loss = 0.0
     for label, text in lines:
         ex = ws.parse(text)
