@@ -86,17 +86,40 @@ impl Context {
     /// Builds a context from a flat `name → value` map, the shape JSON producers and the ranking
     /// API use: `query_category`, `geo` and `device` are required, every other entry becomes an
     /// `extra` field. The result is validated.
-    pub fn from_fields(mut fields: BTreeMap<String, String>) -> Result<Self, ValidationError> {
-        let mut take = |name: &'static str, field: &'static str| {
-            fields
-                .remove(name)
-                .ok_or(ValidationError::new(field, "missing"))
-        };
+    pub fn from_fields(fields: BTreeMap<String, String>) -> Result<Self, ValidationError> {
+        Self::from_field_pairs(fields)
+    }
+
+    /// [`Context::from_fields`] of `(name, value)` pairs in any order, owned or borrowed (the
+    /// ranking API reads them from a request body without allocating the names). A name given
+    /// twice keeps its last value, as a JSON object read into a map does.
+    pub fn from_field_pairs<K, V>(
+        fields: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, ValidationError>
+    where
+        K: AsRef<str> + Into<String>,
+        V: Into<String>,
+    {
+        let (mut query_category, mut geo, mut device) = (None, None, None);
+        let mut extra = BTreeMap::new();
+        for (name, value) in fields {
+            let fixed = match name.as_ref() {
+                "query_category" => &mut query_category,
+                "geo" => &mut geo,
+                "device" => &mut device,
+                _ => {
+                    extra.insert(name.into(), value.into());
+                    continue;
+                }
+            };
+            *fixed = Some(value.into());
+        }
+        let missing = |field| ValidationError::new(field, "missing");
         let ctx = Context {
-            query_category: take("query_category", "context.query_category")?,
-            geo: take("geo", "context.geo")?,
-            device: take("device", "context.device")?,
-            extra: fields,
+            query_category: query_category.ok_or(missing("context.query_category"))?,
+            geo: geo.ok_or(missing("context.geo"))?,
+            device: device.ok_or(missing("context.device"))?,
+            extra,
         };
         ctx.validate()?;
         Ok(ctx)

@@ -183,13 +183,74 @@ pub struct RankRequest<'a> {
     /// The query context: `query_category`, `geo` and `device` are required; any other field
     /// is an extra context field, evaluated as the model learned it (a field it never saw
     /// adds nothing).
-    pub context: BTreeMap<String, String>,
+    #[serde(borrow)]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub context: ContextFields<'a>,
     /// 1 to 1000 candidates with distinct ad IDs.
     #[serde(borrow, deserialize_with = "presized")]
     pub candidates: Vec<Candidate<'a>>,
     /// How many to return (default: all).
     #[serde(default)]
     pub k: Option<usize>,
+}
+
+/// A request's context fields in the body's order, each name and value borrowed from the body
+/// unless it has JSON escapes. Read into a `BTreeMap<String, String>` and then moved into a
+/// [`Context`], they cost a ranking request two allocations per field and the map's inserts
+/// and removes (docs/BENCHMARKS.md); only the [`Context`] allocates now.
+#[derive(Debug, Clone, Default)]
+pub struct ContextFields<'a>(pub Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for ContextFields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = ContextFields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8).min(8));
+                while let Some((name, value)) = map.next_entry::<Text<'de>, Text<'de>>()? {
+                    fields.push((name.0, value.0));
+                }
+                Ok(ContextFields(fields))
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// A JSON string, borrowed from the body when it has no escapes (serde's own `Cow<str>`
+/// always allocates outside a `#[serde(borrow)]` field).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
 }
 
 /// The candidates, read into a vector that starts with room for [`PRESIZED`]: serde's own
@@ -454,9 +515,18 @@ fn check_ready(s: &ApiState) -> Result<(), ApiError> {
 
 /// Builds a context from `name → value` fields (`ad_id` excluded: it names the ad, as a query
 /// parameter of `GET /v1/ctr`): the three fixed ones are required.
-fn context_from(mut fields: BTreeMap<String, String>, path: &str) -> Result<Context, ApiError> {
-    fields.remove("ad_id");
-    Context::from_fields(fields).map_err(|e| {
+fn context_from<K, V>(
+    fields: impl IntoIterator<Item = (K, V)>,
+    path: &str,
+) -> Result<Context, ApiError>
+where
+    K: AsRef<str> + Into<String>,
+    V: Into<String>,
+{
+    let fields = fields
+        .into_iter()
+        .filter(|(name, _)| name.as_ref() != "ad_id");
+    Context::from_field_pairs(fields).map_err(|e| {
         let field = e.field.strip_prefix("context").unwrap_or(e.field);
         ApiError::bad(format!("{path}{field}: {}", e.problem))
     })
@@ -493,7 +563,7 @@ fn parse_json<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, ApiError> 
 
 /// Parses and checks a `POST /v1/rank` body: the request and its context, or the error the
 /// client gets (the handler's whole input handling, pure, so it can be fuzzed).
-/// The request's `context` map is moved into the returned [`Context`].
+/// The request's `context` fields are moved into the returned [`Context`].
 pub fn parse_rank(body: &[u8]) -> Result<(RankRequest<'_>, Context), ApiError> {
     let mut req: RankRequest<'_> = parse_json(body)?;
     let ctx = check_rank(&mut req)?;
@@ -502,7 +572,7 @@ pub fn parse_rank(body: &[u8]) -> Result<(RankRequest<'_>, Context), ApiError> {
 
 /// Checks a ranking request; moves its context out, checked.
 fn check_rank(req: &mut RankRequest<'_>) -> Result<Context, ApiError> {
-    let ctx = context_from(std::mem::take(&mut req.context), "context")?;
+    let ctx = context_from(std::mem::take(&mut req.context.0), "context")?;
     if req.candidates.is_empty() || req.candidates.len() > MAX_CANDIDATES {
         return Err(ApiError::bad(format!(
             "candidates: need 1 to {MAX_CANDIDATES}, got {}",
@@ -742,6 +812,22 @@ mod tests {
     }
 
     #[test]
+    fn context_fields_with_escapes_or_given_twice() {
+        // A name or value with JSON escapes is read as its text; a name given twice keeps its
+        // last value, as a map would; `ad_id` is not a context field.
+        let ctx = req(concat!(
+            r#"{"context":{"query_category":"tr\u0061vel","ge\u006f":"DE","geo":"US","#,
+            r#""device":"mobile","hour":"1\u0033","ad_id":"x"},"#,
+            r#""candidates":[{"ad_id":"a","bid":1}]}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            ctx.key(),
+            "device=mobile|geo=US|hour=13|query_category=travel"
+        );
+    }
+
+    #[test]
     fn the_first_repeated_ad_is_found_both_ways() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(7);
@@ -833,6 +919,20 @@ mod tests {
                 r#"{"context":{"geo":"US","device":"m"},"candidates":[{"ad_id":"a","bid":1}]}"#
                     .into(),
                 "context.query_category: missing",
+            ),
+            (
+                r#"{"context":{"query_category":"t","geo":5,"device":"m"},"candidates":[{"ad_id":"a","bid":1}]}"#
+                    .into(),
+                "context.geo: invalid type: integer `5`, expected a string",
+            ),
+            (
+                r#"{"context":"US","candidates":[{"ad_id":"a","bid":1}]}"#.into(),
+                "context: invalid type: string \"US\", expected a map",
+            ),
+            (
+                r#"{"context":{"query_category":"t","geo":"U|S","device":"m"},"candidates":[{"ad_id":"a","bid":1}]}"#
+                    .into(),
+                "context.geo: ",
             ),
             ("{".into(), "invalid JSON body"),
             (
