@@ -10,9 +10,10 @@ built before the clock starts, for the peers as for ours, whose figure is the ba
 model-only rate). Vowpal Wabbit also runs once more at its best learning rate: the one of
 VW_RATES with the lowest progressive log loss on the stream, as its users tune it. Each learner
 runs `--repeat` times, the runs interleaved (ours, VW, River, ours, ...), and its best rate is
-reported: the machine is shared, and interleaving exposes every learner to the same noise. The learners are deterministic, so every repeat must give the same
-predictions; the script checks it. Then the second half alone: a linfa-logistic batch model fitted on the first
-half (ctr-backtest --batch-baseline) against every online learner over the same examples.
+reported: the machine is shared, and interleaving exposes every learner to the same noise. The
+learners are deterministic, so every repeat must give the same predictions; the script checks it.
+Then the second half alone: a linfa-logistic batch model fitted on the first half (ctr-backtest
+--batch-baseline) against every online learner over the same examples.
 
     backtest/peers/compare.py --input labeled.jsonl            # uses target/release/ctr-backtest
     backtest/peers/compare.py --generate 200000 --input /tmp/l.jsonl   # writes a synthetic stream first

@@ -11,7 +11,7 @@
 //! naming the problem (the JSON path of a bad field).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -766,8 +766,8 @@ async fn get_ctr(
     if let Some(c) = &campaign {
         check_token("campaign_id", c).map_err(|e| ApiError::bad(e.to_string()))?;
     }
-    let mut fields: BTreeMap<String, String> = q.into_iter().collect();
-    fields.remove("campaign_id");
+    // Every other query parameter is a context field (`context_from` takes them in any order).
+    let fields = q.into_iter().filter(|(name, _)| name != "campaign_id");
     let ctx = context_from(fields, "query")?;
     check_ready(&s)?;
     let pairs = ctx.pairs();
