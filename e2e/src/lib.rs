@@ -774,18 +774,42 @@ impl Drop for PrivateRedis {
 /// The sum of a Prometheus metric over all its label sets whose label text contains `filter`
 /// (e.g. `outcome="shed"`; empty = all).
 pub fn metric_sum(page: &str, name: &str, filter: &str) -> Option<f64> {
+    metric_sum_where(page, name, &[filter])
+}
+
+/// [`metric_sum`] over the series whose labels contain every one of `filters`.
+pub fn metric_sum_where(page: &str, name: &str, filters: &[&str]) -> Option<f64> {
     let mut found = None;
     for line in page.lines() {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
         let base = series.split('{').next().unwrap_or("");
-        if base == name && series.contains(filter) {
+        if base == name && filters.iter().all(|f| series.contains(f)) {
             let v: f64 = value.parse().ok()?;
             found = Some(found.unwrap_or(0.0) + v);
         }
     }
     found
+}
+
+/// The kernel's TCP counters (`TcpExt` of `/proc/net/netstat`, this network namespace's), by
+/// name: `ListenOverflows`, `TCPSynRetrans`, `TCPTimeouts`, …. Empty where the file is not.
+pub fn tcp_counters() -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    // Pairs of lines: `TcpExt: <names>` then `TcpExt: <values>`.
+    let rows: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("TcpExt:"))
+        .collect();
+    let [names, values] = rows[..] else {
+        return BTreeMap::new();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+        .collect()
 }
 
 /// The number of the first `"field":` in a JSON text, parsed by Rust's correctly rounded

@@ -379,7 +379,12 @@ fn router(state: Shared) -> Router {
     let events = Router::new()
         .route("/v1/events", post(post_events))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        // Every answer timed, refusals (401, 413, 400) and `503`s included.
+        .layer(ctr_runtime::http::TimedLayer::new(
+            "ctr_ingest_request_seconds",
+            "events",
+        ));
     Router::new()
         .merge(events)
         .route("/healthz", get(|| async { "ok" }))
@@ -484,7 +489,6 @@ async fn post_events(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = Instant::now();
     let framing = match framing(&headers) {
         Ok(f) => f,
         Err(msg) => return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg),
@@ -546,7 +550,6 @@ async fn post_events(
     metrics::counter!("ctr_ingest_events_total", "outcome" => "accepted")
         .increment(accepted as u64);
     metrics::counter!("ctr_ingest_events_total", "outcome" => "failed").increment(failed as u64);
-    metrics::histogram!("ctr_ingest_request_seconds").record(started.elapsed().as_secs_f64());
     let status = match (accepted, failed) {
         (_, 0) => StatusCode::ACCEPTED,
         (0, _) => StatusCode::SERVICE_UNAVAILABLE,

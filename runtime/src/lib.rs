@@ -10,8 +10,10 @@
 //! - [`process`]: logs, the shutdown signal, the supervisor of long-lived tasks, and the
 //!   liveness `/healthz` reports.
 //! - [`flags`]: the command-line flags every service shares.
+//! - [`http`]: timing an HTTP route's every answer (refusals and load-shed `503`s included).
 
 pub mod flags;
+pub mod http;
 pub mod kafka;
 pub mod policy;
 pub mod process;

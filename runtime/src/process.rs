@@ -77,6 +77,17 @@ pub enum EndpointError {
     },
 }
 
+/// The process's Prometheus recorder as every service sets it up: metrics named
+/// `*_request_seconds` (the answers [`crate::http::TimedLayer`] times) are histograms with
+/// [`crate::http::REQUEST_SECONDS_BUCKETS`]; other histograms are summaries.
+pub fn prometheus_builder()
+-> Result<metrics_exporter_prometheus::PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets_for_metric(
+        metrics_exporter_prometheus::Matcher::Suffix(crate::http::REQUEST_SECONDS_SUFFIX.into()),
+        crate::http::REQUEST_SECONDS_BUCKETS,
+    )
+}
+
 /// A service's HTTP endpoint: installs the process's Prometheus recorder (what `/metrics`
 /// renders) and binds `addr`.
 pub async fn http_endpoint(
@@ -88,7 +99,7 @@ pub async fn http_endpoint(
     ),
     EndpointError,
 > {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let metrics = prometheus_builder()?.install_recorder()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| EndpointError::Bind { addr, source })?;

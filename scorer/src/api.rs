@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::error_handling::HandleErrorLayer;
@@ -22,6 +22,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{BoxError, Json, Router};
+use ctr_runtime::http::TimedLayer;
 use ctr_schemas::Context;
 use ctr_schemas::events::check_token;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -57,9 +58,6 @@ struct Shared {
     monitor: Arc<crate::monitor::Monitor>,
     /// The process's work loops, for `/healthz`.
     liveness: ctr_runtime::Liveness,
-    /// `ctr_api_request_seconds` of each route, looked up once (not per request).
-    rank_seconds: metrics::Histogram,
-    ctr_seconds: metrics::Histogram,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -107,8 +105,6 @@ impl ApiState {
             limits,
             monitor,
             liveness,
-            rank_seconds: metrics::histogram!("ctr_api_request_seconds", "route" => "rank"),
-            ctr_seconds: metrics::histogram!("ctr_api_request_seconds", "route" => "ctr"),
         }))
     }
 }
@@ -426,18 +422,23 @@ pub fn router(state: ApiState) -> Router {
         timeout,
     } = state.0.limits;
     let dashboard = crate::dashboard::router(Arc::clone(&state.0.monitor));
+    // One concurrency limit for both routes (its clones share the semaphore), and each
+    // route's every answer timed outside it, the limit's `503`s included.
+    let limits = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(overloaded))
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            max_concurrency,
+        ))
+        .timeout(timeout);
+    let timed = |route| {
+        ServiceBuilder::new()
+            .layer(TimedLayer::new("ctr_api_request_seconds", route))
+            .layer(limits.clone())
+    };
     let v1 = Router::new()
-        .route("/v1/rank", post(rank))
-        .route("/v1/ctr", get(get_ctr))
-        .layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(overloaded))
-                .load_shed()
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                    max_concurrency,
-                ))
-                .timeout(timeout),
-        )
+        .route("/v1/rank", post(rank).layer(timed("rank")))
+        .route("/v1/ctr", get(get_ctr).layer(timed("ctr")))
         .layer(DefaultBodyLimit::max(MAX_BODY));
     Router::new()
         .merge(v1)
@@ -654,13 +655,10 @@ fn first_repeat_by_sorting(candidates: &[Candidate<'_>]) -> Option<usize> {
     )
 )]
 async fn rank(State(s): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
-    let started = Instant::now();
     let (req, ctx) = parse_rank(&body)?;
     check_ready(&s)?;
     let response = rank_with(&s.0.replica, req, &ctx);
-    let json = to_json(&response, 64 + 192 * response.ranked.len());
-    s.0.rank_seconds.record(started.elapsed().as_secs_f64());
-    Ok(json)
+    Ok(to_json(&response, 64 + 192 * response.ranked.len()))
 }
 
 /// `value` as a JSON response, serialized into a buffer of `capacity` bytes to start with
@@ -756,7 +754,6 @@ async fn get_ctr(
     State(s): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<CtrResponse>, ApiError> {
-    let started = Instant::now();
     let ad_id = q
         .get("ad_id")
         .cloned()
@@ -779,7 +776,6 @@ async fn get_ctr(
         &mut Vec::new(),
     );
     let model_version = model_version(&s.0.replica, version).map(|v| v.to_string());
-    s.0.ctr_seconds.record(started.elapsed().as_secs_f64());
     Ok(Json(CtrResponse {
         ad_id,
         context_key,
