@@ -380,8 +380,9 @@ fn router(state: Shared) -> Router {
         .route("/v1/events", post(post_events))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        // Every answer timed, refusals (401, 413, 400) and `503`s included.
-        .layer(ctr_runtime::http::TimedLayer::new(
+        // Every answer of the route timed, refusals (401, 413, 400) and `503`s included (a
+        // route layer: an unknown path's 404 is not this route's).
+        .route_layer(ctr_runtime::http::TimedLayer::new(
             "ctr_ingest_request_seconds",
             "events",
         ));
