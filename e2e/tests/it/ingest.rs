@@ -354,6 +354,25 @@ fn bad_requests_get_a_clear_4xx_and_write_nothing() {
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(read_topic(&serves).len(), 1);
     assert_eq!(read_topic(&clicks).len(), 0);
+
+    // Every answer of the route was timed under its outcome, the refusals too; a path that is
+    // not the route's is not.
+    let nowhere = http_post(
+        &format!("http://127.0.0.1:{port}/v1/nowhere"),
+        &json_auth,
+        good.as_bytes(),
+    );
+    assert_eq!(nowhere.status, 404, "{}", nowhere.body);
+    let page = http_get(&format!("http://127.0.0.1:{port}/metrics")).unwrap();
+    let answers = |outcome: &str| {
+        metric_sum_where(
+            &page,
+            "ctr_ingest_request_seconds_count",
+            &[r#"route="events""#, &format!("outcome=\"{outcome}\"")],
+        )
+    };
+    assert_eq!(answers("refused"), Some(16.0), "{page}");
+    assert_eq!(answers("ok"), Some(1.0), "{page}");
 }
 
 #[test]
